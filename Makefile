@@ -1,0 +1,22 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+.PHONY: demo test test-quick lint bench setup
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	@.venv/bin/backup-tasks demo
+
+test: setup
+	@bash scripts/services.sh
+	@.venv/bin/ruff check backup_tasks tests bench celeryconfig.py
+	@.venv/bin/python -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS)
+
+test-quick: setup
+	@.venv/bin/python -m pytest -p no:cacheprovider -m "not slow" -x -q $(PYTEST_ARGS)
+
+lint: setup
+	@.venv/bin/ruff check backup_tasks tests bench celeryconfig.py
+
+bench: setup
+	@.venv/bin/python bench/run.py $(BENCH_ARGS)

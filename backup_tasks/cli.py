@@ -1,0 +1,227 @@
+"""The ``backup-tasks`` command line: the same plain functions the Celery tasks call.
+
+Exit codes: 0 success; 1 the operation or check failed; 2 usage or configuration error.
+With ``--json`` every command prints exactly one JSON document on stdout (errors included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, is_dataclass
+from datetime import datetime
+from typing import Any
+
+from . import __version__
+from .errors import BackupError, ConfigError
+from .settings import Settings
+
+log = logging.getLogger("backup_tasks")
+
+
+class UsageError(ConfigError):
+    """A command-line mistake (exit 2)."""
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def emit(args: argparse.Namespace, document: Any, human: str) -> None:
+    if args.json:
+        print(json.dumps(document, default=_jsonable, indent=2))
+    else:
+        print(human)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def cmd_dump(args: argparse.Namespace, settings: Settings) -> int:
+    from .dump import run_dump
+    from .workflow import parse_day
+
+    day = parse_day(args.trading_day) if args.trading_day else None
+
+    def progress(phase: str, **info: Any) -> None:
+        if args.verbose:
+            log.info("%s %s", phase, info)
+
+    manifest, skipped = run_dump(settings, trading_day=day, progress=progress)
+    status = "already backed up for that day" if skipped else "complete"
+    emit(args, manifest.to_dict() | ({"skipped": True} if skipped else {}),
+         f"dump {manifest.id} {status}: {manifest.path}, {_size(manifest.size_bytes)}, "
+         f"{len(manifest.tables)} tables, {sum(manifest.tables.values())} rows, sha256 {manifest.sha256[:16]}…")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from .verify import verify_backup
+
+    result = verify_backup(settings, args.backup_id)
+    from . import manifest as catalog
+    from .storage import open_storage
+
+    backup_id = args.backup_id or catalog.newest(open_storage(settings.backup_dir)).id
+    document = {"ok": result.ok, "backup_id": backup_id, **asdict(result)}
+    if result.ok:
+        human = (f"verified {backup_id}: restored in {result.duration_seconds:.1f}s, {result.tables_compared} tables "
+                 f"match, {result.indexes_checked} indexes sound ({', '.join(result.checked)})")
+    else:
+        human = f"VERIFICATION FAILED for {backup_id}:\n  " + "\n  ".join(result.problems)
+    emit(args, document, human)
+    return 0 if result.ok else 1
+
+
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from .prune import prune
+
+    report = prune(settings, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    lines = [f"{'keep  ' if d.keep else 'delete'} {d.backup_id}  ({d.reason})" for d in report.decisions]
+    lines.append(f"{verb} {len(report.deleted)} backup(s), {_size(report.freed_bytes)}")
+    emit(args, asdict(report), "\n".join(lines))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
+    from .restore import restore_backup
+
+    result = restore_backup(settings, args.backup_id, args.target_database_url, replace=args.replace,
+                            no_owner=args.no_owner)
+    human = (f"restored {result.backup_id} into {result.target}: {result.tables} tables, {result.rows} rows"
+             + ("" if result.ok else "\nrow counts differ from the manifest:\n  " + "\n  ".join(result.problems)))
+    emit(args, asdict(result), human)
+    return 0 if result.ok else 1
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    from . import manifest as catalog
+    from .storage import open_storage
+
+    manifests = catalog.catalog(open_storage(settings.backup_dir))
+    lines = [f"{'id':44} {'kind':8} {'finished (UTC)':20} {'size':>10}  verified"]
+    for m in manifests:
+        verified = "never" if m.verification is None else ("ok " if m.verification.ok else "FAILED ") + \
+            m.verification.verified_at
+        lines.append(f"{m.id:44} {m.kind:8} {m.finished_at:20} {_size(m.size_bytes):>10}  {verified}")
+    if not manifests:
+        lines = [f"no backups in {settings.backup_dir}"]
+    emit(args, {"backup_dir": settings.backup_dir, "backups": [m.to_dict() for m in manifests]}, "\n".join(lines))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    from .health import check_health
+
+    report = check_health(settings)
+    human = (f"healthy: newest backup {report.newest_backup} finished {report.newest_finished_at}, verified"
+             if report.ok else "UNHEALTHY:\n  " + "\n  ".join(report.problems))
+    emit(args, asdict(report), human)
+    return 0 if report.ok else 1
+
+
+def cmd_sample_data(args: argparse.Namespace, settings: Settings) -> int:
+    from .sampledata import generate
+    from .settings import ConnInfo
+
+    url = args.target_database_url or settings.database_url
+    if not url:
+        raise UsageError("sample-data needs --target-database-url or DATABASE_URL")
+    rows = generate(ConnInfo.from_url(url), size_mb=args.size_mb)
+    emit(args, {"tables": rows}, "\n".join(f"{name:12} {count:>10} rows" for name, count in rows.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from .demo import run_demo
+
+    return run_demo(size_mb=args.size_mb, keep=args.keep, as_json=args.json)
+
+
+def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
+    from .enqueue import enqueue_post_close
+
+    return enqueue_post_close(settings, day=args.day, wait=args.wait, timeout=args.timeout, as_json=args.json)
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON document on stdout")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress to stderr")
+    parser = argparse.ArgumentParser(prog="backup-tasks", parents=[common],
+                                     description="Proven PostgreSQL backups for the trading stack.")
+    parser.add_argument("--version", action="version", version=f"backup-tasks {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace, Settings], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("dump", cmd_dump, "take a full logical backup of DATABASE_URL now")
+    p.add_argument("--trading-day", help="record the trading day (ISO date); skip if that day is already backed up")
+    p = add("verify", cmd_verify, "restore a backup somewhere safe and compare it with its manifest")
+    p.add_argument("backup_id", nargs="?", help="backup id (default: the newest dump)")
+    p = add("prune", cmd_prune, "apply the retention policy")
+    p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    p = add("restore", cmd_restore, "restore a dump into a database (created if missing)")
+    p.add_argument("backup_id")
+    p.add_argument("--target-database-url", help="where to restore (default: RESTORE_DATABASE_URL)")
+    p.add_argument("--replace", action="store_true", help="drop and recreate a non-empty target first")
+    p.add_argument("--no-owner", action="store_true", help="skip ownership and privileges (roles missing)")
+    add("list", cmd_list, "show the catalog")
+    add("health", cmd_health, "exit 1 unless there is a recent, non-empty, verified backup")
+    p = add("demo", cmd_demo, "run a full daily cycle on a throwaway cluster with sample data (no setup needed)")
+    p.add_argument("--size-mb", type=float, default=20, help="sample database size (default 20 MB)")
+    p.add_argument("--keep", metavar="DIR", help="keep the demo's backups in DIR instead of deleting them")
+    p = add("sample-data", cmd_sample_data, "create the trading schema with generated rows in an empty database")
+    p.add_argument("--target-database-url", help="database to fill (default: DATABASE_URL)")
+    p.add_argument("--size-mb", type=float, default=10, help="approximate size (default 10 MB)")
+    p = add("enqueue", cmd_enqueue, "send a message to the workers")
+    p.add_argument("message", choices=["post-close"], help="what to send")
+    p.add_argument("--day", help="trading day, ISO date (default: today in BACKUP_TIMEZONE)")
+    p.add_argument("--wait", action="store_true", help="wait for the workflow; exit 1 if it failed")
+    p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds to wait with --wait")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.json = getattr(args, "json", False)
+    args.verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings() if args.command == "demo" else Settings.from_env()
+        return int(args.func(args, settings))
+    except BackupError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__,
+                              "at": datetime.now().astimezone().isoformat(timespec="seconds")}))
+        print(f"backup-tasks {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"backup-tasks {args.command}: interrupted; nothing partial was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The daily logical backup: ``pg_dump`` in custom format, compressed and hashed as it streams.
+
+One pass, constant memory: pg_dump writes an uncompressed custom-format archive to a pipe; we
+read it in 1 MiB chunks, compress (zstd worker threads, no GIL), hash the compressed bytes and
+write them to a temporary object that is fsynced and renamed only when pg_dump succeeded. The
+row counts come from the very snapshot pg_dump uses (``--snapshot``), so verification can demand
+exact equality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+
+from . import manifest as catalog
+from .codec import CHUNK, SUFFIX, compressor
+from .errors import AuthenticationFailed, BackupError, DatabaseMissing, DumpFailed, SourceUnavailable
+from .locks import hold
+from .manifest import Manifest, isoformat, utcnow
+from .pg import count_rows, exported_snapshot, find_tool, first_line, server_major, server_version, tool_env
+from .settings import ConnInfo, Settings
+from .storage import open_storage
+
+log = logging.getLogger(__name__)
+
+#: Called with a phase name and details ("dumping", bytes_written=..., tables_done=...).
+Progress = Callable[..., None]
+PROGRESS_EVERY = 64 << 20
+
+
+def _noop(phase: str, **info: object) -> None:
+    pass
+
+
+def backup_id_for(database: str, kind: str, moment_utc: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", database).strip("._") or "db"
+    stamp = moment_utc.replace("-", "").replace(":", "")  # 2026-11-27T10:05:00Z -> 20261127T100500Z
+    return f"{safe}-{kind}-{stamp}"
+
+
+def dump_key(backup_id: str, compression: str) -> str:
+    return f"{backup_id}.dump{SUFFIX[compression]}"
+
+
+def dump_lock_name(conninfo: ConnInfo) -> str:
+    return f"dump:{conninfo.server_label}/{conninfo.dbname}"
+
+
+def classify_pg_dump_failure(stderr: str, conninfo: ConnInfo) -> BackupError:
+    text = stderr.strip()
+    line = next((ln for ln in text.splitlines() if "error" in ln.lower()), first_line(text) if text else "")
+    if "password authentication failed" in text or "no password supplied" in text:
+        return AuthenticationFailed(f"pg_dump could not log in to {conninfo.redacted()}: {line}")
+    if "does not exist" in text and "database" in text:
+        return DatabaseMissing(f"pg_dump: {line}")
+    if "could not connect" in text or "Connection refused" in text or "server closed the connection" in text:
+        return SourceUnavailable(f"pg_dump lost the server {conninfo.server_label}: {line}")
+    return DumpFailed(f"pg_dump failed: {line or 'no error message'}")
+
+
+@dataclass
+class _Counter:
+    """Runs the exact row counts in the snapshot's own transaction while pg_dump streams."""
+
+    conn: psycopg.Connection
+    result: dict[str, int] | None = None
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = count_rows(self.conn)
+        except BaseException as exc:
+            self.error = exc
+
+
+def run_dump(settings: Settings, *, trading_day: str | None = None, backup_id: str | None = None,
+             progress: Progress = _noop) -> tuple[Manifest, bool]:
+    """Take one dump of ``DATABASE_URL`` under the per-database lock.
+
+    Returns (manifest, skipped): with a ``trading_day`` that the catalog already holds a complete
+    dump for, nothing is dumped and that dump's manifest comes back with ``skipped`` true. The
+    check runs under the lock, so two runs for the same day never both dump.
+    """
+    conninfo = settings.source()
+    with hold(settings, dump_lock_name(conninfo), what=f"a dump of {conninfo.dbname}"):
+        if trading_day is not None:
+            existing = existing_for_day(settings, conninfo.dbname, trading_day)
+            if existing is not None:
+                return existing, True
+        return _dump_locked(settings, conninfo, trading_day=trading_day, backup_id=backup_id,
+                            progress=progress), False
+
+
+def existing_for_day(settings: Settings, database: str, trading_day: str) -> Manifest | None:
+    storage = open_storage(settings.backup_dir)
+    for found in reversed(catalog.catalog(storage, kind="dump", database=database)):
+        if found.trading_day == trading_day and found.state == "complete":
+            return found
+    return None
+
+
+def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | None, backup_id: str | None,
+                 progress: Progress) -> Manifest:
+    storage = open_storage(settings.backup_dir)
+    with exported_snapshot(conninfo) as (conn, snapshot):
+        started = utcnow()
+        version = server_version(conn)
+        pg_dump = find_tool("pg_dump", min_major=server_major(conn), bin_dir=settings.pg_bin_dir)
+        backup_id = backup_id or backup_id_for(conninfo.dbname, "dump", isoformat(started))
+        key = dump_key(backup_id, settings.compression)
+        if storage.exists(catalog.manifest_key(backup_id)):
+            raise DumpFailed(f"a backup named {backup_id} already exists; not overwriting it")
+        removed = storage.clear_partials(prefix=f"{conninfo.dbname}")
+        if removed:
+            log.info("removed %d partial file(s) left by an interrupted run", len(removed))
+        progress("dumping", backup_id=backup_id, bytes_written=0, tables_done=0)
+        counter = _Counter(conn)
+        counting = threading.Thread(target=counter.run, name="row-counts", daemon=True)
+        argv = [str(pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={snapshot}",
+                "--no-password", "--verbose"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env(conninfo))
+        stderr_lines: list[str] = []
+        tables_done = [0]
+
+        def read_stderr() -> None:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                if "dumping contents of table" in line:
+                    tables_done[0] += 1
+                elif line:
+                    stderr_lines.append(line)
+                    del stderr_lines[:-200]  # keep the tail only: memory stays flat
+
+        stderr_thread = threading.Thread(target=read_stderr, name="pg_dump-stderr", daemon=True)
+        stderr_thread.start()
+        counting.start()
+        writer = storage.writer(key)
+        try:
+            digest = hashlib.sha256()
+            comp = compressor(settings.compression, settings.compression_level, threads=1)
+            raw_bytes = 0
+            head = b""
+            next_report = PROGRESS_EVERY
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(CHUNK):
+                if raw_bytes < 5:
+                    head += chunk[:5]
+                raw_bytes += len(chunk)
+                out = comp.compress(chunk)
+                if out:
+                    digest.update(out)
+                    writer.write(out)
+                if raw_bytes >= next_report:
+                    next_report += PROGRESS_EVERY
+                    progress("dumping", backup_id=backup_id, bytes_read=raw_bytes,
+                             bytes_written=writer.bytes_written, tables_done=tables_done[0])
+            returncode = proc.wait()
+            stderr_thread.join()
+            if returncode != 0:
+                raise classify_pg_dump_failure("\n".join(stderr_lines), conninfo)
+            if not head.startswith(b"PGDMP"):
+                raise DumpFailed(f"pg_dump produced no archive ({raw_bytes} bytes); nothing was kept")
+            tail = comp.flush()
+            digest.update(tail)
+            writer.write(tail)
+            progress("counting rows", backup_id=backup_id, bytes_written=writer.bytes_written,
+                     tables_done=tables_done[0])
+            counting.join()
+            if counter.error is not None:
+                raise DumpFailed(f"counting rows in the dump's snapshot failed: {first_line(str(counter.error))}")
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+        finally:
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+    finished = utcnow()
+    result = Manifest(
+        id=backup_id, kind="dump", database=conninfo.dbname, server=conninfo.server_label,
+        server_version=version, started_at=isoformat(started), finished_at=isoformat(finished),
+        path=key, size_bytes=writer.bytes_written, sha256=digest.hexdigest(),
+        compression=settings.compression, tables=counter.result or {}, trading_day=trading_day,
+        pg_dump_version=str(pg_dump.major),
+    )
+    try:
+        catalog.save(storage, result)
+    except BaseException:
+        storage.delete(key)  # a backup without a manifest must not survive as an orphan
+        raise
+    log.info("dump %s complete: %d bytes, %d tables", backup_id, result.size_bytes, len(result.tables))
+    progress("done", backup_id=backup_id, bytes_written=result.size_bytes, tables_done=tables_done[0])
+    return result

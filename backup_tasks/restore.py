@@ -1,0 +1,161 @@
+"""Restoring a dump: stream it decompressed into ``pg_restore``; the user-facing ``restore`` command.
+
+The archive is checked against its manifest's checksum before a single row is written, and the
+restored database is compared with the manifest's row counts afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+from . import manifest as catalog
+from .codec import CHUNK, decompressed_chunks
+from .errors import BackupCorrupt, BackupError, ConfigError, RestoreFailed, RestoreRefused
+from .manifest import Manifest
+from .pg import (
+    connect,
+    count_rows,
+    create_database,
+    database_exists,
+    database_is_empty,
+    drop_database,
+    find_tool,
+    first_line,
+    tool_env,
+)
+from .settings import ConnInfo, Settings
+from .storage import Storage, open_storage
+
+
+def check_checksum(storage: Storage, manifest: Manifest) -> None:
+    """Stream the stored object through sha256; raise ``BackupCorrupt`` saying what differs."""
+    digest = hashlib.sha256()
+    size = 0
+    with storage.open(manifest.path) as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    if size != manifest.size_bytes:
+        raise BackupCorrupt(f"{manifest.path} is {size} bytes but its manifest says {manifest.size_bytes}: "
+                            f"the file was truncated or overwritten")
+    if digest.hexdigest() != manifest.sha256:
+        raise BackupCorrupt(f"{manifest.path} fails its checksum (sha256 {digest.hexdigest()[:16]}… instead of "
+                            f"{manifest.sha256[:16]}…): the file is damaged")
+
+
+def pg_restore_into(storage: Storage, manifest: Manifest, target: ConnInfo, *, min_major: int,
+                    settings: Settings, extra_args: tuple[str, ...] = ()) -> None:
+    """Feed the decompressed archive to ``pg_restore`` on stdin, in one transaction, stop on the first error.
+
+    One transaction means a failed restore leaves the target as it was, and lets a server with
+    ``wal_level=minimal`` skip WAL for the tables it creates (the throwaway cluster's speed-up).
+    """
+    pg_restore = find_tool("pg_restore", min_major=min_major, bin_dir=settings.pg_bin_dir)
+    argv = [str(pg_restore.path), "--exit-on-error", "--single-transaction", "--no-password",
+            "-d", target.dbname, *extra_args]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=tool_env(target))
+    stderr_tail: list[bytes] = []
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            stderr_tail.append(line)
+            del stderr_tail[:-50]
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    feed_error: BaseException | None = None
+    try:
+        assert proc.stdin is not None
+        with storage.open(manifest.path) as source:
+            for chunk in decompressed_chunks(source, manifest.compression, what=manifest.path):
+                proc.stdin.write(chunk)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # pg_restore stopped reading: its exit status and stderr say why
+    except BaseException as exc:
+        feed_error = exc
+        proc.kill()
+    returncode = proc.wait()
+    drainer.join()
+    if feed_error is not None:
+        raise feed_error
+    if returncode != 0:
+        message = b"".join(stderr_tail).decode(errors="replace")
+        errors = [ln for ln in message.splitlines() if "error" in ln.lower()] or message.splitlines()
+        detail = "; ".join(errors[:3]) or f"exit status {returncode}"
+        if "input file does not appear to be a valid archive" in message or "unexpected end of file" in message:
+            raise BackupCorrupt(f"{manifest.path} is not a readable pg_dump archive: {detail}")
+        raise RestoreFailed(f"pg_restore of {manifest.id} failed: {detail}")
+
+
+def compare_counts(expected: dict[str, int], restored: dict[str, int]) -> list[str]:
+    """Describe every difference between the manifest's row counts and the restored database."""
+    problems = [f"table {name} is missing from the restored database" for name in expected if name not in restored]
+    problems += [f"table {name}: {restored[name]} rows restored, {count} backed up"
+                 for name, count in expected.items() if name in restored and restored[name] != count]
+    problems += [f"table {name} is in the restored database but not in the manifest"
+                 for name in restored if name not in expected]
+    return problems
+
+
+@dataclass
+class RestoreResult:
+    backup_id: str
+    target: str
+    tables: int
+    rows: int
+    replaced: bool
+    ok: bool = True
+    problems: list[str] = field(default_factory=list)
+
+
+def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *, replace: bool = False,
+                   no_owner: bool = False) -> RestoreResult:
+    """Restore dump ``backup_id`` into the database named by ``target_url`` (created when missing)."""
+    url = target_url or settings.restore_database_url
+    if not url:
+        raise ConfigError("no restore target: pass --target-database-url or set RESTORE_DATABASE_URL")
+    target = ConnInfo.from_url(url, setting="the restore target URL")
+    storage = open_storage(settings.backup_dir)
+    manifest = catalog.load(storage, backup_id)
+    if manifest.kind != "dump":
+        raise ConfigError(f"{backup_id} is a {manifest.kind}, not a dump; use restore-pitr for snapshots")
+    if settings.database_url:
+        source = settings.source()
+        if (source.server_label, source.dbname) == (target.server_label, target.dbname) and not replace:
+            raise RestoreRefused(f"the target {target.redacted()} is the database being backed up; "
+                                 f"pass --replace if you really mean to overwrite it")
+    check_checksum(storage, manifest)
+    maintenance = target.with_dbname("postgres")
+    replaced = False
+    with connect(maintenance) as admin:
+        major = int(admin.info.server_version) // 10000
+        if database_exists(admin, target.dbname):
+            with connect(target) as conn:
+                empty = database_is_empty(conn)
+            if not empty:
+                if not replace:
+                    raise RestoreRefused(f"database {target.dbname!r} on {target.server_label} is not empty; "
+                                         f"restore into a new name, or pass --replace to drop and recreate it")
+                drop_database(admin, target.dbname)
+                create_database(admin, target.dbname)
+                replaced = True
+        else:
+            create_database(admin, target.dbname)
+    extra = ("--no-owner", "--no-privileges") if no_owner else ()
+    try:
+        pg_restore_into(storage, manifest, target, min_major=major, settings=settings, extra_args=extra)
+    except BackupError:
+        raise
+    except OSError as exc:
+        raise RestoreFailed(f"restore of {backup_id} failed: {first_line(str(exc))}") from None
+    with connect(target) as conn:
+        restored = count_rows(conn)
+    problems = compare_counts(manifest.tables, restored)
+    return RestoreResult(backup_id=backup_id, target=target.redacted(), tables=len(restored),
+                         rows=sum(restored.values()), replaced=replaced, ok=not problems, problems=problems)

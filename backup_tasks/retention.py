@@ -1,0 +1,66 @@
+"""Retention policy as a pure function: manifests and a clock in, keep/delete decisions out.
+
+No I/O here: ``prune`` applies the answer, ``--dry-run`` prints it. Rules, per database and kind:
+- dumps: keep those started less than ``keep_daily_days`` days ago;
+- snapshots: keep the newest ``keep_weekly`` complete ones;
+- always keep the newest backup and the newest verified backup, whatever their age, so the last
+  good backup is never expired before its replacement has been proven.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from .manifest import Manifest
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    keep_daily_days: int = 7
+    keep_weekly: int = 12
+
+
+@dataclass(frozen=True)
+class Decision:
+    backup_id: str
+    kind: str
+    database: str
+    keep: bool
+    reason: str
+
+
+def plan(manifests: list[Manifest], now: datetime, policy: RetentionPolicy) -> list[Decision]:
+    groups: dict[tuple[str, str], list[Manifest]] = defaultdict(list)
+    for manifest in manifests:
+        groups[(manifest.database, manifest.kind)].append(manifest)
+    decisions: list[Decision] = []
+    for (_database, kind), group in sorted(groups.items()):
+        group.sort(key=lambda m: (m.started, m.id))
+        newest = group[-1]
+        verified = [m for m in group if m.verified_ok]
+        newest_verified = verified[-1] if verified else None
+        recent_snapshots = {m.id for m in [m for m in group if m.state == "complete"][-policy.keep_weekly:]}
+        for manifest in group:
+            decisions.append(_decide(manifest, kind, now, policy, newest, newest_verified, recent_snapshots))
+    return decisions
+
+
+def _decide(manifest: Manifest, kind: str, now: datetime, policy: RetentionPolicy, newest: Manifest,
+            newest_verified: Manifest | None, recent_snapshots: set[str]) -> Decision:
+    def decision(keep: bool, reason: str) -> Decision:
+        return Decision(manifest.id, kind, manifest.database, keep, reason)
+
+    if manifest is newest_verified:
+        return decision(True, "newest verified backup")
+    if manifest is newest:
+        return decision(True, "newest backup")
+    if kind == "snapshot":
+        if manifest.id in recent_snapshots:
+            return decision(True, f"one of the newest {policy.keep_weekly} snapshots")
+        return decision(False, f"older than the newest {policy.keep_weekly} snapshots")
+    age = now - manifest.started
+    if age < timedelta(days=policy.keep_daily_days):
+        return decision(True, f"within {policy.keep_daily_days} days")
+    return decision(False, f"{age.days} days old, retention is {policy.keep_daily_days} days")

@@ -1,0 +1,264 @@
+"""Configuration: read once from the environment, validated, with secrets kept out of reprs.
+
+Nothing here does I/O beyond reading environment variables. Every other module receives a
+``Settings`` (or a ``ConnInfo``) and never reads ``os.environ`` itself, so tests and the demo can
+build settings explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import time
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .errors import ConfigError
+
+#: URL schemes the trading app and its tools write; the driver suffix is irrelevant to libpq.
+POSTGRES_SCHEMES = frozenset(
+    {"postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg", "postgresql+asyncpg",
+     "postgresql+pg8000", "postgres+psycopg2"}
+)
+COMPRESSIONS = ("zstd", "gzip")
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    """A PostgreSQL connection target, parsed from a URL; the password never appears in repr."""
+
+    host: str | None
+    port: int | None
+    dbname: str
+    user: str | None
+    password: str | None = field(default=None, repr=False)
+    options: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_url(cls, url: str, *, setting: str = "DATABASE_URL") -> ConnInfo:
+        url = url.strip()
+        if not url:
+            raise ConfigError(f"{setting} is empty; set it to postgresql://USER@HOST:PORT/DATABASE")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"{setting} is not a valid URL ({exc}): {redact_url(url)}") from None
+        if parts.scheme.lower() not in POSTGRES_SCHEMES:
+            raise ConfigError(
+                f"{setting} must start with postgresql:// (or postgres://, postgresql+psycopg2://, "
+                f"postgresql+psycopg://), got {parts.scheme or 'no scheme'!r}: {redact_url(url)}"
+            )
+        dbname = unquote(parts.path.lstrip("/"))
+        query = dict(parse_qsl(parts.query))
+        # libpq allows host and dbname in the query string (postgresql:///db?host=/run/postgresql).
+        host = unquote(parts.hostname) if parts.hostname else query.pop("host", None)
+        dbname = dbname or query.pop("dbname", "")
+        if not dbname:
+            raise ConfigError(f"{setting} names no database (…/DATABASE at the end): {redact_url(url)}")
+        if "/" in dbname:
+            raise ConfigError(f"{setting} has a malformed database name {dbname!r}: {redact_url(url)}")
+        user = unquote(parts.username) if parts.username else query.pop("user", None)
+        password = unquote(parts.password) if parts.password is not None else query.pop("password", None)
+        if "port" in query:
+            try:
+                port = int(query.pop("port"))
+            except ValueError:
+                raise ConfigError(f"{setting} has a non-numeric port: {redact_url(url)}") from None
+        return cls(host=host, port=port, dbname=dbname, user=user, password=password,
+                   options=tuple(sorted(query.items())))
+
+    def with_dbname(self, dbname: str) -> ConnInfo:
+        return replace(self, dbname=dbname)
+
+    def kwargs(self) -> dict[str, str]:
+        """Keyword arguments for ``psycopg.connect`` (password included: never log these)."""
+        out: dict[str, str] = dict(self.options)
+        out["dbname"] = self.dbname
+        if self.host:
+            out["host"] = self.host
+        if self.port:
+            out["port"] = str(self.port)
+        if self.user:
+            out["user"] = self.user
+        if self.password is not None:
+            out["password"] = self.password
+        out.setdefault("connect_timeout", "10")
+        out.setdefault("application_name", "backup-tasks")
+        return out
+
+    def libpq_env(self) -> dict[str, str]:
+        """Environment for libpq tools (pg_dump, pg_restore): the password travels here, never on argv."""
+        names = {"host": "PGHOST", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
+                 "password": "PGPASSWORD", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
+                 "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT",
+                 "application_name": "PGAPPNAME", "options": "PGOPTIONS", "passfile": "PGPASSFILE",
+                 "target_session_attrs": "PGTARGETSESSIONATTRS"}
+        return {names[k]: v for k, v in self.kwargs().items() if k in names}
+
+    @property
+    def server_label(self) -> str:
+        """Where the database lives, for manifests and messages: ``host:port`` without user or password."""
+        return f"{self.host or 'local socket'}:{self.port or 5432}"
+
+    def redacted(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        return f"postgresql://{user}{self.host or ''}{':' + str(self.port) if self.port else ''}/{self.dbname}"
+
+
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+_QUERY_PW = re.compile(r"(?i)((?:password|secret|token|key)=)[^&\s]+")
+
+
+def redact_url(text: str) -> str:
+    """Replace the password part of every URL in ``text`` with ``***`` (any scheme)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _QUERY_PW.sub(r"\1***", text)
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def parse_clock(raw: str, name: str) -> time:
+    match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*", raw)
+    if not match or int(match[1]) > 23 or int(match[2]) > 59:
+        raise ConfigError(f"{name} must be a time of day as HH:MM, got {raw!r}")
+    return time(int(match[1]), int(match[2]))
+
+
+def parse_weekly(raw: str, name: str) -> tuple[int, time]:
+    """``"sun 03:00"`` -> (6, 03:00), Monday being 0 as in ``datetime.weekday()``."""
+    day, _, clock = raw.strip().partition(" ")
+    if day[:3].lower() not in WEEKDAYS:
+        raise ConfigError(f"{name} must look like 'sun 03:00' (weekday then HH:MM), got {raw!r}")
+    return WEEKDAYS.index(day[:3].lower()), parse_clock(clock, name)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with the seed's policies as defaults."""
+
+    database_url: str | None = field(default=None, repr=False)
+    backup_dir: str = "backups"
+    compression: str = "zstd"
+    compression_level: int | None = None
+    keep_daily_days: int = 7
+    keep_weekly: int = 12
+    verify_database_url: str | None = field(default=None, repr=False)
+    restore_database_url: str | None = field(default=None, repr=False)
+    pg_bin_dir: Path | None = None
+    broker_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    result_backend: str | None = field(default=None, repr=False)
+    lock_url: str | None = field(default=None, repr=False)
+    timezone: str = "Asia/Kolkata"
+    daily_at: time = time(2, 0)
+    weekly_at: tuple[int, time] = (6, time(3, 0))
+    health_at: time = time(9, 0)
+    health_max_age_hours: int = 26
+    task_soft_time_limit: int = 3 * 3600
+    task_time_limit: int = 3 * 3600 + 300
+    sentry_dsn: str | None = field(default=None, repr=False)
+    sentry_environment: str | None = None
+    market_close: time = time(15, 30)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        compression = env.get("BACKUP_COMPRESSION", "zstd").strip().lower() or "zstd"
+        if compression not in COMPRESSIONS:
+            raise ConfigError(f"BACKUP_COMPRESSION must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+        level_raw = env.get("BACKUP_COMPRESSION_LEVEL", "").strip()
+        level = _env_int(env, "BACKUP_COMPRESSION_LEVEL", 0, 1) if level_raw else None
+        timezone = env.get("BACKUP_TIMEZONE", "").strip() or env.get("APP_TIMEZONE", "").strip() or "Asia/Kolkata"
+        try:
+            ZoneInfo(timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"BACKUP_TIMEZONE {timezone!r} is not a known IANA timezone") from None
+        database_url = env.get("DATABASE_URL", "").strip() or None
+        if database_url:
+            ConnInfo.from_url(database_url)  # fail early with a clear message
+        for name in ("VERIFY_DATABASE_URL", "RESTORE_DATABASE_URL"):
+            if env.get(name, "").strip():
+                ConnInfo.from_url(env[name], setting=name)
+        backup_dir = env.get("BACKUP_DIR", "").strip() or "backups"
+        broker = env.get("CELERY_BROKER_URL", "").strip() or "redis://127.0.0.1:6379/0"
+        soft = _env_int(env, "BACKUP_TASK_SOFT_TIME_LIMIT", cls.task_soft_time_limit, 10)
+        hard = _env_int(env, "BACKUP_TASK_TIME_LIMIT", max(soft + 60, cls.task_time_limit), 11)
+        if hard <= soft:
+            raise ConfigError("BACKUP_TASK_TIME_LIMIT must be greater than BACKUP_TASK_SOFT_TIME_LIMIT")
+        pg_bin = env.get("PG_BIN_DIR", "").strip()
+        return cls(
+            database_url=database_url,
+            backup_dir=backup_dir if "://" in backup_dir else str(Path(backup_dir).expanduser()),
+            compression=compression,
+            compression_level=level,
+            keep_daily_days=_env_int(env, "BACKUP_KEEP_DAILY_DAYS", 7, 1),
+            keep_weekly=_env_int(env, "BACKUP_KEEP_WEEKLY", 12, 1),
+            verify_database_url=env.get("VERIFY_DATABASE_URL", "").strip() or None,
+            restore_database_url=env.get("RESTORE_DATABASE_URL", "").strip() or None,
+            pg_bin_dir=Path(pg_bin) if pg_bin else None,
+            broker_url=broker,
+            result_backend=env.get("CELERY_RESULT_BACKEND", "").strip() or None,
+            lock_url=env.get("BACKUP_LOCK_URL", "").strip() or None,
+            timezone=timezone,
+            daily_at=parse_clock(env.get("BACKUP_DAILY_AT", "02:00"), "BACKUP_DAILY_AT"),
+            weekly_at=parse_weekly(env.get("BACKUP_WEEKLY_AT", "sun 03:00"), "BACKUP_WEEKLY_AT"),
+            health_at=parse_clock(env.get("BACKUP_HEALTH_AT", "09:00"), "BACKUP_HEALTH_AT"),
+            health_max_age_hours=_env_int(env, "BACKUP_HEALTH_MAX_AGE_HOURS", 26, 1),
+            task_soft_time_limit=soft,
+            task_time_limit=hard,
+            sentry_dsn=env.get("SENTRY_DSN", "").strip() or None,
+            sentry_environment=env.get("SENTRY_ENVIRONMENT", "").strip() or None,
+            market_close=parse_clock(env.get("MARKET_CLOSE_TIME", "15:30"), "MARKET_CLOSE_TIME"),
+        )
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def source(self) -> ConnInfo:
+        """The database to back up; a clear error when ``DATABASE_URL`` is not set."""
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL is not set; set it to the database to back up, "
+                              "e.g. postgresql://aitrapp@localhost:5432/aitrapp")
+        return ConnInfo.from_url(self.database_url)
+
+    @property
+    def effective_result_backend(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def effective_lock_url(self) -> str | None:
+        """Redis URL for locks: explicit, else the broker when it is Redis, else none (file locks)."""
+        if self.lock_url:
+            return self.lock_url
+        return self.broker_url if self.broker_url.startswith(("redis://", "rediss://")) else None
+
+    def secrets(self) -> list[str]:
+        """Every secret value in these settings, for scrubbing outgoing text (Sentry, logs)."""
+        found: list[str] = []
+        for url in (self.database_url, self.verify_database_url, self.restore_database_url,
+                    self.broker_url, self.result_backend, self.lock_url):
+            if url:
+                try:
+                    pw = urlsplit(url).password
+                except ValueError:
+                    pw = None
+                if pw:
+                    found.append(unquote(pw))
+                    found.append(pw)
+        return [s for s in dict.fromkeys(found) if len(s) >= 3]

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything the project needs on a fresh machine, idempotently:
+# PostgreSQL client/server binaries, a virtualenv in .venv with the package and its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }
+
+need_apt=()
+command -v pg_dump >/dev/null 2>&1 || [ -x /usr/lib/postgresql/15/bin/pg_dump ] || need_apt+=(postgresql postgresql-contrib)
+command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+# Debian's interpreter: the postgres OS user can run it (archive_command), root's pyenv one it cannot.
+PY=/usr/bin/python3
+if [ -x "$PY" ] && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then need_apt+=(python3-venv); fi
+if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  log "installing ${need_apt[*]} with apt-get"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+[ -x "$PY" ] || PY=$(command -v python3)
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  log "creating .venv with $PY"
+  rm -rf .venv
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  log "installing backup-tasks and its test dependencies into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -e '^WARNING: Location' -e '^$' >&2 || true
+  .venv/bin/python -c 'import backup_tasks.cli, celery, psycopg, zstandard, sentry_sdk, flower' 
+  rm -f .venv/.installed-* && touch "$stamp"
+fi

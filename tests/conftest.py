@@ -1,0 +1,242 @@
+"""Real servers for the tests, shared by every test module.
+
+PostgreSQL, in order of preference: ``BACKUP_TASKS_TEST_PG_URL`` (an admin URL to a server the
+tests may create databases on); a testcontainers container where a Docker engine answers; the
+local server on 127.0.0.1:5432; else a throwaway cluster from the local binaries for the session.
+Redis likewise: ``BACKUP_TASKS_TEST_REDIS_URL``; testcontainers; the local server, on a DB number
+of its own (``BACKUP_TASKS_TEST_REDIS_DB``, default 13) which is flushed before and after.
+Every database a test creates is named ``bt_test_*`` and dropped afterwards; nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from backup_tasks.cluster import ThrowawayCluster
+from backup_tasks.pg import connect
+from backup_tasks.settings import ConnInfo, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+CELERY = str(VENV_BIN / "celery")
+BACKUP_TASKS = str(VENV_BIN / "backup-tasks")
+
+TRICKY_SCHEMA = r"""
+CREATE TYPE "Mood" AS ENUM ('happy', 'sad', 'ünïcødé');
+CREATE SCHEMA "Trading Desk";
+CREATE TABLE "Trading Desk"."MixedCase Table" (id serial PRIMARY KEY, "Weird ""Col"" name" text, mood "Mood");
+INSERT INTO "Trading Desk"."MixedCase Table" ("Weird ""Col"" name", mood)
+  SELECT 'row ' || g || ' — naïve café 取引 📈', (ARRAY['happy','sad','ünïcødé'])[1 + g % 3]::"Mood"
+  FROM generate_series(1, 150) g;
+CREATE TABLE measurements (id bigserial, ts date NOT NULL, payload jsonb, blob bytea, PRIMARY KEY (id, ts))
+  PARTITION BY RANGE (ts);
+CREATE TABLE measurements_2025 PARTITION OF measurements FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+CREATE TABLE measurements_2026 PARTITION OF measurements FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+INSERT INTO measurements (ts, payload, blob)
+  SELECT date '2025-06-01' + (g % 400), jsonb_build_object('g', g, 'tags', jsonb_build_array('a', 'ü')),
+         decode(md5(g::text), 'hex') || '\x00ff'::bytea
+  FROM generate_series(1, 500) g;
+CREATE UNLOGGED TABLE scratch_cache (k text PRIMARY KEY, v int);
+INSERT INTO scratch_cache SELECT 'k' || g, g FROM generate_series(1, 40) g;
+CREATE TABLE empty_table (id int);
+CREATE SEQUENCE ticket_seq START 1000;
+SELECT setval('ticket_seq', 4242);
+CREATE VIEW happy_rows AS SELECT * FROM "Trading Desk"."MixedCase Table" WHERE mood = 'happy';
+CREATE MATERIALIZED VIEW measurement_totals AS SELECT ts, count(*) AS n FROM measurements GROUP BY ts;
+CREATE INDEX measurements_payload_idx ON measurements USING gin (payload);
+"""
+
+
+def _pg_answers(conninfo: ConnInfo) -> bool:
+    try:
+        psycopg.connect(**conninfo.kwargs(), connect_timeout=3).close()
+        return True
+    except psycopg.Error:
+        return False
+
+
+def _docker_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[ConnInfo]:
+    """Connection info of a PostgreSQL superuser on a server where tests may create databases."""
+    if os.environ.get("BACKUP_TASKS_TEST_PG_URL"):
+        yield ConnInfo.from_url(os.environ["BACKUP_TASKS_TEST_PG_URL"])
+        return
+    if _docker_available():  # the path used where a Docker engine exists (CI elsewhere, laptops)
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:15", driver=None) as container:
+            yield ConnInfo.from_url(container.get_connection_url())
+        return
+    local = ConnInfo(host="127.0.0.1", port=5432, dbname="postgres", user="postgres")
+    if _pg_answers(local):
+        yield local
+        return
+    with ThrowawayCluster() as cluster:
+        yield cluster.conninfo("postgres")
+
+
+@pytest.fixture
+def make_database(pg_admin: ConnInfo) -> Iterator[Callable[..., ConnInfo]]:
+    """Factory: a new empty database ``bt_test_<random>``, dropped after the test."""
+    created: list[str] = []
+
+    def make(prefix: str = "bt_test") -> ConnInfo:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with connect(pg_admin) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return pg_admin.with_dbname(name)
+
+    yield make
+    with connect(pg_admin) as admin:
+        for name in created:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def url_of(conninfo: ConnInfo, *, scheme: str = "postgresql") -> str:
+    user = conninfo.user or "postgres"
+    auth = f"{user}:{conninfo.password}" if conninfo.password else user
+    return f"{scheme}://{auth}@{conninfo.host}:{conninfo.port or 5432}/{conninfo.dbname}"
+
+
+@pytest.fixture
+def trading_db(make_database: Callable[..., ConnInfo]) -> ConnInfo:
+    """A small database with the trading app's six tables and generated rows."""
+    from backup_tasks.sampledata import generate
+
+    conninfo = make_database()
+    generate(conninfo, signals=300)
+    return conninfo
+
+
+@pytest.fixture
+def tricky_db(make_database: Callable[..., ConnInfo]) -> ConnInfo:
+    """A database with every awkward object pg_dump must get right."""
+    conninfo = make_database()
+    with connect(conninfo) as conn:
+        conn.execute(TRICKY_SCHEMA)
+    return conninfo
+
+
+@pytest.fixture
+def settings_for(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for a database, with a fresh backup directory and no Redis (file locks)."""
+
+    def make(conninfo: ConnInfo, **overrides: object) -> Settings:
+        values: dict[str, object] = {"database_url": url_of(conninfo), "backup_dir": str(tmp_path / "backups"),
+                                     "broker_url": "memory://", "lock_url": None}
+        values.update(overrides)
+        return Settings(**values)  # type: ignore[arg-type]
+
+    return make
+
+
+# --- Redis and real Celery workers --------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    import redis
+
+    if os.environ.get("BACKUP_TASKS_TEST_REDIS_URL"):
+        url = os.environ["BACKUP_TASKS_TEST_REDIS_URL"]
+    elif _docker_available():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer() as container:
+            host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+        return
+    else:
+        url = f"redis://127.0.0.1:6379/{os.environ.get('BACKUP_TASKS_TEST_REDIS_DB', '13')}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {url}: {exc}")
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY_", "BACKUP_", "SENTRY_"))}
+    env.pop("DATABASE_URL", None)
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def running_worker(env: dict[str, str], *, concurrency: int = 2, log_path: Path | None = None,
+                   hostname: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A real ``celery -A backup_tasks worker -Q backups`` process, from the project root, until the block ends."""
+    name = hostname or f"bt-test-{uuid.uuid4().hex[:6]}@%h"
+    log_file = open(log_path or os.devnull, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [CELERY, "-A", "backup_tasks", "worker", "-Q", "backups", "--loglevel=INFO", f"--concurrency={concurrency}",
+         "--pool=prefork", "-n", name, "--without-mingle", "--without-gossip"],
+        cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for_worker(env, proc, log_path)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # pool children, if any survived
+        log_file.close()
+
+
+def wait_for_worker(env: dict[str, str], proc: subprocess.Popen[bytes], log_path: Path | None,
+                    timeout: float = 60) -> None:
+    from celery import Celery
+
+    probe = Celery(broker=env["CELERY_BROKER_URL"], backend=env.get("CELERY_RESULT_BACKEND"))
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                detail = log_path.read_text()[-3000:] if log_path else ""
+                raise RuntimeError(f"celery worker exited with {proc.returncode}: {detail}")
+            if probe.control.ping(timeout=1.0):
+                return
+            time.sleep(0.3)
+        raise RuntimeError("celery worker did not answer a ping within 60 s")
+    finally:
+        probe.close()
+
+
+def client_app(broker: str, backend: str) -> object:
+    """A Celery app that knows nothing of backup_tasks: what the trading app would have."""
+    from celery import Celery
+
+    app = Celery("trading_app_client", broker=broker, backend=backend)
+    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    return app
