@@ -39,24 +39,46 @@ def _holder_description() -> dict[str, object]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "since": since}
 
 
+def _holder_is_dead(raw: bytes) -> bool:
+    """True only for a holder on this host whose process no longer exists."""
+    try:
+        info = json.loads(raw)
+        if info.get("host") != socket.gethostname():
+            return False
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, TypeError, PermissionError):
+        return False
+    return False
+
+
+def _describe_holder(raw: bytes) -> str:
+    try:
+        info = json.loads(raw)
+        return f" (held by pid {info['pid']} on {info['host']} since {info['since']})"
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
 @contextmanager
 def redis_lock(url: str, key: str, *, ttl: int = DEFAULT_TTL, busy_message: str) -> Iterator[None]:
     import redis  # imported here: wal-push and the plain CLI paths must not pay for it
 
     client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
-
     token = uuid.uuid4().hex
     value = json.dumps({"token": token, **_holder_description()})
     if not client.set(key, value, nx=True, px=ttl * 1000):
         holder = client.get(key)
-        detail = ""
-        if holder:
-            try:
-                info = json.loads(holder)
-                detail = f" (held by pid {info['pid']} on {info['host']} since {info['since']})"
-            except (ValueError, KeyError):
-                pass
-        raise LockBusy(busy_message + detail)
+        if holder and _holder_is_dead(holder):
+            # A killed run on this machine: take its lock over now rather than wait for the expiry.
+            client.eval(_RELEASE, 1, key, holder)
+            log.warning("took over the lock of a dead process: %s", holder.decode(errors="replace"))
+            if client.set(key, value, nx=True, px=ttl * 1000):
+                holder = None
+        if holder is not None:
+            client.close()
+            raise LockBusy(busy_message + _describe_holder(holder))
     stop = threading.Event()
 
     def heartbeat() -> None:

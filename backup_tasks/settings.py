@@ -111,12 +111,15 @@ class ConnInfo:
 
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+#: ``user:password@host`` without a scheme, as the seed script hands it to pg_dump.
+_BARE_USERINFO = re.compile(r"(?<![\w/:@])(?P<user>[\w.%+-]+):(?P<pw>[^@\s/:]+)@(?=[\w.\[])")
 _QUERY_PW = re.compile(r"(?i)((?:password|secret|token|key)=)[^&\s]+")
 
 
 def redact_url(text: str) -> str:
     """Replace the password part of every URL in ``text`` with ``***`` (any scheme)."""
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = _BARE_USERINFO.sub(lambda m: f"{m['user']}:***@", text)
     return _QUERY_PW.sub(r"\1***", text)
 
 

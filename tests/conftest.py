@@ -16,9 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -61,7 +63,7 @@ CREATE INDEX measurements_payload_idx ON measurements USING gin (payload);
 
 def _pg_answers(conninfo: ConnInfo) -> bool:
     try:
-        psycopg.connect(**conninfo.kwargs(), connect_timeout=3).close()
+        psycopg.connect(**{**conninfo.kwargs(), "connect_timeout": "3"}).close()
         return True
     except psycopg.Error:
         return False
@@ -137,6 +139,28 @@ def tricky_db(make_database: Callable[..., ConnInfo]) -> ConnInfo:
     with connect(conninfo) as conn:
         conn.execute(TRICKY_SCHEMA)
     return conninfo
+
+
+PASSWORD_SERVER_PASSWORD = "Tr4der-S3cret!pw"
+
+
+@pytest.fixture(scope="session")
+def password_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConnInfo]:
+    """A throwaway cluster that demands a password over TCP (the local server trusts everyone).
+
+    Superuser ``postgres`` has password ``PASSWORD_SERVER_PASSWORD``; a database ``aitrapp`` exists.
+    """
+    pwfile = Path(tempfile.mkstemp(prefix="bt-pw-")[1])
+    pwfile.write_text(PASSWORD_SERVER_PASSWORD + "\n")
+    pwfile.chmod(0o644)  # initdb runs as the postgres OS user
+    try:
+        with ThrowawayCluster(initdb_args=("--auth-host=scram-sha-256", f"--pwfile={pwfile}")) as cluster:
+            admin = replace(cluster.conninfo("postgres"), password=PASSWORD_SERVER_PASSWORD)
+            with connect(admin) as conn:
+                conn.execute("CREATE DATABASE aitrapp")
+            yield admin.with_dbname("aitrapp")
+    finally:
+        pwfile.unlink()
 
 
 @pytest.fixture
