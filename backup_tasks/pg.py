@@ -214,7 +214,7 @@ def amcheck_indexes(conn: psycopg.Connection) -> tuple[int, list[str]]:
         """SELECT c.oid::regclass::text FROM pg_index i
            JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
            JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE a.amname = 'btree' AND i.indisvalid AND c.relpersistence <> 't'
+           WHERE a.amname = 'btree' AND c.relkind = 'i' AND i.indisvalid AND c.relpersistence <> 't'
              AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"""
     ).fetchall()
     problems: list[str] = []
