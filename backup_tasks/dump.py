@@ -35,14 +35,19 @@ Progress = Callable[..., None]
 PROGRESS_EVERY = 64 << 20
 
 
-def _noop(phase: str, **info: object) -> None:
+def no_progress(phase: str, **info: object) -> None:
     pass
 
 
-def backup_id_for(database: str, kind: str, moment_utc: str) -> str:
+def id_prefix(database: str, kind: str) -> str:
+    """What every backup id of this database and kind starts with (file-name safe)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", database).strip("._") or "db"
+    return f"{safe}-{kind}-"
+
+
+def backup_id_for(database: str, kind: str, moment_utc: str) -> str:
     stamp = moment_utc.replace("-", "").replace(":", "")  # 2026-11-27T10:05:00Z -> 20261127T100500Z
-    return f"{safe}-{kind}-{stamp}"
+    return id_prefix(database, kind) + stamp
 
 
 def dump_key(backup_id: str, compression: str) -> str:
@@ -81,7 +86,7 @@ class _Counter:
 
 
 def run_dump(settings: Settings, *, trading_day: str | None = None, backup_id: str | None = None,
-             progress: Progress = _noop) -> tuple[Manifest, bool]:
+             progress: Progress = no_progress) -> tuple[Manifest, bool]:
     """Take one dump of ``DATABASE_URL`` under the per-database lock.
 
     Returns (manifest, skipped): with a ``trading_day`` that the catalog already holds a complete
@@ -117,7 +122,7 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
         key = dump_key(backup_id, settings.compression)
         if storage.exists(catalog.manifest_key(backup_id)):
             raise DumpFailed(f"a backup named {backup_id} already exists; not overwriting it")
-        removed = storage.clear_partials(prefix=f"{conninfo.dbname}")
+        removed = storage.clear_partials(prefix=id_prefix(conninfo.dbname, "dump"))
         if removed:
             log.info("removed %d partial file(s) left by an interrupted run", len(removed))
         progress("dumping", backup_id=backup_id, bytes_written=0, tables_done=0)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from . import manifest as catalog
 from .cluster import ThrowawayCluster
-from .dump import Progress, _noop
+from .dump import Progress, no_progress
 from .errors import BackupCorrupt, RestoreFailed
 from .manifest import Manifest, Verification, isoformat, utcnow
 from .pg import amcheck_indexes, connect, count_rows, create_database, drop_database, server_version
@@ -49,7 +49,7 @@ def server_major_of(manifest: Manifest) -> int:
     return int(manifest.server_version.split(".")[0])
 
 
-def verify_backup(settings: Settings, backup_id: str | None = None, *, progress: Progress = _noop) -> Verification:
+def verify_backup(settings: Settings, backup_id: str | None = None, *, progress: Progress = no_progress) -> Verification:
     """Verify one dump (the newest when ``backup_id`` is None); record and return the outcome."""
     storage = open_storage(settings.backup_dir)
     manifest = catalog.load(storage, backup_id) if backup_id else catalog.newest(storage, kind="dump")
