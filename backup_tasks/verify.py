@@ -49,7 +49,8 @@ def server_major_of(manifest: Manifest) -> int:
     return int(manifest.server_version.split(".")[0])
 
 
-def verify_backup(settings: Settings, backup_id: str | None = None, *, progress: Progress = no_progress) -> Verification:
+def verify_backup(settings: Settings, backup_id: str | None = None, *,
+                  progress: Progress = no_progress) -> Verification:
     """Verify one dump (the newest when ``backup_id`` is None); record and return the outcome."""
     storage = open_storage(settings.backup_dir)
     manifest = catalog.load(storage, backup_id) if backup_id else catalog.newest(storage, kind="dump")
