@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from .settings import Settings, redact_url
 
@@ -64,8 +65,23 @@ def init_sentry(settings: Settings) -> bool:
 
 
 def _env_secrets() -> list[str]:
-    names = ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "FLOWER_BASIC_AUTH")
-    return [os.environ[n] for n in names if len(os.environ.get(n, "")) >= 3]
+    names = ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "FLOWER_BASIC_AUTH")
+    found = [os.environ[n] for n in names if len(os.environ.get(n, "")) >= 3]
+    # The Celery side reads its settings without the database URLs (a broken one must not stop the
+    # worker), so their passwords are collected here, leniently, whatever the URL's shape.
+    for name in ("DATABASE_URL", "VERIFY_DATABASE_URL", "RESTORE_DATABASE_URL", "BACKUP_LOCK_URL"):
+        try:
+            password = urlsplit(os.environ.get(name, "").strip()).password
+        except ValueError:
+            continue
+        if password and len(password) >= 3:
+            found.extend((password, unquote(password)))
+    # FLOWER_BASIC_AUTH is "user:password[,user2:password2]": the passwords on their own too.
+    for pair in os.environ.get("FLOWER_BASIC_AUTH", "").split(","):
+        password = pair.partition(":")[2]
+        if len(password) >= 3:
+            found.append(password)
+    return found
 
 
 def _version() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from celery import Celery
@@ -11,7 +12,9 @@ from celery.utils.imports import import_from_cwd
 from .alerts import init_sentry
 from .celeryconf import build_config, schedule_settings
 from .errors import ConfigError
+from .settings import Settings
 
+log = logging.getLogger(__name__)
 app = Celery("backup_tasks")
 
 
@@ -32,10 +35,16 @@ _configure()
 @celeryd_init.connect
 @beat_init.connect
 def _start_sentry(**_: object) -> None:
+    """Sentry in the worker (before its pool forks) and in beat; Flower and clients never start it."""
     try:
-        init_sentry(schedule_settings())
-    except ConfigError:
-        pass  # tasks report configuration errors themselves
+        settings = schedule_settings()
+    except ConfigError as exc:
+        # A bad schedule or limit setting must not also switch error reporting off: report with
+        # the defaults (each task then fails with this same error, and Sentry gets it).
+        log.error("%s", exc)
+        settings = Settings(sentry_dsn=os.environ.get("SENTRY_DSN", "").strip() or None,
+                            sentry_environment=os.environ.get("SENTRY_ENVIRONMENT", "").strip() or None)
+    init_sentry(settings)
 
 
 # Registers the tasks on `app`.

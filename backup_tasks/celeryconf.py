@@ -1,20 +1,24 @@
 """Celery settings derived from the environment, shared by ``celeryconfig.py`` and the in-package default.
 
-Deliberately lenient: only broker, result backend, timezone, limits and schedules are read here,
-so a wrong ``DATABASE_URL`` cannot stop a worker from starting; each task validates the full
+Deliberately lenient: only broker, result backend, timezone, limits, retries and schedules are read
+here, so a wrong ``DATABASE_URL`` cannot stop a worker from starting; each task validates the full
 settings when it runs and fails with a clear error instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from celery.schedules import crontab
 
 from .errors import ConfigError
-from .settings import Settings
+from .settings import Settings, _env_int
+
+log = logging.getLogger(__name__)
 
 QUEUE = "backups"
 TASK_NAMES = ("backup_tasks.post_close", "backup_tasks.daily", "backup_tasks.dump", "backup_tasks.verify",
@@ -22,6 +26,37 @@ TASK_NAMES = ("backup_tasks.post_close", "backup_tasks.daily", "backup_tasks.dum
 #: Short tasks get short limits; dump and verify get the configured ones.
 SHORT_SOFT_LIMIT = 600
 SHORT_HARD_LIMIT = 660
+#: How far the Redis visibility timeout stays above the longest hard time limit.
+VISIBILITY_MARGIN = 3600
+#: Environment variables read here (on top of what ``Settings.from_env`` reads).
+ENV_VARS = ("CELERY_CONFIG_MODULE", "BACKUP_RETRY_BACKOFF", "BACKUP_MAX_RETRIES")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Celery's exponential backoff for retryable errors: up to ``backoff * 2**n`` seconds (jittered)."""
+
+    backoff: int = 30
+    backoff_max: int = 600
+    max_retries: int = 5
+
+
+def retry_policy(env: Mapping[str, str] | None = None) -> RetryPolicy:
+    """``BACKUP_RETRY_BACKOFF`` (seconds, first retry) and ``BACKUP_MAX_RETRIES``; defaults when invalid.
+
+    Read when the task module is imported: a bad value must not keep the worker from starting, so
+    it is logged and the default used.
+    """
+    env = os.environ if env is None else env
+    defaults = RetryPolicy()
+    try:
+        backoff = _env_int(env, "BACKUP_RETRY_BACKOFF", defaults.backoff, 1)
+        max_retries = _env_int(env, "BACKUP_MAX_RETRIES", defaults.max_retries, 0)
+    except ConfigError as exc:
+        log.error("%s; using the default retry policy (%ss backoff, %d retries)", exc, defaults.backoff,
+                  defaults.max_retries)
+        return defaults
+    return RetryPolicy(backoff=backoff, backoff_max=max(defaults.backoff_max, backoff), max_retries=max_retries)
 
 
 def schedule_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -33,6 +68,7 @@ def schedule_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Entries in the exchange's timezone (``timezone`` below): crontab hours are local to it."""
     daily, health = settings.daily_at, settings.health_at
     return {
         "daily-backup": {
@@ -48,20 +84,29 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
+def longest_hard_limit(settings: Settings) -> int:
+    return max(settings.task_time_limit, SHORT_HARD_LIMIT)
+
+
+def visibility_timeout(settings: Settings) -> int:
+    """Redis redelivers an unacknowledged message after this many seconds: it must exceed every
+    task's hard time limit, or a long dump still running would be delivered (and run) a second time."""
+    return longest_hard_limit(settings) + VISIBILITY_MARGIN
+
+
 def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     try:
         settings = schedule_settings(env)
-    except ConfigError:
+    except ConfigError as exc:
+        log.error("%s; the worker starts with default settings and each task reports the error", exc)
         settings = Settings()  # the worker must still start; tasks re-read and report the error
-    visibility_timeout = settings.task_time_limit + 3600
+    visibility = visibility_timeout(settings)
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.effective_result_backend,
         "broker_connection_retry_on_startup": True,
-        # Redis redelivers an unacknowledged message after the visibility timeout: it must exceed the
-        # longest hard time limit, or a long dump would be delivered (and run) twice.
-        "broker_transport_options": {"visibility_timeout": visibility_timeout},
-        "result_backend_transport_options": {"visibility_timeout": visibility_timeout},
+        "broker_transport_options": {"visibility_timeout": visibility},
+        "result_backend_transport_options": {"visibility_timeout": visibility},
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -78,6 +123,8 @@ def build_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         "task_track_started": True,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
+        # Flower builds its task list from these events: received/started/succeeded from workers,
+        # "sent" from whoever enqueues, and our own task-progress events.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "result_extended": True,

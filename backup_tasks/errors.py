@@ -105,3 +105,67 @@ def retryable_errors() -> tuple[type[BackupError], ...]:
             found.append(cls)
         pending.extend(cls.__subclasses__())
     return tuple(found)
+
+
+# --- off-site storage and encryption (issue 6) -------------------------------------------------
+
+class StorageUnavailable(StorageError):
+    """The storage endpoint did not answer (refused, timed out, 5xx) within the bounded retries."""
+
+    retryable = True
+
+
+class StorageAuthFailed(StorageError):
+    """The storage rejected the credentials (unknown key, bad signature, access denied, none found)."""
+
+
+class BucketMissing(StorageError):
+    """The bucket named in the storage URL does not exist."""
+
+
+class ObjectMissing(StorageError):
+    """The requested object is not in this storage location."""
+
+
+class IdentityUnusable(BackupError):
+    """No usable age identity: not configured, unreadable, malformed, or not one the backup was encrypted to."""
+
+
+class EncryptionFailed(BackupError):
+    """Encrypting a stream failed (not a storage error: those keep their own type)."""
+
+
+class BrokerUnavailable(BackupError):
+    """The Celery broker (or result backend) cannot be reached: nothing was sent, or the outcome is unknown."""
+
+    retryable = True
+
+
+# --- snapshots, WAL archive, point-in-time recovery (appended) ---------------------------------
+
+class SnapshotFailed(BackupError):
+    """pg_basebackup or pg_verifybackup failed; nothing was kept."""
+
+
+class WalArchiveError(StorageError):
+    """The WAL archive cannot be written or read (missing directory, permissions, bad name)."""
+
+
+class WalConflict(WalArchiveError):
+    """A segment is already archived with different content: two servers share an archive, or worse."""
+
+
+class WalMissing(WalArchiveError):
+    """The requested WAL file is not in the archive (the normal end of the archive for recovery)."""
+
+
+class WalGap(WalArchiveError):
+    """A WAL segment is missing although later ones are archived: recovery past it is impossible."""
+
+
+class WalCorrupt(BackupCorrupt):
+    """An archived WAL file fails its checksum or cannot be decompressed."""
+
+
+class TargetOutOfRange(RestoreRefused):
+    """The requested recovery target lies outside what the snapshots and the WAL archive cover."""

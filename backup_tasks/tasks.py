@@ -3,7 +3,7 @@
 Each task re-reads its settings from the environment when it runs (a broken ``DATABASE_URL``
 fails the task with a clear message, never the worker), tags its Sentry scope, reports progress
 as a custom ``PROGRESS`` state that Flower shows, and retries only errors whose type says a retry
-can help.
+can help (``errors.retryable_errors()``); everything else fails at once and is reported once.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from celery.utils import uuid
 from . import dump as dumping
 from .alerts import set_tags
 from .celery_app import app
-from .celeryconf import SHORT_HARD_LIMIT, SHORT_SOFT_LIMIT
+from .celeryconf import SHORT_HARD_LIMIT, SHORT_SOFT_LIMIT, retry_policy
 from .errors import HealthCheckFailed, VerificationFailed, retryable_errors
 from .health import check_health
 from .locks import claim, release_claim
-from .manifest import utcnow
+from .manifest import Manifest, utcnow
 from .prune import prune as run_prune
 from .settings import Settings
 from .verify import verify_backup
@@ -31,6 +31,11 @@ from .workflow import parse_day, session_day
 
 log = logging.getLogger(__name__)
 PROGRESS_STATE = "PROGRESS"
+#: Custom event type: Flower's event state turns ``task-progress`` into the task state ``PROGRESS``.
+PROGRESS_EVENT = "task-progress"
+#: Same-phase progress updates are published at most this often (phase changes at once).
+PROGRESS_INTERVAL = 1.0
+_RETRY = retry_policy()
 
 
 class BackupTask(Task):
@@ -39,42 +44,55 @@ class BackupTask(Task):
     abstract = True
     backup_kind = "dump"
     autoretry_for = retryable_errors()
-    max_retries = 5
-    retry_backoff = 30
-    retry_backoff_max = 600
+    max_retries = _RETRY.max_retries
+    retry_backoff = _RETRY.backoff
+    retry_backoff_max = _RETRY.backoff_max
     retry_jitter = True
-    _last_progress = 0.0
+    _last_progress: tuple[str, float] = ("", 0.0)
 
     def settings(self) -> Settings:
+        # Tag first: a configuration error is reported with the kind and task it broke.
+        set_tags(backup_kind=self.backup_kind, celery_task=self.name)
         settings = Settings.from_env()
         database = settings.source().dbname if settings.database_url else None
-        set_tags(backup_kind=self.backup_kind, backup_database=database)
+        set_tags(backup_database=database)
         return settings
 
     def progress(self, phase: str, **info: Any) -> None:
-        """Publish progress at most once a second; Flower shows the state and its meta."""
+        """Publish progress: a ``PROGRESS`` result state (with the details as its meta) and an event
+        for Flower. A new phase is published at once, repeats of a phase at most once a second."""
         if info.get("backup_id"):
             set_tags(backup_id=str(info["backup_id"]))
         if self.request.called_directly or not self.request.id:
             return
         now = time.monotonic()
-        if phase not in ("done",) and now - self._last_progress < 1.0:
+        last_phase, last_time = self._last_progress
+        if phase == last_phase and phase != "done" and now - last_time < PROGRESS_INTERVAL:
             return
-        self._last_progress = now
-        self.update_state(state=PROGRESS_STATE, meta={"phase": phase, **info})
-
-
-def _summary(manifest: dumping.Manifest, status: str) -> dict[str, Any]:
-    return {"status": status, "backup_id": manifest.id, "path": manifest.path, "size_bytes": manifest.size_bytes,
-            "sha256": manifest.sha256, "tables": len(manifest.tables), "trading_day": manifest.trading_day}
+        self._last_progress = (phase, now)
+        meta = {"phase": phase, **info}
+        try:
+            self.update_state(state=PROGRESS_STATE, meta=meta)
+            if self.request.hostname:
+                # `result` is what Flower's task list shows; SUCCESS/FAILURE replace it later.
+                self.send_event(PROGRESS_EVENT, retry=False, result=json.dumps(meta, sort_keys=True), **meta)
+        except Exception as exc:  # progress is informational: never let it fail a backup
+            log.warning("could not publish progress (%s): %s", phase, exc)
 
 
 def _inflight_name(settings: Settings, day: str) -> str:
     return f"post-close:{settings.source().server_label}/{settings.source().dbname}:{day}"
 
 
-@app.task(name="backup_tasks.dump", base=BackupTask, bind=True)
+def _summary(manifest: Manifest, status: str) -> dict[str, Any]:
+    return {"status": status, "backup_id": manifest.id, "path": manifest.path, "size_bytes": manifest.size_bytes,
+            "sha256": manifest.sha256, "tables": len(manifest.tables), "trading_day": manifest.trading_day}
+
+
+@app.task(name="backup_tasks.dump", base=BackupTask, bind=True, shared=False)
 def dump(self: BackupTask, trading_day: str | None = None, backup_id: str | None = None) -> dict[str, Any]:
+    if backup_id:
+        set_tags(backup_id=backup_id)
     settings = self.settings()
     day = parse_day(trading_day) if trading_day else None
     try:
@@ -89,15 +107,15 @@ def dump(self: BackupTask, trading_day: str | None = None, backup_id: str | None
     return _summary(manifest, "skipped" if skipped else "complete")
 
 
-@app.task(name="backup_tasks.verify", base=BackupTask, bind=True)
+@app.task(name="backup_tasks.verify", base=BackupTask, bind=True, shared=False)
 def verify(self: BackupTask, previous: dict[str, Any] | None = None, backup_id: str | None = None) -> dict[str, Any]:
-    settings = self.settings()
     if isinstance(previous, dict):
         backup_id = previous.get("backup_id") or backup_id
     elif isinstance(previous, str):
         backup_id = previous
     if backup_id:
         set_tags(backup_id=backup_id)
+    settings = self.settings()
     result = verify_backup(settings, backup_id, progress=self.progress)
     outcome = {"backup_id": backup_id, **result.__dict__}
     if not result.ok:
@@ -105,7 +123,7 @@ def verify(self: BackupTask, previous: dict[str, Any] | None = None, backup_id: 
     return outcome
 
 
-@app.task(name="backup_tasks.prune", base=BackupTask, bind=True,
+@app.task(name="backup_tasks.prune", base=BackupTask, bind=True, shared=False,
           soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
 def prune(self: BackupTask, dry_run: bool = False) -> dict[str, Any]:
     settings = self.settings()
@@ -114,30 +132,52 @@ def prune(self: BackupTask, dry_run: bool = False) -> dict[str, Any]:
             "decisions": [d.__dict__ for d in report.decisions]}
 
 
-@app.task(name="backup_tasks.health", base=BackupTask, bind=True,
+@app.task(name="backup_tasks.health", base=BackupTask, bind=True, shared=False,
           soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
 def health(self: BackupTask) -> dict[str, Any]:
     report = check_health(self.settings())
+    if report.newest_backup:
+        set_tags(backup_id=report.newest_backup)
     if not report.ok:
         raise HealthCheckFailed("backups are unhealthy: " + "; ".join(report.problems))
     return report.__dict__
 
 
-def start_workflow(settings: Settings, day: str) -> dict[str, Any]:
-    """Dump, verify and prune the trading day ``day`` as three tasks, unless it is done or in flight."""
+def _verified(manifest: Manifest) -> bool | None:
+    return None if manifest.verification is None else manifest.verification.ok
+
+
+def start_workflow(settings: Settings, day: str, *, requested_by: str | None = None) -> dict[str, Any]:
+    """Dump, verify and prune the trading day ``day`` as three tasks, unless it is done or in flight.
+
+    Decided from the catalog and a claim (never from the clock): the claim names the tasks that
+    run this day, so a second signal points at them (and ``enqueue post-close --wait`` follows
+    them) instead of starting a second dump. ``requested_by`` (the post_close task id) lets a
+    redelivered post_close message finish its own work: it re-sends the same task ids, which is
+    harmless, since the dump re-checks the catalog under the dump lock.
+    """
     conninfo = settings.source()
-    existing = dumping.existing_for_day(settings, conninfo.dbname, day)
-    if existing is not None:
-        return {"status": "skipped", "reason": "already backed up", "trading_day": day, "backup_id": existing.id}
+    name = _inflight_name(settings, day)
     backup_id = dumping.backup_id_for(conninfo.dbname, "dump", utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"))
     ids = {"dump": uuid(), "verify": uuid(), "prune": uuid()}
     ttl = settings.task_time_limit * 2 + 600
-    # The claim names the tasks that run this day, so a second signal can point at them
-    # (and `enqueue post-close --wait` follow them) instead of starting a second dump.
-    value = json.dumps({"backup_id": backup_id, "tasks": ids}, sort_keys=True)
-    holder = claim(settings, _inflight_name(settings, day), value, ttl=ttl)
+    value = json.dumps({"backup_id": backup_id, "tasks": ids, "by": requested_by}, sort_keys=True)
+    held = claim(settings, name, value, ttl=ttl)
+    holder: dict[str, Any] | None = json.loads(held) if held is not None else None
+    existing = dumping.existing_for_day(settings, conninfo.dbname, day)
+    if existing is not None:
+        if holder is None:
+            release_claim(settings, name, backup_id)  # ours, just made: nothing will run
+        skipped = {"status": "skipped", "reason": "already backed up", "trading_day": day,
+                   "backup_id": existing.id, "verified": _verified(existing)}
+        if holder is not None and holder.get("backup_id") == existing.id:
+            skipped["tasks"] = holder.get("tasks")  # that day's workflow: its verify may still be running
+        return skipped
     if holder is not None:
-        return {"status": "skipped", "reason": "already in progress", "trading_day": day, **json.loads(holder)}
+        if not (requested_by and holder.get("by") == requested_by):
+            return {"status": "skipped", "reason": "already in progress", "trading_day": day,
+                    "backup_id": holder.get("backup_id"), "tasks": holder.get("tasks")}
+        backup_id, ids = holder["backup_id"], holder["tasks"]  # our own claim: a redelivered message
     chain(
         dump.si(trading_day=day, backup_id=backup_id).set(task_id=ids["dump"]),
         verify.s().set(task_id=ids["verify"]),
@@ -147,16 +187,17 @@ def start_workflow(settings: Settings, day: str) -> dict[str, Any]:
     return {"status": "started", "trading_day": day, "backup_id": backup_id, "tasks": ids}
 
 
-@app.task(name="backup_tasks.post_close", base=BackupTask, bind=True,
+@app.task(name="backup_tasks.post_close", base=BackupTask, bind=True, shared=False,
           soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
 def post_close(self: BackupTask, day: str) -> dict[str, Any]:
     """Sent by the trading app after the close: ``send_task("backup_tasks.post_close", args=[day])``."""
-    return start_workflow(self.settings(), parse_day(day))
+    trading_day = parse_day(day)  # the caller's mistake first: it is the one to fix
+    return start_workflow(self.settings(), trading_day, requested_by=self.request.id)
 
 
-@app.task(name="backup_tasks.daily", base=BackupTask, bind=True,
+@app.task(name="backup_tasks.daily", base=BackupTask, bind=True, shared=False,
           soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
 def daily(self: BackupTask) -> dict[str, Any]:
     """The beat schedule's daily run: the same workflow, for the most recent closed session."""
     settings = self.settings()
-    return start_workflow(settings, session_day(utcnow(), settings))
+    return start_workflow(settings, session_day(utcnow(), settings), requested_by=self.request.id)

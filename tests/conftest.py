@@ -264,3 +264,26 @@ def client_app(broker: str, backend: str) -> object:
     app = Celery("trading_app_client", broker=broker, backend=backend)
     app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
     return app
+
+
+# --- helpers for the tests with real worker, beat, Flower and Sentry processes -------------------
+
+def wait_until(predicate: Callable[[], object], *, timeout: float = 30.0, interval: float = 0.1,
+               what: str = "the condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def celery_env(redis: str, backup_dir: Path, database_url: str | None = None, **extra: str) -> dict[str, str]:
+    """Environment of a worker, beat or client process: broker and results on the test Redis DB."""
+    env = worker_env(CELERY_BROKER_URL=redis, CELERY_RESULT_BACKEND=redis, BACKUP_DIR=str(backup_dir), **extra)
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    return env
