@@ -161,6 +161,8 @@ class Settings:
     compression_level: int | None = None
     keep_daily_days: int = 7
     keep_weekly: int = 12
+    #: WAL archive directory (WAL_ARCHIVE_DIR); None means `<BACKUP_DIR>/wal`. See ``wal_archive``.
+    wal_archive_dir: str | None = None
     verify_database_url: str | None = field(default=None, repr=False)
     restore_database_url: str | None = field(default=None, repr=False)
     pg_bin_dir: Path | None = None
@@ -177,6 +179,11 @@ class Settings:
     sentry_dsn: str | None = field(default=None, repr=False)
     sentry_environment: str | None = None
     market_close: time = time(15, 30)
+    #: Off-site copy (BACKUP_COPY_TO: a path or s3:// URL) and encryption at rest (age public keys / identity file).
+    copy_to: str | None = None
+    encrypt_recipients: tuple[str, ...] = ()
+    decrypt_identity_file: Path | None = None
+    aws_secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -198,6 +205,18 @@ class Settings:
             if env.get(name, "").strip():
                 ConnInfo.from_url(env[name], setting=name)
         backup_dir = env.get("BACKUP_DIR", "").strip() or "backups"
+        copy_to = env.get("BACKUP_COPY_TO", "").strip() or None
+        if copy_to or backup_dir.startswith("s3://"):
+            from .locations import check_location_setting  # validates s3:// URLs without importing boto3
+
+            check_location_setting(backup_dir, "BACKUP_DIR")
+            copy_to = check_location_setting(copy_to, "BACKUP_COPY_TO", other=backup_dir) if copy_to else None
+        recipients: tuple[str, ...] = ()
+        if env.get("BACKUP_ENCRYPT_RECIPIENT", "").strip():
+            from .crypto import parse_recipients  # pyrage only when encryption is configured
+
+            recipients = parse_recipients(env["BACKUP_ENCRYPT_RECIPIENT"])
+        identity_file = env.get("BACKUP_DECRYPT_IDENTITY_FILE", "").strip()
         broker = env.get("CELERY_BROKER_URL", "").strip() or "redis://127.0.0.1:6379/0"
         soft = _env_int(env, "BACKUP_TASK_SOFT_TIME_LIMIT", cls.task_soft_time_limit, 10)
         hard = _env_int(env, "BACKUP_TASK_TIME_LIMIT", max(soft + 60, cls.task_time_limit), 11)
@@ -211,6 +230,8 @@ class Settings:
             compression_level=level,
             keep_daily_days=_env_int(env, "BACKUP_KEEP_DAILY_DAYS", 7, 1),
             keep_weekly=_env_int(env, "BACKUP_KEEP_WEEKLY", 12, 1),
+            wal_archive_dir=str(Path(env["WAL_ARCHIVE_DIR"].strip()).expanduser().absolute())
+            if env.get("WAL_ARCHIVE_DIR", "").strip() else None,
             verify_database_url=env.get("VERIFY_DATABASE_URL", "").strip() or None,
             restore_database_url=env.get("RESTORE_DATABASE_URL", "").strip() or None,
             pg_bin_dir=Path(pg_bin) if pg_bin else None,
@@ -227,11 +248,25 @@ class Settings:
             sentry_dsn=env.get("SENTRY_DSN", "").strip() or None,
             sentry_environment=env.get("SENTRY_ENVIRONMENT", "").strip() or None,
             market_close=parse_clock(env.get("MARKET_CLOSE_TIME", "15:30"), "MARKET_CLOSE_TIME"),
+            copy_to=copy_to,
+            encrypt_recipients=recipients,
+            decrypt_identity_file=Path(identity_file).expanduser() if identity_file else None,
+            aws_secrets=tuple(v for v in (env.get("AWS_SECRET_ACCESS_KEY", "").strip(),
+                                          env.get("AWS_SESSION_TOKEN", "").strip()) if v),
         )
 
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def wal_archive(self) -> Path:
+        """Absolute path of the WAL archive: ``WAL_ARCHIVE_DIR``, else ``<BACKUP_DIR>/wal``."""
+        if self.wal_archive_dir:
+            return Path(self.wal_archive_dir).absolute()
+        if "://" in self.backup_dir:
+            raise ConfigError("the WAL archive needs a local directory: set WAL_ARCHIVE_DIR (BACKUP_DIR is a URL)")
+        return (Path(self.backup_dir) / "wal").absolute()
 
     def source(self) -> ConnInfo:
         """The database to back up; a clear error when ``DATABASE_URL`` is not set."""
@@ -264,4 +299,5 @@ class Settings:
                 if pw:
                     found.append(unquote(pw))
                     found.append(pw)
+        found.extend(self.aws_secrets)
         return [s for s in dict.fromkeys(found) if len(s) >= 3]

@@ -219,10 +219,12 @@ class LocalStorage:
         return shutil.disk_usage(self.root).free
 
 
-def open_storage(location: str) -> LocalStorage:
-    """The storage for ``BACKUP_DIR``: a local path today; ``s3://`` is recognised but not built yet."""
+def open_storage(location: str, *, setting: str = "BACKUP_DIR") -> Storage:
+    """The storage for ``BACKUP_DIR`` (or ``BACKUP_COPY_TO``): a local path or an ``s3://bucket/prefix`` URL."""
     if location.startswith("s3://"):
-        raise ConfigError("BACKUP_DIR=s3://... is not supported by this version yet; use a local path")
+        from .storage_s3 import S3Storage  # boto3 is imported only when a bucket is used
+
+        return S3Storage.from_url(location, setting=setting)
     if "://" in location:
-        raise ConfigError(f"BACKUP_DIR must be a local directory path, got a URL: {location}")
+        raise ConfigError(f"{setting} must be a local directory path or an s3://BUCKET/PREFIX URL, got: {location}")
     return LocalStorage(Path(location))
