@@ -68,7 +68,11 @@ def cmd_dump(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from .cli_pitr import cmd_verify_snapshot, snapshot_verify_requested
     from .verify import verify_backup
+
+    if snapshot_verify_requested(args, settings):
+        return cmd_verify_snapshot(args, settings)
 
     result = verify_backup(settings, args.backup_id)
     from . import manifest as catalog
@@ -92,6 +96,9 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     lines = [f"{'keep  ' if d.keep else 'delete'} {d.backup_id}  ({d.reason})" for d in report.decisions]
     lines.append(f"{verb} {len(report.deleted)} backup(s), {_size(report.freed_bytes)}")
+    if getattr(report, "wal_deleted", None):
+        lines.append(f"{verb} {len(report.wal_deleted)} archived WAL file(s), {_size(report.wal_freed_bytes)}: "
+                     f"{report.wal_reason}")
     emit(args, asdict(report), "\n".join(lines))
     return 0
 
@@ -119,7 +126,15 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         lines.append(f"{m.id:44} {m.kind:8} {m.finished_at:20} {_size(m.size_bytes):>10}  {verified}")
     if not manifests:
         lines = [f"no backups in {settings.backup_dir}"]
-    emit(args, {"backup_dir": settings.backup_dir, "backups": [m.to_dict() for m in manifests]}, "\n".join(lines))
+    document: dict[str, Any] = {"backup_dir": settings.backup_dir, "backups": [m.to_dict() for m in manifests]}
+    if any(m.kind == "snapshot" for m in manifests):
+        from .cli_pitr import snapshot_ranges_document
+
+        document["restorable"] = snapshot_ranges_document(settings)  # live: what the WAL archive covers now
+        lines += [f"snapshot {r['backup_id']} restores to any moment from {r['restorable_from']} to "
+                  f"{r['restorable_until']}" + (f" (WAL gap at {r['wal_gap']})" if r["wal_gap"] else "")
+                  for r in document["restorable"]]
+    emit(args, document, "\n".join(lines))
     return 0
 
 
@@ -179,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trading-day", help="record the trading day (ISO date); skip if that day is already backed up")
     p = add("verify", cmd_verify, "restore a backup somewhere safe and compare it with its manifest")
     p.add_argument("backup_id", nargs="?", help="backup id (default: the newest dump)")
+    p.add_argument("--snapshot", action="store_true", help="verify the newest snapshot (recovery to the end of "
+                                                           "the WAL archive in a throwaway cluster)")
     p = add("prune", cmd_prune, "apply the retention policy")
     p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
     p = add("restore", cmd_restore, "restore a dump into a database (created if missing)")
@@ -199,10 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--day", help="trading day, ISO date (default: today in BACKUP_TIMEZONE)")
     p.add_argument("--wait", action="store_true", help="wait for the workflow; exit 1 if it failed")
     p.add_argument("--timeout", type=float, default=3 * 3600, help="seconds to wait with --wait")
+    from .cli_pitr import register  # snapshot, wal-push, wal-fetch, check, restore-point, restore-pitr
+
+    register(add)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .entry import server_command_fast  # archive_command/restore_command: once per WAL segment
+
+    fast = server_command_fast(list(sys.argv[1:] if argv is None else argv))
+    if fast is not None:
+        return fast
     parser = build_parser()
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
@@ -210,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = Settings() if args.command == "demo" else Settings.from_env()
+        # PostgreSQL runs wal-push/wal-fetch with its own environment: --archive-dir is all they need.
+        server_command = args.command in ("wal-push", "wal-fetch") and getattr(args, "archive_dir", None)
+        settings = Settings() if args.command == "demo" or server_command else Settings.from_env()
         return int(args.func(args, settings))
     except BackupError as exc:
         if args.json:

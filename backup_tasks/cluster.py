@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -80,13 +81,16 @@ class ThrowawayCluster:
 
     def __init__(self, *, min_major: int = 0, bin_dir: Path | None = None,
                  settings: dict[str, str] | None = None, parent_dir: Path | None = None,
-                 initdb_args: tuple[str, ...] = ()) -> None:
+                 initdb_args: tuple[str, ...] = (), prepare: Callable[[Path], None] | None = None) -> None:
+        """``prepare``, when given, fills the (not yet existing) data directory instead of initdb, e.g. by
+        unpacking a base backup; the tree is then handed to the server user."""
         self.initdb = find_tool("initdb", min_major=min_major, bin_dir=bin_dir)
         self.bin_dir = self.initdb.path.parent
         self.pg_ctl = self.bin_dir / "pg_ctl"
         self.settings = {**FAST_SETTINGS, **(settings or {})}
         self.parent_dir = parent_dir
         self.initdb_args = initdb_args
+        self.prepare = prepare
         self.port = 0
         self.root: Path | None = None
         self.started = False
@@ -130,15 +134,23 @@ class ThrowawayCluster:
                 self.cleanup()
                 raise ClusterError(f"the {SERVER_USER} user cannot reach {parent}; set TMPDIR to a directory "
                                    f"it can traverse (for example /tmp)")
-        self._run([str(self.initdb.path), "-D", str(self.data_dir), "-U", SERVER_USER, "-A", "trust",
-                   "-E", "UTF8", "--no-sync", "--no-instructions", *self.initdb_args], "initdb")
+        if self.prepare is not None:
+            try:
+                self.prepare(self.data_dir)
+                if ids is not None:
+                    for path in [self.data_dir, *self.data_dir.rglob("*")]:
+                        os.lchown(path, *ids)
+                os.chmod(self.data_dir, 0o700)
+            except BaseException:
+                self.cleanup()
+                raise
+        else:
+            self._run([str(self.initdb.path), "-D", str(self.data_dir), "-U", SERVER_USER, "-A", "trust",
+                       "-E", "UTF8", "--no-sync", "--no-instructions", *self.initdb_args], "initdb")
         for _attempt in range(5):
             self.port = free_port()
-            options = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
             try:
-                self._run([str(self.pg_ctl), "-D", str(self.data_dir), "-l", str(self.root / "server.log"),
-                           "-w", "-t", "120", "-o", f"-p {self.port} -k {self.socket_dir} {options}", "start"],
-                          "starting the throwaway PostgreSQL")
+                self._run(self._start_argv(), "starting the throwaway PostgreSQL")
                 self.started = True
                 log.info("throwaway cluster up on 127.0.0.1:%d (%s)", self.port, self.root)
                 return self
@@ -150,6 +162,19 @@ class ThrowawayCluster:
                 raise ClusterError(f"{exc}; server log: {log_text[-500:]}") from None
         self.cleanup()
         raise ClusterError("could not find a free port for the throwaway cluster")
+
+    def _start_argv(self) -> list[str]:
+        options = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
+        return [str(self.pg_ctl), "-D", str(self.data_dir), "-l", str(self.root / "server.log"),
+                "-w", "-t", "120", "-o", f"-p {self.port} -k {self.socket_dir} {options}", "start"]
+
+    def restart(self) -> None:
+        """Stop (fast shutdown) and start again on the same port: picks up edited configuration files."""
+        self._run([str(self.pg_ctl), "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "120", "stop"],
+                  "stopping the throwaway PostgreSQL")
+        self.started = False
+        self._run(self._start_argv(), "restarting the throwaway PostgreSQL")
+        self.started = True
 
     def server_log(self) -> str:
         try:

@@ -150,7 +150,10 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
         writer = storage.writer(key)
         try:
             digest = hashlib.sha256()
-            comp = compressor(settings.compression, settings.compression_level, threads=1)
+            # threads=0: compress inline. A zstd worker thread saves no wall time here (the server
+            # backend and pg_dump already keep the other core busy; bench/ measured it) and its job
+            # buffers cost 10-50 MiB of memory depending on the level.
+            comp = compressor(settings.compression, settings.compression_level, threads=0)
             raw_bytes = 0
             head = b""
             next_report = PROGRESS_EVERY

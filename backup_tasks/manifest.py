@@ -45,6 +45,8 @@ class Verification:
     indexes_checked: int = 0
     problems: list[str] = field(default_factory=list)
     server_version: str | None = None
+    #: Extra facts of a snapshot verification or PITR drill (recovery end reached, target, timings).
+    details: dict[str, Any] | None = None
 
 
 @dataclass
@@ -69,6 +71,20 @@ class Manifest:
     encryption: dict[str, Any] | None = None
     tool: str = "backup-tasks"
     format_version: int = FORMAT_VERSION
+    # --- snapshots (kind "snapshot"); None for dumps -------------------------------------------
+    #: Every stored object of the backup: key -> {"size", "sha256", "role"}; ``path`` is the main one.
+    files: dict[str, dict[str, Any]] | None = None
+    start_lsn: str | None = None
+    stop_lsn: str | None = None
+    timeline: int | None = None
+    system_identifier: str | None = None
+    wal_segment_size: int | None = None
+    start_segment: str | None = None  # first WAL segment recovery needs (from the archive or the snapshot)
+    stop_segment: str | None = None  # segment holding the end of the backup: consistent from here
+    restorable_from: str | None = None  # earliest recovery target time (ISO 8601, microseconds)
+    restorable_until: str | None = None  # latest, as last seen in the WAL archive (refreshed by verify/prune)
+    snapshot: dict[str, Any] | None = None  # source facts: superuser, archive settings, warnings...
+    pitr_drill: dict[str, Any] | None = None  # the last point-in-time drill from this snapshot
 
     @property
     def key(self) -> str:

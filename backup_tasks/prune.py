@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from . import manifest as catalog
+from .errors import ConfigError
 from .locks import hold
-from .manifest import utcnow
-from .retention import Decision, RetentionPolicy, plan
+from .manifest import Manifest, utcnow
+from .retention import Decision, RetentionPolicy, plan, wal_expiry
 from .settings import Settings
 from .storage import open_storage
 
@@ -22,6 +23,10 @@ class PruneReport:
     decisions: list[Decision]
     deleted: list[str] = field(default_factory=list)
     freed_bytes: int = 0
+    #: WAL archive expiry (snapshots): files removed (or, with dry_run, that would be) and why.
+    wal_deleted: list[str] = field(default_factory=list)
+    wal_freed_bytes: int = 0
+    wal_reason: str | None = None
 
 
 def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = None) -> PruneReport:
@@ -42,7 +47,40 @@ def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = N
                 continue
             # Data first: an interruption leaves a manifest without data (pruned again next time),
             # never data without a manifest (which prune would never touch again).
+            for key in (manifest.files or {}):  # a snapshot is several objects
+                if key != manifest.path:
+                    storage.delete(key)
             storage.delete(manifest.path)
             storage.delete(manifest.key)
             log.info("pruned %s (%s): %s", manifest.id, manifest.path, decision.reason)
+        kept = [by_id[d.backup_id] for d in decisions if d.keep and d.kind == "snapshot"]
+        expire_wal(settings, kept, report)
         return report
+
+
+def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: PruneReport) -> None:
+    """Delete archived WAL (and restore point records) older than the oldest kept snapshot needs."""
+    from .wal import WalArchive, position
+    from .walcoverage import delete_restore_point, restore_points
+
+    try:
+        archive = WalArchive(settings.wal_archive)
+    except ConfigError as exc:
+        report.wal_reason = f"WAL archive not pruned: {exc}"
+        return
+    if not archive.root.is_dir():
+        return
+    expiry = wal_expiry(kept_snapshots, archive.names())
+    report.wal_reason = expiry.reason
+    for name in expiry.delete:
+        report.wal_deleted.append(name)
+        report.wal_freed_bytes += archive.size_of(name)
+        if not report.dry_run:
+            archive.delete(name)
+    if expiry.keep_from is not None and not report.dry_run:
+        for point in restore_points(archive):
+            if position(point.segment) < position(expiry.keep_from):
+                delete_restore_point(archive, point)
+    if expiry.delete:
+        log.info("%s %d WAL file(s): %s", "would expire" if report.dry_run else "expired", len(expiry.delete),
+                 expiry.reason)

@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from .errors import BackupError
 from .manifest import Manifest
 
 
@@ -64,3 +65,42 @@ def _decide(manifest: Manifest, kind: str, now: datetime, policy: RetentionPolic
     if age < timedelta(days=policy.keep_daily_days):
         return decision(True, f"within {policy.keep_daily_days} days")
     return decision(False, f"{age.days} days old, retention is {policy.keep_daily_days} days")
+
+
+# --- the WAL archive ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WalExpiry:
+    """Which archived WAL files may go: everything before the start of the oldest kept snapshot."""
+
+    keep_from: str | None  # the oldest kept snapshot's first segment (None: keep every file)
+    delete: list[str]
+    reason: str
+
+
+def wal_expiry(kept_snapshots: list[Manifest], archived: list[str]) -> WalExpiry:
+    """Pure: the kept snapshots and the archive's file names in, the names to delete out.
+
+    A snapshot needs every segment from its start onwards (its own range, then the WAL after it for
+    point-in-time recovery). Timeline history files are always kept (tiny, and recovery needs them to
+    follow timelines). With no snapshot kept, or one whose start is unknown, nothing is expired.
+    """
+    from .wal import kind_of, position  # import-light module; kept local so retention stays pure and cheap
+
+    if not kept_snapshots:
+        return WalExpiry(None, [], "no snapshot is kept, so no WAL is expired")
+    starts = [m.start_segment for m in kept_snapshots]
+    if any(not start for start in starts):
+        unknown = next(m.id for m in kept_snapshots if not m.start_segment)
+        return WalExpiry(None, [], f"snapshot {unknown} does not say where its WAL starts, so no WAL is expired")
+    oldest = min((str(s) for s in starts), key=position)
+    delete = []
+    for name in archived:
+        try:
+            kind = kind_of(name)
+        except BackupError:
+            continue
+        if kind != "history" and position(name) < position(oldest):
+            delete.append(name)
+    owner = min(kept_snapshots, key=lambda m: position(str(m.start_segment))).id
+    return WalExpiry(oldest, delete, f"WAL before {oldest}, where the oldest kept snapshot {owner} starts")

@@ -151,6 +151,14 @@ def parse_weekly(raw: str, name: str) -> tuple[int, time]:
     return WEEKDAYS.index(day[:3].lower()), parse_clock(clock, name)
 
 
+def _snapshot_compress(raw: str) -> str:
+    value = raw.strip() or "server-zstd:workers=2"
+    if not re.fullmatch(r"(server|client)-zstd(:[a-z]+=\d+(,[a-z]+=\d+)*)?", value):
+        raise ConfigError(f"BACKUP_SNAPSHOT_COMPRESS must look like server-zstd, server-zstd:workers=2 or "
+                          f"client-zstd:level=3 (snapshots are stored as zstd), got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, with the seed's policies as defaults."""
@@ -163,6 +171,9 @@ class Settings:
     keep_weekly: int = 12
     #: WAL archive directory (WAL_ARCHIVE_DIR); None means `<BACKUP_DIR>/wal`. See ``wal_archive``.
     wal_archive_dir: str | None = None
+    #: pg_basebackup --compress for snapshots of PostgreSQL 15+ (BACKUP_SNAPSHOT_COMPRESS): zstd on the server,
+    #: two threads there (the snapshot's own unpack-and-verify runs beside it on this host).
+    snapshot_compress: str = "server-zstd:workers=2"
     verify_database_url: str | None = field(default=None, repr=False)
     restore_database_url: str | None = field(default=None, repr=False)
     pg_bin_dir: Path | None = None
@@ -230,6 +241,7 @@ class Settings:
             compression_level=level,
             keep_daily_days=_env_int(env, "BACKUP_KEEP_DAILY_DAYS", 7, 1),
             keep_weekly=_env_int(env, "BACKUP_KEEP_WEEKLY", 12, 1),
+            snapshot_compress=_snapshot_compress(env.get("BACKUP_SNAPSHOT_COMPRESS", "")),
             wal_archive_dir=str(Path(env["WAL_ARCHIVE_DIR"].strip()).expanduser().absolute())
             if env.get("WAL_ARCHIVE_DIR", "").strip() else None,
             verify_database_url=env.get("VERIFY_DATABASE_URL", "").strip() or None,

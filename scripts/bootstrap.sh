@@ -9,6 +9,7 @@ log() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }
 need_apt=()
 command -v pg_dump >/dev/null 2>&1 || [ -x /usr/lib/postgresql/15/bin/pg_dump ] || need_apt+=(postgresql postgresql-contrib)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+command -v age >/dev/null 2>&1 || need_apt+=(age)  # only for the interoperability test of encrypted backups
 # Debian's interpreter: the postgres OS user can run it (archive_command), root's pyenv one it cannot.
 PY=/usr/bin/python3
 if [ -x "$PY" ] && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then need_apt+=(python3-venv); fi

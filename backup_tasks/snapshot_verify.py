@@ -1,0 +1,357 @@
+"""Prove snapshots restore: full recovery to the end of the archive, and a PITR drill to a random moment.
+
+``verify_snapshot`` unpacks the newest snapshot (checking every byte), runs ``pg_verifybackup`` on
+the unpacked copy, starts it in a throwaway cluster with ``restore_command`` pointing at the
+archive, and lets it recover. When the catalog holds a dump taken at a restore point made after
+the snapshot, recovery first pauses at that point and the row counts must equal the dump's
+exactly; then it continues to the end of the archive, which it must reach. Tables are read in
+full (row counts), compared for plausibility with the newest dump, and indexes checked with
+amcheck. The result goes into the snapshot's manifest.
+
+``pitr_drill`` restores to a random moment in the covered range and proves the copy opens there.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from . import manifest as catalog
+from .archivecheck import prepare_archive
+from .cluster import ThrowawayCluster
+from .dump import Progress, no_progress
+from .errors import BackupCorrupt, BackupError, BackupNotFound, ClusterError, RestoreFailed
+from .manifest import Manifest, Verification, isoformat, utcnow
+from .pg import amcheck_indexes, connect, count_rows, find_tool, first_line, server_version
+from .pitr import (
+    RecoveryOutcome,
+    RecoveryTarget,
+    RestorePlan,
+    SnapshotRange,
+    explain_failure,
+    plan_restore,
+    random_moment,
+    restore_config_files,
+    snapshot_ranges,
+    unpack_snapshot,
+    wait_for_recovery,
+    wal_fetch_command,
+    write_recovery_config,
+)
+from .restore import compare_counts
+from .settings import ConnInfo, Settings
+from .snapshot import is_restorable, snapshot_files
+from .storage import Storage, open_storage
+from .wal import WalArchive, parse_lsn, position, segment_of_lsn
+from .walcoverage import RestorePoint, restore_points
+
+log = logging.getLogger(__name__)
+
+TRUST_HBA = "local all all trust\nhost all all 127.0.0.1/32 trust\n"
+#: Hot standby refuses to run with lower limits than the source had; pg_controldata names them so.
+CONTROL_LIMITS = {"max_connections setting": "max_connections", "max_worker_processes setting":
+                  "max_worker_processes", "max_wal_senders setting": "max_wal_senders",
+                  "max_prepared_xacts setting": "max_prepared_transactions",
+                  "max_locks_per_xact setting": "max_locks_per_transaction"}
+
+
+def _limits_of(bin_dir: Path, data_dir: Path) -> dict[str, str]:
+    out = subprocess.run([str(bin_dir / "pg_controldata"), str(data_dir)], capture_output=True, text=True,
+                         check=False, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}).stdout
+    limits = {}
+    for label, setting in CONTROL_LIMITS.items():
+        match = re.search(rf"{label}:\s*(\d+)", out)
+        if match:
+            limits[setting] = match[1]
+    return limits
+
+
+def _verifybackup(settings: Settings, storage: Storage, snapshot: Manifest, data_dir: Path, scratch: Path) -> None:
+    key = next((k for k, v in snapshot_files(snapshot).items() if v.get("role") == "backup_manifest"), None)
+    if key is None:
+        return
+    manifest_path = scratch / "backup_manifest"
+    manifest_path.write_bytes(storage.read_bytes(key))
+    tool = find_tool("pg_verifybackup", min_major=13, bin_dir=settings.pg_bin_dir)
+    result = subprocess.run([str(tool.path), "--manifest-path", str(manifest_path), str(data_dir)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = [ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
+        raise BackupCorrupt("pg_verifybackup rejected the unpacked snapshot: " + "; ".join(lines[:5]))
+
+
+@dataclass
+class Restored:
+    cluster: ThrowawayCluster
+    conninfo: ConnInfo  # the source's bootstrap superuser, on the throwaway cluster
+    outcome: RecoveryOutcome
+    log_file: Path
+
+
+@contextmanager
+def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive | None, snapshot: Manifest,
+                     plan: RestorePlan | None, *, action: str = "promote", checked: list[str] | None = None,
+                     timeout: float = 6 * 3600) -> Iterator[Restored]:
+    """The snapshot recovered (to ``plan``'s target, or the end of the archive) in a throwaway cluster.
+
+    Without an archive the copy only replays the WAL inside the snapshot (crash recovery from its
+    backup_label): that proves the snapshot, not point-in-time recovery.
+    """
+    checked = [] if checked is None else checked
+    major = int(snapshot.server_version.split(".")[0])
+    bin_dir = find_tool("pg_ctl", min_major=major, bin_dir=settings.pg_bin_dir).path.parent
+    restore_cmd = wal_fetch_command(settings, archive) if archive is not None else None
+    scratch = Path(tempfile.mkdtemp(prefix="backup-tasks-pitr-"))
+    try:
+        staged = scratch / "data"
+        unpack_snapshot(storage, snapshot, staged)
+        checked.append("sha256")
+        _verifybackup(settings, storage, snapshot, staged, scratch)
+        checked.append("pg_verifybackup")
+        restore_config_files(storage, snapshot, staged)
+        (staged / "pg_hba.conf").write_text(TRUST_HBA)  # a private throwaway copy: we must be able to log in
+        if restore_cmd is not None:
+            write_recovery_config(staged, restore_cmd=restore_cmd, plan=plan, action=action)
+        limits = _limits_of(bin_dir, staged)
+        overrides = {"wal_level": "replica", "hot_standby": "on", "lc_messages": "C", **limits}
+        cluster = ThrowawayCluster(min_major=major, bin_dir=settings.pg_bin_dir, settings=overrides,
+                                   prepare=lambda data_dir: staged.rename(data_dir))
+        try:
+            cluster.start()
+        except ClusterError as exc:
+            raise RestoreFailed(f"the restored snapshot did not start: {exc}") from None
+        try:
+            log_file = cluster.root / "server.log" if cluster.root else Path("/nonexistent")
+            outcome = wait_for_recovery(cluster.bin_dir, cluster.data_dir, log_file, action=action, timeout=timeout,
+                                        archive_recovery=restore_cmd is not None)
+            if not outcome.finished or outcome.errors:
+                raise RestoreFailed(explain_failure(outcome))
+            checked.append("recovery")
+            superuser = (snapshot.snapshot or {}).get("superuser") or "postgres"
+            conninfo = ConnInfo(host="127.0.0.1", port=cluster.port, dbname=snapshot.database, user=superuser)
+            yield Restored(cluster, conninfo, outcome, log_file)
+        finally:
+            cluster.cleanup()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _restore_point_dump(storage: Storage, archive: WalArchive, snapshot: Manifest,
+                        end_segment: str | None) -> tuple[RestorePoint, Manifest] | None:
+    """The newest restore point after the snapshot with a dump of the same day taken right after it."""
+    if not snapshot.stop_segment or not end_segment:
+        return None
+    dumps = [d for d in catalog.catalog(storage, kind="dump", database=snapshot.database) if d.trading_day]
+    for point in reversed(restore_points(archive)):
+        if not point.trading_day or position(point.segment) < position(str(snapshot.stop_segment)) \
+                or position(point.segment) > position(end_segment):
+            continue
+        if point.system_identifier and snapshot.system_identifier and \
+                point.system_identifier != snapshot.system_identifier:
+            continue
+        for dump in reversed(dumps):
+            if dump.trading_day == point.trading_day and dump.started >= point.created.replace(microsecond=0):
+                return point, dump
+    return None
+
+
+def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
+                    progress: Progress = no_progress) -> Verification:
+    """Verify one snapshot (the newest when ``backup_id`` is None); record and return the outcome."""
+    storage = open_storage(settings.backup_dir)
+    archive: WalArchive | None
+    try:
+        archive, _notes = prepare_archive(settings)
+        archive_problem = None
+    except BackupError as exc:
+        archive, archive_problem = None, str(exc)
+    snapshots = [m for m in catalog.catalog(storage, kind="snapshot") if is_restorable(m)]
+    if backup_id:
+        snapshot = catalog.load(storage, backup_id)
+        if snapshot.kind != "snapshot":
+            raise BackupNotFound(f"{backup_id} is a {snapshot.kind}, not a snapshot")
+    elif snapshots:
+        snapshot = snapshots[-1]
+    else:
+        raise BackupNotFound(f"no complete snapshot in {storage.location} (run `backup-tasks snapshot`)")
+    ranges = {r.snapshot.id: r for r in snapshot_ranges(storage, archive)} if archive is not None else {}
+    wal_range = ranges.get(snapshot.id)
+    started = time.monotonic()
+    checked: list[str] = []
+    problems: list[str] = []
+    details: dict[str, Any] = {}
+    tables = indexes = 0
+    version: str | None = None
+    expected_end = wal_range.coverage.end_segment if wal_range else None
+    if wal_range is not None:
+        details["archive"] = wal_range.coverage.to_dict()
+        if wal_range.coverage.gap:
+            problems.append(f"WAL segment {wal_range.coverage.gap} is missing from the archive although later ones "
+                            f"are there: this snapshot restores only up to {wal_range.restorable_until.isoformat()}")
+    if archive_problem is not None:
+        details["archive"] = f"unusable: {archive_problem}"
+        if (snapshot.snapshot or {}).get("archive_mode", "off") != "off":
+            problems.append(f"the WAL archive cannot be used, so only the snapshot itself was checked: "
+                            f"{archive_problem}")
+    pair = _restore_point_dump(storage, archive, snapshot, expected_end) if archive is not None else None
+    plan = None
+    if pair is not None:
+        point, dump = pair
+        plan = RestorePlan(snapshot, RecoveryTarget("name", name=point.name), wal_range)  # type: ignore[arg-type]
+        details["restore_point"] = {"name": point.name, "lsn": point.lsn, "dump": dump.id}
+    progress("restoring", backup_id=snapshot.id)
+    try:
+        with restored_cluster(settings, storage, archive, snapshot, plan, action="pause" if plan else "promote",
+                              checked=checked) as restored:
+            if pair is not None:
+                point, dump = pair
+                progress("comparing at restore point", backup_id=snapshot.id, restore_point=point.name)
+                with connect(restored.conninfo.with_dbname(dump.database)) as conn:
+                    at_point = count_rows(conn)
+                mismatch = compare_counts(dump.tables, at_point)
+                problems += [f"at restore point {point.name!r}: {m} (dump {dump.id})" for m in mismatch]
+                checked.append("restore-point-row-counts")
+                _continue_to_end(restored)
+            details["recovery"] = asdict(restored.outcome) | {"log_tail": restored.outcome.log_tail[-5:]}
+            progress("comparing", backup_id=snapshot.id)
+            with connect(restored.conninfo) as conn:
+                version = server_version(conn)
+                reached = str(conn.execute("SELECT pg_last_wal_replay_lsn()").fetchone()[0] or "")
+                details["reached_lsn"] = reached
+                if archive is not None:
+                    problems += _end_problems(snapshot, reached, expected_end)
+                    checked.append("end-of-archive")
+                restored_counts = count_rows(conn)
+                tables = len(restored_counts)
+                problems += _plausibility(storage, snapshot, restored_counts)
+                checked.append("row-counts")
+                indexes, index_problems = amcheck_indexes(conn)
+                if indexes:
+                    checked.append("amcheck")
+                problems += index_problems
+            details["rows"] = sum(restored_counts.values())
+    except (BackupCorrupt, RestoreFailed) as exc:
+        problems.append(str(exc))
+    result = Verification(ok=not problems, verified_at=isoformat(utcnow()),
+                          duration_seconds=round(time.monotonic() - started, 3), method="throwaway-cluster-pitr",
+                          checked=checked, tables_compared=tables, indexes_checked=indexes, problems=problems,
+                          server_version=version, details=details)
+    _record(storage, snapshot.id, verification=result, wal_range=wal_range)
+    log.info("verification of snapshot %s: %s", snapshot.id, "ok" if result.ok else "; ".join(problems))
+    return result
+
+
+def _continue_to_end(restored: Restored) -> None:
+    """From the pause at a restore point, go on to the end of the archive (restart without a target)."""
+    with open(restored.cluster.data_dir / "postgresql.auto.conf", "a") as conf:
+        conf.write("# backup-tasks verify: paused at the restore point, now on to the end of the archive\n"
+                   "recovery_target_name = ''\nrecovery_target_action = 'promote'\n")
+    restored.cluster.restart()
+    outcome = wait_for_recovery(restored.cluster.bin_dir, restored.cluster.data_dir, restored.log_file)
+    if not outcome.finished or outcome.errors:
+        raise RestoreFailed(explain_failure(outcome))
+    restored.outcome = outcome
+
+
+def _end_problems(snapshot: Manifest, reached: str, expected_end: str | None) -> list[str]:
+    if not reached or not snapshot.wal_segment_size or not snapshot.timeline:
+        return ["could not tell how far recovery went"]
+    if expected_end is None:
+        return []
+    # The end of the last replayed record: the segment holding its last byte is the last one replayed.
+    last = segment_of_lsn(snapshot.timeline, max(parse_lsn(reached) - 1, 0), snapshot.wal_segment_size)
+    if position(last) < position(expected_end):
+        return [f"recovery stopped at {reached} (segment {last[8:]}) but the archive holds WAL up to segment "
+                f"{expected_end[8:]}: it did not reach the latest archived point"]
+    return []
+
+
+def _plausibility(storage: Storage, snapshot: Manifest, restored: dict[str, int]) -> list[str]:
+    """Against the newest dump of the same database: every table there, none emptied."""
+    dumps = [d for d in catalog.catalog(storage, kind="dump", database=snapshot.database) if d.tables]
+    if not dumps:
+        return [] if restored else [f"database {snapshot.database} has no tables after recovery"]
+    newest = dumps[-1]
+    problems = [f"table {name} (in dump {newest.id}) is missing after recovery" for name in newest.tables
+                if name not in restored]
+    problems += [f"table {name} is empty after recovery, but dump {newest.id} had {count} rows"
+                 for name, count in newest.tables.items() if count and restored.get(name) == 0]
+    return problems
+
+
+def _record(storage: Storage, backup_id: str, *, verification: Verification | None = None,
+            wal_range: SnapshotRange | None = None, drill: dict[str, Any] | None = None) -> Manifest:
+    manifest = catalog.load(storage, backup_id)
+    if verification is not None:
+        manifest.verification = verification
+    if drill is not None:
+        manifest.pitr_drill = drill
+    if wal_range is not None:
+        manifest.restorable_until = wal_range.restorable_until.isoformat(timespec="microseconds")
+    catalog.save(storage, manifest)
+    return manifest
+
+
+@dataclass
+class DrillResult:
+    ok: bool
+    snapshot_id: str | None
+    target_time: str | None
+    duration_seconds: float
+    reached: dict[str, Any] = field(default_factory=dict)
+    tables: int = 0
+    rows: int = 0
+    problems: list[str] = field(default_factory=list)
+    drilled_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pitr_drill(settings: Settings, *, seed: int | None = None, target: datetime | None = None) -> DrillResult:
+    """Restore to a random moment in the covered range into a throwaway cluster and prove it opens there."""
+    storage = open_storage(settings.backup_dir)
+    archive, _notes = prepare_archive(settings)
+    ranges = snapshot_ranges(storage, archive)
+    moment = target or random_moment(ranges, random.Random(seed))
+    if moment is None:
+        raise BackupNotFound("nothing to drill: no snapshot with archived WAL after it (take a snapshot, and check "
+                             "that archiving works with `backup-tasks check`)")
+    started = time.monotonic()
+    plan = plan_restore(settings, RecoveryTarget("time", time=moment), storage=storage, archive=archive)
+    result = DrillResult(ok=False, snapshot_id=plan.snapshot.id, target_time=moment.isoformat(),
+                         duration_seconds=0.0, drilled_at=isoformat(utcnow()))
+    try:
+        with restored_cluster(settings, storage, archive, plan.snapshot, plan) as restored:
+            with connect(restored.conninfo) as conn:
+                last = conn.execute("SELECT pg_last_xact_replay_timestamp()").fetchone()[0]
+                counts = count_rows(conn)
+            result.reached = {"stop_reason": restored.outcome.stop_reason,
+                              "last_transaction_at": last.isoformat() if last else None,
+                              "to_end_of_archive": plan.to_end_of_archive}
+            result.tables, result.rows = len(counts), sum(counts.values())
+            if last is not None and last.astimezone(UTC) > moment:
+                result.problems.append(f"the copy replayed a transaction from {last.isoformat()}, after the target "
+                                       f"{moment.isoformat()}")
+    except (BackupError, psycopg.Error) as exc:
+        result.problems.append(first_line(str(exc)))
+    result.ok = not result.problems
+    result.duration_seconds = round(time.monotonic() - started, 3)
+    try:
+        _record(storage, plan.snapshot.id, drill=result.to_dict())
+    except BackupError as exc:
+        log.warning("could not record the drill in %s: %s", plan.snapshot.id, exc)
+    return result

@@ -1,0 +1,446 @@
+"""The continuous WAL archive: ``wal-push`` (archive_command) and ``wal-fetch`` (restore_command).
+
+PostgreSQL runs these once per WAL segment as its own OS user (``postgres``), so this module is
+import-light on purpose (standard library and zstandard only: no Celery, Redis, psycopg or Sentry)
+and touches nothing but the archive directory.
+
+Layout under the archive directory::
+
+    <TTTTTTTTLLLLLLLL>/<segment>.zst     segments (and their .partial/.backup files), one directory per
+                                         timeline and 4 GiB of WAL (256 segments of 16 MiB)
+    history/<TTTTTTTT>.history.zst       timeline history files
+    restore_points/<segment>-<name>.json named restore points made through backup-tasks
+
+Every ``.zst`` object is one zstd frame (with zstd's content checksum) followed by a zstd
+*skippable* frame that carries the sha256 and size of the original file and the time the segment
+was completed. ``zstd -d`` skips that trailer, so the archive stays readable without this tool.
+
+Permissions: the archive is shared by root (worker, CLI, prune) and the server's OS user
+(archive_command, restore_command). Directories are ``2770`` (setgid: everything inside inherits
+the directory's group, the server user's group), files ``0640``; modes are set explicitly because
+the server runs its children with umask 077.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from .errors import WalArchiveError, WalConflict, WalCorrupt, WalGap, WalMissing
+
+DIR_MODE = 0o2770
+FILE_MODE = 0o640
+CHUNK = 1 << 20
+DEFAULT_LEVEL = 1  # WAL compresses as well at level 1 as at 3, twice as fast (measured on trading WAL)
+SUFFIX = ".zst"
+HISTORY_DIR = "history"
+RESTORE_POINT_DIR = "restore_points"
+INCOMING_MARK = ".incoming-"
+
+SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
+PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
+BACKUP_RE = re.compile(r"^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")
+HISTORY_RE = re.compile(r"^[0-9A-F]{8}\.history$")
+
+# Trailer: a zstd skippable frame (magic 0x184D2A5B, then payload length) whose payload is our tag,
+# the sha256 and size of the uncompressed file and its completion time (unix microseconds).
+TRAILER_MAGIC = 0x184D2A5B
+TRAILER_TAG = b"BTWAL001"
+_PAYLOAD = struct.Struct("<8s32sQq")
+_HEADER = struct.Struct("<II")
+TRAILER_SIZE = _HEADER.size + _PAYLOAD.size
+
+
+def kind_of(name: str) -> str:
+    """``segment``, ``partial``, ``backup`` or ``history``; anything else is refused."""
+    for kind, pattern in (("segment", SEGMENT_RE), ("partial", PARTIAL_RE), ("backup", BACKUP_RE),
+                          ("history", HISTORY_RE)):
+        if pattern.match(name):
+            return kind
+    raise WalArchiveError(f"{name!r} is not a WAL file name (segment, .partial, .backup or .history)")
+
+
+def object_key(name: str) -> str:
+    """Where ``name`` lives, relative to the archive directory."""
+    if kind_of(name) == "history":
+        return f"{HISTORY_DIR}/{name}{SUFFIX}"
+    return f"{name[:16]}/{name}{SUFFIX}"
+
+
+# --- WAL positions --------------------------------------------------------------------------------
+
+def parse_lsn(text: str) -> int:
+    high, _, low = text.strip().partition("/")
+    try:
+        return (int(high, 16) << 32) | int(low, 16)
+    except ValueError:
+        raise WalArchiveError(f"{text!r} is not a WAL position like 0/3000028") from None
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def segments_per_xlogid(segment_size: int) -> int:
+    return 0x100000000 // segment_size
+
+
+def segment_number(name: str, segment_size: int) -> int:
+    return int(name[8:16], 16) * segments_per_xlogid(segment_size) + int(name[16:24], 16)
+
+
+def segment_name(timeline: int, segno: int, segment_size: int) -> str:
+    per = segments_per_xlogid(segment_size)
+    return f"{timeline:08X}{segno // per:08X}{segno % per:08X}"
+
+
+def segment_of_lsn(timeline: int, lsn: int, segment_size: int) -> str:
+    return segment_name(timeline, lsn // segment_size, segment_size)
+
+
+def timeline_of(name: str) -> int:
+    return int(name[:8], 16)
+
+
+def position(name: str) -> str:
+    """The 16 hex digits after the timeline: ordering segments by it orders them in WAL order."""
+    return name[8:24]
+
+
+# --- the archive ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Trailer:
+    sha256: str
+    size: int
+    completed_at: float  # unix time the file was last written by the server (segment completion)
+
+
+@dataclass(frozen=True)
+class PushResult:
+    name: str
+    key: str
+    status: str  # "archived" or "already-archived"
+    original_bytes: int
+    stored_bytes: int
+
+
+def _trailer_bytes(digest: bytes, size: int, completed_at: float) -> bytes:
+    return _HEADER.pack(TRAILER_MAGIC, _PAYLOAD.size) + _PAYLOAD.pack(TRAILER_TAG, digest, size,
+                                                                        int(completed_at * 1_000_000))
+
+
+def _parse_trailer(raw: bytes, what: str) -> Trailer:
+    if len(raw) == TRAILER_SIZE:
+        magic, length = _HEADER.unpack_from(raw)
+        if magic == TRAILER_MAGIC and length == _PAYLOAD.size:
+            tag, digest, size, micros = _PAYLOAD.unpack_from(raw, _HEADER.size)
+            if tag == TRAILER_TAG:
+                return Trailer(digest.hex(), size, micros / 1_000_000)
+    raise WalCorrupt(f"{what} is damaged: its checksum trailer is missing (truncated, or not written by "
+                     f"backup-tasks)")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+class WalArchive:
+    """A WAL archive in a local (or mounted) directory."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"WalArchive({str(self.root)!r})"
+
+    def path_for(self, name: str) -> Path:
+        return self.root / object_key(name)
+
+    # directories -----------------------------------------------------------------------------------
+
+    def ensure(self) -> None:
+        """Create the archive directory if needed (mode 2770); fail clearly when that is impossible."""
+        if self.root.is_dir():
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.root, DIR_MODE)
+        except OSError as exc:
+            raise WalArchiveError(f"cannot create the WAL archive directory {self.root}: {exc.strerror}; "
+                                  f"create it once as root with `backup-tasks check`") from None
+
+    def _ensure_subdir(self, path: Path) -> None:
+        if path.is_dir():
+            return
+        if not self.root.is_dir():
+            raise WalArchiveError(f"the WAL archive directory {self.root} does not exist (or this user cannot "
+                                  f"reach it); create it with `backup-tasks check` as root")
+        try:
+            path.mkdir(exist_ok=True)
+            os.chmod(path, DIR_MODE)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise WalArchiveError(f"cannot create {path} in the WAL archive: {exc.strerror}") from None
+
+    # reading ----------------------------------------------------------------------------------------
+
+    def exists(self, name: str) -> bool:
+        return self.path_for(name).is_file()
+
+    def trailer(self, name: str) -> Trailer:
+        path = self.path_for(name)
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < TRAILER_SIZE:
+                    raise WalCorrupt(f"archived {name} is damaged: only {size} bytes")
+                fh.seek(size - TRAILER_SIZE)
+                return _parse_trailer(fh.read(TRAILER_SIZE), f"archived {name}")
+        except FileNotFoundError:
+            raise WalMissing(f"{name} is not in the WAL archive {self.root}") from None
+        except OSError as exc:
+            raise WalArchiveError(f"cannot read {path}: {exc.strerror}") from None
+
+    def segment_names(self) -> list[str]:
+        """Every archived segment (not .partial/.backup/.history), in WAL order then timeline."""
+        names: list[str] = []
+        for directory in self._segment_dirs():
+            names += [entry[:-len(SUFFIX)] for entry in _listdir(directory)
+                      if entry.endswith(SUFFIX) and SEGMENT_RE.match(entry[:-len(SUFFIX)])]
+        return sorted(names, key=lambda n: (position(n), n[:8]))
+
+    def names(self) -> list[str]:
+        """Every archived WAL file of any kind."""
+        found: list[str] = []
+        for directory in [*self._segment_dirs(), self.root / HISTORY_DIR]:
+            found += [entry[:-len(SUFFIX)] for entry in _listdir(directory)
+                      if entry.endswith(SUFFIX) and INCOMING_MARK not in entry]
+        return sorted(found)
+
+    def history_names(self) -> list[str]:
+        return sorted(entry[:-len(SUFFIX)] for entry in _listdir(self.root / HISTORY_DIR)
+                      if entry.endswith(SUFFIX) and HISTORY_RE.match(entry[:-len(SUFFIX)]))
+
+    def _segment_dirs(self) -> Iterator[Path]:
+        for entry in _listdir(self.root):
+            if len(entry) == 16 and re.fullmatch(r"[0-9A-F]{16}", entry):
+                yield self.root / entry
+
+    def read_text(self, name: str) -> str:
+        """A small archived file (a .history or .backup file), decompressed and checked."""
+        digest = hashlib.sha256()
+        chunks: list[bytes] = []
+        for chunk in self._verified_chunks(name, digest):
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+
+    def later_segment_exists(self, name: str) -> bool:
+        """Whether a segment after ``name`` on the same timeline is archived (so ``name`` is a gap)."""
+        tli, pos = name[:8], position(name)
+        for directory in self._segment_dirs():
+            if directory.name[:8] != tli or directory.name[8:] < pos[:8]:
+                continue
+            for entry in _listdir(directory):
+                base = entry[:-len(SUFFIX)]
+                if entry.endswith(SUFFIX) and SEGMENT_RE.match(base) and position(base) > pos:
+                    return True
+        return False
+
+    def _verified_chunks(self, name: str, digest: hashlib._Hash) -> Iterator[bytes]:
+        """Decompressed content of ``name``; raises ``WalCorrupt`` unless size and sha256 match."""
+        path = self.path_for(name)
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 (closed by the `with fh` below)
+        except FileNotFoundError:
+            if kind_of(name) == "segment" and self.later_segment_exists(name):
+                raise WalGap(f"WAL segment {name} is missing from the archive {self.root} although later "
+                             f"segments of its timeline are there: recovery cannot go past this gap") from None
+            raise WalMissing(f"{name} is not in the WAL archive {self.root}") from None
+        except OSError as exc:
+            raise WalArchiveError(f"cannot read {path}: {exc.strerror}") from None
+        with fh:
+            total = os.fstat(fh.fileno()).st_size
+            if total < TRAILER_SIZE:
+                raise WalCorrupt(f"archived {name} is damaged: only {total} bytes")
+            fh.seek(total - TRAILER_SIZE)
+            trailer = _parse_trailer(fh.read(TRAILER_SIZE), f"archived {name}")
+            fh.seek(0)
+            size = 0
+            try:
+                reader = zstandard.ZstdDecompressor().stream_reader(fh, read_size=CHUNK, read_across_frames=False)
+                while chunk := reader.read(CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    yield chunk
+            except zstandard.ZstdError as exc:
+                raise WalCorrupt(f"archived {name} is damaged: {exc}") from None
+        if size != trailer.size or digest.hexdigest() != trailer.sha256:
+            raise WalCorrupt(f"archived {name} is damaged: it decompresses to {size} bytes with sha256 "
+                             f"{digest.hexdigest()[:16]}…, but was archived as {trailer.size} bytes with sha256 "
+                             f"{trailer.sha256[:16]}…")
+
+    # wal-fetch ---------------------------------------------------------------------------------------
+
+    def fetch(self, name: str, destination: Path) -> int:
+        """Restore ``name`` to ``destination`` (atomically: a temporary name, then rename); return its size.
+
+        Raises ``WalMissing`` when it is not archived (the normal end of recovery), ``WalGap`` when later
+        segments exist, ``WalCorrupt`` when it fails its checksum: nothing is left at ``destination``.
+        """
+        kind_of(name)
+        if not self.root.is_dir():
+            # Not "this file is not archived": the archive itself is gone (unmounted, wrong path).
+            raise WalArchiveError(f"the WAL archive directory {self.root} does not exist or cannot be entered")
+        temp = destination.with_name(f".{destination.name}.fetch-{uuid.uuid4().hex[:12]}")
+        size = 0
+        try:
+            with open(temp, "wb") as out:
+                for chunk in self._verified_chunks(name, hashlib.sha256()):
+                    out.write(chunk)
+                    size += len(chunk)
+            os.replace(temp, destination)
+        except BaseException as exc:
+            try:
+                temp.unlink()
+            except FileNotFoundError:
+                pass
+            if isinstance(exc, OSError):
+                raise WalArchiveError(f"restoring {name} to {destination} failed: {exc.strerror or exc}") from None
+            raise
+        return size
+
+    # wal-push ----------------------------------------------------------------------------------------
+
+    def push(self, source: Path, *, level: int = DEFAULT_LEVEL) -> PushResult:
+        """Archive ``source``: compressed, checksummed, fsynced and published atomically without clobbering.
+
+        Success is returned only once the object and its directory entry are on disk. A file already
+        archived with the same content succeeds again (PostgreSQL retries after crashes); with different
+        content it raises ``WalConflict`` and the archived copy stays untouched.
+        """
+        name = source.name
+        kind_of(name)
+        final = self.path_for(name)
+        try:
+            stat = os.stat(source)
+        except OSError as exc:
+            raise WalArchiveError(f"cannot read {source}: {exc.strerror}") from None
+        if final.exists():
+            return self._already_archived(source, name, final)
+        self._ensure_subdir(final.parent)
+        temp = final.with_name(f".{final.name}{INCOMING_MARK}{uuid.uuid4().hex[:12]}")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except OSError as exc:
+            raise WalArchiveError(f"cannot write to the WAL archive {final.parent}: {exc.strerror}") from None
+        try:
+            os.fchmod(fd, FILE_MODE)  # the server's umask 077 would leave it unreadable to the group
+            with os.fdopen(fd, "wb") as out:
+                digest, size = _compress_into(source, out, level, stat.st_size)
+                out.write(_trailer_bytes(digest, size, stat.st_mtime))
+                out.flush()
+                os.fsync(out.fileno())
+                stored = out.tell()
+            try:
+                os.link(temp, final)  # atomic and never overwrites: a concurrent writer cannot be clobbered
+            except FileExistsError:
+                return self._already_archived(source, name, final)
+            except OSError:
+                if final.exists():
+                    return self._already_archived(source, name, final)
+                os.rename(temp, final)  # filesystems without hard links
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise WalArchiveError(f"archiving {name} into {final.parent} failed: {exc.strerror or exc}") from None
+        finally:
+            try:
+                temp.unlink()
+            except FileNotFoundError:
+                pass
+        return PushResult(name, object_key(name), "archived", size, stored)
+
+    def _already_archived(self, source: Path, name: str, final: Path) -> PushResult:
+        trailer = self.trailer(name)
+        digest, size = file_sha256(source)
+        if digest == trailer.sha256 and size == trailer.size:
+            return PushResult(name, object_key(name), "already-archived", size, final.stat().st_size)
+        raise WalConflict(f"{name} is already in the WAL archive {self.root} with DIFFERENT content "
+                          f"(archived: {trailer.size} bytes, sha256 {trailer.sha256[:16]}…; now: {size} bytes, "
+                          f"sha256 {digest[:16]}…). Two servers may be archiving into the same directory; "
+                          f"the archived copy was left untouched")
+
+    def delete(self, name: str) -> None:
+        try:
+            self.path_for(name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def size_of(self, name: str) -> int:
+        try:
+            return self.path_for(name).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def clear_incoming(self, older_than: float) -> list[str]:
+        """Remove temporary files a killed wal-push left (only ones older than ``older_than``, a unix time)."""
+        removed = []
+        for directory in [*self._segment_dirs(), self.root / HISTORY_DIR]:
+            for entry in _listdir(directory):
+                if INCOMING_MARK in entry:
+                    path = directory / entry
+                    try:
+                        if path.stat().st_mtime < older_than:
+                            path.unlink()
+                            removed.append(entry)
+                    except FileNotFoundError:
+                        continue
+        return removed
+
+
+def _compress_into(source: Path, out: object, level: int, size_hint: int) -> tuple[bytes, int]:
+    params = zstandard.ZstdCompressionParameters.from_level(level, write_checksum=True)
+    compressor = zstandard.ZstdCompressor(compression_params=params).compressobj(size=size_hint)
+    digest = hashlib.sha256()
+    size = 0
+    with open(source, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(compressor.compress(chunk))  # type: ignore[attr-defined]
+    if size != size_hint:
+        raise WalArchiveError(f"{source} changed size while it was being archived ({size_hint} -> {size} bytes)")
+    out.write(compressor.flush())  # type: ignore[attr-defined]
+    return digest.digest(), size
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except PermissionError:
+        raise WalArchiveError(f"permission denied reading the WAL archive directory {path}") from None
