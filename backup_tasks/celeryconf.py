@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 QUEUE = "backups"
 TASK_NAMES = ("backup_tasks.post_close", "backup_tasks.daily", "backup_tasks.dump", "backup_tasks.verify",
-              "backup_tasks.prune", "backup_tasks.health")
+              "backup_tasks.prune", "backup_tasks.health", "backup_tasks.weekly", "backup_tasks.snapshot",
+              "backup_tasks.verify_snapshot", "backup_tasks.pitr_drill", "backup_tasks.restore_point")
 #: Short tasks get short limits; dump and verify get the configured ones.
 SHORT_SOFT_LIMIT = 600
 SHORT_HARD_LIMIT = 660
@@ -70,7 +71,14 @@ def schedule_settings(env: Mapping[str, str] | None = None) -> Settings:
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Entries in the exchange's timezone (``timezone`` below): crontab hours are local to it."""
     daily, health = settings.daily_at, settings.health_at
+    weekday, weekly = settings.weekly_at
     return {
+        "weekly-snapshot": {
+            "task": "backup_tasks.weekly",
+            # crontab counts Sunday as 0, our setting (like datetime.weekday) Monday as 0
+            "schedule": crontab(day_of_week=(weekday + 1) % 7, hour=weekly.hour, minute=weekly.minute),
+            "options": {"queue": QUEUE},
+        },
         "daily-backup": {
             "task": "backup_tasks.daily",
             "schedule": crontab(hour=daily.hour, minute=daily.minute),

@@ -17,15 +17,28 @@ from celery import Task, chain
 from celery.utils import uuid
 
 from . import dump as dumping
-from .alerts import set_tags
+from .alerts import capture_problem, set_tags
 from .celery_app import app
 from .celeryconf import SHORT_HARD_LIMIT, SHORT_SOFT_LIMIT, retry_policy
-from .errors import HealthCheckFailed, VerificationFailed, retryable_errors
+from .errors import (
+    AuthenticationFailed,
+    BackupError,
+    ConfigError,
+    DatabaseMissing,
+    HealthCheckFailed,
+    SourceUnavailable,
+    VerificationFailed,
+    retryable_errors,
+)
 from .health import check_health
 from .locks import claim, release_claim
 from .manifest import Manifest, utcnow
+from .pitr import RestorePoint, create_restore_point, restore_point_for_day
 from .prune import prune as run_prune
 from .settings import Settings
+from .snapshot import take_snapshot
+from .snapshot_verify import pitr_drill as run_pitr_drill
+from .snapshot_verify import verify_snapshot as run_verify_snapshot
 from .verify import verify_backup
 from .workflow import parse_day, session_day
 
@@ -178,13 +191,30 @@ def start_workflow(settings: Settings, day: str, *, requested_by: str | None = N
             return {"status": "skipped", "reason": "already in progress", "trading_day": day,
                     "backup_id": holder.get("backup_id"), "tasks": holder.get("tasks")}
         backup_id, ids = holder["backup_id"], holder["tasks"]  # our own claim: a redelivered message
+    point, point_error = _restore_point(settings, day)
     chain(
         dump.si(trading_day=day, backup_id=backup_id).set(task_id=ids["dump"]),
         verify.s().set(task_id=ids["verify"]),
         prune.si().set(task_id=ids["prune"]),
     ).apply_async()
     log.info("post-close workflow for %s started: %s", day, ids)
-    return {"status": "started", "trading_day": day, "backup_id": backup_id, "tasks": ids}
+    return {"status": "started", "trading_day": day, "backup_id": backup_id, "tasks": ids,
+            "restore_point": point.name if point else None, "restore_point_error": point_error}
+
+
+def _restore_point(settings: Settings, day: str) -> tuple[RestorePoint | None, str | None]:
+    """Mark the end of the trading day in the WAL (None when the server does not archive WAL).
+
+    A failure here must not cost the day its dump, so it is reported and the workflow goes on. When
+    the server cannot be reached at all, the dump fails for the same reason and reports it: one event.
+    """
+    try:
+        return restore_point_for_day(settings, day), None
+    except BackupError as exc:
+        log.warning("no restore point for %s: %s", day, exc)
+        if not isinstance(exc, (SourceUnavailable, AuthenticationFailed, DatabaseMissing, ConfigError)):
+            capture_problem(f"no restore point for trading day {day}: {exc}", backup_kind="restore_point")
+        return None, str(exc)
 
 
 @app.task(name="backup_tasks.post_close", base=BackupTask, bind=True, shared=False,
@@ -201,3 +231,63 @@ def daily(self: BackupTask) -> dict[str, Any]:
     """The beat schedule's daily run: the same workflow, for the most recent closed session."""
     settings = self.settings()
     return start_workflow(settings, session_day(utcnow(), settings), requested_by=self.request.id)
+
+
+# --- weekly: snapshot, its verification, a point-in-time drill, prune ------------------------------
+
+class SnapshotTask(BackupTask):
+    abstract = True
+    backup_kind = "snapshot"
+
+
+@app.task(name="backup_tasks.snapshot", base=SnapshotTask, bind=True, shared=False)
+def snapshot(self: BackupTask) -> dict[str, Any]:
+    manifest = take_snapshot(self.settings(), progress=self.progress)
+    set_tags(backup_id=manifest.id)
+    return {"status": "complete", "backup_id": manifest.id, "path": manifest.path, "size_bytes": manifest.size_bytes,
+            "start_lsn": manifest.start_lsn, "stop_lsn": manifest.stop_lsn}
+
+
+@app.task(name="backup_tasks.verify_snapshot", base=SnapshotTask, bind=True, shared=False)
+def verify_snapshot(self: BackupTask, previous: dict[str, Any] | None = None,
+                    backup_id: str | None = None) -> dict[str, Any]:
+    if isinstance(previous, dict):
+        backup_id = previous.get("backup_id") or backup_id
+    if backup_id:
+        set_tags(backup_id=backup_id)
+    result = run_verify_snapshot(self.settings(), backup_id, progress=self.progress)
+    if not result.ok:
+        raise VerificationFailed(f"snapshot {backup_id or 'newest'} failed verification: " + "; ".join(result.problems))
+    return {"backup_id": backup_id, **result.__dict__}
+
+
+@app.task(name="backup_tasks.pitr_drill", base=SnapshotTask, bind=True, shared=False)
+def pitr_drill(self: BackupTask, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    result = run_pitr_drill(self.settings())
+    if result.snapshot_id:
+        set_tags(backup_id=result.snapshot_id)
+    if not result.ok:
+        raise VerificationFailed(f"point-in-time drill to {result.target_time} failed: " + "; ".join(result.problems))
+    return result.to_dict()
+
+
+@app.task(name="backup_tasks.restore_point", base=SnapshotTask, bind=True, shared=False,
+          soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
+def restore_point(self: BackupTask, name: str, trading_day: str | None = None) -> dict[str, Any]:
+    point = create_restore_point(self.settings(), name, trading_day=parse_day(trading_day) if trading_day else None)
+    return {"name": point.name, "lsn": point.lsn, "created_at": point.created_at}
+
+
+@app.task(name="backup_tasks.weekly", base=SnapshotTask, bind=True, shared=False,
+          soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
+def weekly(self: BackupTask) -> dict[str, Any]:
+    """The beat schedule's weekly run: snapshot -> verify it -> PITR drill -> prune, as four tasks."""
+    self.settings()  # a configuration error fails here, tagged, before anything is queued
+    ids = {"snapshot": uuid(), "verify_snapshot": uuid(), "pitr_drill": uuid(), "prune": uuid()}
+    chain(
+        snapshot.si().set(task_id=ids["snapshot"]),
+        verify_snapshot.s().set(task_id=ids["verify_snapshot"]),
+        pitr_drill.s().set(task_id=ids["pitr_drill"]),
+        prune.si().set(task_id=ids["prune"]),
+    ).apply_async()
+    return {"status": "started", "tasks": ids}

@@ -91,6 +91,22 @@ def test_next_run_time_in_the_configured_timezone(env: dict[str, str], entry: st
 
 
 @pytest.mark.usefixtures("server_in_another_timezone")
+@pytest.mark.parametrize(("env", "now", "last_run_at", "expected"), [
+    # The seed's Sunday 03:00, in IST: Saturday 21:30 UTC (2026-11-27 is a Friday).
+    ({}, utc(2026, 11, 27, 12, 0), utc(2026, 11, 21, 21, 30), utc(2026, 11, 28, 21, 30)),
+    ({}, utc(2026, 11, 28, 21, 31), utc(2026, 11, 28, 21, 30), utc(2026, 12, 5, 21, 30)),
+    # Wednesday 23:45 IST is Wednesday 18:15 UTC.
+    ({"BACKUP_WEEKLY_AT": "wed 23:45"}, utc(2026, 11, 27, 12, 0), utc(2026, 11, 25, 18, 15),
+     utc(2026, 12, 2, 18, 15)),
+])
+def test_weekly_snapshot_runs_on_the_configured_weekday(env: dict[str, str], now: datetime, last_run_at: datetime,
+                                                         expected: datetime) -> None:
+    schedule = schedule_for(env, "weekly-snapshot", now)
+    assert next_run(schedule, last_run_at, now) == expected
+    assert beat_schedule(Settings.from_env(env))["weekly-snapshot"]["task"] == "backup_tasks.weekly"
+
+
+@pytest.mark.usefixtures("server_in_another_timezone")
 def test_a_run_missed_while_beat_was_down_is_due_at_once() -> None:
     now = utc(2026, 11, 30, 6, 0)
     schedule = schedule_for({}, "daily-backup", now)
@@ -102,7 +118,7 @@ def test_a_run_missed_while_beat_was_down_is_due_at_once() -> None:
 
 def test_schedule_entries_route_to_the_backups_queue() -> None:
     entries = beat_schedule(Settings())
-    assert set(entries) == {"daily-backup", "backup-health"}
+    assert set(entries) == {"daily-backup", "weekly-snapshot", "backup-health"}
     for entry in entries.values():
         assert entry["task"] in TASK_NAMES
         assert entry["options"]["queue"] == QUEUE
