@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from .cluster import SERVER_USER, server_uid_gid
-from .errors import BackupError, ConfigError, WalArchiveError
+from .errors import BackupError, ConfigError, IdentityUnusable, WalArchiveError
 from .pg import connect, first_line
 from .servercmd import archive_command, installed_command, restore_command, runnable_by_server, server_can_reach
 from .settings import Settings
@@ -69,7 +69,7 @@ def prepare_archive(settings: Settings) -> tuple[WalArchive, list[str]]:
             raise ConfigError(f"the {SERVER_USER} OS user cannot write the WAL archive {root}: it cannot get past "
                               f"{where}. Choose a WAL_ARCHIVE_DIR it can reach (e.g. /var/lib/backup-tasks/wal) or "
                               f"let it through (chmod o+x on that directory)")
-    return WalArchive(root), notes
+    return WalArchive.for_settings(settings, root), notes
 
 
 def _first_blocked(path: Path) -> Path | None:
@@ -83,9 +83,10 @@ def postgresql_conf_lines(settings: Settings, command: list[str] | None = None,
                           archive_timeout: str = DEFAULT_ARCHIVE_TIMEOUT) -> list[str]:
     """The exact lines for the server's postgresql.conf (archive_mode needs a restart)."""
     command = command or installed_command()
+    push = archive_command(command, settings.wal_archive, settings.copy_to, settings.encrypt_recipients)
     return ["wal_level = replica",
             "archive_mode = on",
-            f"archive_command = '{_conf_escape(archive_command(command, settings.wal_archive))}'",
+            f"archive_command = '{_conf_escape(push)}'",
             f"archive_timeout = {archive_timeout}"
             "    # RPO: a quiet server still ships its newest WAL at least this often"]
 
@@ -120,7 +121,8 @@ def check_archiving(settings: Settings, *, timeout: float = 60.0) -> ArchiveChec
     command = installed_command()
     report = ArchiveCheck(ok=False, archive_dir=str(settings.wal_archive),
                           postgresql_conf=postgresql_conf_lines(settings, command),
-                          restore_command=restore_command(command, settings.wal_archive))
+                          restore_command=restore_command(command, settings.wal_archive,
+                                                          settings.copy_to, settings.decrypt_identity_file))
     archive: WalArchive | None = None
     try:
         archive, report.notes = prepare_archive(settings)
@@ -195,6 +197,12 @@ def _check_server(conn: psycopg.Connection, settings: Settings, report: ArchiveC
     try:
         for _chunk in archive._verified_chunks(segment, hashlib.sha256()):
             pass
+    except IdentityUnusable as exc:
+        if archive.identity_file is None:  # a machine with only the public key: it cannot read WAL back
+            report.notes.append(f"segment {segment} arrived encrypted; not read back (no "
+                                f"BACKUP_DECRYPT_IDENTITY_FILE here)")
+        else:
+            report.problems.append(f"segment {segment} arrived but cannot be decrypted: {exc}")
     except BackupError as exc:
         report.problems.append(f"segment {segment} arrived but does not read back: {exc}")
     report.archiver = _archiver_stats(conn)

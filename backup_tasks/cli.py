@@ -76,9 +76,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
     result = verify_backup(settings, args.backup_id)
     from . import manifest as catalog
-    from .storage import open_storage
+    from .locations import open_locations
 
-    backup_id = args.backup_id or catalog.newest(open_storage(settings.backup_dir)).id
+    backup_id = args.backup_id or catalog.newest(open_locations(settings.backup_dir, settings.copy_to)).id
     document = {"ok": result.ok, "backup_id": backup_id, **asdict(result)}
     if result.ok:
         human = (f"verified {backup_id}: restored in {result.duration_seconds:.1f}s, {result.tables_compared} tables "
@@ -116,17 +116,25 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     from . import manifest as catalog
-    from .storage import open_storage
+    from .locations import listing_by_location, open_locations
 
-    manifests = catalog.catalog(open_storage(settings.backup_dir))
+    storage = open_locations(settings.backup_dir, settings.copy_to)
+    manifests = catalog.catalog(storage)  # each backup once, whichever locations hold it
+    where = listing_by_location(storage) if settings.copy_to else {}
+
+    def locations(m: catalog.Manifest) -> list[str]:
+        return where.get(m.path, []) if settings.copy_to else [storage.location]
+
     lines = [f"{'id':44} {'kind':8} {'finished (UTC)':20} {'size':>10}  verified"]
     for m in manifests:
         verified = "never" if m.verification is None else ("ok " if m.verification.ok else "FAILED ") + \
             m.verification.verified_at
-        lines.append(f"{m.id:44} {m.kind:8} {m.finished_at:20} {_size(m.size_bytes):>10}  {verified}")
+        lines.append(f"{m.id:44} {m.kind:8} {m.finished_at:20} {_size(m.size_bytes):>10}  {verified}"
+                     + (f"  in {', '.join(locations(m)) or 'NO LOCATION'}" if settings.copy_to else ""))
     if not manifests:
         lines = [f"no backups in {settings.backup_dir}"]
-    document: dict[str, Any] = {"backup_dir": settings.backup_dir, "backups": [m.to_dict() for m in manifests]}
+    document: dict[str, Any] = {"backup_dir": settings.backup_dir, "copy_to": settings.copy_to,
+                                "backups": [m.to_dict() | {"locations": locations(m)} for m in manifests]}
     if any(m.kind == "snapshot" for m in manifests):
         from .cli_pitr import snapshot_ranges_document
 

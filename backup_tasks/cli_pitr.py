@@ -36,12 +36,23 @@ def _archive_dir(args: argparse.Namespace, settings: Settings) -> Path:
     return Path(args.archive_dir).absolute() if getattr(args, "archive_dir", None) else settings.wal_archive
 
 
+def _copy_to(args: argparse.Namespace, settings: Settings) -> str | None:
+    """``--copy-to`` (what archive_command passes), else BACKUP_COPY_TO."""
+    return getattr(args, "copy_to", None) or settings.copy_to
+
+
 # --- wal-push / wal-fetch -------------------------------------------------------------------------
 
 def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
     from .wal import WalArchive
 
-    result = WalArchive(_archive_dir(args, settings)).push(Path(args.path), level=args.level)
+    recipients = settings.encrypt_recipients
+    if getattr(args, "encrypt_to", None):
+        from .crypto import parse_recipients
+
+        recipients = parse_recipients(args.encrypt_to, setting="--encrypt-to")
+    archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings), recipients=recipients)
+    result = archive.push(Path(args.path), level=args.level)
     if args.json or args.verbose:
         _emit(args, asdict(result), f"{result.name}: {result.status} ({result.original_bytes} -> "
                                     f"{result.stored_bytes} bytes)")
@@ -52,7 +63,9 @@ def cmd_wal_fetch(args: argparse.Namespace, settings: Settings) -> int:
     from .wal import WalArchive
 
     try:
-        size = WalArchive(_archive_dir(args, settings)).fetch(args.name, Path(args.destination))
+        archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings),
+                             identity_file=getattr(args, "identity_file", None) or settings.decrypt_identity_file)
+        size = archive.fetch(args.name, Path(args.destination))
     except WalMissing as exc:
         # The normal end of the archive: PostgreSQL asks for the next file until this happens.
         if args.json:
@@ -96,6 +109,9 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from .archivecheck import check_archiving
 
     report = check_archiving(settings, timeout=args.timeout)
+    storage_document, storage_lines = storage_and_keys(settings)
+    document = report.to_dict() | storage_document
+    document["ok"] = ok = report.ok and storage_document["storage_ok"] and storage_document["keys"]["ok"]
     lines = [f"WAL archive {report.archive_dir} on {report.server}: "
              + ("archiving works" if report.ok else "ARCHIVING IS NOT WORKING")]
     if report.segment:
@@ -106,8 +122,31 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     lines += [f"  note: {n}" for n in report.notes]
     lines.append("postgresql.conf:")
     lines += [f"  {line}" for line in report.postgresql_conf]
-    _emit(args, report.to_dict(), "\n".join(lines))
-    return 0 if report.ok else 1
+    lines += storage_lines
+    _emit(args, document, "\n".join(lines))
+    return 0 if ok else 1
+
+
+def storage_and_keys(settings: Settings) -> tuple[dict[str, Any], list[str]]:
+    """For ``check``: each storage location reachable and writable? the encryption keys usable?"""
+    from .crypto import key_status
+    from .errors import BackupError
+    from .locations import LocationStatus, open_locations, probe_all
+
+    try:
+        statuses = probe_all(open_locations(settings.backup_dir, settings.copy_to))
+    except BackupError as exc:
+        statuses = [LocationStatus(settings.backup_dir, "primary", False, False, 0.0, str(exc), type(exc).__name__)]
+    keys = key_status(settings.encrypt_recipients, settings.decrypt_identity_file)
+    storage_ok = all(s.reachable and s.writable for s in statuses)
+    lines = ["storage:"]
+    lines += [f"  {s.role} {s.location}: " + ("reachable and writable" if s.reachable and s.writable else
+                                              f"NOT {'WRITABLE' if s.reachable else 'REACHABLE'}: {s.error}")
+              for s in statuses]
+    lines.append("encryption: " + (f"to {', '.join(keys.recipients)}" if keys.encrypting else "off")
+                 + (f"; identity file {keys.identity_file}" if keys.identity_file else ""))
+    lines += [f"  problem: {p}" for p in keys.problems] + [f"  warning: {w}" for w in keys.warnings]
+    return {"storage_ok": storage_ok, "locations": [asdict(s) for s in statuses], "keys": asdict(keys)}, lines
 
 
 def cmd_restore_point(args: argparse.Namespace, settings: Settings) -> int:
@@ -157,20 +196,21 @@ def snapshot_verify_requested(args: argparse.Namespace, settings: Settings) -> b
     if not args.backup_id:
         return False
     from . import manifest as catalog
-    from .storage import open_storage
+    from .locations import open_locations
 
-    storage = open_storage(settings.backup_dir)
+    storage = open_locations(settings.backup_dir, settings.copy_to)
     return storage.exists(catalog.manifest_key(args.backup_id)) and \
         catalog.load(storage, args.backup_id).kind == "snapshot"
 
 
 def cmd_verify_snapshot(args: argparse.Namespace, settings: Settings) -> int:
     from . import manifest as catalog
+    from .locations import open_locations
     from .snapshot_verify import verify_snapshot
-    from .storage import open_storage
 
     result = verify_snapshot(settings, args.backup_id)
-    backup_id = args.backup_id or catalog.newest(open_storage(settings.backup_dir), kind="snapshot").id
+    backup_id = args.backup_id or catalog.newest(open_locations(settings.backup_dir, settings.copy_to),
+                                                 kind="snapshot").id
     document = {"ok": result.ok, "backup_id": backup_id, **asdict(result)}
     if result.ok:
         human = (f"verified snapshot {backup_id}: recovered to the end of the archive "
@@ -185,13 +225,13 @@ def cmd_verify_snapshot(args: argparse.Namespace, settings: Settings) -> int:
 
 def snapshot_ranges_document(settings: Settings) -> list[dict[str, Any]]:
     """For ``list --json``: what each snapshot can restore to right now."""
+    from .locations import open_locations
     from .pitr import snapshot_ranges
-    from .storage import open_storage
     from .wal import WalArchive
 
     try:
-        archive = WalArchive(settings.wal_archive)
-        ranges = snapshot_ranges(open_storage(settings.backup_dir), archive)
+        archive = WalArchive.for_settings(settings)
+        ranges = snapshot_ranges(open_locations(settings.backup_dir, settings.copy_to), archive)
     except Exception:  # listing must not fail because the archive is unreadable
         return []
     return [{"backup_id": r.snapshot.id, "restorable_from": r.restorable_from.isoformat(),
@@ -208,12 +248,17 @@ def register(add: Add) -> None:
                                       "wal-push --archive-dir DIR <path>)")
     p.add_argument("path", help="the file to archive (%%p)")
     p.add_argument("--archive-dir", help="the WAL archive (default: WAL_ARCHIVE_DIR, else BACKUP_DIR/wal)")
+    p.add_argument("--copy-to", help="also write it to COPY_TO/wal (default: BACKUP_COPY_TO)")
+    p.add_argument("--encrypt-to", help="age public keys, comma-separated (default: BACKUP_ENCRYPT_RECIPIENT)")
     p.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
     p = add("wal-fetch", cmd_wal_fetch, "restore one WAL file (PostgreSQL's restore_command: "
                                         "wal-fetch --archive-dir DIR <name> <path>)")
     p.add_argument("name", help="the WAL file name (%%f)")
     p.add_argument("destination", help="where to write it (%%p)")
     p.add_argument("--archive-dir", help="the WAL archive (default: WAL_ARCHIVE_DIR, else BACKUP_DIR/wal)")
+    p.add_argument("--copy-to", help="fall back to COPY_TO/wal when missing or damaged (default: BACKUP_COPY_TO)")
+    p.add_argument("--identity-file", help="age identity file for an encrypted archive "
+                                           "(default: BACKUP_DECRYPT_IDENTITY_FILE)")
     p = add("check", cmd_check, "check that the server archives WAL correctly (forces a segment switch and waits "
                                 "for it); prints the postgresql.conf lines")
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the segment (default 60)")

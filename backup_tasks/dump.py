@@ -9,7 +9,6 @@ exact equality.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import subprocess
@@ -21,12 +20,14 @@ import psycopg
 
 from . import manifest as catalog
 from .codec import CHUNK, SUFFIX, compressor
+from .crypto import EncryptingWriter, encryption_info
 from .errors import AuthenticationFailed, BackupError, DatabaseMissing, DumpFailed, SourceUnavailable
+from .locations import HashingWriter, open_locations
 from .locks import hold
 from .manifest import Manifest, isoformat, utcnow
 from .pg import count_rows, exported_snapshot, find_tool, first_line, server_major, server_version, tool_env
 from .settings import ConnInfo, Settings
-from .storage import open_storage
+from .storage import ObjectWriter
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ def backup_id_for(database: str, kind: str, moment_utc: str) -> str:
     return id_prefix(database, kind) + stamp
 
 
-def dump_key(backup_id: str, compression: str) -> str:
-    return f"{backup_id}.dump{SUFFIX[compression]}"
+def dump_key(backup_id: str, compression: str, *, encrypted: bool = False) -> str:
+    return f"{backup_id}.dump{SUFFIX[compression]}" + (".age" if encrypted else "")
 
 
 def dump_lock_name(conninfo: ConnInfo) -> str:
@@ -104,7 +105,7 @@ def run_dump(settings: Settings, *, trading_day: str | None = None, backup_id: s
 
 
 def existing_for_day(settings: Settings, database: str, trading_day: str) -> Manifest | None:
-    storage = open_storage(settings.backup_dir)
+    storage = open_locations(settings.backup_dir, settings.copy_to)
     for found in reversed(catalog.catalog(storage, kind="dump", database=database)):
         if found.trading_day == trading_day and found.state == "complete":
             return found
@@ -113,13 +114,13 @@ def existing_for_day(settings: Settings, database: str, trading_day: str) -> Man
 
 def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | None, backup_id: str | None,
                  progress: Progress) -> Manifest:
-    storage = open_storage(settings.backup_dir)
+    storage = open_locations(settings.backup_dir, settings.copy_to)
     with exported_snapshot(conninfo) as (conn, snapshot):
         started = utcnow()
         version = server_version(conn)
         pg_dump = find_tool("pg_dump", min_major=server_major(conn), bin_dir=settings.pg_bin_dir)
         backup_id = backup_id or backup_id_for(conninfo.dbname, "dump", isoformat(started))
-        key = dump_key(backup_id, settings.compression)
+        key = dump_key(backup_id, settings.compression, encrypted=bool(settings.encrypt_recipients))
         if storage.exists(catalog.manifest_key(backup_id)):
             raise DumpFailed(f"a backup named {backup_id} already exists; not overwriting it")
         removed = storage.clear_partials(prefix=id_prefix(conninfo.dbname, "dump"))
@@ -147,9 +148,13 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
         stderr_thread = threading.Thread(target=read_stderr, name="pg_dump-stderr", daemon=True)
         stderr_thread.start()
         counting.start()
-        writer = storage.writer(key)
+        # The manifest's size and sha256 describe the object as stored (ciphertext when encrypted),
+        # so damage is found without the key.
+        stored = HashingWriter(storage.writer(key))
+        writer: ObjectWriter = stored
         try:
-            digest = hashlib.sha256()
+            if settings.encrypt_recipients:
+                writer = EncryptingWriter(stored, settings.encrypt_recipients)
             # threads=0: compress inline. A zstd worker thread saves no wall time here (the server
             # backend and pg_dump already keep the other core busy; bench/ measured it) and its job
             # buffers cost 10-50 MiB of memory depending on the level.
@@ -164,12 +169,11 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
                 raw_bytes += len(chunk)
                 out = comp.compress(chunk)
                 if out:
-                    digest.update(out)
                     writer.write(out)
                 if raw_bytes >= next_report:
                     next_report += PROGRESS_EVERY
                     progress("dumping", backup_id=backup_id, bytes_read=raw_bytes,
-                             bytes_written=writer.bytes_written, tables_done=tables_done[0])
+                             bytes_written=stored.bytes_written, tables_done=tables_done[0])
             returncode = proc.wait()
             stderr_thread.join()
             if returncode != 0:
@@ -177,9 +181,8 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
             if not head.startswith(b"PGDMP"):
                 raise DumpFailed(f"pg_dump produced no archive ({raw_bytes} bytes); nothing was kept")
             tail = comp.flush()
-            digest.update(tail)
             writer.write(tail)
-            progress("counting rows", backup_id=backup_id, bytes_written=writer.bytes_written,
+            progress("counting rows", backup_id=backup_id, bytes_written=stored.bytes_written,
                      tables_done=tables_done[0])
             counting.join()
             if counter.error is not None:
@@ -199,9 +202,9 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
     result = Manifest(
         id=backup_id, kind="dump", database=conninfo.dbname, server=conninfo.server_label,
         server_version=version, started_at=isoformat(started), finished_at=isoformat(finished),
-        path=key, size_bytes=writer.bytes_written, sha256=digest.hexdigest(),
+        path=key, size_bytes=stored.bytes_written, sha256=stored.hexdigest(),
         compression=settings.compression, tables=counter.result or {}, trading_day=trading_day,
-        pg_dump_version=str(pg_dump.major),
+        pg_dump_version=str(pg_dump.major), encryption=encryption_info(settings.encrypt_recipients),
     )
     try:
         catalog.save(storage, result)

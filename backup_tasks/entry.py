@@ -1,9 +1,11 @@
 """The lightest way into ``backup-tasks``: PostgreSQL's archive_command and restore_command.
 
 PostgreSQL starts ``backup-tasks wal-push %p`` once per 16 MiB segment, so these two commands, in
-the form the server runs them (``wal-push --archive-dir DIR PATH``, ``wal-fetch --archive-dir DIR
-NAME PATH``), are served here with nothing but the archive module: no argparse, logging, settings,
-Celery, Redis, psycopg or Sentry. Every other command line goes to the full CLI (``cli.main``).
+the form the server runs them (``wal-push --archive-dir DIR [--copy-to URL] [--encrypt-to KEYS] PATH``,
+``wal-fetch --archive-dir DIR [--copy-to URL] [--identity-file FILE] NAME PATH``), are served here
+with nothing but the archive module: no argparse, settings, Celery, Redis, psycopg or Sentry (boto3
+only when the copy is a bucket, pyrage only when the archive is encrypted).
+Every other command line goes to the full CLI (``cli.main``).
 
 Exit codes are the CLI's (0 ok, 1 failed); wal-fetch exits 1 for "not in the archive" (the normal
 end of recovery) and 200 when the archive is damaged or unreadable, which PostgreSQL treats as fatal
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 
 RECOVERY_FATAL = 200
 SERVER_COMMANDS = ("wal-push", "wal-fetch")
+FAST_OPTIONS = ("--copy-to", "--encrypt-to", "--identity-file")
 
 
 def server_command_fast(argv: list[str]) -> int | None:
@@ -24,6 +27,12 @@ def server_command_fast(argv: list[str]) -> int | None:
     if len(argv) < 4 or argv[0] not in SERVER_COMMANDS or argv[1] != "--archive-dir":
         return None
     positional = argv[3:]
+    # BACKUP_COPY_TO, BACKUP_ENCRYPT_RECIPIENT and BACKUP_DECRYPT_IDENTITY_FILE, as archive_command and
+    # restore_command pass them (the server's environment has none of the worker's settings).
+    options: dict[str, str] = {}
+    while len(positional) >= 2 and positional[0] in FAST_OPTIONS and positional[0] not in options:
+        options[positional[0]] = positional[1]
+        positional = positional[2:]
     if any(a.startswith("-") for a in positional) or len(positional) != (1 if argv[0] == "wal-push" else 2):
         return None
     from pathlib import Path
@@ -31,7 +40,17 @@ def server_command_fast(argv: list[str]) -> int | None:
     from .errors import BackupError, WalMissing
     from .wal import WalArchive
 
-    archive = WalArchive(Path(argv[2]).absolute())
+    recipients: tuple[str, ...] = ()
+    try:
+        if options.get("--encrypt-to"):
+            from .crypto import parse_recipients
+
+            recipients = parse_recipients(options["--encrypt-to"], setting="--encrypt-to")
+    except BackupError as exc:
+        print(f"backup-tasks {argv[0]}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    archive = WalArchive(Path(argv[2]).absolute(), options.get("--copy-to"), recipients=recipients,
+                         identity_file=options.get("--identity-file"))
     if argv[0] == "wal-push":
         try:
             archive.push(Path(positional[0]))

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from . import manifest as catalog
+from .locations import open_locations
 from .manifest import Manifest, utcnow
 from .settings import Settings
-from .storage import StorageError, open_storage
+from .storage import StorageError
 
 #: A dump this young may still be in its verify step: not yet a problem.
 VERIFY_GRACE = timedelta(hours=2)
@@ -53,7 +54,7 @@ def assess(manifests: list[Manifest], stored_sizes: dict[str, int | None], now: 
 
 
 def check_health(settings: Settings, *, now: datetime | None = None) -> HealthReport:
-    storage = open_storage(settings.backup_dir)
+    storage = open_locations(settings.backup_dir, settings.copy_to)
     database = settings.source().dbname if settings.database_url else None
     manifests = catalog.catalog(storage, kind="dump", database=database)
     sizes: dict[str, int | None] = {}

@@ -37,15 +37,17 @@ from .errors import (
     ConfigError,
     RestoreFailed,
     RestoreRefused,
+    StorageError,
     TargetOutOfRange,
     WalArchiveError,
 )
+from .locations import members, open_locations
 from .manifest import Manifest, utcnow
 from .pg import connect, find_tool, first_line
 from .servercmd import conf_quote, restore_command, server_can_reach, server_command
 from .settings import Settings
 from .snapshot import is_restorable, snapshot_files
-from .storage import Storage, open_storage
+from .storage import Storage
 from .wal import WalArchive, position, segment_number, timeline_of
 from .walcoverage import Coverage, RestorePoint, coverage, restore_points, save_restore_point
 
@@ -169,8 +171,8 @@ def describe_ranges(ranges: list[SnapshotRange]) -> str:
 
 def plan_restore(settings: Settings, target: RecoveryTarget, *, storage: Storage | None = None,
                  archive: WalArchive | None = None) -> RestorePlan:
-    storage = storage or open_storage(settings.backup_dir)
-    archive = archive or WalArchive(settings.wal_archive)
+    storage = storage or open_locations(settings.backup_dir, settings.copy_to)
+    archive = archive or WalArchive.for_settings(settings)
     ranges = snapshot_ranges(storage, archive)
     if not ranges:
         raise BackupNotFound(f"no complete snapshot in {storage.location}; take one with `backup-tasks snapshot`")
@@ -384,7 +386,7 @@ def write_recovery_config(data_dir: Path, *, restore_cmd: str, plan: RestorePlan
 def wal_fetch_command(settings: Settings, archive: WalArchive) -> str:
     """restore_command for a server run by the server user: this install, else a portable copy in the archive."""
     command = server_command(archive.root / TOOL_DIR)
-    return restore_command(command, archive.root)
+    return restore_command(command, archive.root, settings.copy_to, settings.decrypt_identity_file)
 
 
 # --- running recovery -----------------------------------------------------------------------------
@@ -524,8 +526,8 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
     check_empty_target(data_dir)
     if action not in ACTIONS:
         raise ConfigError(f"--target-action must be one of {', '.join(ACTIONS)}")
-    storage = open_storage(settings.backup_dir)
-    archive = WalArchive(settings.wal_archive)
+    storage = open_locations(settings.backup_dir, settings.copy_to)
+    archive = WalArchive.for_settings(settings)
     plan = plan_restore(settings, target, storage=storage, archive=archive)
     ids = server_uid_gid()
     if ids is not None and start and not server_can_reach(data_dir.parent):
@@ -534,7 +536,7 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
     restore_cmd = wal_fetch_command(settings, archive)
     created = not data_dir.exists()
     try:
-        unpack_snapshot(storage, plan.snapshot, data_dir)
+        unpack_with_fallback(storage, plan.snapshot, data_dir)
         notes = plan.notes + restore_config_files(storage, plan.snapshot, data_dir)
         values = write_recovery_config(data_dir, restore_cmd=restore_cmd, plan=plan, action=action,
                                        keep_archiving=keep_archiving)
@@ -571,6 +573,21 @@ def _start_server(bin_dir: Path, data_dir: Path, port: int, log_file: Path) -> N
         raise RestoreFailed(f"could not start the restored server: {first_line(result.stderr or result.stdout)}")
 
 
+def unpack_with_fallback(storage: Storage, snapshot: Manifest, data_dir: Path) -> None:
+    """Unpack from BACKUP_DIR; when an object is missing or damaged there, start again from BACKUP_COPY_TO."""
+    locations = members(storage)
+    for number, location in enumerate(locations):
+        try:
+            unpack_snapshot(location, snapshot, data_dir)
+            return
+        except (BackupCorrupt, StorageError) as exc:
+            if number == len(locations) - 1:
+                raise
+            log.warning("snapshot %s cannot be unpacked from %s (%s); starting again from %s", snapshot.id,
+                        location.location, exc, locations[number + 1].location)
+            _empty(data_dir, remove=False)
+
+
 def _empty(data_dir: Path, *, remove: bool) -> None:
     """Undo a failed unpack: nothing half-restored stays behind."""
     if remove:
@@ -591,7 +608,7 @@ def create_restore_point(settings: Settings, name: str, *, trading_day: str | No
     point reaches the archive now rather than at the next archive_timeout."""
     if not name or len(name.encode()) > 63:
         raise ConfigError(f"a restore point name must be 1 to 63 bytes long, got {name!r}")
-    archive = WalArchive(settings.wal_archive)
+    archive = WalArchive.for_settings(settings)
     with connect(settings.source()) as conn:
         if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
             raise RestoreRefused("the server is a standby: create restore points on the primary")

@@ -8,11 +8,11 @@ from datetime import datetime
 
 from . import manifest as catalog
 from .errors import ConfigError
+from .locations import open_locations
 from .locks import hold
 from .manifest import Manifest, utcnow
 from .retention import Decision, RetentionPolicy, plan, wal_expiry
 from .settings import Settings
-from .storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class PruneReport:
 
 
 def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = None) -> PruneReport:
-    storage = open_storage(settings.backup_dir)
+    storage = open_locations(settings.backup_dir, settings.copy_to)  # deletes from both
     with hold(settings, "prune", what="a prune of this backup directory"):
         manifests = catalog.catalog(storage)
         policy = RetentionPolicy(keep_daily_days=settings.keep_daily_days, keep_weekly=settings.keep_weekly)
@@ -64,7 +64,7 @@ def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: Prune
     from .walcoverage import delete_restore_point, restore_points
 
     try:
-        archive = WalArchive(settings.wal_archive)
+        archive = WalArchive(settings.wal_archive, settings.copy_to)  # expires WAL in both
     except ConfigError as exc:
         report.wal_reason = f"WAL archive not pruned: {exc}"
         return

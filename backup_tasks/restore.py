@@ -6,14 +6,15 @@ restored database is compared with the manifest's row counts afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import threading
 from dataclasses import dataclass, field
 
 from . import manifest as catalog
-from .codec import CHUNK, decompressed_chunks
+from .codec import decompressed_chunks
+from .crypto import Identities, check_identity, load_identities, manifest_recipients, open_decrypted
 from .errors import BackupCorrupt, BackupError, ConfigError, RestoreFailed, RestoreRefused
+from .locations import first_good, open_locations
 from .manifest import Manifest
 from .pg import (
     connect,
@@ -27,33 +28,46 @@ from .pg import (
     tool_env,
 )
 from .settings import ConnInfo, Settings
-from .storage import Storage, open_storage
+from .storage import Storage
 
 
-def check_checksum(storage: Storage, manifest: Manifest) -> None:
-    """Stream the stored object through sha256; raise ``BackupCorrupt`` saying what differs."""
-    digest = hashlib.sha256()
-    size = 0
-    with storage.open(manifest.path) as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    if size != manifest.size_bytes:
-        raise BackupCorrupt(f"{manifest.path} is {size} bytes but its manifest says {manifest.size_bytes}: "
-                            f"the file was truncated or overwritten")
-    if digest.hexdigest() != manifest.sha256:
-        raise BackupCorrupt(f"{manifest.path} fails its checksum (sha256 {digest.hexdigest()[:16]}… instead of "
-                            f"{manifest.sha256[:16]}…): the file is damaged")
+def check_checksum(storage: Storage, manifest: Manifest) -> Storage:
+    """Check the stored object against its manifest's size and sha256 in each location, primary first.
+
+    Returns the first location holding a good copy (restore reads from that one only); raises
+    ``BackupCorrupt`` saying what differs where, or ``ObjectMissing`` when no location has it.
+    """
+    good, _checks = first_good(storage, manifest.path, size=manifest.size_bytes, sha256=manifest.sha256)
+    return good
+
+
+def identities_for(settings: Settings, manifest: Manifest) -> Identities | None:
+    """The identity file's keys when ``manifest`` is encrypted (``IdentityUnusable`` when unusable), else None."""
+    if not manifest.encryption:
+        return None
+    manifest_recipients(manifest.encryption)  # an unknown format is refused here, not half-way through
+    return load_identities(settings.decrypt_identity_file, needed_for=f"backup {manifest.id}")
+
+
+def check_decryptable(storage: Storage, manifest: Manifest, identities: Identities | None) -> None:
+    """Fail before the target is touched when the identity cannot open the backup (reads its first chunk)."""
+    if identities is None:
+        return
+    check_identity(storage.open(manifest.path), identities, what=f"backup {manifest.id}",
+                   recipients=manifest_recipients(manifest.encryption))
 
 
 def pg_restore_into(storage: Storage, manifest: Manifest, target: ConnInfo, *, min_major: int,
-                    settings: Settings, extra_args: tuple[str, ...] = ()) -> None:
+                    settings: Settings, extra_args: tuple[str, ...] = (),
+                    identities: Identities | None = None) -> None:
     """Feed the decompressed archive to ``pg_restore`` on stdin, in one transaction, stop on the first error.
 
     One transaction means a failed restore leaves the target as it was, and lets a server with
     ``wal_level=minimal`` skip WAL for the tables it creates (the throwaway cluster's speed-up).
     """
     pg_restore = find_tool("pg_restore", min_major=min_major, bin_dir=settings.pg_bin_dir)
+    if manifest.encryption and identities is None:
+        identities = identities_for(settings, manifest)
     argv = [str(pg_restore.path), "--exit-on-error", "--single-transaction", "--no-password",
             "-d", target.dbname, *extra_args]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -71,7 +85,11 @@ def pg_restore_into(storage: Storage, manifest: Manifest, target: ConnInfo, *, m
     feed_error: BaseException | None = None
     try:
         assert proc.stdin is not None
-        with storage.open(manifest.path) as source:
+        source = storage.open(manifest.path)
+        if identities is not None:  # decrypt, then decompress: age authenticates every 64 KiB chunk
+            source = open_decrypted(source, identities, what=f"backup {manifest.id}",
+                                    recipients=manifest_recipients(manifest.encryption))
+        with source:
             for chunk in decompressed_chunks(source, manifest.compression, what=manifest.path):
                 proc.stdin.write(chunk)
         proc.stdin.close()
@@ -121,7 +139,7 @@ def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *
     if not url:
         raise ConfigError("no restore target: pass --target-database-url or set RESTORE_DATABASE_URL")
     target = ConnInfo.from_url(url, setting="the restore target URL")
-    storage = open_storage(settings.backup_dir)
+    storage = open_locations(settings.backup_dir, settings.copy_to)
     manifest = catalog.load(storage, backup_id)
     if manifest.kind != "dump":
         raise ConfigError(f"{backup_id} is a {manifest.kind}, not a dump; use restore-pitr for snapshots")
@@ -130,7 +148,9 @@ def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *
         if (source.server_label, source.dbname) == (target.server_label, target.dbname) and not replace:
             raise RestoreRefused(f"the target {target.redacted()} is the database being backed up; "
                                  f"pass --replace if you really mean to overwrite it")
-    check_checksum(storage, manifest)
+    identities = identities_for(settings, manifest)
+    storage = check_checksum(storage, manifest)  # the first location with a good copy
+    check_decryptable(storage, manifest, identities)
     maintenance = target.with_dbname("postgres")
     replaced = False
     with connect(maintenance) as admin:
@@ -149,7 +169,8 @@ def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *
             create_database(admin, target.dbname)
     extra = ("--no-owner", "--no-privileges") if no_owner else ()
     try:
-        pg_restore_into(storage, manifest, target, min_major=major, settings=settings, extra_args=extra)
+        pg_restore_into(storage, manifest, target, min_major=major, settings=settings, extra_args=extra,
+                        identities=identities)
     except BackupError:
         raise
     except OSError as exc:

@@ -97,14 +97,32 @@ def server_command(workdir: Path | None = None) -> list[str]:
     return portable_tool(workdir)
 
 
-def archive_command(command: list[str], archive_dir: Path) -> str:
-    """The ``archive_command`` value: self-contained, absolute, quoted for the shell PostgreSQL uses."""
-    return " ".join([*map(shlex.quote, command), "wal-push", "--archive-dir", shlex.quote(str(archive_dir)), "%p"])
+def _option_args(copy_to: str | None, recipients: tuple[str, ...] = (), identity_file: object = None) -> list[str]:
+    args = ["--copy-to", shlex.quote(copy_to)] if copy_to else []
+    if recipients:
+        args += ["--encrypt-to", shlex.quote(",".join(recipients))]
+    if identity_file:
+        args += ["--identity-file", shlex.quote(str(identity_file))]
+    return args
 
 
-def restore_command(command: list[str], archive_dir: Path) -> str:
+def archive_command(command: list[str], archive_dir: Path, copy_to: str | None = None,
+                    recipients: tuple[str, ...] = ()) -> str:
+    """The ``archive_command`` value: self-contained, absolute, quoted for the shell PostgreSQL uses.
+
+    With ``copy_to`` (BACKUP_COPY_TO) every segment also goes to ``<copy_to>/wal``; the server's OS
+    user then needs credentials for it (for a bucket: the standard AWS variables or ~/.aws of that user).
+    With ``recipients`` (BACKUP_ENCRYPT_RECIPIENT, public keys only) every segment is age-encrypted.
+    """
+    return " ".join([*map(shlex.quote, command), "wal-push", "--archive-dir", shlex.quote(str(archive_dir)),
+                     *_option_args(copy_to, recipients), "%p"])
+
+
+def restore_command(command: list[str], archive_dir: Path, copy_to: str | None = None,
+                    identity_file: object = None) -> str:
+    """``restore_command``; with an encrypted archive the server's OS user must be able to read ``identity_file``."""
     return " ".join([*map(shlex.quote, command), "wal-fetch", "--archive-dir", shlex.quote(str(archive_dir)),
-                     "%f", "%p"])
+                     *_option_args(copy_to, identity_file=identity_file), "%f", "%p"])
 
 
 def conf_quote(value: str) -> str:

@@ -32,11 +32,12 @@ from . import manifest as catalog
 from .codec import CHUNK
 from .dump import Progress, backup_id_for, no_progress
 from .errors import AuthenticationFailed, BackupError, SnapshotFailed, SourceUnavailable
+from .locations import open_locations
 from .locks import hold
 from .manifest import Manifest, isoformat, utcnow
 from .pg import connect, find_tool, first_line, server_major, server_version, tool_env
 from .settings import ConnInfo, Settings
-from .storage import ObjectWriter, Storage, open_storage
+from .storage import ObjectWriter, Storage
 from .wal import parse_lsn, segment_of_lsn
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def take_snapshot(settings: Settings, *, backup_id: str | None = None, progress:
 
 def _snapshot_locked(settings: Settings, conninfo: ConnInfo, *, backup_id: str | None,
                      progress: Progress) -> Manifest:
-    storage = open_storage(settings.backup_dir)
+    storage = open_locations(settings.backup_dir, settings.copy_to)
     with connect(conninfo) as conn:
         facts = inspect_source(conn)
     started = utcnow()

@@ -34,6 +34,7 @@ from .archivecheck import prepare_archive
 from .cluster import ThrowawayCluster
 from .dump import Progress, no_progress
 from .errors import BackupCorrupt, BackupError, BackupNotFound, ClusterError, RestoreFailed
+from .locations import open_locations
 from .manifest import Manifest, Verification, isoformat, utcnow
 from .pg import amcheck_indexes, connect, count_rows, find_tool, first_line, server_version
 from .pitr import (
@@ -54,7 +55,7 @@ from .pitr import (
 from .restore import compare_counts
 from .settings import ConnInfo, Settings
 from .snapshot import is_restorable, snapshot_files
-from .storage import Storage, open_storage
+from .storage import Storage
 from .wal import WalArchive, parse_lsn, position, segment_of_lsn
 from .walcoverage import RestorePoint, restore_points
 
@@ -171,7 +172,7 @@ def _restore_point_dump(storage: Storage, archive: WalArchive, snapshot: Manifes
 def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
                     progress: Progress = no_progress) -> Verification:
     """Verify one snapshot (the newest when ``backup_id`` is None); record and return the outcome."""
-    storage = open_storage(settings.backup_dir)
+    storage = open_locations(settings.backup_dir, settings.copy_to)
     archive: WalArchive | None
     try:
         archive, _notes = prepare_archive(settings)
@@ -323,7 +324,7 @@ class DrillResult:
 
 def pitr_drill(settings: Settings, *, seed: int | None = None, target: datetime | None = None) -> DrillResult:
     """Restore to a random moment in the covered range into a throwaway cluster and prove it opens there."""
-    storage = open_storage(settings.backup_dir)
+    storage = open_locations(settings.backup_dir, settings.copy_to)
     archive, _notes = prepare_archive(settings)
     ranges = snapshot_ranges(storage, archive)
     moment = target or random_moment(ranges, random.Random(seed))

@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from . import manifest as catalog
 from .cluster import ThrowawayCluster
 from .dump import Progress, no_progress
-from .errors import BackupCorrupt, RestoreFailed
+from .errors import BackupCorrupt, RestoreFailed, StorageError
+from .locations import check_locations, members, open_locations, summarize
 from .manifest import Manifest, Verification, isoformat, utcnow
 from .pg import amcheck_indexes, connect, count_rows, create_database, drop_database, server_version
-from .restore import check_checksum, compare_counts, pg_restore_into
+from .restore import check_decryptable, compare_counts, identities_for, pg_restore_into
 from .settings import ConnInfo, Settings
-from .storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,10 @@ def server_major_of(manifest: Manifest) -> int:
 def verify_backup(settings: Settings, backup_id: str | None = None, *,
                   progress: Progress = no_progress) -> Verification:
     """Verify one dump (the newest when ``backup_id`` is None); record and return the outcome."""
-    storage = open_storage(settings.backup_dir)
+    storage = open_locations(settings.backup_dir, settings.copy_to)
     manifest = catalog.load(storage, backup_id) if backup_id else catalog.newest(storage, kind="dump")
+    # A missing or unusable identity is the verifier's problem, not the backup's: it propagates.
+    identities = identities_for(settings, manifest)
     started = time.monotonic()
     checked: list[str] = []
     problems: list[str] = []
@@ -61,12 +63,22 @@ def verify_backup(settings: Settings, backup_id: str | None = None, *,
     restored_version: str | None = None
     try:
         progress("checksum", backup_id=manifest.id)
-        check_checksum(storage, manifest)
+        # Every location (BACKUP_DIR and BACKUP_COPY_TO): any missing or damaged copy fails verify,
+        # and the message says which location is still good; the restore uses the first good one.
+        checks = check_locations(storage, manifest.path, size=manifest.size_bytes, sha256=manifest.sha256)
+        if not any(c.ok for c in checks) and all(c.state == "unreadable" for c in checks):
+            raise StorageError(summarize(checks))  # no location answers: nothing to judge
+        good = next((m for m, c in zip(members(storage), checks, strict=True) if c.ok), None)
+        if good is None:
+            raise BackupCorrupt(summarize(checks))
+        if not all(c.ok for c in checks):
+            problems.append(summarize(checks))
         checked.append("sha256")
+        check_decryptable(good, manifest, identities)
         progress("restoring", backup_id=manifest.id)
         with scratch_database(settings, server_major_of(manifest)) as target:
-            pg_restore_into(storage, manifest, target, min_major=server_major_of(manifest), settings=settings,
-                            extra_args=("--no-owner", "--no-privileges"))
+            pg_restore_into(good, manifest, target, min_major=server_major_of(manifest), settings=settings,
+                            extra_args=("--no-owner", "--no-privileges"), identities=identities)
             checked.append("restore")
             progress("comparing", backup_id=manifest.id)
             with connect(target) as conn:
@@ -89,6 +101,9 @@ def verify_backup(settings: Settings, backup_id: str | None = None, *,
         method=method, checked=checked, tables_compared=tables_compared, indexes_checked=indexes_checked,
         problems=problems, server_version=restored_version,
     )
-    catalog.record_verification(storage, manifest.id, result)
+    try:
+        catalog.record_verification(storage, manifest.id, result)
+    except StorageError as exc:  # a location that cannot take the record must not hide the verdict
+        log.warning("could not record the verification of %s: %s", manifest.id, exc)
     log.info("verification of %s: %s", manifest.id, "ok" if result.ok else "; ".join(problems))
     return result

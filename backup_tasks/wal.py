@@ -24,6 +24,8 @@ the server runs its children with umask 077.
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import os
 import re
 import struct
@@ -31,19 +33,29 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import zstandard
 
-from .errors import WalArchiveError, WalConflict, WalCorrupt, WalGap, WalMissing
+from .errors import BackupError, WalArchiveError, WalConflict, WalCorrupt, WalGap, WalMissing
+
+if TYPE_CHECKING:
+    from .storage import Storage
+
+log = logging.getLogger(__name__)
 
 DIR_MODE = 0o2770
 FILE_MODE = 0o640
 CHUNK = 1 << 20
 DEFAULT_LEVEL = 1  # WAL compresses as well at level 1 as at 3, twice as fast (measured on trading WAL)
 SUFFIX = ".zst"
+#: The first line of an age-encrypted file (as ``crypto.AGE_MAGIC``; not imported, to keep this module light).
+AGE_MAGIC = b"age-encryption.org/v1\n"
 HISTORY_DIR = "history"
 RESTORE_POINT_DIR = "restore_points"
 INCOMING_MARK = ".incoming-"
+#: Where the WAL archive lives under BACKUP_COPY_TO (as under BACKUP_DIR by default).
+COPY_SUBDIR = "wal"
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
@@ -170,8 +182,52 @@ def file_sha256(path: Path) -> tuple[str, int]:
 class WalArchive:
     """A WAL archive in a local (or mounted) directory."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, copy_to: str | None = None, *, recipients: tuple[str, ...] = (),
+                 identity_file: str | Path | None = None) -> None:
         self.root = Path(root)
+        #: BACKUP_ENCRYPT_RECIPIENT: pushed files are age-encrypted to these public keys (see ``push``).
+        self.recipients = tuple(recipients)
+        #: BACKUP_DECRYPT_IDENTITY_FILE: read only when an encrypted file is read back.
+        self.identity_file = identity_file
+        #: BACKUP_COPY_TO: every archived file is also written to ``<copy_to>/wal/<same key>``, and
+        #: fetch falls back to it when a file is missing or damaged here.
+        self.copy_to = copy_to.strip() if copy_to and copy_to.strip() else None
+        self._copy: Storage | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Any, root: Path | None = None) -> WalArchive:
+        """The archive of ``Settings``: its directory, BACKUP_COPY_TO, encryption recipients and identity file."""
+        return cls(root or settings.wal_archive, settings.copy_to, recipients=settings.encrypt_recipients,
+                   identity_file=settings.decrypt_identity_file)
+
+    def _decrypted(self, fh: BinaryIO, total: int, name: str) -> BinaryIO:
+        """The zstd frame inside an age-encrypted archived file (small: one WAL file, decrypted in memory)."""
+        import pyrage
+
+        from .crypto import load_identities
+
+        identities = load_identities(self.identity_file, needed_for=f"the archived WAL file {name}")
+        fh.seek(0)
+        try:
+            return io.BytesIO(pyrage.decrypt(fh.read(total - TRAILER_SIZE), list(identities.keys)))
+        except pyrage.DecryptError as exc:
+            if "No matching keys" in str(exc):
+                from .errors import IdentityUnusable
+
+                raise IdentityUnusable(f"archived {name} is encrypted, and none of the keys in {identities.path} "
+                                       f"(public: {', '.join(identities.public_keys)}) can decrypt it: wrong "
+                                       f"identity file") from None
+            raise WalCorrupt(f"archived {name} is damaged: age authentication failed ({exc})") from None
+
+    def copy_storage(self) -> Storage | None:
+        """The copy location of this archive (``<BACKUP_COPY_TO>/wal``), or None; boto3 only for a bucket."""
+        if self.copy_to is None:
+            return None
+        if self._copy is None:
+            from .storage import open_storage
+
+            self._copy = open_storage(f"{self.copy_to.rstrip('/')}/{COPY_SUBDIR}", setting="BACKUP_COPY_TO")
+        return self._copy
 
     def __repr__(self) -> str:
         return f"WalArchive({str(self.root)!r})"
@@ -283,21 +339,27 @@ class WalArchive:
         except OSError as exc:
             raise WalArchiveError(f"cannot read {path}: {exc.strerror}") from None
         with fh:
-            total = os.fstat(fh.fileno()).st_size
-            if total < TRAILER_SIZE:
-                raise WalCorrupt(f"archived {name} is damaged: only {total} bytes")
-            fh.seek(total - TRAILER_SIZE)
-            trailer = _parse_trailer(fh.read(TRAILER_SIZE), f"archived {name}")
-            fh.seek(0)
-            size = 0
-            try:
-                reader = zstandard.ZstdDecompressor().stream_reader(fh, read_size=CHUNK, read_across_frames=False)
-                while chunk := reader.read(CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    yield chunk
-            except zstandard.ZstdError as exc:
-                raise WalCorrupt(f"archived {name} is damaged: {exc}") from None
+            yield from self._verified_stream(fh, os.fstat(fh.fileno()).st_size, name, digest)
+
+    def _verified_stream(self, fh: BinaryIO, total: int, name: str, digest: hashlib._Hash) -> Iterator[bytes]:
+        """Decompressed content of one archived object read from ``fh`` (``total`` bytes), checked by its trailer."""
+        if total < TRAILER_SIZE:
+            raise WalCorrupt(f"archived {name} is damaged: only {total} bytes")
+        fh.seek(total - TRAILER_SIZE)
+        trailer = _parse_trailer(fh.read(TRAILER_SIZE), f"archived {name}")
+        fh.seek(0)
+        if fh.read(len(AGE_MAGIC)) == AGE_MAGIC:
+            fh = self._decrypted(fh, total, name)
+        fh.seek(0)
+        size = 0
+        try:
+            reader = zstandard.ZstdDecompressor().stream_reader(fh, read_size=CHUNK, read_across_frames=False)
+            while chunk := reader.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                yield chunk
+        except zstandard.ZstdError as exc:
+            raise WalCorrupt(f"archived {name} is damaged: {exc}") from None
         if size != trailer.size or digest.hexdigest() != trailer.sha256:
             raise WalCorrupt(f"archived {name} is damaged: it decompresses to {size} bytes with sha256 "
                              f"{digest.hexdigest()[:16]}…, but was archived as {trailer.size} bytes with sha256 "
@@ -312,14 +374,52 @@ class WalArchive:
         segments exist, ``WalCorrupt`` when it fails its checksum: nothing is left at ``destination``.
         """
         kind_of(name)
+        try:
+            return self._fetch_local(name, destination)
+        except (WalArchiveError, WalCorrupt) as local_error:
+            copy = self.copy_storage()
+            if copy is None:
+                raise
+            return self._fetch_copy(copy, name, destination, local_error)
+
+    def _fetch_copy(self, copy: Storage, name: str, destination: Path, local_error: BackupError) -> int:
+        """BACKUP_COPY_TO's copy of ``name``, checked by its own trailer; the local error when the copy lacks it."""
+        key = object_key(name)
+        try:
+            data = copy.read_bytes(key)
+        except Exception as exc:  # a StorageError, or an OSError such as a copy this user cannot enter
+            try:
+                missing = not copy.exists(key)
+            except Exception:
+                missing = False
+            if missing:
+                raise local_error from None
+            if isinstance(local_error, WalMissing):
+                # PostgreSQL asks for files that never existed (the next timeline's history): an unreachable
+                # copy must not turn that normal answer into a fatal one. Said loudly, in the server log.
+                log.warning("%s is not in the local WAL archive, and the copy in %s cannot be read to make sure: "
+                            "%s", name, copy.location, exc)
+                raise local_error from None
+            raise WalArchiveError(f"{local_error}; the copy in {copy.location} cannot be read either: {exc}") from None
+        log.warning("%s; restoring %s from the copy in %s", local_error, name, copy.location)
+        try:
+            return self._write_atomically(
+                name, destination, self._verified_stream(io.BytesIO(data), len(data), name, hashlib.sha256()))
+        except WalCorrupt as exc:
+            raise WalCorrupt(f"{local_error}; and the copy in {copy.location} is damaged too: {exc}") from None
+
+    def _fetch_local(self, name: str, destination: Path) -> int:
         if not self.root.is_dir():
             # Not "this file is not archived": the archive itself is gone (unmounted, wrong path).
             raise WalArchiveError(f"the WAL archive directory {self.root} does not exist or cannot be entered")
+        return self._write_atomically(name, destination, self._verified_chunks(name, hashlib.sha256()))
+
+    def _write_atomically(self, name: str, destination: Path, chunks: Iterator[bytes]) -> int:
         temp = destination.with_name(f".{destination.name}.fetch-{uuid.uuid4().hex[:12]}")
         size = 0
         try:
             with open(temp, "wb") as out:
-                for chunk in self._verified_chunks(name, hashlib.sha256()):
+                for chunk in chunks:
                     out.write(chunk)
                     size += len(chunk)
             os.replace(temp, destination)
@@ -342,6 +442,39 @@ class WalArchive:
         archived with the same content succeeds again (PostgreSQL retries after crashes); with different
         content it raises ``WalConflict`` and the archived copy stays untouched.
         """
+        result = self._push_local(source, level=level)
+        self._push_copy(result.name)
+        return result
+
+    def _push_copy(self, name: str) -> None:
+        """Put the archived object, byte for byte, into BACKUP_COPY_TO (success only once it is there too).
+
+        Already there with the same content (trailer: size and sha256 of the original): nothing to do,
+        as for a repeated push; different content is a ``WalConflict``, as locally.
+        """
+        copy = self.copy_storage()
+        if copy is None:
+            return
+        key = object_key(name)
+        data = self.path_for(name).read_bytes()
+        if copy.exists(key):
+            existing = copy.read_bytes(key)
+            if existing[-TRAILER_SIZE:] == data[-TRAILER_SIZE:]:
+                return
+            if len(existing) >= TRAILER_SIZE:
+                try:
+                    _parse_trailer(existing[-TRAILER_SIZE:], f"{name} in {copy.location}")
+                except WalCorrupt:
+                    copy.put_bytes(key, data)  # a damaged copy is replaced by the good local object
+                    return
+            else:
+                copy.put_bytes(key, data)
+                return
+            raise WalConflict(f"{name} is already in the WAL copy {copy.location} with DIFFERENT content; the "
+                              f"copy was left untouched")
+        copy.put_bytes(key, data)
+
+    def _push_local(self, source: Path, *, level: int = DEFAULT_LEVEL) -> PushResult:
         name = source.name
         kind_of(name)
         final = self.path_for(name)
@@ -360,7 +493,10 @@ class WalArchive:
         try:
             os.fchmod(fd, FILE_MODE)  # the server's umask 077 would leave it unreadable to the group
             with os.fdopen(fd, "wb") as out:
-                digest, size = _compress_into(source, out, level, stat.st_size)
+                if self.recipients:
+                    digest, size = _compress_encrypted_into(source, out, level, stat.st_size, self.recipients)
+                else:
+                    digest, size = _compress_into(source, out, level, stat.st_size)
                 out.write(_trailer_bytes(digest, size, stat.st_mtime))
                 out.flush()
                 os.fsync(out.fileno())
@@ -394,10 +530,14 @@ class WalArchive:
                           f"the archived copy was left untouched")
 
     def delete(self, name: str) -> None:
+        """Remove ``name`` here and from the copy (WAL expiry)."""
         try:
             self.path_for(name).unlink()
         except FileNotFoundError:
             pass
+        copy = self.copy_storage()
+        if copy is not None:
+            copy.delete(object_key(name))
 
     def size_of(self, name: str) -> int:
         try:
@@ -435,6 +575,23 @@ def _compress_into(source: Path, out: object, level: int, size_hint: int) -> tup
         raise WalArchiveError(f"{source} changed size while it was being archived ({size_hint} -> {size} bytes)")
     out.write(compressor.flush())  # type: ignore[attr-defined]
     return digest.digest(), size
+
+
+def _compress_encrypted_into(source: Path, out: object, level: int, size_hint: int,
+                             recipients: tuple[str, ...]) -> tuple[bytes, int]:
+    """age(zstd frame): one WAL file is compressed in memory, then encrypted in one call.
+
+    The trailer after it stays readable without the key (size and sha256 of the original, completion
+    time): a repeated push is recognized, and PITR coverage is computed, by a machine holding only the
+    public key.
+    """
+    import pyrage
+    from pyrage import x25519
+
+    buffer = io.BytesIO()
+    digest, size = _compress_into(source, buffer, level, size_hint)
+    out.write(pyrage.encrypt(buffer.getvalue(), [x25519.Recipient.from_str(r) for r in recipients]))  # type: ignore[attr-defined]
+    return digest, size
 
 
 def _listdir(path: Path) -> list[str]:
