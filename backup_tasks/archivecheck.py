@@ -29,7 +29,7 @@ from .errors import BackupError, ConfigError, IdentityUnusable, WalArchiveError
 from .pg import connect, first_line
 from .servercmd import archive_command, installed_command, restore_command, runnable_by_server, server_can_reach
 from .settings import Settings
-from .wal import DIR_MODE, WalArchive
+from .wal import COPY_SUBDIR, DIR_MODE, WalArchive
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,30 @@ DEFAULT_ARCHIVE_TIMEOUT = "60s"
 
 
 def prepare_archive(settings: Settings) -> tuple[WalArchive, list[str]]:
-    """Create (or repair the modes of) the archive directory; return it and notes on what was changed."""
+    """Create (or repair the modes of) the archive directory; return it and notes on what was changed.
+
+    A local ``BACKUP_COPY_TO`` gets the same treatment for ``<BACKUP_COPY_TO>/wal``: wal-push runs as
+    the server user and writes every segment there too.
+    """
     root = settings.wal_archive
     notes: list[str] = []
     backup_dir = Path(settings.backup_dir).absolute() if "://" not in settings.backup_dir else None
+    _prepare_wal_dir(root, backup_dir, notes, "WAL_ARCHIVE_DIR", "the WAL archive")
+    if settings.copy_to and "://" not in settings.copy_to:
+        copy_dir = Path(settings.copy_to).expanduser().absolute()
+        _prepare_wal_dir(copy_dir / COPY_SUBDIR, copy_dir, notes, "BACKUP_COPY_TO", "the WAL archive's copy")
+    return WalArchive.for_settings(settings, root), notes
+
+
+def _prepare_wal_dir(root: Path, backup_dir: Path | None, notes: list[str], setting: str, what: str) -> None:
+    """``root`` owned by the server user and its group, mode 2770, reachable by that user through ``backup_dir``."""
     inside_backup_dir = backup_dir is not None and backup_dir in root.parents
     try:
         if inside_backup_dir and backup_dir is not None and not backup_dir.exists():
             backup_dir.mkdir(parents=True, mode=0o700)
         if not root.exists():
             root.mkdir(parents=True, mode=0o700)
-            notes.append(f"created the WAL archive directory {root}")
+            notes.append(f"created the {what} directory {root}")
         ids = server_uid_gid()
         if ids is not None:
             current = root.stat()
@@ -56,7 +69,7 @@ def prepare_archive(settings: Settings) -> tuple[WalArchive, list[str]]:
             if stat.S_IMODE(current.st_mode) != DIR_MODE:
                 os.chmod(root, DIR_MODE)
     except OSError as exc:
-        raise WalArchiveError(f"cannot prepare the WAL archive directory {root}: {exc.strerror}") from None
+        raise WalArchiveError(f"cannot prepare {what} directory {root}: {exc.strerror}") from None
     if ids is not None and not server_can_reach(root, write=True):
         blocked = _first_blocked(root)
         if blocked is not None and blocked == backup_dir and blocked.stat().st_uid == os.geteuid():
@@ -66,10 +79,10 @@ def prepare_archive(settings: Settings) -> tuple[WalArchive, list[str]]:
                          f"can reach the archive inside it (the backups there stay 0600)")
         if not server_can_reach(root, write=True):
             where = f"{blocked} (mode {stat.S_IMODE(blocked.stat().st_mode):04o})" if blocked else str(root)
-            raise ConfigError(f"the {SERVER_USER} OS user cannot write the WAL archive {root}: it cannot get past "
-                              f"{where}. Choose a WAL_ARCHIVE_DIR it can reach (e.g. /var/lib/backup-tasks/wal) or "
+            example = "/var/lib/backup-tasks/wal" if setting == "WAL_ARCHIVE_DIR" else "/var/lib/backup-tasks-copy"
+            raise ConfigError(f"the {SERVER_USER} OS user cannot write {what} {root}: it cannot get past "
+                              f"{where}. Choose a {setting} it can reach (e.g. {example}) or "
                               f"let it through (chmod o+x on that directory)")
-    return WalArchive.for_settings(settings, root), notes
 
 
 def _first_blocked(path: Path) -> Path | None:

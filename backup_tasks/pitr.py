@@ -13,6 +13,7 @@ The same pieces serve the snapshot verification and the PITR drill (``snapshot_v
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -23,18 +24,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import psycopg
 
 from . import manifest as catalog
 from .cluster import SERVER_USER, _as_server_user, free_port, server_uid_gid
 from .codec import CHUNK
+from .crypto import Identities, check_identity, manifest_recipients, open_decrypted
 from .errors import (
     BackupCorrupt,
     BackupError,
     BackupNotFound,
     ConfigError,
+    IdentityUnusable,
     RestoreFailed,
     RestoreRefused,
     StorageError,
@@ -44,6 +47,7 @@ from .errors import (
 from .locations import members, open_locations
 from .manifest import Manifest, utcnow
 from .pg import connect, find_tool, first_line
+from .restore import identities_for
 from .servercmd import conf_quote, restore_command, server_can_reach, server_command
 from .settings import Settings
 from .snapshot import is_restorable, snapshot_files
@@ -282,10 +286,82 @@ def check_empty_target(data_dir: Path) -> None:
                                  f"(nothing was changed)")
 
 
-def unpack_snapshot(storage: Storage, snapshot: Manifest, data_dir: Path) -> None:
+class _HashingReader(io.RawIOBase):
+    """Reads a stored object, keeping the sha256 and size of the bytes as stored (ciphertext when encrypted)."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        super().__init__()
+        self.source = source
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def drain(self) -> None:
+        """Hash whatever the decryptor left unread, so the checksum always covers the whole object."""
+        while self.read(CHUNK):
+            pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self.source.close()
+        super().close()
+
+
+def snapshot_identities(settings: Settings, storage: Storage, snapshot: Manifest) -> Identities | None:
+    """The identities for an encrypted snapshot, proven to open its base object (``IdentityUnusable`` if not).
+
+    Called before anything is unpacked: a wrong or missing identity must not leave a half-restored directory.
+    """
+    identities = identities_for(settings, snapshot)
+    if identities is None:
+        return None
+    locations = members(storage)
+    for number, location in enumerate(locations):
+        try:
+            check_identity(location.open(snapshot.path), identities, what=f"snapshot {snapshot.id}",
+                           recipients=manifest_recipients(snapshot.encryption))
+            return identities
+        except (BackupCorrupt, StorageError):  # a damaged or missing copy: the unpack falls back, so may we
+            if number == len(locations) - 1:
+                raise
+    return identities
+
+
+def _plaintext(source: BinaryIO, snapshot: Manifest, key: str, identities: Identities | None) -> BinaryIO:
+    if not snapshot.encryption:
+        return source
+    if identities is None:
+        source.close()
+        raise IdentityUnusable(f"snapshot {snapshot.id} is encrypted; no identity was given to decrypt {key}")
+    return open_decrypted(source, identities, what=f"{key} of snapshot {snapshot.id}",
+                          recipients=manifest_recipients(snapshot.encryption))
+
+
+def read_snapshot_object(storage: Storage, snapshot: Manifest, key: str, identities: Identities | None) -> bytes:
+    """A small stored object of a snapshot (backup_manifest, config), decrypted when the snapshot is encrypted."""
+    with _plaintext(storage.open(key), snapshot, key, identities) as plain:
+        return plain.read()
+
+
+def unpack_snapshot(storage: Storage, snapshot: Manifest, data_dir: Path, identities: Identities | None = None) -> None:
     """Unpack base and WAL tars into ``data_dir``, checking each stored object's sha256 as it streams."""
     import zstandard
 
+    if snapshot.encryption and identities is None:
+        raise IdentityUnusable(f"snapshot {snapshot.id} is encrypted; no identity was given to decrypt it")
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     files = snapshot_files(snapshot)
     order = sorted(files.items(), key=lambda kv: {"base": 0, "wal": 1}.get(kv[1].get("role", ""), 2))
@@ -302,14 +378,15 @@ def unpack_snapshot(storage: Storage, snapshot: Manifest, data_dir: Path) -> Non
         assert proc.stdin is not None
         try:
             decompressor = zstandard.ZstdDecompressor().decompressobj()
-            with storage.open(key) as source:
+            stored = _HashingReader(storage.open(key))
+            with _plaintext(stored, snapshot, key, identities) as source:  # type: ignore[arg-type]
                 while chunk := source.read(CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
                     try:
                         proc.stdin.write(decompressor.decompress(chunk))
                     except zstandard.ZstdError as exc:
                         raise BackupCorrupt(f"{key} cannot be decompressed: {exc}") from None
+                stored.drain()
+            digest, size = stored.digest, stored.size
             proc.stdin.close()
         except BrokenPipeError:
             pass
@@ -327,7 +404,8 @@ def unpack_snapshot(storage: Storage, snapshot: Manifest, data_dir: Path) -> Non
             raise BackupCorrupt(f"{key} of snapshot {snapshot.id} does not unpack: {first_line(stderr)}")
 
 
-def restore_config_files(storage: Storage, snapshot: Manifest, data_dir: Path) -> list[str]:
+def restore_config_files(storage: Storage, snapshot: Manifest, data_dir: Path,
+                         identities: Identities | None = None) -> list[str]:
     """Put back pg_hba.conf / pg_ident.conf kept outside PGDATA, and a minimal postgresql.conf if there was none."""
     import json
 
@@ -335,7 +413,7 @@ def restore_config_files(storage: Storage, snapshot: Manifest, data_dir: Path) -
     for key, info in snapshot_files(snapshot).items():
         if info.get("role") != "config":
             continue
-        for name, text in json.loads(storage.read_bytes(key)).items():
+        for name, text in json.loads(read_snapshot_object(storage, snapshot, key, identities)).items():
             path = data_dir / name
             if not path.exists() and name in ("pg_hba.conf", "pg_ident.conf"):
                 path.write_text(text)
@@ -534,10 +612,11 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
         raise RestoreRefused(f"the {SERVER_USER} OS user cannot reach {data_dir.parent}; choose a data directory it "
                              f"can get to (the restored server runs as {SERVER_USER}; nothing was changed)")
     restore_cmd = wal_fetch_command(settings, archive)
+    identities = snapshot_identities(settings, storage, plan.snapshot)  # before the data directory is touched
     created = not data_dir.exists()
     try:
-        unpack_with_fallback(storage, plan.snapshot, data_dir)
-        notes = plan.notes + restore_config_files(storage, plan.snapshot, data_dir)
+        unpack_with_fallback(storage, plan.snapshot, data_dir, identities)
+        notes = plan.notes + restore_config_files(storage, plan.snapshot, data_dir, identities)
         values = write_recovery_config(data_dir, restore_cmd=restore_cmd, plan=plan, action=action,
                                        keep_archiving=keep_archiving)
         if ids is not None:
@@ -573,12 +652,13 @@ def _start_server(bin_dir: Path, data_dir: Path, port: int, log_file: Path) -> N
         raise RestoreFailed(f"could not start the restored server: {first_line(result.stderr or result.stdout)}")
 
 
-def unpack_with_fallback(storage: Storage, snapshot: Manifest, data_dir: Path) -> None:
+def unpack_with_fallback(storage: Storage, snapshot: Manifest, data_dir: Path,
+                         identities: Identities | None = None) -> None:
     """Unpack from BACKUP_DIR; when an object is missing or damaged there, start again from BACKUP_COPY_TO."""
     locations = members(storage)
     for number, location in enumerate(locations):
         try:
-            unpack_snapshot(location, snapshot, data_dir)
+            unpack_snapshot(location, snapshot, data_dir, identities)
             return
         except (BackupCorrupt, StorageError) as exc:
             if number == len(locations) - 1:

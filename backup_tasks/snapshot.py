@@ -12,7 +12,6 @@ it is complete as soon as it is verified; later WAL comes from the archive.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -30,9 +30,10 @@ import zstandard
 
 from . import manifest as catalog
 from .codec import CHUNK
+from .crypto import EncryptingWriter, encryption_info
 from .dump import Progress, backup_id_for, no_progress
 from .errors import AuthenticationFailed, BackupError, SnapshotFailed, SourceUnavailable
-from .locations import open_locations
+from .locations import HashingWriter, open_locations
 from .locks import hold
 from .manifest import Manifest, isoformat, utcnow
 from .pg import connect, find_tool, first_line, server_major, server_version, tool_env
@@ -72,9 +73,10 @@ def snapshot_lock_name(conninfo: ConnInfo) -> str:
     return f"snapshot:{conninfo.server_label}"
 
 
-def snapshot_keys(backup_id: str) -> dict[str, str]:
-    return {"base": f"{backup_id}.base.tar.zst", "wal": f"{backup_id}.pg_wal.tar.zst",
-            "backup_manifest": f"{backup_id}.backup_manifest", "config": f"{backup_id}.config.json"}
+def snapshot_keys(backup_id: str, *, encrypted: bool = False) -> dict[str, str]:
+    suffix = ".age" if encrypted else ""
+    return {"base": f"{backup_id}.base.tar.zst{suffix}", "wal": f"{backup_id}.pg_wal.tar.zst{suffix}",
+            "backup_manifest": f"{backup_id}.backup_manifest{suffix}", "config": f"{backup_id}.config.json{suffix}"}
 
 
 def _setting(conn: psycopg.Connection, name: str) -> str | None:
@@ -166,7 +168,7 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, *, backup_id: str |
         raise SnapshotFailed(f"a backup named {backup_id} already exists; not overwriting it")
     pg_basebackup = find_tool("pg_basebackup", min_major=facts.major, bin_dir=settings.pg_bin_dir)
     pg_verifybackup = find_tool("pg_verifybackup", min_major=min(facts.major, 13), bin_dir=settings.pg_bin_dir)
-    keys = snapshot_keys(backup_id)
+    keys = snapshot_keys(backup_id, encrypted=bool(settings.encrypt_recipients))
     clear_stale_staging()
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=verify_area(facts.estimated_bytes)))
     (staging / OWNER_FILE).write_text(str(os.getpid()))
@@ -180,7 +182,7 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, *, backup_id: str |
         _run_verifybackup(pg_verifybackup.path, staging)
         if facts.config_files:
             data = json.dumps(facts.config_files, indent=2).encode()
-            files[keys["config"]] = _put(storage, keys["config"], data, "config")
+            files[keys["config"]] = _put(storage, keys["config"], data, "config", settings.encrypt_recipients)
             published.append(keys["config"])
         finished = utcnow()
         wal_range = backup_manifest["WAL-Ranges"][0]
@@ -193,6 +195,7 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, *, backup_id: str |
             compression="zstd", format="pg_basebackup-tar", tables={},
             files=files, start_lsn=wal_range["Start-LSN"], stop_lsn=wal_range["End-LSN"], timeline=timeline,
             system_identifier=facts.system_identifier, wal_segment_size=facts.segment_size,
+            encryption=encryption_info(settings.encrypt_recipients),
             start_segment=segment_of_lsn(timeline, start_lsn, facts.segment_size),
             stop_segment=segment_of_lsn(timeline, max(stop_lsn - 1, start_lsn), facts.segment_size),
             restorable_from=finished.isoformat(timespec="microseconds"), restorable_until=None,
@@ -279,15 +282,35 @@ def _compress_option(major: int, configured: str) -> str:
     return configured if major >= 15 else "client-zstd"
 
 
-def _put(storage: Storage, key: str, data: bytes, role: str) -> dict[str, Any]:
-    writer = storage.writer(key)
+def _stored_writer(storage: Storage, key: str, recipients: Sequence[str]) -> tuple[HashingWriter, ObjectWriter]:
+    """The hashing writer (size and sha256 of the object as stored) and what to write plaintext to.
+
+    With recipients, plaintext is age-encrypted on its way into the hashing writer, so the
+    manifest describes the stored ciphertext and damage is found without the key (as for dumps).
+    """
+    stored = HashingWriter(storage.writer(key))
+    if not recipients:
+        return stored, stored
+    try:
+        return stored, EncryptingWriter(stored, recipients)
+    except BaseException:
+        stored.abort()
+        raise
+
+
+def _entry(stored: HashingWriter, role: str) -> dict[str, Any]:
+    return {"size": stored.bytes_written, "sha256": stored.hexdigest(), "role": role}
+
+
+def _put(storage: Storage, key: str, data: bytes, role: str, recipients: Sequence[str] = ()) -> dict[str, Any]:
+    stored, writer = _stored_writer(storage, key, recipients)
     try:
         writer.write(data)
         writer.commit()
     except BaseException:
         writer.abort()
         raise
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "role": role}
+    return _entry(stored, role)
 
 
 class _Unpacker:
@@ -352,9 +375,9 @@ def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFact
     files: dict[str, dict[str, Any]] = {}
     unpacker = _Unpacker(unpacked, compressed=True)
     try:
-        writer = storage.writer(keys["base"])
+        stored, writer = _stored_writer(storage, keys["base"], settings.encrypt_recipients)
         try:
-            files[keys["base"]] = _follow_into(target / "base.tar.zst", proc, writer, unpacker, backup_id, progress)
+            _follow_into(target / "base.tar.zst", proc, writer, unpacker, backup_id, progress)
             returncode = proc.wait()
             drainer.join()
             if returncode != 0:
@@ -363,6 +386,7 @@ def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFact
         except BaseException:
             writer.abort()
             raise
+        files[keys["base"]] = _entry(stored, "base")
         published.append(keys["base"])
         unpacker.finish("base.tar.zst")
         extra = sorted(p.name for p in target.iterdir() if p.name not in ("base.tar.zst", "pg_wal.tar",
@@ -372,14 +396,16 @@ def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFact
                                  f"snapshots of such clusters are not supported yet")
         wal_unpacker = _Unpacker(unpacked / "pg_wal", compressed=False)
         try:
-            files[keys["wal"]] = _compress_file(target / "pg_wal.tar", storage, keys["wal"], wal_unpacker)
+            files[keys["wal"]] = _compress_file(target / "pg_wal.tar", storage, keys["wal"], wal_unpacker,
+                                                settings.encrypt_recipients)
         except BaseException:
             wal_unpacker.kill()
             raise
         published.append(keys["wal"])
         wal_unpacker.finish("pg_wal.tar")
         files[keys["backup_manifest"]] = _put(storage, keys["backup_manifest"],
-                                              (target / "backup_manifest").read_bytes(), "backup_manifest")
+                                              (target / "backup_manifest").read_bytes(), "backup_manifest",
+                                              settings.encrypt_recipients)
         published.append(keys["backup_manifest"])
         return files
     except BaseException:
@@ -391,26 +417,25 @@ def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFact
 
 
 def _follow_into(path: Path, proc: subprocess.Popen[bytes], writer: ObjectWriter, unpacker: _Unpacker,
-                 backup_id: str, progress: Progress) -> dict[str, Any]:
+                 backup_id: str, progress: Progress) -> int:
     """Stream a file that ``proc`` is still appending to into storage and the unpacker, until ``proc`` ends.
 
     pg_basebackup writes its tar files front to back and never rewrites them, so reading behind it is
-    safe; once it has exited, whatever is left is read to the end.
+    safe; once it has exited, whatever is left is read to the end. Returns the bytes read (the size and
+    sha256 of what is stored are the writer's business: with encryption they describe the ciphertext).
     """
     while not path.exists():
         if proc.poll() is not None:
             if path.exists():
                 break
-            return {"size": 0, "sha256": hashlib.sha256().hexdigest(), "role": "base"}
+            return 0
         time.sleep(POLL)
-    digest = hashlib.sha256()
     size = 0
     next_report = 64 << 20
     with open(path, "rb") as source:
         while True:
             chunk = source.read(CHUNK)
             if chunk:
-                digest.update(chunk)
                 writer.write(chunk)
                 unpacker.write(chunk)
                 size += len(chunk)
@@ -423,39 +448,32 @@ def _follow_into(path: Path, proc: subprocess.Popen[bytes], writer: ObjectWriter
                 tail = source.read()
                 if not tail:
                     break
-                digest.update(tail)
                 writer.write(tail)
                 unpacker.write(tail)
                 size += len(tail)
                 continue
             time.sleep(POLL)
-    return {"size": size, "sha256": digest.hexdigest(), "role": "base"}
+    return size
 
 
-def _compress_file(path: Path, storage: Storage, key: str, unpacker: _Unpacker) -> dict[str, Any]:
+def _compress_file(path: Path, storage: Storage, key: str, unpacker: _Unpacker,
+                   recipients: Sequence[str] = ()) -> dict[str, Any]:
     params = zstandard.ZstdCompressionParameters.from_level(WAL_LEVEL, write_checksum=True)
     compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
-    digest = hashlib.sha256()
-    size = 0
-    writer = storage.writer(key)
+    stored, writer = _stored_writer(storage, key, recipients)
     try:
         with open(path, "rb") as source:
             while chunk := source.read(CHUNK):
                 unpacker.write(chunk)
                 out = compressor.compress(chunk)
                 if out:
-                    digest.update(out)
                     writer.write(out)
-                    size += len(out)
-        tail = compressor.flush()
-        digest.update(tail)
-        writer.write(tail)
-        size += len(tail)
+        writer.write(compressor.flush())
         writer.commit()
     except BaseException:
         writer.abort()
         raise
-    return {"size": size, "sha256": digest.hexdigest(), "role": "wal"}
+    return _entry(stored, "wal")
 
 
 def _run_verifybackup(pg_verifybackup: Path, staging: Path) -> None:

@@ -32,6 +32,7 @@ import psycopg
 from . import manifest as catalog
 from .archivecheck import prepare_archive
 from .cluster import ThrowawayCluster
+from .crypto import Identities
 from .dump import Progress, no_progress
 from .errors import BackupCorrupt, BackupError, BackupNotFound, ClusterError, RestoreFailed
 from .locations import open_locations
@@ -45,7 +46,9 @@ from .pitr import (
     explain_failure,
     plan_restore,
     random_moment,
+    read_snapshot_object,
     restore_config_files,
+    snapshot_identities,
     snapshot_ranges,
     unpack_snapshot,
     wait_for_recovery,
@@ -80,12 +83,13 @@ def _limits_of(bin_dir: Path, data_dir: Path) -> dict[str, str]:
     return limits
 
 
-def _verifybackup(settings: Settings, storage: Storage, snapshot: Manifest, data_dir: Path, scratch: Path) -> None:
+def _verifybackup(settings: Settings, storage: Storage, snapshot: Manifest, data_dir: Path, scratch: Path,
+                  identities: Identities | None = None) -> None:
     key = next((k for k, v in snapshot_files(snapshot).items() if v.get("role") == "backup_manifest"), None)
     if key is None:
         return
     manifest_path = scratch / "backup_manifest"
-    manifest_path.write_bytes(storage.read_bytes(key))
+    manifest_path.write_bytes(read_snapshot_object(storage, snapshot, key, identities))
     tool = find_tool("pg_verifybackup", min_major=13, bin_dir=settings.pg_bin_dir)
     result = subprocess.run([str(tool.path), "--manifest-path", str(manifest_path), str(data_dir)],
                             capture_output=True, text=True, check=False)
@@ -115,14 +119,15 @@ def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive |
     major = int(snapshot.server_version.split(".")[0])
     bin_dir = find_tool("pg_ctl", min_major=major, bin_dir=settings.pg_bin_dir).path.parent
     restore_cmd = wal_fetch_command(settings, archive) if archive is not None else None
+    identities = snapshot_identities(settings, storage, snapshot)  # IdentityUnusable propagates: not the backup's fault
     scratch = Path(tempfile.mkdtemp(prefix="backup-tasks-pitr-"))
     try:
         staged = scratch / "data"
-        unpack_snapshot(storage, snapshot, staged)
+        unpack_snapshot(storage, snapshot, staged, identities)
         checked.append("sha256")
-        _verifybackup(settings, storage, snapshot, staged, scratch)
+        _verifybackup(settings, storage, snapshot, staged, scratch, identities)
         checked.append("pg_verifybackup")
-        restore_config_files(storage, snapshot, staged)
+        restore_config_files(storage, snapshot, staged, identities)
         (staged / "pg_hba.conf").write_text(TRUST_HBA)  # a private throwaway copy: we must be able to log in
         if restore_cmd is not None:
             write_recovery_config(staged, restore_cmd=restore_cmd, plan=plan, action=action)

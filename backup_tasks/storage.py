@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import BinaryIO, Protocol
 
 from .errors import ConfigError, StorageError, StorageFull
@@ -169,13 +170,21 @@ class LocalStorage:
         writer.commit()
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        # Not Path.is_file(): it lets PermissionError escape, and must not say "missing" for "unreadable".
+        try:
+            return S_ISREG(self._path(key).stat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise _storage_error(exc, "checking", key) from None
 
     def size(self, key: str) -> int:
         try:
             return self._path(key).stat().st_size
         except FileNotFoundError:
             raise StorageError(f"{key} is missing from {self.location}") from None
+        except OSError as exc:
+            raise _storage_error(exc, "checking the size of", key) from None
 
     def _walk(self, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
         # Walk the deepest directory the prefix names, never above the root.
