@@ -64,7 +64,7 @@ def _storage_error(exc: OSError, action: str, where: str) -> StorageError:
     return StorageError(f"{action} {where} failed: {exc.strerror or exc}")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -105,7 +105,7 @@ class LocalWriter:
             self._file.close()
             self._file = None
             os.replace(self.temp, self.final)
-            _fsync_dir(self.final.parent)
+            fsync_dir(self.final.parent)
         except OSError as exc:
             self.abort()
             raise _storage_error(exc, "saving", str(self.final)) from None

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import zstandard
 
 from .errors import BackupError, WalArchiveError, WalConflict, WalCorrupt, WalGap, WalMissing
+from .storage import fsync_dir
 
 if TYPE_CHECKING:
     from .storage import Storage
@@ -159,14 +160,6 @@ def _parse_trailer(raw: bytes, what: str) -> Trailer:
                 return Trailer(digest.hex(), size, micros / 1_000_000)
     raise WalCorrupt(f"{what} is damaged: its checksum trailer is missing (truncated, or not written by "
                      f"backup-tasks)")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_sha256(path: Path) -> tuple[str, int]:
@@ -509,7 +502,7 @@ class WalArchive:
                 if final.exists():
                     return self._already_archived(source, name, final)
                 os.rename(temp, final)  # filesystems without hard links
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except OSError as exc:
             raise WalArchiveError(f"archiving {name} into {final.parent} failed: {exc.strerror or exc}") from None
         finally:
