@@ -106,7 +106,7 @@ def run_demo(*, size_mb: float = 20, keep: str | None = None, as_json: bool = Fa
                    "CELERY_BROKER_URL": "memory://", "CELERY_RESULT_BACKEND": "cache+memory://",
                    "BACKUP_LOCK_URL": "", "SENTRY_DSN": ""}
             with _environment(env):
-                summary = _run_cycle(narrator, backup_dir)
+                summary = _run_cycle(narrator)
             settings = Settings.from_env(env)
             health = check_health(settings)
             narrator.say(f"health: {'OK' if health.ok else 'UNHEALTHY: ' + '; '.join(health.problems)}")
@@ -115,14 +115,14 @@ def run_demo(*, size_mb: float = 20, keep: str | None = None, as_json: bool = Fa
                 narrator.say(f"  catalog: {manifest.id}  {manifest.size_bytes} bytes  "
                              f"verified={'ok' if manifest.verified_ok else 'no'}  tables={len(manifest.tables)}")
             narrator.say("stopping the cluster and removing temporary files"
-                         + (f"; backups kept in {backup_dir}" if keep else ""))
+                         + (f"; backups kept in {backup_dir}" if keep else " (--keep DIR keeps the backups)"))
         if as_json:
             print(json.dumps({"ok": health.ok, "steps": summary, "backup_dir": backup_dir if keep else None,
                               "backups": [m.to_dict() for m in listing]}, indent=2, default=str))
         return 0 if health.ok else 1
 
 
-def _run_cycle(narrator: Narrator, backup_dir: str) -> dict[str, Any]:
+def _run_cycle(narrator: Narrator) -> dict[str, Any]:
     from celery.contrib.testing.worker import start_worker
 
     from .celery_app import app
@@ -142,7 +142,6 @@ def _run_cycle(narrator: Narrator, backup_dir: str) -> dict[str, Any]:
             narrator.say(f"{name} ({task_id[:8]}…)")
             steps[name] = _follow(app.AsyncResult(task_id), name, narrator)
             narrator.say(f"  {name}: {_describe(name, steps[name])}")
-    narrator.say(f"backups are in {backup_dir}")
     return steps
 
 
