@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import BackupError, ConfigError
@@ -24,6 +24,13 @@ log = logging.getLogger("backup_tasks")
 
 class UsageError(ConfigError):
     """A command-line mistake (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become ``UsageError`` so that ``--json`` still gets its one document."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _jsonable(value: Any) -> Any:
@@ -74,11 +81,12 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if snapshot_verify_requested(args, settings):
         return cmd_verify_snapshot(args, settings)
 
-    result = verify_backup(settings, args.backup_id)
     from . import manifest as catalog
     from .locations import open_locations
 
+    # Resolve "the newest" before verifying: a dump finishing meanwhile must not change the answer.
     backup_id = args.backup_id or catalog.newest(open_locations(settings.backup_dir, settings.copy_to)).id
+    result = verify_backup(settings, backup_id)
     document = {"ok": result.ok, "backup_id": backup_id, **asdict(result)}
     if result.ok:
         human = (f"verified {backup_id}: restored in {result.duration_seconds:.1f}s, {result.tables_compared} tables "
@@ -183,12 +191,12 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
 # --- parser -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print one JSON document on stdout")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log progress to stderr")
-    parser = argparse.ArgumentParser(prog="backup-tasks", parents=[common],
+    parser = _Parser(prog="backup-tasks", parents=[common],
                                      description="Proven PostgreSQL backups for the trading stack.")
     parser.add_argument("--version", action="version", version=f"backup-tasks {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -236,8 +244,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     fast = server_command_fast(list(sys.argv[1:] if argv is None else argv))
     if fast is not None:
         return fast
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv_list)
+    except UsageError as exc:
+        command = next((a for a in argv_list if not a.startswith("-")), "")
+        return _fail(exc, command=command, as_json="--json" in argv_list)
     args.json = getattr(args, "json", False)
     args.verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
@@ -248,15 +260,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings() if args.command == "demo" or server_command else Settings.from_env()
         return int(args.func(args, settings))
     except BackupError as exc:
-        if args.json:
-            print(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__,
-                              "at": datetime.now().astimezone().isoformat(timespec="seconds")}))
-        print(f"backup-tasks {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(exc, command=args.command, as_json=args.json)
     except KeyboardInterrupt:
+        if args.json:
+            print(json.dumps({"ok": False, "error": "interrupted", "error_type": "KeyboardInterrupt"}))
         print(f"backup-tasks {args.command}: interrupted; nothing partial was kept", file=sys.stderr)
         return 130
 
+
+def _fail(exc: BackupError, *, command: str, as_json: bool) -> int:
+    """One line on stderr (never a traceback) and, with --json, one JSON document on stdout."""
+    if as_json:
+        print(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__,
+                          "at": datetime.now().astimezone().isoformat(timespec="seconds")}))
+    print(f"backup-tasks {command}: error: {exc}".replace("backup-tasks : ", "backup-tasks: "), file=sys.stderr)
+    return exc.exit_code
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -248,17 +248,19 @@ def register(add: Add) -> None:
                                       "wal-push --archive-dir DIR <path>)")
     p.add_argument("path", help="the file to archive (%%p)")
     p.add_argument("--archive-dir", help="the WAL archive (default: WAL_ARCHIVE_DIR, else BACKUP_DIR/wal)")
-    p.add_argument("--copy-to", help="also write it to COPY_TO/wal (default: BACKUP_COPY_TO)")
-    p.add_argument("--encrypt-to", help="age public keys, comma-separated (default: BACKUP_ENCRYPT_RECIPIENT)")
+    p.add_argument("--copy-to", help="also write it to COPY_TO/wal (default without --archive-dir: BACKUP_COPY_TO)")
+    p.add_argument("--encrypt-to", help="age public keys, comma-separated (default without --archive-dir: "
+                                           "BACKUP_ENCRYPT_RECIPIENT)")
     p.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
     p = add("wal-fetch", cmd_wal_fetch, "restore one WAL file (PostgreSQL's restore_command: "
                                         "wal-fetch --archive-dir DIR <name> <path>)")
     p.add_argument("name", help="the WAL file name (%%f)")
     p.add_argument("destination", help="where to write it (%%p)")
     p.add_argument("--archive-dir", help="the WAL archive (default: WAL_ARCHIVE_DIR, else BACKUP_DIR/wal)")
-    p.add_argument("--copy-to", help="fall back to COPY_TO/wal when missing or damaged (default: BACKUP_COPY_TO)")
+    p.add_argument("--copy-to", help="fall back to COPY_TO/wal when missing or damaged (default without "
+                                        "--archive-dir: BACKUP_COPY_TO)")
     p.add_argument("--identity-file", help="age identity file for an encrypted archive "
-                                           "(default: BACKUP_DECRYPT_IDENTITY_FILE)")
+                                           "(default without --archive-dir: BACKUP_DECRYPT_IDENTITY_FILE)")
     p = add("check", cmd_check, "check that the server archives WAL correctly (forces a segment switch and waits "
                                 "for it); prints the postgresql.conf lines")
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the segment (default 60)")

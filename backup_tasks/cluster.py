@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -122,46 +121,47 @@ class ThrowawayCluster:
             raise ClusterError(f"{what} failed: {' | '.join(detail)}")
 
     def start(self) -> ThrowawayCluster:
-        ids = server_uid_gid()
         parent = self.parent_dir or Path(tempfile.gettempdir())
         self.root = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=parent))
+        try:
+            self._create(parent)
+            for _attempt in range(5):
+                self.port = free_port()
+                try:
+                    self._run(self._start_argv(), "starting the throwaway PostgreSQL")
+                    self.started = True
+                    log.info("throwaway cluster up on 127.0.0.1:%d (%s)", self.port, self.root)
+                    return self
+                except ClusterError as exc:
+                    log_text = self.server_log()
+                    if "could not bind" in log_text or "already in use" in log_text:
+                        continue  # lost the race for the port: try another
+                    raise ClusterError(f"{exc}; server log: {log_text[-500:]}") from None
+            raise ClusterError("could not find a free port for the throwaway cluster")
+        except BaseException:
+            # A failed start (initdb error, pg_ctl timeout, Ctrl-C) leaves no server and no directory.
+            self.cleanup()
+            raise
+
+    def _create(self, parent: Path) -> None:
+        ids = server_uid_gid()
         self.socket_dir.mkdir()
         if ids is not None:
             for path in (self.root, self.socket_dir):
                 os.chown(path, *ids)
             probe = subprocess.run([*_as_server_user(), "test", "-w", str(self.root)], check=False)
             if probe.returncode != 0:
-                self.cleanup()
                 raise ClusterError(f"the {SERVER_USER} user cannot reach {parent}; set TMPDIR to a directory "
                                    f"it can traverse (for example /tmp)")
         if self.prepare is not None:
-            try:
-                self.prepare(self.data_dir)
-                if ids is not None:
-                    for path in [self.data_dir, *self.data_dir.rglob("*")]:
-                        os.lchown(path, *ids)
-                os.chmod(self.data_dir, 0o700)
-            except BaseException:
-                self.cleanup()
-                raise
+            self.prepare(self.data_dir)
+            if ids is not None:
+                for path in [self.data_dir, *self.data_dir.rglob("*")]:
+                    os.lchown(path, *ids)
+            os.chmod(self.data_dir, 0o700)
         else:
             self._run([str(self.initdb.path), "-D", str(self.data_dir), "-U", SERVER_USER, "-A", "trust",
                        "-E", "UTF8", "--no-sync", "--no-instructions", *self.initdb_args], "initdb")
-        for _attempt in range(5):
-            self.port = free_port()
-            try:
-                self._run(self._start_argv(), "starting the throwaway PostgreSQL")
-                self.started = True
-                log.info("throwaway cluster up on 127.0.0.1:%d (%s)", self.port, self.root)
-                return self
-            except ClusterError as exc:
-                log_text = self.server_log()
-                if "could not bind" in log_text or "already in use" in log_text:
-                    continue  # lost the race for the port: try another
-                self.cleanup()
-                raise ClusterError(f"{exc}; server log: {log_text[-500:]}") from None
-        self.cleanup()
-        raise ClusterError("could not find a free port for the throwaway cluster")
 
     def _start_argv(self) -> list[str]:
         options = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
@@ -183,7 +183,8 @@ class ThrowawayCluster:
             return ""
 
     def stop(self) -> None:
-        if self.started and self.root is not None:
+        # Judge by postmaster.pid, not by our flag: a start that timed out may still have a server.
+        if self.root is not None and (self.started or (self.data_dir / "postmaster.pid").exists()):
             try:
                 self._run([str(self.pg_ctl), "-D", str(self.data_dir), "-m", "immediate", "-w", "stop"],
                           "stopping the throwaway PostgreSQL", timeout=60)
@@ -222,17 +223,3 @@ class ThrowawayCluster:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.cleanup()
-
-
-def wait_until_ready(conninfo: ConnInfo, timeout: float = 60) -> None:
-    import psycopg
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            psycopg.connect(**conninfo.kwargs()).close()
-            return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)

@@ -148,11 +148,6 @@ def load_identities(path: str | Path | None, *, setting: str = IDENTITY_SETTING,
     return Identities(path=file, keys=tuple(keys), public_keys=tuple(str(k.to_public()) for k in keys))
 
 
-def looks_encrypted(head: bytes) -> bool:
-    """Whether the first bytes of an object are an age header."""
-    return head.startswith(AGE_MAGIC)
-
-
 # --- encryption -----------------------------------------------------------------------------------
 
 class _Aborted(Exception):

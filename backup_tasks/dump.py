@@ -209,7 +209,9 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
     try:
         catalog.save(storage, result)
     except BaseException:
-        storage.delete(key)  # a backup without a manifest must not survive as an orphan
+        # Neither half may survive alone (a mirrored location may hold one manifest already).
+        storage.delete(key)
+        storage.delete(catalog.manifest_key(backup_id))
         raise
     log.info("dump %s complete: %d bytes, %d tables", backup_id, result.size_bytes, len(result.tables))
     progress("done", backup_id=backup_id, bytes_written=result.size_bytes, tables_done=tables_done[0])

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import LockBusy
+from .errors import ConfigError, LockBusy
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -120,12 +120,15 @@ def _redis_reachable(url: str) -> bool:
 
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
+    except ValueError as exc:
+        raise ConfigError(f"the lock server URL (BACKUP_LOCK_URL, else CELERY_BROKER_URL) is not a valid Redis "
+                          f"URL: {exc}") from None
+    try:
+        return bool(client.ping())
     except redis.RedisError:
         return False
+    finally:
+        client.close()
 
 
 @contextmanager

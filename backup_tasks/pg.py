@@ -36,6 +36,8 @@ def classify_connect_error(exc: psycopg.Error, conninfo: ConnInfo) -> Exception:
         return DatabaseMissing(f"database {conninfo.dbname!r} does not exist on {conninfo.server_label}")
     if "could not translate host name" in text or "Name or service not known" in text:
         return ConfigError(f"unknown host in {where}: {first_line(text)}")
+    if "invalid" in text and ("value" in text or "connection option" in text or "integer" in text):
+        return ConfigError(f"bad connection setting in {where}: {first_line(text)}")
     return SourceUnavailable(f"cannot reach PostgreSQL at {where}: {first_line(text)}")
 
 
@@ -49,6 +51,8 @@ def connect(conninfo: ConnInfo, *, autocommit: bool = True) -> psycopg.Connectio
         return psycopg.connect(**conninfo.kwargs(), autocommit=autocommit)
     except psycopg.OperationalError as exc:
         raise classify_connect_error(exc, conninfo) from None
+    except psycopg.ProgrammingError as exc:  # libpq rejected the options themselves (?foo=bar)
+        raise ConfigError(f"bad connection setting in {conninfo.redacted()}: {first_line(str(exc))}") from None
 
 
 def server_version(conn: psycopg.Connection) -> str:

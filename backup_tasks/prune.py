@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -70,6 +71,8 @@ def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: Prune
         return
     if not archive.root.is_dir():
         return
+    if not report.dry_run:  # temporary files of wal-push runs killed more than an hour ago
+        archive.clear_incoming(time.time() - 3600)
     expiry = wal_expiry(kept_snapshots, archive.names())
     report.wal_reason = expiry.reason
     for name in expiry.delete:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import uuid
 from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
 
 from . import manifest as catalog
 from .codec import decompressed_chunks
 from .crypto import Identities, check_identity, load_identities, manifest_recipients, open_decrypted
-from .errors import BackupCorrupt, BackupError, ConfigError, RestoreFailed, RestoreRefused
+from .errors import BackupCorrupt, ConfigError, RestoreFailed, RestoreRefused
 from .locations import first_good, open_locations
 from .manifest import Manifest
 from .pg import (
@@ -152,29 +156,39 @@ def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *
     storage = check_checksum(storage, manifest)  # the first location with a good copy
     check_decryptable(storage, manifest, identities)
     maintenance = target.with_dbname("postgres")
-    replaced = False
-    with connect(maintenance) as admin:
-        major = int(admin.info.server_version) // 10000
-        if database_exists(admin, target.dbname):
-            with connect(target) as conn:
-                empty = database_is_empty(conn)
-            if not empty:
-                if not replace:
+    # Restore into a staging database and swap it in only once pg_restore succeeded: a failed
+    # restore leaves the target exactly as it was (with --replace too).
+    staging = f"{target.dbname[:40]}__restoring_{uuid.uuid4().hex[:8]}"
+    replaced = False  # whether a non-empty target is being dropped for the restored copy
+    try:
+        with connect(maintenance) as admin:
+            major = int(admin.info.server_version) // 10000
+            exists = database_exists(admin, target.dbname)
+            if exists:
+                with connect(target) as conn:
+                    replaced = not database_is_empty(conn)
+                if replaced and not replace:
                     raise RestoreRefused(f"database {target.dbname!r} on {target.server_label} is not empty; "
                                          f"restore into a new name, or pass --replace to drop and recreate it")
-                drop_database(admin, target.dbname)
-                create_database(admin, target.dbname)
-                replaced = True
-        else:
-            create_database(admin, target.dbname)
-    extra = ("--no-owner", "--no-privileges") if no_owner else ()
-    try:
-        pg_restore_into(storage, manifest, target, min_major=major, settings=settings, extra_args=extra,
-                        identities=identities)
-    except BackupError:
-        raise
+            create_database(admin, staging)
+        extra = ("--no-owner", "--no-privileges") if no_owner else ()
+        try:
+            pg_restore_into(storage, manifest, target.with_dbname(staging), min_major=major, settings=settings,
+                            extra_args=extra, identities=identities)
+            with connect(maintenance) as admin:
+                if exists:
+                    drop_database(admin, target.dbname)
+                admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(staging), sql.Identifier(target.dbname)))
+        except BaseException:
+            with connect(maintenance) as admin:
+                drop_database(admin, staging, force=True)
+            raise
     except OSError as exc:
         raise RestoreFailed(f"restore of {backup_id} failed: {first_line(str(exc))}") from None
+    except psycopg.Error as exc:  # CREATE/DROP/RENAME DATABASE: privileges, or clients still connected
+        raise RestoreRefused(f"restore of {backup_id} into {target.redacted()} refused by the server: "
+                             f"{first_line(str(exc))} (needs CREATEDB, and no one connected to the target)") from None
     with connect(target) as conn:
         restored = count_rows(conn)
     problems = compare_counts(manifest.tables, restored)

@@ -204,6 +204,9 @@ class Settings:
             raise ConfigError(f"BACKUP_COMPRESSION must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
         level_raw = env.get("BACKUP_COMPRESSION_LEVEL", "").strip()
         level = _env_int(env, "BACKUP_COMPRESSION_LEVEL", 0, 1) if level_raw else None
+        top = {"zstd": 22, "gzip": 9}[compression]
+        if level is not None and level > top:
+            raise ConfigError(f"BACKUP_COMPRESSION_LEVEL for {compression} must be 1 to {top}, got {level}")
         timezone = env.get("BACKUP_TIMEZONE", "").strip() or env.get("APP_TIMEZONE", "").strip() or "Asia/Kolkata"
         try:
             ZoneInfo(timezone)

@@ -208,7 +208,8 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, *, backup_id: str |
         )
         catalog.save(storage, result)
     except BaseException:
-        for key in published:
+        # Neither the data nor a manifest may survive alone (a mirrored location may hold one already).
+        for key in [*published, catalog.manifest_key(backup_id)]:
             try:
                 storage.delete(key)
             except BackupError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -222,10 +221,6 @@ class LocalStorage:
                 self.delete(key)
                 removed.append(key)
         return removed
-
-    def free_bytes(self) -> int:
-        self.ensure()
-        return shutil.disk_usage(self.root).free
 
 
 def open_storage(location: str, *, setting: str = "BACKUP_DIR") -> Storage:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from typing import Any
 
 from celery import Task, chain
@@ -140,9 +141,7 @@ def verify(self: BackupTask, previous: dict[str, Any] | None = None, backup_id: 
           soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
 def prune(self: BackupTask, dry_run: bool = False) -> dict[str, Any]:
     settings = self.settings()
-    report = run_prune(settings, dry_run=dry_run)
-    return {"dry_run": report.dry_run, "deleted": report.deleted, "freed_bytes": report.freed_bytes,
-            "decisions": [d.__dict__ for d in report.decisions]}
+    return asdict(run_prune(settings, dry_run=dry_run))  # the same document as `prune --json`
 
 
 @app.task(name="backup_tasks.health", base=BackupTask, bind=True, shared=False,
@@ -176,27 +175,33 @@ def start_workflow(settings: Settings, day: str, *, requested_by: str | None = N
     ttl = settings.task_time_limit * 2 + 600
     value = json.dumps({"backup_id": backup_id, "tasks": ids, "by": requested_by}, sort_keys=True)
     held = claim(settings, name, value, ttl=ttl)
-    holder: dict[str, Any] | None = json.loads(held) if held is not None else None
-    existing = dumping.existing_for_day(settings, conninfo.dbname, day)
-    if existing is not None:
-        if holder is None:
-            release_claim(settings, name, backup_id)  # ours, just made: nothing will run
-        skipped = {"status": "skipped", "reason": "already backed up", "trading_day": day,
-                   "backup_id": existing.id, "verified": _verified(existing)}
-        if holder is not None and holder.get("backup_id") == existing.id:
-            skipped["tasks"] = holder.get("tasks")  # that day's workflow: its verify may still be running
-        return skipped
-    if holder is not None:
-        if not (requested_by and holder.get("by") == requested_by):
-            return {"status": "skipped", "reason": "already in progress", "trading_day": day,
-                    "backup_id": holder.get("backup_id"), "tasks": holder.get("tasks")}
-        backup_id, ids = holder["backup_id"], holder["tasks"]  # our own claim: a redelivered message
-    point, point_error = _restore_point(settings, day)
-    chain(
-        dump.si(trading_day=day, backup_id=backup_id).set(task_id=ids["dump"]),
-        verify.s().set(task_id=ids["verify"]),
-        prune.si().set(task_id=ids["prune"]),
-    ).apply_async()
+    try:
+        holder: dict[str, Any] | None = json.loads(held) if held is not None else None
+        existing = dumping.existing_for_day(settings, conninfo.dbname, day)
+        if existing is not None:
+            if holder is None:
+                release_claim(settings, name, backup_id)  # ours, just made: nothing will run
+            skipped = {"status": "skipped", "reason": "already backed up", "trading_day": day,
+                       "backup_id": existing.id, "verified": _verified(existing)}
+            if holder is not None and holder.get("backup_id") == existing.id:
+                skipped["tasks"] = holder.get("tasks")  # that day's workflow: its verify may still be running
+            return skipped
+        if holder is not None:
+            if not (requested_by and holder.get("by") == requested_by):
+                return {"status": "skipped", "reason": "already in progress", "trading_day": day,
+                        "backup_id": holder.get("backup_id"), "tasks": holder.get("tasks")}
+            backup_id, ids = holder["backup_id"], holder["tasks"]  # our own claim: a redelivered message
+        point, point_error = _restore_point(settings, day)
+        chain(
+            dump.si(trading_day=day, backup_id=backup_id).set(task_id=ids["dump"]),
+            verify.s().set(task_id=ids["verify"]),
+            prune.si().set(task_id=ids["prune"]),
+        ).apply_async()
+    except BaseException:
+        # Nothing was queued: a claim left behind would make every later signal wait for ghosts.
+        if held is None:
+            release_claim(settings, name, backup_id)
+        raise
     log.info("post-close workflow for %s started: %s", day, ids)
     return {"status": "started", "trading_day": day, "backup_id": backup_id, "tasks": ids,
             "restore_point": point.name if point else None, "restore_point_error": point_error}

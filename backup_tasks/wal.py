@@ -98,10 +98,6 @@ def parse_lsn(text: str) -> int:
         raise WalArchiveError(f"{text!r} is not a WAL position like 0/3000028") from None
 
 
-def format_lsn(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
-
-
 def segments_per_xlogid(segment_size: int) -> int:
     return 0x100000000 // segment_size
 

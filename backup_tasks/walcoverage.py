@@ -20,7 +20,6 @@ from .errors import WalArchiveError
 from .wal import (
     FILE_MODE,
     RESTORE_POINT_DIR,
-    SEGMENT_RE,
     WalArchive,
     parse_lsn,
     position,
@@ -196,7 +195,3 @@ def delete_restore_point(archive: WalArchive, point: RestorePoint) -> None:
         (archive.root / restore_point_key(point)).unlink()
     except FileNotFoundError:
         pass
-
-
-def is_segment(name: str) -> bool:
-    return bool(SEGMENT_RE.match(name))

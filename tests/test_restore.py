@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from backup_tasks.dump import run_dump
-from backup_tasks.errors import BackupCorrupt, ConfigError, RestoreRefused
+from backup_tasks.errors import BackupCorrupt, ConfigError, RestoreFailed, RestoreRefused
 from backup_tasks.pg import connect
 from backup_tasks.restore import restore_backup
 from backup_tasks.settings import ConnInfo, Settings
@@ -97,3 +97,23 @@ def test_cli_restore_takes_the_target_from_the_environment(
     again = subprocess.run([BACKUP_TASKS, "restore", dumped["id"], "--target-database-url", url_of(target)],
                            env=env, capture_output=True, text=True, check=False)
     assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_a_failed_replace_leaves_the_target_as_it_was(
+        trading_db: ConnInfo, settings_for: Callable[..., Settings], make_database: Callable[..., ConnInfo],
+        pg_admin: ConnInfo) -> None:
+    from tests.test_verify import _rewrite_archive
+
+    settings = settings_for(trading_db)
+    manifest, _ = run_dump(settings)
+    _rewrite_archive(Path(settings.backup_dir) / manifest.path, manifest, settings, lambda raw: raw[: len(raw) // 2])
+    target = make_database()
+    with connect(target) as conn:
+        conn.execute("CREATE TABLE precious (note text); INSERT INTO precious VALUES ('still here')")
+    with pytest.raises((BackupCorrupt, RestoreFailed)):
+        restore_backup(settings, manifest.id, url_of(target), replace=True)
+    with connect(target) as conn:
+        assert conn.execute("SELECT note FROM precious").fetchone()[0] == "still here"
+    with connect(pg_admin) as conn:  # and the staging copy is gone
+        assert conn.execute("SELECT count(*) FROM pg_database WHERE datname LIKE %s",
+                            (f"{target.dbname}__restoring_%",)).fetchone()[0] == 0
