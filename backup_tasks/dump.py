@@ -25,7 +25,7 @@ from .errors import AuthenticationFailed, BackupError, DatabaseMissing, DumpFail
 from .locations import HashingWriter, open_locations
 from .locks import hold
 from .manifest import Manifest, isoformat, utcnow
-from .pg import count_rows, exported_snapshot, find_tool, first_line, server_major, server_version, tool_env
+from .pg import StderrTail, count_rows, exported_snapshot, find_tool, first_line, server_major, server_version, tool_env
 from .settings import ConnInfo, Settings
 from .storage import ObjectWriter
 
@@ -132,21 +132,16 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
         argv = [str(pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={snapshot}",
                 "--no-password", "--verbose"]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env(conninfo))
-        stderr_lines: list[str] = []
         tables_done = [0]
 
-        def read_stderr() -> None:
-            assert proc.stderr is not None
-            for raw in proc.stderr:
-                line = raw.decode(errors="replace").rstrip()
-                if "dumping contents of table" in line:
-                    tables_done[0] += 1
-                elif line:
-                    stderr_lines.append(line)
-                    del stderr_lines[:-200]  # keep the tail only: memory stays flat
+        def count_table(line: str) -> bool:
+            if "dumping contents of table" in line:
+                tables_done[0] += 1
+                return True
+            return False
 
-        stderr_thread = threading.Thread(target=read_stderr, name="pg_dump-stderr", daemon=True)
-        stderr_thread.start()
+        assert proc.stderr is not None
+        stderr_tail = StderrTail(proc.stderr, name="pg_dump", keep=200, consume=count_table)
         counting.start()
         # The manifest's size and sha256 describe the object as stored (ciphertext when encrypted),
         # so damage is found without the key.
@@ -175,9 +170,9 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
                     progress("dumping", backup_id=backup_id, bytes_read=raw_bytes,
                              bytes_written=stored.bytes_written, tables_done=tables_done[0])
             returncode = proc.wait()
-            stderr_thread.join()
+            stderr_text = stderr_tail.join()
             if returncode != 0:
-                raise classify_pg_dump_failure("\n".join(stderr_lines), conninfo)
+                raise classify_pg_dump_failure(stderr_text, conninfo)
             if not head.startswith(b"PGDMP"):
                 raise DumpFailed(f"pg_dump produced no archive ({raw_bytes} bytes); nothing was kept")
             tail = comp.flush()

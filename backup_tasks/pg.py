@@ -10,10 +10,12 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psycopg
 from psycopg import sql
@@ -104,6 +106,32 @@ def find_tool(name: str, *, min_major: int = 0, bin_dir: Path | None = None) -> 
                           f"{', '.join(seen)}. Install postgresql-client-{min_major} or set PG_BIN_DIR")
     raise ToolMissing(f"{name} not found (looked in PG_BIN_DIR, {PG_LIB_ROOT}/*/bin and PATH); "
                       f"install the PostgreSQL client tools (e.g. apt-get install postgresql-client) or set PG_BIN_DIR")
+
+
+class StderrTail:
+    """Drain a child's stderr on a thread, keeping only its last ``keep`` lines (memory stays flat).
+
+    ``consume`` may take a line instead (return True), e.g. to count pg_dump's progress lines.
+    """
+
+    def __init__(self, stream: IO[bytes], *, name: str, keep: int = 50,
+                 consume: Callable[[str], bool] | None = None) -> None:
+        self.lines: list[str] = []
+        self._stream, self._keep, self._consume = stream, keep, consume
+        self._thread = threading.Thread(target=self._drain, name=f"{name}-stderr", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        for raw in self._stream:
+            line = raw.decode(errors="replace").rstrip()
+            if line and not (self._consume and self._consume(line)):
+                self.lines.append(line)
+                del self.lines[:-self._keep]
+
+    def join(self) -> str:
+        """Wait for the stream to end; the kept tail as one text."""
+        self._thread.join()
+        return "\n".join(self.lines)
 
 
 def tool_env(conninfo: ConnInfo) -> dict[str, str]:

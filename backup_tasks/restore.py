@@ -7,7 +7,6 @@ restored database is compared with the manifest's row counts afterwards.
 from __future__ import annotations
 
 import subprocess
-import threading
 import uuid
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from .errors import BackupCorrupt, ConfigError, RestoreFailed, RestoreRefused
 from .locations import first_good, open_locations
 from .manifest import Manifest
 from .pg import (
+    StderrTail,
     connect,
     count_rows,
     create_database,
@@ -76,16 +76,8 @@ def pg_restore_into(storage: Storage, manifest: Manifest, target: ConnInfo, *, m
             "-d", target.dbname, *extra_args]
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=tool_env(target))
-    stderr_tail: list[bytes] = []
-
-    def drain() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            stderr_tail.append(line)
-            del stderr_tail[:-50]
-
-    drainer = threading.Thread(target=drain, daemon=True)
-    drainer.start()
+    assert proc.stderr is not None
+    stderr_tail = StderrTail(proc.stderr, name="pg_restore")
     feed_error: BaseException | None = None
     try:
         assert proc.stdin is not None
@@ -103,11 +95,10 @@ def pg_restore_into(storage: Storage, manifest: Manifest, target: ConnInfo, *, m
         feed_error = exc
         proc.kill()
     returncode = proc.wait()
-    drainer.join()
+    message = stderr_tail.join()
     if feed_error is not None:
         raise feed_error
     if returncode != 0:
-        message = b"".join(stderr_tail).decode(errors="replace")
         errors = [ln for ln in message.splitlines() if "error" in ln.lower()] or message.splitlines()
         detail = "; ".join(errors[:3]) or f"exit status {returncode}"
         if "input file does not appear to be a valid archive" in message or "unexpected end of file" in message:

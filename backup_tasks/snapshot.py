@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from .errors import AuthenticationFailed, BackupError, SnapshotFailed, SourceUna
 from .locations import HashingWriter, open_locations
 from .locks import hold
 from .manifest import Manifest, isoformat, utcnow
-from .pg import connect, find_tool, first_line, server_major, server_version, tool_env
+from .pg import StderrTail, connect, find_tool, first_line, server_major, server_version, tool_env
 from .settings import ConnInfo, Settings
 from .storage import ObjectWriter, Storage
 from .wal import parse_lsn, segment_of_lsn
@@ -363,16 +362,8 @@ def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFact
             "--manifest-checksums=CRC32C", f"--label=backup-tasks {backup_id}", "--verbose"]
     # --no-sync: the staging copy is thrown away; what we keep is fsynced by the storage writer.
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=tool_env(conninfo))
-    stderr_tail: list[str] = []
-
-    def drain() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            stderr_tail.append(raw.decode(errors="replace").rstrip())
-            del stderr_tail[:-50]
-
-    drainer = threading.Thread(target=drain, name="pg_basebackup-stderr", daemon=True)
-    drainer.start()
+    assert proc.stderr is not None
+    stderr_tail = StderrTail(proc.stderr, name="pg_basebackup")
     files: dict[str, dict[str, Any]] = {}
     unpacker = _Unpacker(unpacked, compressed=True)
     try:
@@ -380,9 +371,9 @@ def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFact
         try:
             _follow_into(target / "base.tar.zst", proc, writer, unpacker, backup_id, progress)
             returncode = proc.wait()
-            drainer.join()
+            stderr_text = stderr_tail.join()
             if returncode != 0:
-                raise classify_basebackup_failure("\n".join(stderr_tail), conninfo)
+                raise classify_basebackup_failure(stderr_text, conninfo)
             writer.commit()
         except BaseException:
             writer.abort()
