@@ -18,6 +18,7 @@ from celery import Task, chain
 from celery.utils import uuid
 
 from . import dump as dumping
+from . import manifest as catalog
 from .alerts import capture_problem, set_tags
 from .celery_app import app
 from .celeryconf import SHORT_HARD_LIMIT, SHORT_SOFT_LIMIT, retry_policy
@@ -32,6 +33,7 @@ from .errors import (
     retryable_errors,
 )
 from .health import check_health
+from .locations import open_locations
 from .locks import claim, release_claim
 from .manifest import Manifest, utcnow
 from .pitr import RestorePoint, create_restore_point, restore_point_for_day
@@ -127,14 +129,14 @@ def verify(self: BackupTask, previous: dict[str, Any] | None = None, backup_id: 
         backup_id = previous.get("backup_id") or backup_id
     elif isinstance(previous, str):
         backup_id = previous
-    if backup_id:
-        set_tags(backup_id=backup_id)
     settings = self.settings()
+    # "The newest" is resolved first, so the result (and the Sentry tag) names what was verified.
+    backup_id = backup_id or catalog.newest(open_locations(settings.backup_dir, settings.copy_to)).id
+    set_tags(backup_id=backup_id)
     result = verify_backup(settings, backup_id, progress=self.progress)
-    outcome = {"backup_id": backup_id, **result.__dict__}
     if not result.ok:
-        raise VerificationFailed(f"backup {backup_id or 'newest'} failed verification: " + "; ".join(result.problems))
-    return outcome
+        raise VerificationFailed(f"backup {backup_id} failed verification: " + "; ".join(result.problems))
+    return {"backup_id": backup_id, **asdict(result)}
 
 
 @app.task(name="backup_tasks.prune", base=BackupTask, bind=True, shared=False,
