@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import time
 import urllib.error
@@ -22,7 +21,16 @@ import redis
 from backup_tasks.celeryconf import QUEUE
 from backup_tasks.cluster import free_port
 from backup_tasks.settings import ConnInfo
-from tests.conftest import CELERY, ROOT, celery_env, client_app, running_worker, url_of, wait_until
+from tests.conftest import (
+    CELERY,
+    ROOT,
+    celery_env,
+    client_app,
+    running_worker,
+    stop_process,
+    url_of,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +62,7 @@ def running_flower(env: dict[str, str], port: int, log_path: Path, *extra: str) 
         assert proc.poll() is None, log_path.read_text()[-2000:]
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc, timeout=15)
         log.close()
 
 

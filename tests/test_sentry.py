@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shelve
-import signal
 import subprocess
 import threading
 import time
@@ -46,7 +44,16 @@ from backup_tasks.errors import (
 from backup_tasks.manifest import utcnow
 from backup_tasks.settings import ConnInfo, Settings
 from backup_tasks.workflow import session_day
-from tests.conftest import CELERY, ROOT, celery_env, client_app, running_worker, url_of, wait_until
+from tests.conftest import (
+    CELERY,
+    ROOT,
+    celery_env,
+    client_app,
+    running_worker,
+    stop_process,
+    url_of,
+    wait_until,
+)
 
 WRONG_DB_PASSWORD = "S3cretPw-xyz"
 BROKER_PASSWORD = "Br0ker-Pw-789"
@@ -372,16 +379,6 @@ def _start_beat(env: dict[str, str], schedule: Path, log_path: Path) -> subproce
     return proc
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 @pytest.mark.slow
 def test_beat_catches_a_missed_daily_run_skips_a_done_day_and_checks_in_with_sentry_crons(
         sentry: SentryIngest, redis_url: str, trading_db: ConnInfo, tmp_path: Path) -> None:
@@ -402,7 +399,7 @@ def test_beat_catches_a_missed_daily_run_skips_a_done_day_and_checks_in_with_sen
                 wait_until(lambda: "beat: Starting" in beat_log.read_text(), timeout=30, what="beat to start")
                 time.sleep(1.5)
             finally:
-                _stop(beat)
+                stop_process(beat, timeout=20)
             assert sentry.items("check_in") == []
             # Beat was then down for two days: its schedule file says the daily run last happened then.
             with shelve.open(str(schedule), writeback=True) as store:
@@ -412,7 +409,7 @@ def test_beat_catches_a_missed_daily_run_skips_a_done_day_and_checks_in_with_sen
                 checkins = wait_until(lambda: [c for c in sentry.items("check_in") if c["status"] == "ok"],
                                       timeout=30, what="the Crons check-in of the daily run")
             finally:
-                _stop(beat)
+                stop_process(beat, timeout=20)
         daily = _results_named(redis_url, "backup_tasks.daily")
     finally:
         client.close()
