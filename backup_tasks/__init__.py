@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # `celery -A backup_tasks` looks for an attribute `app` (then `celery`) on the package.
     if name in ("app", "celery_app"):
-        from .celery_app import app
+        from backup_tasks.worker.app import app
 
         return app
     raise AttributeError(f"module 'backup_tasks' has no attribute {name!r}")

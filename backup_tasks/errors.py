@@ -107,8 +107,6 @@ def retryable_errors() -> tuple[type[BackupError], ...]:
     return tuple(found)
 
 
-# --- off-site storage and encryption (issue 6) -------------------------------------------------
-
 class StorageUnavailable(StorageError):
     """The storage endpoint did not answer (refused, timed out, 5xx) within the bounded retries."""
 
@@ -140,8 +138,6 @@ class BrokerUnavailable(BackupError):
 
     retryable = True
 
-
-# --- snapshots, WAL archive, point-in-time recovery (appended) ---------------------------------
 
 class SnapshotFailed(BackupError):
     """pg_basebackup or pg_verifybackup failed; nothing was kept."""

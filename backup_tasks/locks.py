@@ -23,13 +23,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import ConfigError, LockBusy
-from .settings import Settings
+from backup_tasks.errors import ConfigError, LockBusy
+from backup_tasks.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
 DEFAULT_TTL = 120  # seconds: how long a killed holder blocks others
+
+
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
 _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
           "else return 0 end")
 
@@ -145,7 +150,6 @@ def hold(settings: Settings, name: str, *, what: str, ttl: int = DEFAULT_TTL) ->
         log.warning("lock server unreachable; using a local file lock (exclusive on this machine only)")
     with file_lock(scoped, busy_message=busy):
         yield
-
 
 
 def _scoped(settings: Settings, kind: str, name: str) -> str:

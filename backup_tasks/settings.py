@@ -10,120 +10,22 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import time
 from pathlib import Path
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .errors import ConfigError
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.errors import ConfigError
 
-#: URL schemes the trading app and its tools write; the driver suffix is irrelevant to libpq.
-POSTGRES_SCHEMES = frozenset(
-    {"postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg", "postgresql+asyncpg",
-     "postgresql+pg8000", "postgres+psycopg2"}
-)
 COMPRESSIONS = ("zstd", "gzip")
+
+
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
-@dataclass(frozen=True)
-class ConnInfo:
-    """A PostgreSQL connection target, parsed from a URL; the password never appears in repr."""
-
-    host: str | None
-    port: int | None
-    dbname: str
-    user: str | None
-    password: str | None = field(default=None, repr=False)
-    options: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def from_url(cls, url: str, *, setting: str = "DATABASE_URL") -> ConnInfo:
-        url = url.strip()
-        if not url:
-            raise ConfigError(f"{setting} is empty; set it to postgresql://USER@HOST:PORT/DATABASE")
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigError(f"{setting} is not a valid URL ({exc}): {redact_url(url)}") from None
-        if parts.scheme.lower() not in POSTGRES_SCHEMES:
-            raise ConfigError(
-                f"{setting} must start with postgresql:// (or postgres://, postgresql+psycopg2://, "
-                f"postgresql+psycopg://), got {parts.scheme or 'no scheme'!r}: {redact_url(url)}"
-            )
-        dbname = unquote(parts.path.lstrip("/"))
-        query = dict(parse_qsl(parts.query))
-        # libpq allows host and dbname in the query string (postgresql:///db?host=/run/postgresql).
-        host = unquote(parts.hostname) if parts.hostname else query.pop("host", None)
-        dbname = dbname or query.pop("dbname", "")
-        if not dbname:
-            raise ConfigError(f"{setting} names no database (…/DATABASE at the end): {redact_url(url)}")
-        if "/" in dbname:
-            raise ConfigError(f"{setting} has a malformed database name {dbname!r}: {redact_url(url)}")
-        user = unquote(parts.username) if parts.username else query.pop("user", None)
-        password = unquote(parts.password) if parts.password is not None else query.pop("password", None)
-        if "port" in query:
-            try:
-                port = int(query.pop("port"))
-            except ValueError:
-                raise ConfigError(f"{setting} has a non-numeric port: {redact_url(url)}") from None
-        return cls(host=host, port=port, dbname=dbname, user=user, password=password,
-                   options=tuple(sorted(query.items())))
-
-    def with_dbname(self, dbname: str) -> ConnInfo:
-        return replace(self, dbname=dbname)
-
-    def kwargs(self) -> dict[str, str]:
-        """Keyword arguments for ``psycopg.connect`` (password included: never log these)."""
-        out: dict[str, str] = dict(self.options)
-        out["dbname"] = self.dbname
-        if self.host:
-            out["host"] = self.host
-        if self.port:
-            out["port"] = str(self.port)
-        if self.user:
-            out["user"] = self.user
-        if self.password is not None:
-            out["password"] = self.password
-        out.setdefault("connect_timeout", "10")
-        out.setdefault("application_name", "backup-tasks")
-        return out
-
-    def libpq_env(self) -> dict[str, str]:
-        """Environment for libpq tools (pg_dump, pg_restore): the password travels here, never on argv."""
-        names = {"host": "PGHOST", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
-                 "password": "PGPASSWORD", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
-                 "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "connect_timeout": "PGCONNECT_TIMEOUT",
-                 "application_name": "PGAPPNAME", "options": "PGOPTIONS", "passfile": "PGPASSFILE",
-                 "target_session_attrs": "PGTARGETSESSIONATTRS"}
-        return {names[k]: v for k, v in self.kwargs().items() if k in names}
-
-    @property
-    def server_label(self) -> str:
-        """Where the database lives, for manifests and messages: ``host:port`` without user or password."""
-        return f"{self.host or 'local socket'}:{self.port or 5432}"
-
-    def redacted(self) -> str:
-        user = f"{self.user}@" if self.user else ""
-        return f"postgresql://{user}{self.host or ''}{':' + str(self.port) if self.port else ''}/{self.dbname}"
-
-
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
-#: ``user:password@host`` without a scheme, as the seed script hands it to pg_dump.
-_BARE_USERINFO = re.compile(r"(?<![\w/:@])(?P<user>[\w.%+-]+):(?P<pw>[^@\s/:]+)@(?=[\w.\[])")
-_QUERY_PW = re.compile(r"(?i)((?:password|secret|token|key)=)[^&\s]+")
-
-
-def redact_url(text: str) -> str:
-    """Replace the password part of every URL in ``text`` with ``***`` (any scheme)."""
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    text = _BARE_USERINFO.sub(lambda m: f"{m['user']}:***@", text)
-    return _QUERY_PW.sub(r"\1***", text)
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -203,7 +105,7 @@ class Settings:
         if compression not in COMPRESSIONS:
             raise ConfigError(f"BACKUP_COMPRESSION must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
         level_raw = env.get("BACKUP_COMPRESSION_LEVEL", "").strip()
-        level = _env_int(env, "BACKUP_COMPRESSION_LEVEL", 0, 1) if level_raw else None
+        level = env_int(env, "BACKUP_COMPRESSION_LEVEL", 0, 1) if level_raw else None
         top = {"zstd": 22, "gzip": 9}[compression]
         if level is not None and level > top:
             raise ConfigError(f"BACKUP_COMPRESSION_LEVEL for {compression} must be 1 to {top}, got {level}")
@@ -221,19 +123,21 @@ class Settings:
         backup_dir = env.get("BACKUP_DIR", "").strip() or "backups"
         copy_to = env.get("BACKUP_COPY_TO", "").strip() or None
         if copy_to or backup_dir.startswith("s3://"):
-            from .locations import check_location_setting  # validates s3:// URLs without importing boto3
+            from backup_tasks.storage.locations import (
+                check_location_setting,  # validates s3:// URLs without importing boto3
+            )
 
             check_location_setting(backup_dir, "BACKUP_DIR")
             copy_to = check_location_setting(copy_to, "BACKUP_COPY_TO", other=backup_dir) if copy_to else None
         recipients: tuple[str, ...] = ()
         if env.get("BACKUP_ENCRYPT_RECIPIENT", "").strip():
-            from .crypto import parse_recipients  # pyrage only when encryption is configured
+            from backup_tasks.streams.crypto import parse_recipients  # pyrage only when encryption is configured
 
             recipients = parse_recipients(env["BACKUP_ENCRYPT_RECIPIENT"])
         identity_file = env.get("BACKUP_DECRYPT_IDENTITY_FILE", "").strip()
         broker = env.get("CELERY_BROKER_URL", "").strip() or "redis://127.0.0.1:6379/0"
-        soft = _env_int(env, "BACKUP_TASK_SOFT_TIME_LIMIT", cls.task_soft_time_limit, 10)
-        hard = _env_int(env, "BACKUP_TASK_TIME_LIMIT", max(soft + 60, cls.task_time_limit), 11)
+        soft = env_int(env, "BACKUP_TASK_SOFT_TIME_LIMIT", cls.task_soft_time_limit, 10)
+        hard = env_int(env, "BACKUP_TASK_TIME_LIMIT", max(soft + 60, cls.task_time_limit), 11)
         if hard <= soft:
             raise ConfigError("BACKUP_TASK_TIME_LIMIT must be greater than BACKUP_TASK_SOFT_TIME_LIMIT")
         pg_bin = env.get("PG_BIN_DIR", "").strip()
@@ -242,8 +146,8 @@ class Settings:
             backup_dir=backup_dir if "://" in backup_dir else str(Path(backup_dir).expanduser()),
             compression=compression,
             compression_level=level,
-            keep_daily_days=_env_int(env, "BACKUP_KEEP_DAILY_DAYS", 7, 1),
-            keep_weekly=_env_int(env, "BACKUP_KEEP_WEEKLY", 12, 1),
+            keep_daily_days=env_int(env, "BACKUP_KEEP_DAILY_DAYS", 7, 1),
+            keep_weekly=env_int(env, "BACKUP_KEEP_WEEKLY", 12, 1),
             snapshot_compress=_snapshot_compress(env.get("BACKUP_SNAPSHOT_COMPRESS", "")),
             wal_archive_dir=str(Path(env["WAL_ARCHIVE_DIR"].strip()).expanduser().absolute())
             if env.get("WAL_ARCHIVE_DIR", "").strip() else None,
@@ -257,7 +161,7 @@ class Settings:
             daily_at=parse_clock(env.get("BACKUP_DAILY_AT", "02:00"), "BACKUP_DAILY_AT"),
             weekly_at=parse_weekly(env.get("BACKUP_WEEKLY_AT", "sun 03:00"), "BACKUP_WEEKLY_AT"),
             health_at=parse_clock(env.get("BACKUP_HEALTH_AT", "09:00"), "BACKUP_HEALTH_AT"),
-            health_max_age_hours=_env_int(env, "BACKUP_HEALTH_MAX_AGE_HOURS", 26, 1),
+            health_max_age_hours=env_int(env, "BACKUP_HEALTH_MAX_AGE_HOURS", 26, 1),
             task_soft_time_limit=soft,
             task_time_limit=hard,
             sentry_dsn=env.get("SENTRY_DSN", "").strip() or None,

@@ -46,12 +46,12 @@ BUCKET = "bench-offsite"
 
 def pipeline(database_url: str, backup_dir: str, recipients: list[str]) -> dict[str, Any]:
     """dump.py's loop (pg_dump custom format -> zstd with a worker thread -> sha256 -> writer), optionally encrypted."""
-    from backup_tasks.codec import compressor
-    from backup_tasks.crypto import EncryptingWriter
-    from backup_tasks.locations import HashingWriter
-    from backup_tasks.pg import find_tool, tool_env
-    from backup_tasks.settings import ConnInfo
-    from backup_tasks.storage import open_storage
+    from backup_tasks.conninfo import ConnInfo
+    from backup_tasks.postgres.tools import find_tool, tool_env
+    from backup_tasks.storage.integrity import HashingWriter
+    from backup_tasks.storage.locations import open_storage
+    from backup_tasks.streams.codec import compressor
+    from backup_tasks.streams.crypto import EncryptingWriter
 
     conninfo = ConnInfo.from_url(database_url)
     storage = open_storage(backup_dir)
@@ -78,7 +78,7 @@ def pipeline(database_url: str, backup_dir: str, recipients: list[str]) -> dict[
 
 
 def real_dump(database_url: str, backup_dir: str) -> dict[str, Any]:
-    from backup_tasks.dump import run_dump
+    from backup_tasks.logical.dump import run_dump
     from backup_tasks.settings import Settings
 
     settings = Settings(database_url=database_url, backup_dir=backup_dir, broker_url="memory://", lock_url=None)
@@ -89,9 +89,9 @@ def real_dump(database_url: str, backup_dir: str) -> dict[str, Any]:
 
 def synthetic(target: str, stream_mb: int, recipients: list[str]) -> dict[str, Any]:
     """A compressed stream of ``stream_mb`` MiB (already compressed: the layers see what a dump hands them)."""
-    from backup_tasks.crypto import EncryptingWriter
-    from backup_tasks.locations import HashingWriter
-    from backup_tasks.storage import open_storage
+    from backup_tasks.storage.integrity import HashingWriter
+    from backup_tasks.storage.locations import open_storage
+    from backup_tasks.streams.crypto import EncryptingWriter
 
     block = b"".join(hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(MIB // 32))
     storage = open_storage(target)
@@ -196,9 +196,10 @@ def clear_target(target: str, env: dict[str, str]) -> None:
 def ensure_database(args: argparse.Namespace) -> str:
     if args.database_url:
         return str(args.database_url)
-    from backup_tasks.pg import connect, create_database, database_exists
-    from backup_tasks.sampledata import generate
-    from backup_tasks.settings import ConnInfo
+    from backup_tasks.conninfo import ConnInfo
+    from backup_tasks.postgres.connect import connect
+    from backup_tasks.postgres.queries import create_database, database_exists
+    from backup_tasks.postgres.sampledata import generate
 
     admin = ConnInfo.from_url(args.admin_url)
     name = f"bt_bench_offsite_{int(args.size_mb)}"
@@ -307,8 +308,8 @@ def main() -> None:
         s3_proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
     if args.drop and not given_database:
-        from backup_tasks.pg import connect
-        from backup_tasks.settings import ConnInfo
+        from backup_tasks.conninfo import ConnInfo
+        from backup_tasks.postgres.connect import connect
 
         with connect(ConnInfo.from_url(args.admin_url)) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "bt_bench_offsite_{int(args.size_mb)}"')

@@ -42,15 +42,16 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT))
 
-from backup_tasks import manifest as catalog  # noqa: E402
-from backup_tasks.archivecheck import prepare_archive  # noqa: E402
-from backup_tasks.cluster import ThrowawayCluster, _as_server_user  # noqa: E402
-from backup_tasks.pg import connect, find_tool  # noqa: E402
-from backup_tasks.sampledata import generate, signals_for_size  # noqa: E402
-from backup_tasks.servercmd import archive_command, server_command  # noqa: E402
+from backup_tasks.catalog import manifest as catalog  # noqa: E402
+from backup_tasks.postgres.cluster import ThrowawayCluster, as_server_user  # noqa: E402
+from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.sampledata import generate, signals_for_size  # noqa: E402
+from backup_tasks.postgres.servercmd import archive_command, server_command  # noqa: E402
+from backup_tasks.postgres.tools import find_tool  # noqa: E402
 from backup_tasks.settings import Settings  # noqa: E402
-from backup_tasks.storage import open_storage  # noqa: E402
-from backup_tasks.wal import WalArchive  # noqa: E402
+from backup_tasks.storage.locations import open_storage  # noqa: E402
+from backup_tasks.wal.archive import WalArchive  # noqa: E402
+from backup_tasks.wal.setup import prepare_archive  # noqa: E402
 
 TARGET_SNAPSHOT_VS_BASEBACKUP = 1.2
 TARGET_WAL_PUSH_PER_SECOND = 10.0
@@ -320,7 +321,7 @@ def bench_wal_push(args: argparse.Namespace, archive: WalArchive, command: list[
 
 def stop_server(data_dir: Path) -> None:
     if (data_dir / "postmaster.pid").exists():
-        subprocess.run([*_as_server_user(), str(find_tool("pg_ctl").path), "-D", str(data_dir), "-m", "immediate",
+        subprocess.run([*as_server_user(), str(find_tool("pg_ctl").path), "-D", str(data_dir), "-m", "immediate",
                         "stop"], capture_output=True, check=False, cwd="/")
 
 

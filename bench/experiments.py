@@ -113,8 +113,8 @@ def child_counts(url: str, mode: str) -> None:
     """pg_dump with an exported snapshot, with or without row counts running in that snapshot."""
     import threading
 
-    from backup_tasks.pg import count_rows, exported_snapshot
-    from backup_tasks.settings import ConnInfo
+    from backup_tasks.conninfo import ConnInfo
+    from backup_tasks.postgres.queries import count_rows, exported_snapshot
 
     with exported_snapshot(ConnInfo.from_url(url)) as (conn, snapshot):
         if mode == "seqscan":
@@ -143,8 +143,10 @@ def child_restore(backup: str, mode: str, settings_json: str, parent_dir: str) -
 
     import zstandard
 
-    from backup_tasks.cluster import ThrowawayCluster
-    from backup_tasks.pg import connect, create_database, find_tool
+    from backup_tasks.postgres.cluster import ThrowawayCluster
+    from backup_tasks.postgres.connect import connect
+    from backup_tasks.postgres.queries import create_database
+    from backup_tasks.postgres.tools import find_tool
 
     pg_restore = str(find_tool("pg_restore").path)
     phases: dict[str, float] = {}
@@ -183,12 +185,13 @@ def child_verify_phases(backup_dir: str, backup_id: str) -> None:
     """verify_backup's steps one by one, timed (the same functions, in the same order)."""
     from dataclasses import replace
 
-    from backup_tasks import manifest as catalog
-    from backup_tasks.pg import amcheck_indexes, connect, count_rows
-    from backup_tasks.restore import check_checksum, pg_restore_into
+    from backup_tasks.catalog import manifest as catalog
+    from backup_tasks.logical.restore import check_checksum, pg_restore_into
+    from backup_tasks.logical.verify import scratch_database, server_major_of
+    from backup_tasks.postgres.connect import connect
+    from backup_tasks.postgres.queries import amcheck_indexes, count_rows
     from backup_tasks.settings import Settings
-    from backup_tasks.storage import open_storage
-    from backup_tasks.verify import scratch_database, server_major_of
+    from backup_tasks.storage.locations import open_storage
 
     settings = replace(Settings(), backup_dir=backup_dir)
     storage = open_storage(backup_dir)
@@ -234,7 +237,7 @@ def child_verify_phases(backup_dir: str, backup_id: str) -> None:
 def _amcheck_lanes(target: Any, costs: Sequence[tuple[str, int]], connections: int, heapallindexed: bool) -> None:
     import threading
 
-    from backup_tasks.pg import connect
+    from backup_tasks.postgres.connect import connect
 
     lanes: list[list[str]] = [[] for _ in range(connections)]
     loads = [0] * connections
@@ -384,7 +387,7 @@ def counts_experiment(bench: Bench, db: BenchDatabase, rounds: int) -> list[dict
 
 
 def restore_experiment(bench: Bench, db: BenchDatabase, rounds: int) -> list[dict[str, Any]]:
-    from backup_tasks.cluster import FAST_SETTINGS
+    from backup_tasks.postgres.cluster import FAST_SETTINGS
 
     backup_id = bench.latest_backup[db.requested_mb]
     backup = next(bench.backup_dir(db).glob(f"{backup_id}.dump.*"))

@@ -53,9 +53,10 @@ import psycopg  # noqa: E402
 from measure import Measurement, measure, wait_for_quiet  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from backup_tasks import sampledata  # noqa: E402
-from backup_tasks.pg import connect, find_tool  # noqa: E402
-from backup_tasks.settings import ConnInfo  # noqa: E402
+from backup_tasks.conninfo import ConnInfo  # noqa: E402
+from backup_tasks.postgres import sampledata  # noqa: E402
+from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.tools import find_tool  # noqa: E402
 
 MIB = 1 << 20
 DB_PREFIX = "bt_bench_"

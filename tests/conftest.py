@@ -26,9 +26,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from backup_tasks.cluster import ThrowawayCluster
-from backup_tasks.pg import connect
-from backup_tasks.settings import ConnInfo, Settings
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.postgres.cluster import ThrowawayCluster
+from backup_tasks.postgres.connect import connect
+from backup_tasks.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -125,7 +126,7 @@ def url_of(conninfo: ConnInfo, *, scheme: str = "postgresql") -> str:
 @pytest.fixture
 def trading_db(make_database: Callable[..., ConnInfo]) -> ConnInfo:
     """A small database with the trading app's six tables and generated rows."""
-    from backup_tasks.sampledata import generate
+    from backup_tasks.postgres.sampledata import generate
 
     conninfo = make_database()
     generate(conninfo, signals=300)

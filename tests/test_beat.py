@@ -14,10 +14,10 @@ import pytest
 from celery import Celery
 from celery.schedules import crontab
 
-from backup_tasks.celeryconf import QUEUE, TASK_NAMES, beat_schedule, build_config, schedule_settings
+from backup_tasks.catalog.tradingday import parse_day, session_day
 from backup_tasks.errors import ConfigError
 from backup_tasks.settings import Settings
-from backup_tasks.workflow import parse_day, session_day
+from backup_tasks.worker.config import QUEUE, TASK_NAMES, beat_schedule, build_config, schedule_settings
 
 
 def utc(*args: int) -> datetime:

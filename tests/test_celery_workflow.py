@@ -22,15 +22,17 @@ import pytest
 import redis
 from celery import Celery
 
-from backup_tasks import manifest as catalog
-from backup_tasks.celeryconf import QUEUE, SHORT_HARD_LIMIT, build_config, visibility_timeout
-from backup_tasks.dump import dump_lock_name
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.manifest import Manifest, utcnow
+from backup_tasks.catalog.tradingday import session_day
+from backup_tasks.conninfo import ConnInfo
 from backup_tasks.locks import hold
-from backup_tasks.manifest import Manifest, utcnow
-from backup_tasks.pg import connect
-from backup_tasks.settings import ConnInfo, Settings
-from backup_tasks.storage import PARTIAL_MARK, open_storage
-from backup_tasks.workflow import session_day
+from backup_tasks.logical.dump import dump_lock_name
+from backup_tasks.postgres.connect import connect
+from backup_tasks.settings import Settings
+from backup_tasks.storage.base import PARTIAL_MARK
+from backup_tasks.storage.locations import open_storage
+from backup_tasks.worker.config import QUEUE, SHORT_HARD_LIMIT, build_config, visibility_timeout
 from tests.conftest import BACKUP_TASKS, celery_env, client_app, running_worker, url_of, wait_until
 
 POST_CLOSE = "backup_tasks.post_close"
@@ -137,7 +139,7 @@ def run_cli(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess
 # --- configuration (fast) ---------------------------------------------------------------------------
 
 def test_every_task_has_soft_and_hard_limits_below_the_visibility_timeout() -> None:
-    from backup_tasks.celery_app import app
+    from backup_tasks.worker.app import app
 
     visibility = app.conf.broker_transport_options["visibility_timeout"]
     names = sorted(name for name in app.tasks if name.startswith("backup_tasks."))

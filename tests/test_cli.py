@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from backup_tasks.cluster import free_port
-from backup_tasks.settings import ConnInfo
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.postgres.cluster import free_port
 from tests.conftest import BACKUP_TASKS, url_of, worker_env
 
 

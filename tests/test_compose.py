@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from backup_tasks.celeryconf import ENV_VARS, QUEUE, build_config
-from backup_tasks.settings import ConnInfo, Settings
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.settings import Settings
+from backup_tasks.worker.config import ENV_VARS, QUEUE, build_config
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -81,7 +82,7 @@ def mounts(svc: dict[str, Any]) -> dict[str, str]:
 def variables_read_by_the_package() -> set[str]:
     """Environment variable names that appear as string constants in the modules that read the environment."""
     names: set[str] = set(ENV_VARS)
-    for module in ("settings.py", "celeryconf.py", "alerts.py", "celery_app.py"):
+    for module in ("settings.py", "worker/config.py", "worker/sentry.py", "worker/app.py"):
         tree = ast.parse((ROOT / "backup_tasks" / module).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) \

@@ -16,8 +16,17 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from backup_tasks.codec import compressor, decompressed_chunks
-from backup_tasks.crypto import (
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.errors import BackupCorrupt, BucketMissing, ConfigError, IdentityUnusable
+from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.queries import count_rows
+from backup_tasks.postgres.tools import find_tool, tool_env
+from backup_tasks.settings import Settings
+from backup_tasks.storage.integrity import HashingWriter
+from backup_tasks.storage.local import LocalStorage
+from backup_tasks.storage.s3 import MIB, S3Options, S3Storage
+from backup_tasks.streams.codec import compressor, decompressed_chunks
+from backup_tasks.streams.crypto import (
     AGE_MAGIC,
     EncryptingWriter,
     Identities,
@@ -29,12 +38,6 @@ from backup_tasks.crypto import (
     open_decrypted,
     parse_recipients,
 )
-from backup_tasks.errors import BackupCorrupt, BucketMissing, ConfigError, IdentityUnusable
-from backup_tasks.locations import HashingWriter
-from backup_tasks.pg import connect, count_rows, find_tool, tool_env
-from backup_tasks.settings import ConnInfo, Settings
-from backup_tasks.storage import LocalStorage
-from backup_tasks.storage_s3 import MIB, S3Options, S3Storage
 
 from .conftest import BACKUP_TASKS
 from .s3_server import S3Server, bucket_url, s3_env, s3_server  # noqa: F401

@@ -16,14 +16,16 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from backup_tasks import manifest as catalog
-from backup_tasks.dump import dump_lock_name, run_dump
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import AuthenticationFailed, LockBusy, SourceUnavailable, StorageFull, ToolMissing
 from backup_tasks.locks import hold
-from backup_tasks.pg import connect, find_tool
-from backup_tasks.sampledata import generate
-from backup_tasks.settings import ConnInfo, Settings
-from backup_tasks.storage import open_storage
+from backup_tasks.logical.dump import dump_lock_name, run_dump
+from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.sampledata import generate
+from backup_tasks.postgres.tools import find_tool
+from backup_tasks.settings import Settings
+from backup_tasks.storage.locations import open_storage
 from tests.conftest import BACKUP_TASKS, PASSWORD_SERVER_PASSWORD, url_of, worker_env
 
 TRICKY_COUNTS = {
@@ -99,7 +101,7 @@ def test_gzip_option(trading_db: ConnInfo, settings_for: Callable[..., Settings]
 def test_row_counts_come_from_the_dump_snapshot_under_concurrent_writes(
         make_database: Callable[..., ConnInfo], settings_for: Callable[..., Settings]) -> None:
     """A writer inserts throughout the dump; verify then demands exact equality with the restored rows."""
-    from backup_tasks.verify import verify_backup
+    from backup_tasks.logical.verify import verify_backup
 
     source = make_database()
     generate(source, signals=4000)
@@ -152,7 +154,7 @@ def test_wrong_password_fails_clearly_and_leaves_nothing(password_server: ConnIn
 
 
 def test_server_down_is_retryable_and_leaves_nothing(tmp_path: Path) -> None:
-    from backup_tasks.cluster import free_port
+    from backup_tasks.postgres.cluster import free_port
 
     settings = Settings(database_url=f"postgresql://u:pw@127.0.0.1:{free_port()}/aitrapp",
                         backup_dir=str(tmp_path / "b"), lock_url=None, broker_url="memory://")

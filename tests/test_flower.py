@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import redis
 
-from backup_tasks.celeryconf import QUEUE
-from backup_tasks.cluster import free_port
-from backup_tasks.settings import ConnInfo
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.postgres.cluster import free_port
+from backup_tasks.worker.config import QUEUE
 from tests.conftest import (
     CELERY,
     ROOT,

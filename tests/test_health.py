@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from backup_tasks.health import assess
+from backup_tasks.catalog.health import assess
 from tests.test_retention import NOW, dump
 
 DAY = timedelta(hours=26)

@@ -10,23 +10,24 @@ from pathlib import Path
 
 import pytest
 
-from backup_tasks import manifest as catalog
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupCorrupt, BucketMissing, ConfigError, ObjectMissing
-from backup_tasks.locations import (
+from backup_tasks.settings import Settings
+from backup_tasks.storage.integrity import (
     HashingWriter,
-    MirroredStorage,
     check_locations,
     first_good,
     holders,
     listing_by_location,
-    open_locations,
     probe_all,
     read_first_good,
     summarize,
 )
-from backup_tasks.settings import ConnInfo, Settings
-from backup_tasks.storage import LocalStorage
-from backup_tasks.storage_s3 import MIB, S3Options, S3Storage
+from backup_tasks.storage.local import LocalStorage
+from backup_tasks.storage.locations import open_locations
+from backup_tasks.storage.mirrored import MirroredStorage
+from backup_tasks.storage.s3 import MIB, S3Options, S3Storage
 
 from .s3_server import S3Server, bucket_url, s3_env, s3_server  # noqa: F401
 from .test_s3 import random_chunks
@@ -177,9 +178,9 @@ def test_probe_reports_each_location(mirrored: MirroredStorage, monkeypatch: pyt
 def test_dump_and_restore_through_a_bucket(bucket_url: str, trading_db: ConnInfo,
                                            make_database: Callable[..., ConnInfo],
                                            settings_for: Callable[..., Settings]) -> None:
-    from backup_tasks.dump import run_dump
-    from backup_tasks.restore import check_checksum, restore_backup
-    from backup_tasks.storage import open_storage
+    from backup_tasks.logical.dump import run_dump
+    from backup_tasks.logical.restore import check_checksum, restore_backup
+    from backup_tasks.storage.locations import open_storage
 
     from .conftest import url_of
 

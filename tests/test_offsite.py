@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from backup_tasks import manifest as catalog
-from backup_tasks.crypto import AGE_MAGIC
-from backup_tasks.locations import open_locations
-from backup_tasks.manifest import isoformat, parse_time
-from backup_tasks.pg import connect, count_rows
-from backup_tasks.settings import ConnInfo, Settings
-from backup_tasks.storage import Storage
-from backup_tasks.storage_s3 import S3Storage
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.manifest import isoformat, parse_time
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.queries import count_rows
+from backup_tasks.settings import Settings
+from backup_tasks.storage.base import Storage
+from backup_tasks.storage.locations import open_locations
+from backup_tasks.storage.s3 import S3Storage
+from backup_tasks.streams.crypto import AGE_MAGIC
 
 from .conftest import BACKUP_TASKS, url_of, worker_env
 from .s3_server import S3Server, bucket_url, s3_env, s3_server  # noqa: F401
@@ -205,7 +207,7 @@ def test_copy_to_a_bucket_falls_back_and_verify_names_the_good_location(
 
 
 def test_check_reports_each_location_and_the_keys(tmp_path: Path, s3_env: S3Server) -> None:
-    from backup_tasks.cli_pitr import storage_and_keys
+    from backup_tasks.cli.pitr import storage_and_keys
 
     key_file = tmp_path / "backup.key"
     public = write_identity_file(key_file)
@@ -234,7 +236,7 @@ def test_wal_push_copies_each_segment_and_wal_fetch_falls_back(
         copy_kind: str, tmp_path: Path, s3_env: S3Server) -> None:
     import os
 
-    from backup_tasks.wal import object_key
+    from backup_tasks.wal.archive import object_key
 
     copy_to = f"s3://{s3_env.new_bucket()}/offsite" if copy_kind == "bucket" else str(tmp_path / "copy")
     copy = open_locations(f"{copy_to}/wal")
@@ -283,7 +285,7 @@ def test_wal_push_copies_each_segment_and_wal_fetch_falls_back(
 def test_wal_segments_are_encrypted_when_recipients_are_given(tmp_path: Path, s3_env: S3Server) -> None:
     import os
 
-    from backup_tasks.wal import object_key
+    from backup_tasks.wal.archive import object_key
 
     key_file = tmp_path / "wal.key"
     public = write_identity_file(key_file)

@@ -17,16 +17,18 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from backup_tasks import manifest as catalog
-from backup_tasks.cluster import SERVER_USER, ThrowawayCluster, _as_server_user, server_uid_gid
-from backup_tasks.pg import connect
-from backup_tasks.pitr import create_restore_point, parse_target_time, restore_point_for_day, snapshot_ranges
-from backup_tasks.settings import ConnInfo, Settings
-from backup_tasks.snapshot import take_snapshot
-from backup_tasks.snapshot_verify import pitr_drill
-from backup_tasks.storage import open_storage
-from backup_tasks.wal import DIR_MODE, FILE_MODE, WalArchive, position
-from backup_tasks.walcoverage import restore_points
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.physical.drill import pitr_drill
+from backup_tasks.physical.plan import parse_target_time, snapshot_ranges
+from backup_tasks.physical.snapshot import take_snapshot
+from backup_tasks.postgres.cluster import SERVER_USER, ThrowawayCluster, as_server_user, server_uid_gid
+from backup_tasks.postgres.connect import connect
+from backup_tasks.settings import Settings
+from backup_tasks.storage.locations import open_storage
+from backup_tasks.wal.archive import DIR_MODE, FILE_MODE, WalArchive
+from backup_tasks.wal.names import position
+from backup_tasks.wal.restore_points import create_restore_point, restore_point_for_day, restore_points
 from tests.test_wal import PitrEnv, cli_env, reachable_dir, run_cli, switch_and_wait
 
 pytestmark = pytest.mark.slow
@@ -77,7 +79,7 @@ def restored_dirs(scenario: Scenario) -> Iterator[list[Path]]:
     yield dirs
     for data_dir in dirs:
         if (data_dir / "postmaster.pid").exists():
-            subprocess.run([*_as_server_user(), "/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data_dir), "-m",
+            subprocess.run([*as_server_user(), "/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data_dir), "-m",
                             "immediate", "stop"], capture_output=True, check=False, cwd="/")
         shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -136,7 +138,7 @@ def test_restore_without_start_leaves_a_ready_data_directory(scenario: Scenario,
     # whoever starts it gets the server at the target
     cluster_log = data_dir / "manual.log"
     port = str(40000 + random.randrange(20000))
-    subprocess.run([*_as_server_user(), "/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data_dir), "-l",
+    subprocess.run([*as_server_user(), "/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data_dir), "-l",
                     str(cluster_log), "-w", "-t", "120", "-o", f"-p {port} -c listen_addresses=127.0.0.1", "start"],
                    check=True, capture_output=True, cwd="/")
     deadline = datetime.now() + timedelta(seconds=60)

@@ -9,12 +9,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from backup_tasks import manifest as catalog
-from backup_tasks.dump import run_dump
-from backup_tasks.manifest import isoformat, parse_time
-from backup_tasks.prune import prune
-from backup_tasks.settings import ConnInfo, Settings
-from backup_tasks.storage import open_storage
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.manifest import isoformat, parse_time
+from backup_tasks.catalog.prune import prune
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.logical.dump import run_dump
+from backup_tasks.settings import Settings
+from backup_tasks.storage.locations import open_storage
 from tests.conftest import BACKUP_TASKS, url_of, worker_env
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from backup_tasks.dump import run_dump
+from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupCorrupt, ConfigError, RestoreFailed, RestoreRefused
-from backup_tasks.pg import connect
-from backup_tasks.restore import restore_backup
-from backup_tasks.settings import ConnInfo, Settings
+from backup_tasks.logical.dump import run_dump
+from backup_tasks.logical.restore import restore_backup
+from backup_tasks.postgres.connect import connect
+from backup_tasks.settings import Settings
 from tests.conftest import BACKUP_TASKS, url_of, worker_env
 
 #: A fingerprint of everything awkward in the tricky database, compared between source and copy.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from backup_tasks.manifest import Manifest, Verification, isoformat
-from backup_tasks.retention import RetentionPolicy, plan
+from backup_tasks.catalog.manifest import Manifest, Verification, isoformat
+from backup_tasks.catalog.retention import RetentionPolicy, plan
 
 NOW = datetime(2026, 11, 27, 2, 5, tzinfo=UTC)
 

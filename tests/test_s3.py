@@ -18,16 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from backup_tasks.errors import (
-    BucketMissing,
-    ConfigError,
-    ObjectMissing,
-    StorageAuthFailed,
-    StorageUnavailable,
-)
+from backup_tasks.errors import BucketMissing, ConfigError, ObjectMissing, StorageAuthFailed, StorageUnavailable
 from backup_tasks.settings import Settings
-from backup_tasks.storage import LocalStorage, open_storage
-from backup_tasks.storage_s3 import MIB, S3Location, S3Options, S3Storage
+from backup_tasks.storage.local import LocalStorage
+from backup_tasks.storage.locations import open_storage
+from backup_tasks.storage.s3 import MIB, S3Location, S3Options, S3Storage
 
 from .s3_server import S3Server, bucket_url, free_port, s3_env, s3_server  # noqa: F401
 
@@ -167,7 +162,7 @@ def test_multipart_upload_streams_parts_and_publishes_on_commit(bucket_url: str)
 
 def test_parts_grow_so_long_uploads_never_run_out_of_part_numbers(bucket_url: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from backup_tasks import storage_s3
+    from backup_tasks.storage import s3 as storage_s3
 
     monkeypatch.setattr(storage_s3, "PARTS_PER_SIZE_STEP", 2)  # double every 2 parts instead of every 1000
     storage = S3Storage.from_url(bucket_url, SMALL_PARTS)
@@ -214,7 +209,7 @@ def test_killed_upload_leaves_nothing_and_the_next_run_aborts_it(bucket_url: str
                                                                   tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import sys
-        from backup_tasks.storage_s3 import S3Options, S3Storage, MIB
+        from backup_tasks.storage.s3 import S3Options, S3Storage, MIB
         storage = S3Storage.from_url({bucket_url!r}, S3Options(part_size=5 * MIB))
         writer = storage.writer("aitrapp-dump-20261127T020000Z.dump.zst")
         chunk = bytes(range(256)) * 4096
@@ -363,8 +358,8 @@ def test_a_killed_dump_to_a_bucket_is_cleared_by_the_next_run(bucket_url: str, s
                                                               make_database: object, tmp_path: Path) -> None:
     import json
 
-    from backup_tasks import manifest as catalog
-    from backup_tasks.sampledata import generate
+    from backup_tasks.catalog import manifest as catalog
+    from backup_tasks.postgres.sampledata import generate
 
     from .conftest import BACKUP_TASKS, url_of
 

@@ -26,9 +26,9 @@ import pytest
 import redis
 from celery import Celery
 
-from backup_tasks.celeryconf import QUEUE, beat_schedule, build_config, schedule_settings
-from backup_tasks.cluster import free_port
-from backup_tasks.dump import run_dump
+from backup_tasks.catalog.manifest import utcnow
+from backup_tasks.catalog.tradingday import session_day
+from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import (
     AuthenticationFailed,
     BackupCorrupt,
@@ -41,9 +41,10 @@ from backup_tasks.errors import (
     ToolMissing,
     VerificationFailed,
 )
-from backup_tasks.manifest import utcnow
-from backup_tasks.settings import ConnInfo, Settings
-from backup_tasks.workflow import session_day
+from backup_tasks.logical.dump import run_dump
+from backup_tasks.postgres.cluster import free_port
+from backup_tasks.settings import Settings
+from backup_tasks.worker.config import QUEUE, beat_schedule, build_config, schedule_settings
 from tests.conftest import (
     CELERY,
     ROOT,
@@ -198,7 +199,7 @@ def exception_type(event: dict[str, Any]) -> str:
 # --- fast: what the tasks and the SDK are configured to do ---------------------------------------------
 
 def test_retry_policy_follows_the_error_types() -> None:
-    from backup_tasks import tasks
+    from backup_tasks.worker import tasks
 
     for task in (tasks.dump, tasks.verify, tasks.prune, tasks.post_close, tasks.daily, tasks.health):
         retried = task.autoretry_for
@@ -211,7 +212,7 @@ def test_retry_policy_follows_the_error_types() -> None:
 
 
 def test_retry_policy_settings() -> None:
-    from backup_tasks.celeryconf import retry_policy
+    from backup_tasks.worker.config import retry_policy
 
     assert retry_policy({}).backoff == 30 and retry_policy({}).max_retries == 5
     custom = retry_policy({"BACKUP_RETRY_BACKOFF": "5", "BACKUP_MAX_RETRIES": "2"})
@@ -223,8 +224,8 @@ def test_sentry_init_options(tmp_path: Path) -> None:
     """Initialised in a child process (never in the test process), reading the settings from the environment."""
     script = """
 import json, logging, sentry_sdk
-from backup_tasks.alerts import init_sentry
-from backup_tasks.celeryconf import schedule_settings
+from backup_tasks.worker.sentry import init_sentry
+from backup_tasks.worker.config import schedule_settings
 from sentry_sdk.integrations.celery import CeleryIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration
 assert init_sentry(schedule_settings())
@@ -250,7 +251,7 @@ print(json.dumps({"dsn": options["dsn"], "environment": options["environment"], 
     assert options["log_event_level"] is False
     # Without SENTRY_DSN nothing is initialised.
     off = subprocess.run([str(Path(CELERY).parent / "python"), "-c",
-                          "from backup_tasks.alerts import init_sentry; from backup_tasks.settings import Settings;"
+                          "from backup_tasks.worker.sentry import init_sentry; from backup_tasks.settings import Settings;"
                           "print(init_sentry(Settings()))"], env=celery_env("redis://x", tmp_path),
                          capture_output=True, text=True, check=True).stdout
     assert off.strip() == "False"
@@ -272,7 +273,7 @@ def test_crons_monitor_config_for_the_beat_entries() -> None:
 
 
 def test_scrubbing_removes_passwords_from_any_url_form() -> None:
-    from backup_tasks.alerts import scrub_event
+    from backup_tasks.worker.sentry import scrub_event
 
     event = {"message": "failed: postgresql+psycopg2://trader:pw-one@db:5432/aitrapp",
              "extra": {"urls": ["redis://:pw-two@redis:6379/0", "postgres://u:pw-three@h/d?sslmode=require"],
@@ -285,7 +286,7 @@ def test_scrubbing_removes_passwords_from_any_url_form() -> None:
 
 def test_secret_values_from_the_environment_are_scrubbed_even_bare(monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker's Celery settings leave DATABASE_URL out, so its password is collected separately."""
-    from backup_tasks import alerts
+    from backup_tasks.worker import sentry as alerts
 
     monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg2://trader:p%40ss-w0rd@db:5432/aitrapp")
     monkeypatch.setenv("FLOWER_BASIC_AUTH", "ops:fl0wer-pw")

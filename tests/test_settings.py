@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from backup_tasks.conninfo import ConnInfo, redact_url
 from backup_tasks.errors import ConfigError
-from backup_tasks.settings import ConnInfo, Settings, redact_url
+from backup_tasks.settings import Settings
 
 
 @pytest.mark.parametrize("url", [

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from backup_tasks import manifest as catalog
-from backup_tasks.cluster import ThrowawayCluster, free_port
-from backup_tasks.dump import run_dump
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.prune import prune
 from backup_tasks.errors import BackupError
-from backup_tasks.pg import connect
-from backup_tasks.pitr import create_restore_point, restore_point_for_day, restore_point_name
-from backup_tasks.prune import prune
-from backup_tasks.sampledata import generate
+from backup_tasks.logical.dump import run_dump
+from backup_tasks.physical.snapshot import take_snapshot
+from backup_tasks.physical.verify import verify_snapshot
+from backup_tasks.postgres.cluster import ThrowawayCluster, free_port
+from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.sampledata import generate
 from backup_tasks.settings import Settings
-from backup_tasks.snapshot import take_snapshot
-from backup_tasks.snapshot_verify import verify_snapshot
-from backup_tasks.storage import open_storage
-from backup_tasks.walcoverage import coverage
+from backup_tasks.storage.locations import open_storage
+from backup_tasks.wal.coverage import coverage
+from backup_tasks.wal.restore_points import create_restore_point, restore_point_for_day, restore_point_name
 from tests.test_wal import PitrEnv, cli_env, reachable_dir, run_cli, switch_and_wait
 
 pytestmark = pytest.mark.slow

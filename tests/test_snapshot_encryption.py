@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from backup_tasks import manifest as catalog
-from backup_tasks.archivecheck import prepare_archive
-from backup_tasks.cluster import _as_server_user, server_uid_gid
-from backup_tasks.crypto import AGE_MAGIC
-from backup_tasks.pg import connect
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.physical.drill import pitr_drill
+from backup_tasks.postgres.cluster import as_server_user, server_uid_gid
+from backup_tasks.postgres.connect import connect
 from backup_tasks.settings import Settings
-from backup_tasks.snapshot_verify import pitr_drill
-from backup_tasks.storage import open_storage
-from backup_tasks.wal import DIR_MODE
+from backup_tasks.storage.locations import open_storage
+from backup_tasks.streams.crypto import AGE_MAGIC
+from backup_tasks.wal.archive import DIR_MODE
+from backup_tasks.wal.setup import prepare_archive
 from tests.test_crypto import write_identity_file
 from tests.test_pitr import Scenario, insert, marks, restored_dirs  # noqa: F401
 from tests.test_wal import PitrEnv, cli_env, reachable_dir, run_cli, switch_and_wait
@@ -146,7 +146,7 @@ def test_a_local_copy_location_gets_a_wal_directory_the_server_user_can_write() 
         assert (info.st_uid, info.st_gid) == ids and stat.S_IMODE(info.st_mode) == DIR_MODE
         assert info.st_mode & stat.S_ISGID, "setgid: files below inherit the server user's group"
         probe = copy_wal / "probe"
-        subprocess.run([*_as_server_user(), "touch", str(probe)], check=True, cwd="/")
+        subprocess.run([*as_server_user(), "touch", str(probe)], check=True, cwd="/")
         assert probe.stat().st_gid == ids[1]
         prepare_archive(settings)  # idempotent: a second run changes nothing and does not fail
         assert stat.S_IMODE(copy_wal.stat().st_mode) == DIR_MODE and os.path.exists(probe)

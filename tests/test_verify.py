@@ -11,13 +11,14 @@ import psycopg
 import pytest
 import zstandard
 
-from backup_tasks import manifest as catalog
-from backup_tasks.dump import run_dump
-from backup_tasks.manifest import Manifest
-from backup_tasks.pg import connect
-from backup_tasks.settings import ConnInfo, Settings
-from backup_tasks.storage import open_storage
-from backup_tasks.verify import verify_backup
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.logical.dump import run_dump
+from backup_tasks.logical.verify import verify_backup
+from backup_tasks.postgres.connect import connect
+from backup_tasks.settings import Settings
+from backup_tasks.storage.locations import open_storage
 from tests.conftest import BACKUP_TASKS, url_of, worker_env
 
 pytestmark = pytest.mark.slow  # each test starts a throwaway cluster (about a second)

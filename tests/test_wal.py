@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from backup_tasks.archivecheck import prepare_archive
-from backup_tasks.cluster import ThrowawayCluster
+from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.catalog.retention import wal_expiry
 from backup_tasks.errors import WalConflict, WalCorrupt, WalGap, WalMissing
-from backup_tasks.manifest import Manifest
-from backup_tasks.pg import connect
-from backup_tasks.retention import wal_expiry
-from backup_tasks.servercmd import archive_command, server_command
+from backup_tasks.postgres.cluster import ThrowawayCluster
+from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.servercmd import archive_command, server_command
 from backup_tasks.settings import Settings
-from backup_tasks.wal import DIR_MODE, FILE_MODE, WalArchive, object_key
+from backup_tasks.wal.archive import DIR_MODE, FILE_MODE, WalArchive, object_key
+from backup_tasks.wal.setup import prepare_archive
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

@@ -1,0 +1,107 @@
+"""Retention policy as a pure function: manifests and a clock in, keep/delete decisions out.
+
+No I/O here: ``prune`` applies the answer, ``--dry-run`` prints it. Rules, per database and kind:
+- dumps: keep those started less than ``keep_daily_days`` days ago;
+- snapshots: keep the newest ``keep_weekly`` complete ones;
+- always keep the newest backup and the newest verified backup, whatever their age, so the last
+  good backup is never expired before its replacement has been proven.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.errors import BackupError
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    keep_daily_days: int = 7
+    keep_weekly: int = 12
+
+
+@dataclass(frozen=True)
+class Decision:
+    backup_id: str
+    kind: str
+    database: str
+    keep: bool
+    reason: str
+
+
+def plan(manifests: list[Manifest], now: datetime, policy: RetentionPolicy) -> list[Decision]:
+    groups: dict[tuple[str, str], list[Manifest]] = defaultdict(list)
+    for manifest in manifests:
+        groups[(manifest.database, manifest.kind)].append(manifest)
+    decisions: list[Decision] = []
+    for (_database, kind), group in sorted(groups.items()):
+        group.sort(key=lambda m: (m.started, m.id))
+        newest = group[-1]
+        verified = [m for m in group if m.verified_ok]
+        newest_verified = verified[-1] if verified else None
+        recent_snapshots = {m.id for m in [m for m in group if m.state == "complete"][-policy.keep_weekly:]}
+        for manifest in group:
+            decisions.append(_decide(manifest, kind, now, policy, newest, newest_verified, recent_snapshots))
+    return decisions
+
+
+def _decide(manifest: Manifest, kind: str, now: datetime, policy: RetentionPolicy, newest: Manifest,
+            newest_verified: Manifest | None, recent_snapshots: set[str]) -> Decision:
+    def decision(keep: bool, reason: str) -> Decision:
+        return Decision(manifest.id, kind, manifest.database, keep, reason)
+
+    if manifest is newest_verified:
+        return decision(True, "newest verified backup")
+    if manifest is newest:
+        return decision(True, "newest backup")
+    if kind == "snapshot":
+        if manifest.id in recent_snapshots:
+            return decision(True, f"one of the newest {policy.keep_weekly} snapshots")
+        return decision(False, f"older than the newest {policy.keep_weekly} snapshots")
+    age = now - manifest.started
+    if age < timedelta(days=policy.keep_daily_days):
+        return decision(True, f"within {policy.keep_daily_days} days")
+    return decision(False, f"{age.days} days old, retention is {policy.keep_daily_days} days")
+
+
+@dataclass(frozen=True)
+class WalExpiry:
+    """Which archived WAL files may go: everything before the start of the oldest kept snapshot."""
+
+    keep_from: str | None  # the oldest kept snapshot's first segment (None: keep every file)
+    delete: list[str]
+    reason: str
+
+
+def wal_expiry(kept_snapshots: list[Manifest], archived: list[str]) -> WalExpiry:
+    """Pure: the kept snapshots and the archive's file names in, the names to delete out.
+
+    A snapshot needs every segment from its start onwards (its own range, then the WAL after it for
+    point-in-time recovery). Timeline history files are always kept (tiny, and recovery needs them to
+    follow timelines). With no snapshot kept, or one whose start is unknown, nothing is expired.
+    """
+    from backup_tasks.wal.names import (
+        kind_of,  # import-light module; kept local so retention stays pure and cheap
+        position,
+    )
+
+    if not kept_snapshots:
+        return WalExpiry(None, [], "no snapshot is kept, so no WAL is expired")
+    starts = [m.start_segment for m in kept_snapshots]
+    if any(not start for start in starts):
+        unknown = next(m.id for m in kept_snapshots if not m.start_segment)
+        return WalExpiry(None, [], f"snapshot {unknown} does not say where its WAL starts, so no WAL is expired")
+    oldest = min((str(s) for s in starts), key=position)
+    delete = []
+    for name in archived:
+        try:
+            kind = kind_of(name)
+        except BackupError:
+            continue
+        if kind != "history" and position(name) < position(oldest):
+            delete.append(name)
+    owner = min(kept_snapshots, key=lambda m: position(str(m.start_segment))).id
+    return WalExpiry(oldest, delete, f"WAL before {oldest}, where the oldest kept snapshot {owner} starts")

@@ -1,0 +1,158 @@
+"""The daily cycle's commands: dump, verify, prune, restore, list, health, sample-data.
+
+Each imports what it runs inside the command, so ``backup-tasks --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from backup_tasks.cli.output import Add, UsageError, emit, size
+from backup_tasks.settings import Settings
+
+log = logging.getLogger("backup_tasks")
+
+
+def cmd_dump(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.catalog.tradingday import parse_day
+    from backup_tasks.logical.dump import run_dump
+
+    day = parse_day(args.trading_day) if args.trading_day else None
+
+    def progress(phase: str, **info: Any) -> None:
+        if args.verbose:
+            log.info("%s %s", phase, info)
+
+    manifest, skipped = run_dump(settings, trading_day=day, progress=progress)
+    status = "already backed up for that day" if skipped else "complete"
+    emit(args, manifest.to_dict() | ({"skipped": True} if skipped else {}),
+         f"dump {manifest.id} {status}: {manifest.path}, {size(manifest.size_bytes)}, "
+         f"{len(manifest.tables)} tables, {sum(manifest.tables.values())} rows, sha256 {manifest.sha256[:16]}…")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.cli.pitr import cmd_verify_snapshot, snapshot_verify_requested
+    from backup_tasks.logical.verify import verify_backup
+
+    if snapshot_verify_requested(args, settings):
+        return cmd_verify_snapshot(args, settings)
+
+    from backup_tasks.catalog import manifest as catalog
+    from backup_tasks.storage.locations import open_locations
+
+    # Resolve "the newest" before verifying: a dump finishing meanwhile must not change the answer.
+    backup_id = args.backup_id or catalog.newest(open_locations(settings.backup_dir, settings.copy_to)).id
+    result = verify_backup(settings, backup_id)
+    document = {"ok": result.ok, "backup_id": backup_id, **asdict(result)}
+    if result.ok:
+        human = (f"verified {backup_id}: restored in {result.duration_seconds:.1f}s, {result.tables_compared} tables "
+                 f"match, {result.indexes_checked} indexes sound ({', '.join(result.checked)})")
+    else:
+        human = f"VERIFICATION FAILED for {backup_id}:\n  " + "\n  ".join(result.problems)
+    emit(args, document, human)
+    return 0 if result.ok else 1
+
+
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.catalog.prune import prune
+
+    report = prune(settings, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    lines = [f"{'keep  ' if d.keep else 'delete'} {d.backup_id}  ({d.reason})" for d in report.decisions]
+    lines.append(f"{verb} {len(report.deleted)} backup(s), {size(report.freed_bytes)}")
+    if getattr(report, "wal_deleted", None):
+        lines.append(f"{verb} {len(report.wal_deleted)} archived WAL file(s), {size(report.wal_freed_bytes)}: "
+                     f"{report.wal_reason}")
+    emit(args, asdict(report), "\n".join(lines))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.logical.restore import restore_backup
+
+    result = restore_backup(settings, args.backup_id, args.target_database_url, replace=args.replace,
+                            no_owner=args.no_owner)
+    human = (f"restored {result.backup_id} into {result.target}: {result.tables} tables, {result.rows} rows"
+             + ("" if result.ok else "\nrow counts differ from the manifest:\n  " + "\n  ".join(result.problems)))
+    emit(args, asdict(result), human)
+    return 0 if result.ok else 1
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.catalog import manifest as catalog
+    from backup_tasks.storage.integrity import listing_by_location
+    from backup_tasks.storage.locations import open_locations
+
+    storage = open_locations(settings.backup_dir, settings.copy_to)
+    manifests = catalog.catalog(storage)  # each backup once, whichever locations hold it
+    where = listing_by_location(storage) if settings.copy_to else {}
+
+    def locations(m: catalog.Manifest) -> list[str]:
+        return where.get(m.path, []) if settings.copy_to else [storage.location]
+
+    lines = [f"{'id':44} {'kind':8} {'finished (UTC)':20} {'size':>10}  verified"]
+    for m in manifests:
+        verified = "never" if m.verification is None else ("ok " if m.verification.ok else "FAILED ") + \
+            m.verification.verified_at
+        lines.append(f"{m.id:44} {m.kind:8} {m.finished_at:20} {size(m.size_bytes):>10}  {verified}"
+                     + (f"  in {', '.join(locations(m)) or 'NO LOCATION'}" if settings.copy_to else ""))
+    if not manifests:
+        lines = [f"no backups in {settings.backup_dir}"]
+    document: dict[str, Any] = {"backup_dir": settings.backup_dir, "copy_to": settings.copy_to,
+                                "backups": [m.to_dict() | {"locations": locations(m)} for m in manifests]}
+    if any(m.kind == "snapshot" for m in manifests):
+        from backup_tasks.cli.pitr import snapshot_ranges_document
+
+        document["restorable"] = snapshot_ranges_document(settings)  # live: what the WAL archive covers now
+        lines += [f"snapshot {r['backup_id']} restores to any moment from {r['restorable_from']} to "
+                  f"{r['restorable_until']}" + (f" (WAL gap at {r['wal_gap']})" if r["wal_gap"] else "")
+                  for r in document["restorable"]]
+    emit(args, document, "\n".join(lines))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.catalog.health import check_health
+
+    report = check_health(settings)
+    human = (f"healthy: newest backup {report.newest_backup} finished {report.newest_finished_at}, verified"
+             if report.ok else "UNHEALTHY:\n  " + "\n  ".join(report.problems))
+    emit(args, asdict(report), human)
+    return 0 if report.ok else 1
+
+
+def cmd_sample_data(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.conninfo import ConnInfo
+    from backup_tasks.postgres.sampledata import generate
+
+    url = args.target_database_url or settings.database_url
+    if not url:
+        raise UsageError("sample-data needs --target-database-url or DATABASE_URL")
+    rows = generate(ConnInfo.from_url(url), size_mb=args.size_mb)
+    emit(args, {"tables": rows}, "\n".join(f"{name:12} {count:>10} rows" for name, count in rows.items()))
+    return 0
+
+
+def register(add: Add) -> None:
+    p = add("dump", cmd_dump, "take a full logical backup of DATABASE_URL now")
+    p.add_argument("--trading-day", help="record the trading day (ISO date); skip if that day is already backed up")
+    p = add("verify", cmd_verify, "restore a backup somewhere safe and compare it with its manifest")
+    p.add_argument("backup_id", nargs="?", help="backup id (default: the newest dump)")
+    p.add_argument("--snapshot", action="store_true", help="verify the newest snapshot (recovery to the end of "
+                                                           "the WAL archive in a throwaway cluster)")
+    p = add("prune", cmd_prune, "apply the retention policy")
+    p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
+    p = add("restore", cmd_restore, "restore a dump into a database (created if missing)")
+    p.add_argument("backup_id")
+    p.add_argument("--target-database-url", help="where to restore (default: RESTORE_DATABASE_URL)")
+    p.add_argument("--replace", action="store_true", help="drop and recreate a non-empty target first")
+    p.add_argument("--no-owner", action="store_true", help="skip ownership and privileges (roles missing)")
+    add("list", cmd_list, "show the catalog")
+    add("health", cmd_health, "exit 1 unless there is a recent, non-empty, verified backup")
+    p = add("sample-data", cmd_sample_data, "create the trading schema with generated rows in an empty database")
+    p.add_argument("--target-database-url", help="database to fill (default: DATABASE_URL)")
+    p.add_argument("--size-mb", type=float, default=10, help="approximate size (default 10 MB)")

@@ -1,0 +1,63 @@
+"""What every command prints: one JSON document with ``--json``, one human text otherwise; errors as one line.
+
+Exit codes: 0 success; 1 the operation or check failed; 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from datetime import datetime
+from typing import Any, NoReturn
+
+from backup_tasks.errors import BackupError, ConfigError
+from backup_tasks.settings import Settings
+
+#: A command: parsed arguments and settings in, exit code out.
+Command = Callable[[argparse.Namespace, Settings], int]
+#: How a command module adds its subcommands: ``add(name, command, help) -> its parser``.
+Add = Callable[[str, Command, str], argparse.ArgumentParser]
+
+
+class UsageError(ConfigError):
+    """A command-line mistake (exit 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors become ``UsageError`` so that ``--json`` still gets its one document."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def emit(args: argparse.Namespace, document: Any, human: str) -> None:
+    if args.json:
+        print(json.dumps(document, default=_jsonable, indent=2))
+    else:
+        print(human)
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def fail(exc: BackupError, *, command: str, as_json: bool) -> int:
+    """One line on stderr (never a traceback) and, with --json, one JSON document on stdout."""
+    if as_json:
+        print(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__,
+                          "at": datetime.now().astimezone().isoformat(timespec="seconds")}))
+    print(f"backup-tasks {command}: error: {exc}".replace("backup-tasks : ", "backup-tasks: "), file=sys.stderr)
+    return exc.exit_code

@@ -1,0 +1,268 @@
+"""CLI commands for snapshots, the WAL archive and point-in-time recovery (registered by ``cli.py``).
+
+Kept import-light: ``wal-push`` and ``wal-fetch`` run once per WAL segment as the server's OS user,
+so everything heavier than the archive module is imported inside the command that needs it.
+
+wal-fetch exit codes follow restore_command's contract: 0 restored; 1 not in the archive (the
+normal end of archived WAL: recovery ends there); ``RECOVERY_FATAL`` (200) when the archive is
+damaged or unreadable (a corrupt file; a gap: a missing segment with later ones present; no archive
+directory; permission denied). PostgreSQL treats an exit status above 125 as fatal and stops
+recovery, instead of ending it early at the damage. The fast path for both is ``entry.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from backup_tasks.cli.output import Add, UsageError, emit, size
+from backup_tasks.errors import WalMissing
+from backup_tasks.settings import Settings
+from backup_tasks.wal.command import RECOVERY_FATAL
+
+
+def _archive_dir(args: argparse.Namespace, settings: Settings) -> Path:
+    return Path(args.archive_dir).absolute() if getattr(args, "archive_dir", None) else settings.wal_archive
+
+
+def _copy_to(args: argparse.Namespace, settings: Settings) -> str | None:
+    """``--copy-to`` (what archive_command passes), else BACKUP_COPY_TO."""
+    return getattr(args, "copy_to", None) or settings.copy_to
+
+
+def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.wal.archive import WalArchive
+
+    recipients = settings.encrypt_recipients
+    if getattr(args, "encrypt_to", None):
+        from backup_tasks.streams.crypto import parse_recipients
+
+        recipients = parse_recipients(args.encrypt_to, setting="--encrypt-to")
+    archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings), recipients=recipients)
+    result = archive.push(Path(args.path), level=args.level)
+    if args.json or args.verbose:
+        emit(args, asdict(result), f"{result.name}: {result.status} ({result.original_bytes} -> "
+                                    f"{result.stored_bytes} bytes)")
+    return 0
+
+
+def cmd_wal_fetch(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.wal.archive import WalArchive
+
+    try:
+        archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings),
+                             identity_file=getattr(args, "identity_file", None) or settings.decrypt_identity_file)
+        size = archive.fetch(args.name, Path(args.destination))
+    except WalMissing as exc:
+        # The normal end of the archive: PostgreSQL asks for the next file until this happens.
+        if args.json:
+            emit(args, {"ok": False, "name": args.name, "missing": True, "error": str(exc)}, "")
+        print(f"backup-tasks wal-fetch: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a gap, damage, an unreadable archive, a bug: anything but "not archived"
+        if args.json:
+            emit(args, {"ok": False, "name": args.name, "fatal": True, "error": str(exc)}, "")
+        print(f"backup-tasks wal-fetch: FATAL: {exc}", file=sys.stderr)
+        return RECOVERY_FATAL
+    if args.json or args.verbose:
+        emit(args, {"ok": True, "name": args.name, "bytes": size}, f"{args.name}: restored ({size} bytes)")
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from backup_tasks.physical.snapshot import take_snapshot
+
+    log = logging.getLogger("backup_tasks")
+
+    def progress(phase: str, **info: Any) -> None:
+        if args.verbose:
+            log.info("%s %s", phase, info)
+
+    manifest = take_snapshot(settings, progress=progress)
+    warnings = (manifest.snapshot or {}).get("warnings") or []
+    human = (f"snapshot {manifest.id} complete: {size(manifest.size_bytes)}, WAL {manifest.start_lsn} to "
+             f"{manifest.stop_lsn} on timeline {manifest.timeline}, checked by pg_verifybackup"
+             + "".join(f"\n  warning: {w}" for w in warnings))
+    emit(args, manifest.to_dict(), human)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.wal.setup import check_archiving
+
+    report = check_archiving(settings, timeout=args.timeout)
+    storage_document, storage_lines = storage_and_keys(settings)
+    document = report.to_dict() | storage_document
+    document["ok"] = ok = report.ok and storage_document["storage_ok"] and storage_document["keys"]["ok"]
+    lines = [f"WAL archive {report.archive_dir} on {report.server}: "
+             + ("archiving works" if report.ok else "ARCHIVING IS NOT WORKING")]
+    if report.segment:
+        lines.append(f"  forced a switch: segment {report.segment} "
+                     + (f"arrived in {report.waited_seconds:.1f}s" if report.arrived else "did not arrive"))
+    lines += [f"  problem: {p}" for p in report.problems]
+    lines += [f"  warning: {w}" for w in report.warnings]
+    lines += [f"  note: {n}" for n in report.notes]
+    lines.append("postgresql.conf:")
+    lines += [f"  {line}" for line in report.postgresql_conf]
+    lines += storage_lines
+    emit(args, document, "\n".join(lines))
+    return 0 if ok else 1
+
+
+def storage_and_keys(settings: Settings) -> tuple[dict[str, Any], list[str]]:
+    """For ``check``: each storage location reachable and writable? the encryption keys usable?"""
+    from backup_tasks.errors import BackupError
+    from backup_tasks.storage.integrity import LocationStatus, probe_all
+    from backup_tasks.storage.locations import open_locations
+    from backup_tasks.streams.crypto import key_status
+
+    try:
+        statuses = probe_all(open_locations(settings.backup_dir, settings.copy_to))
+    except BackupError as exc:
+        statuses = [LocationStatus(settings.backup_dir, "primary", False, False, 0.0, str(exc), type(exc).__name__)]
+    keys = key_status(settings.encrypt_recipients, settings.decrypt_identity_file)
+    storage_ok = all(s.reachable and s.writable for s in statuses)
+    lines = ["storage:"]
+    lines += [f"  {s.role} {s.location}: " + ("reachable and writable" if s.reachable and s.writable else
+                                              f"NOT {'WRITABLE' if s.reachable else 'REACHABLE'}: {s.error}")
+              for s in statuses]
+    lines.append("encryption: " + (f"to {', '.join(keys.recipients)}" if keys.encrypting else "off")
+                 + (f"; identity file {keys.identity_file}" if keys.identity_file else ""))
+    lines += [f"  problem: {p}" for p in keys.problems] + [f"  warning: {w}" for w in keys.warnings]
+    return {"storage_ok": storage_ok, "locations": [asdict(s) for s in statuses], "keys": asdict(keys)}, lines
+
+
+def cmd_restore_point(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import asdict as as_dict
+
+    from backup_tasks.wal.restore_points import create_restore_point
+
+    point = create_restore_point(settings, args.name, trading_day=args.trading_day, switch_wal=not args.no_switch)
+    emit(args, {"ok": True, **as_dict(point)}, f"restore point {point.name!r} at WAL {point.lsn} "
+                                                f"(segment {point.segment}), {point.created_at}")
+    return 0
+
+
+def cmd_restore_pitr(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.physical.plan import latest_target, name_target, time_target
+    from backup_tasks.physical.restore import restore_pitr
+
+    if args.target_time and args.target_name:
+        raise UsageError("give --target-time or --target-name, not both")
+    target = (time_target(args.target_time, settings) if args.target_time
+              else name_target(args.target_name) if args.target_name else latest_target())
+    report = restore_pitr(settings, target, Path(args.data_dir), start=args.start, port=args.port,
+                          action=args.target_action, keep_archiving=args.keep_archiving, timeout=args.timeout)
+    lines = [f"restored snapshot {report.snapshot_id} into {report.data_dir} for {report.target}"]
+    lines += [f"  note: {n}" for n in report.notes]
+    if report.outcome is not None:
+        o = report.outcome
+        lines.append(("recovery finished" if report.ok else "RECOVERY FAILED") + f" (server state: {o.state})")
+        for label, value in (("stopped", o.stop_reason), ("last transaction", o.last_transaction_at),
+                             ("redo done at", o.redo_done_at), ("new timeline", o.new_timeline)):
+            if value:
+                lines.append(f"  {label}: {value}")
+        if report.ok and report.port:
+            lines.append(f"  running on 127.0.0.1:{report.port}; stop it with: pg_ctl -D {report.data_dir} stop")
+    else:
+        lines.append(f"start it as the server user: pg_ctl -D {report.data_dir} start "
+                     f"(it recovers, then {args.target_action}s)")
+    emit(args, report.to_dict(), "\n".join(lines))
+    return 0 if report.ok else 1
+
+
+def snapshot_verify_requested(args: argparse.Namespace, settings: Settings) -> bool:
+    if getattr(args, "snapshot", False):
+        return True
+    if not args.backup_id:
+        return False
+    from backup_tasks.catalog import manifest as catalog
+    from backup_tasks.storage.locations import open_locations
+
+    storage = open_locations(settings.backup_dir, settings.copy_to)
+    return storage.exists(catalog.manifest_key(args.backup_id)) and \
+        catalog.load(storage, args.backup_id).kind == "snapshot"
+
+
+def cmd_verify_snapshot(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.catalog import manifest as catalog
+    from backup_tasks.physical.verify import verify_snapshot
+    from backup_tasks.storage.locations import open_locations
+
+    result = verify_snapshot(settings, args.backup_id)
+    backup_id = args.backup_id or catalog.newest(open_locations(settings.backup_dir, settings.copy_to),
+                                                 kind="snapshot").id
+    document = {"ok": result.ok, "backup_id": backup_id, **asdict(result)}
+    if result.ok:
+        human = (f"verified snapshot {backup_id}: recovered to the end of the archive "
+                 f"({(result.details or {}).get('reached_lsn')}) in {result.duration_seconds:.1f}s, "
+                 f"{result.tables_compared} tables read, {result.indexes_checked} indexes sound "
+                 f"({', '.join(result.checked)})")
+    else:
+        human = f"VERIFICATION FAILED for snapshot {backup_id}:\n  " + "\n  ".join(result.problems)
+    emit(args, document, human)
+    return 0 if result.ok else 1
+
+
+def snapshot_ranges_document(settings: Settings) -> list[dict[str, Any]]:
+    """For ``list --json``: what each snapshot can restore to right now."""
+    from backup_tasks.physical.plan import snapshot_ranges
+    from backup_tasks.storage.locations import open_locations
+    from backup_tasks.wal.archive import WalArchive
+
+    try:
+        archive = WalArchive.for_settings(settings)
+        ranges = snapshot_ranges(open_locations(settings.backup_dir, settings.copy_to), archive)
+    except Exception:  # listing must not fail because the archive is unreadable
+        return []
+    return [{"backup_id": r.snapshot.id, "restorable_from": r.restorable_from.isoformat(),
+             "restorable_until": r.restorable_until.isoformat(), "wal_gap": r.coverage.gap,
+             "wal_segments": r.coverage.segments} for r in ranges]
+
+
+def register(add: Add) -> None:
+    p = add("snapshot", cmd_snapshot, "take a physical snapshot (pg_basebackup) of the cluster, verified by "
+                                      "pg_verifybackup")
+    p = add("wal-push", cmd_wal_push, "archive one WAL file (PostgreSQL's archive_command: "
+                                      "wal-push --archive-dir DIR <path>)")
+    p.add_argument("path", help="the file to archive (%%p)")
+    p.add_argument("--archive-dir", help="the WAL archive (default: WAL_ARCHIVE_DIR, else BACKUP_DIR/wal)")
+    p.add_argument("--copy-to", help="also write it to COPY_TO/wal (default without --archive-dir: BACKUP_COPY_TO)")
+    p.add_argument("--encrypt-to", help="age public keys, comma-separated (default without --archive-dir: "
+                                           "BACKUP_ENCRYPT_RECIPIENT)")
+    p.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
+    p = add("wal-fetch", cmd_wal_fetch, "restore one WAL file (PostgreSQL's restore_command: "
+                                        "wal-fetch --archive-dir DIR <name> <path>)")
+    p.add_argument("name", help="the WAL file name (%%f)")
+    p.add_argument("destination", help="where to write it (%%p)")
+    p.add_argument("--archive-dir", help="the WAL archive (default: WAL_ARCHIVE_DIR, else BACKUP_DIR/wal)")
+    p.add_argument("--copy-to", help="fall back to COPY_TO/wal when missing or damaged (default without "
+                                        "--archive-dir: BACKUP_COPY_TO)")
+    p.add_argument("--identity-file", help="age identity file for an encrypted archive "
+                                           "(default without --archive-dir: BACKUP_DECRYPT_IDENTITY_FILE)")
+    p = add("check", cmd_check, "check that the server archives WAL correctly (forces a segment switch and waits "
+                                "for it); prints the postgresql.conf lines")
+    p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the segment (default 60)")
+    p = add("restore-point", cmd_restore_point, "create a named restore point (pg_create_restore_point)")
+    p.add_argument("name")
+    p.add_argument("--trading-day", help="the trading day it marks (ISO date), for snapshot verification")
+    p.add_argument("--no-switch", action="store_true", help="do not switch WAL segments afterwards")
+    p = add("restore-pitr", cmd_restore_pitr, "restore the cluster to a point in time into an empty data directory")
+    p.add_argument("--data-dir", required=True, help="where to restore (must be empty or not exist)")
+    p.add_argument("--target-time", help="any timestamp PostgreSQL accepts (no zone: BACKUP_TIMEZONE)")
+    p.add_argument("--target-name", help="a restore point name")
+    p.add_argument("--target-action", choices=["promote", "pause", "shutdown"], default="promote",
+                   help="what the server does at the target (default promote)")
+    p.add_argument("--start", action="store_true", help="start the server, wait for recovery, report the point")
+    p.add_argument("--port", type=int, help="port for --start (default: a free one)")
+    p.add_argument("--keep-archiving", action="store_true",
+                   help="leave archive_mode as in the snapshot (default: off, so the copy never archives)")
+    p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds to wait with --start")
+
+
+

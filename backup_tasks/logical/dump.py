@@ -1,0 +1,188 @@
+"""The daily logical backup: ``pg_dump`` in custom format, compressed and hashed as it streams.
+
+One pass, constant memory: pg_dump writes an uncompressed custom-format archive to a pipe; we
+read it in 1 MiB chunks, compress (zstd worker threads, no GIL), hash the compressed bytes and
+write them to a temporary object that is fsynced and renamed only when pg_dump succeeded. The
+row counts come from the very snapshot pg_dump uses (``--snapshot``), so verification can demand
+exact equality.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+from dataclasses import dataclass
+
+import psycopg
+
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.ids import backup_id_for, dump_key, id_prefix
+from backup_tasks.catalog.manifest import Manifest, existing_for_day, isoformat, utcnow
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.errors import AuthenticationFailed, BackupError, DatabaseMissing, DumpFailed, SourceUnavailable
+from backup_tasks.locks import hold
+from backup_tasks.postgres.connect import server_major, server_version
+from backup_tasks.postgres.failures import first_line
+from backup_tasks.postgres.queries import count_rows, exported_snapshot
+from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
+from backup_tasks.progress import PROGRESS_EVERY, Progress, no_progress
+from backup_tasks.settings import Settings
+from backup_tasks.storage.base import ObjectWriter
+from backup_tasks.storage.integrity import HashingWriter
+from backup_tasks.storage.locations import open_locations
+from backup_tasks.streams.codec import CHUNK, compressor
+from backup_tasks.streams.crypto import EncryptingWriter, encryption_info
+
+log = logging.getLogger(__name__)
+
+
+def dump_lock_name(conninfo: ConnInfo) -> str:
+    return f"dump:{conninfo.server_label}/{conninfo.dbname}"
+
+
+def classify_pg_dump_failure(stderr: str, conninfo: ConnInfo) -> BackupError:
+    text = stderr.strip()
+    line = next((ln for ln in text.splitlines() if "error" in ln.lower()), first_line(text) if text else "")
+    if "password authentication failed" in text or "no password supplied" in text:
+        return AuthenticationFailed(f"pg_dump could not log in to {conninfo.redacted()}: {line}")
+    if "does not exist" in text and "database" in text:
+        return DatabaseMissing(f"pg_dump: {line}")
+    if "could not connect" in text or "Connection refused" in text or "server closed the connection" in text:
+        return SourceUnavailable(f"pg_dump lost the server {conninfo.server_label}: {line}")
+    return DumpFailed(f"pg_dump failed: {line or 'no error message'}")
+
+
+@dataclass
+class _Counter:
+    """Runs the exact row counts in the snapshot's own transaction while pg_dump streams."""
+
+    conn: psycopg.Connection
+    result: dict[str, int] | None = None
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = count_rows(self.conn)
+        except BaseException as exc:
+            self.error = exc
+
+
+def run_dump(settings: Settings, *, trading_day: str | None = None, backup_id: str | None = None,
+             progress: Progress = no_progress) -> tuple[Manifest, bool]:
+    """Take one dump of ``DATABASE_URL`` under the per-database lock.
+
+    Returns (manifest, skipped): with a ``trading_day`` that the catalog already holds a complete
+    dump for, nothing is dumped and that dump's manifest comes back with ``skipped`` true. The
+    check runs under the lock, so two runs for the same day never both dump.
+    """
+    conninfo = settings.source()
+    with hold(settings, dump_lock_name(conninfo), what=f"a dump of {conninfo.dbname}"):
+        if trading_day is not None:
+            existing = existing_for_day(open_locations(settings.backup_dir, settings.copy_to), conninfo.dbname,
+                                        trading_day)
+            if existing is not None:
+                return existing, True
+        return _dump_locked(settings, conninfo, trading_day=trading_day, backup_id=backup_id,
+                            progress=progress), False
+
+
+def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | None, backup_id: str | None,
+                 progress: Progress) -> Manifest:
+    storage = open_locations(settings.backup_dir, settings.copy_to)
+    with exported_snapshot(conninfo) as (conn, snapshot):
+        started = utcnow()
+        version = server_version(conn)
+        pg_dump = find_tool("pg_dump", min_major=server_major(conn), bin_dir=settings.pg_bin_dir)
+        backup_id = backup_id or backup_id_for(conninfo.dbname, "dump", isoformat(started))
+        key = dump_key(backup_id, settings.compression, encrypted=bool(settings.encrypt_recipients))
+        if storage.exists(catalog.manifest_key(backup_id)):
+            raise DumpFailed(f"a backup named {backup_id} already exists; not overwriting it")
+        removed = storage.clear_partials(prefix=id_prefix(conninfo.dbname, "dump"))
+        if removed:
+            log.info("removed %d partial file(s) left by an interrupted run", len(removed))
+        progress("dumping", backup_id=backup_id, bytes_written=0, tables_done=0)
+        counter = _Counter(conn)
+        counting = threading.Thread(target=counter.run, name="row-counts", daemon=True)
+        argv = [str(pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={snapshot}",
+                "--no-password", "--verbose"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env(conninfo))
+        tables_done = [0]
+
+        def count_table(line: str) -> bool:
+            if "dumping contents of table" in line:
+                tables_done[0] += 1
+                return True
+            return False
+
+        assert proc.stderr is not None
+        stderr_tail = StderrTail(proc.stderr, name="pg_dump", keep=200, consume=count_table)
+        counting.start()
+        # The manifest's size and sha256 describe the object as stored (ciphertext when encrypted),
+        # so damage is found without the key.
+        stored = HashingWriter(storage.writer(key))
+        writer: ObjectWriter = stored
+        try:
+            if settings.encrypt_recipients:
+                writer = EncryptingWriter(stored, settings.encrypt_recipients)
+            # threads=0: compress inline. A zstd worker thread saves no wall time here (the server
+            # backend and pg_dump already keep the other core busy; bench/ measured it) and its job
+            # buffers cost 10-50 MiB of memory depending on the level.
+            comp = compressor(settings.compression, settings.compression_level, threads=0)
+            raw_bytes = 0
+            head = b""
+            next_report = PROGRESS_EVERY
+            assert proc.stdout is not None
+            while chunk := proc.stdout.read(CHUNK):
+                if raw_bytes < 5:
+                    head += chunk[:5]
+                raw_bytes += len(chunk)
+                out = comp.compress(chunk)
+                if out:
+                    writer.write(out)
+                if raw_bytes >= next_report:
+                    next_report += PROGRESS_EVERY
+                    progress("dumping", backup_id=backup_id, bytes_read=raw_bytes,
+                             bytes_written=stored.bytes_written, tables_done=tables_done[0])
+            returncode = proc.wait()
+            stderr_text = stderr_tail.join()
+            if returncode != 0:
+                raise classify_pg_dump_failure(stderr_text, conninfo)
+            if not head.startswith(b"PGDMP"):
+                raise DumpFailed(f"pg_dump produced no archive ({raw_bytes} bytes); nothing was kept")
+            tail = comp.flush()
+            writer.write(tail)
+            progress("counting rows", backup_id=backup_id, bytes_written=stored.bytes_written,
+                     tables_done=tables_done[0])
+            counting.join()
+            if counter.error is not None:
+                raise DumpFailed(f"counting rows in the dump's snapshot failed: {first_line(str(counter.error))}")
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+        finally:
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+    finished = utcnow()
+    result = Manifest(
+        id=backup_id, kind="dump", database=conninfo.dbname, server=conninfo.server_label,
+        server_version=version, started_at=isoformat(started), finished_at=isoformat(finished),
+        path=key, size_bytes=stored.bytes_written, sha256=stored.hexdigest(),
+        compression=settings.compression, tables=counter.result or {}, trading_day=trading_day,
+        pg_dump_version=str(pg_dump.major), encryption=encryption_info(settings.encrypt_recipients),
+    )
+    try:
+        catalog.save(storage, result)
+    except BaseException:
+        # Neither half may survive alone (a mirrored location may hold one manifest already).
+        storage.delete(key)
+        storage.delete(catalog.manifest_key(backup_id))
+        raise
+    log.info("dump %s complete: %d bytes, %d tables", backup_id, result.size_bytes, len(result.tables))
+    progress("done", backup_id=backup_id, bytes_written=result.size_bytes, tables_done=tables_done[0])
+    return result

@@ -1,0 +1,115 @@
+"""Prove a dump restores: checksum, restore somewhere that is not production, compare, amcheck.
+
+The restore goes into a throwaway cluster from the local binaries, or into a scratch database on
+the server named by ``VERIFY_DATABASE_URL``. The outcome is recorded in the backup's manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.compare import compare_counts
+from backup_tasks.catalog.keys import identities_for
+from backup_tasks.catalog.manifest import Manifest, Verification, isoformat, utcnow
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.errors import BackupCorrupt, RestoreFailed, StorageError
+from backup_tasks.logical.restore import check_decryptable, pg_restore_into
+from backup_tasks.postgres.cluster import ThrowawayCluster
+from backup_tasks.postgres.connect import connect, server_version
+from backup_tasks.postgres.queries import amcheck_indexes, count_rows, create_database, drop_database
+from backup_tasks.progress import Progress, no_progress
+from backup_tasks.settings import Settings
+from backup_tasks.storage.base import members
+from backup_tasks.storage.integrity import check_locations, summarize
+from backup_tasks.storage.locations import open_locations
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def scratch_database(settings: Settings, min_major: int) -> Iterator[ConnInfo]:
+    """A database nobody else uses, dropped afterwards."""
+    if settings.verify_database_url:
+        server = ConnInfo.from_url(settings.verify_database_url, setting="VERIFY_DATABASE_URL")
+        name = f"backup_tasks_verify_{uuid.uuid4().hex[:10]}"
+        with connect(server) as admin:
+            create_database(admin, name)
+        try:
+            yield server.with_dbname(name)
+        finally:
+            with connect(server) as admin:
+                drop_database(admin, name, force=True)
+        return
+    with ThrowawayCluster(min_major=min_major, bin_dir=settings.pg_bin_dir) as cluster:
+        with connect(cluster.conninfo()) as admin:
+            create_database(admin, "verify")
+        yield cluster.conninfo("verify")
+
+
+def server_major_of(manifest: Manifest) -> int:
+    return int(manifest.server_version.split(".")[0])
+
+
+def verify_backup(settings: Settings, backup_id: str | None = None, *,
+                  progress: Progress = no_progress) -> Verification:
+    """Verify one dump (the newest when ``backup_id`` is None); record and return the outcome."""
+    storage = open_locations(settings.backup_dir, settings.copy_to)
+    manifest = catalog.load(storage, backup_id) if backup_id else catalog.newest(storage, kind="dump")
+    # A missing or unusable identity is the verifier's problem, not the backup's: it propagates.
+    identities = identities_for(settings, manifest)
+    started = time.monotonic()
+    checked: list[str] = []
+    problems: list[str] = []
+    tables_compared = indexes_checked = 0
+    restored_version: str | None = None
+    try:
+        progress("checksum", backup_id=manifest.id)
+        # Every location (BACKUP_DIR and BACKUP_COPY_TO): any missing or damaged copy fails verify,
+        # and the message says which location is still good; the restore uses the first good one.
+        checks = check_locations(storage, manifest.path, size=manifest.size_bytes, sha256=manifest.sha256)
+        if not any(c.ok for c in checks) and all(c.state == "unreadable" for c in checks):
+            raise StorageError(summarize(checks))  # no location answers: nothing to judge
+        good = next((m for m, c in zip(members(storage), checks, strict=True) if c.ok), None)
+        if good is None:
+            raise BackupCorrupt(summarize(checks))
+        if not all(c.ok for c in checks):
+            problems.append(summarize(checks))
+        checked.append("sha256")
+        check_decryptable(good, manifest, identities)
+        progress("restoring", backup_id=manifest.id)
+        with scratch_database(settings, server_major_of(manifest)) as target:
+            pg_restore_into(good, manifest, target, min_major=server_major_of(manifest), settings=settings,
+                            extra_args=("--no-owner", "--no-privileges"), identities=identities)
+            checked.append("restore")
+            progress("comparing", backup_id=manifest.id)
+            with connect(target) as conn:
+                restored_version = server_version(conn)
+                restored = count_rows(conn)
+                problems += compare_counts(manifest.tables, restored)
+                tables_compared = len(manifest.tables)
+                checked.append("row-counts")
+                indexes_checked, index_problems = amcheck_indexes(conn)
+                if indexes_checked:
+                    checked.append("amcheck")
+                problems += index_problems
+    except (BackupCorrupt, RestoreFailed) as exc:
+        # A verdict about the backup. Anything else (no cluster, verifier server down, tool
+        # missing) is a failure of the verifier: it propagates and nothing is recorded.
+        problems.append(str(exc))
+    method = "scratch-database" if settings.verify_database_url else "throwaway-cluster"
+    result = Verification(
+        ok=not problems, verified_at=isoformat(utcnow()), duration_seconds=round(time.monotonic() - started, 3),
+        method=method, checked=checked, tables_compared=tables_compared, indexes_checked=indexes_checked,
+        problems=problems, server_version=restored_version,
+    )
+    try:
+        catalog.record_verification(storage, manifest.id, result)
+    except StorageError as exc:  # a location that cannot take the record must not hide the verdict
+        log.warning("could not record the verification of %s: %s", manifest.id, exc)
+    log.info("verification of %s: %s", manifest.id, "ok" if result.ok else "; ".join(problems))
+    return result

@@ -1,0 +1,116 @@
+"""``restore-pitr``: a snapshot restored into an empty data directory, configured to recover to a target.
+
+Refuses a non-empty directory and an uncovered target before touching anything; unpacks, writes the
+recovery settings and, with ``start``, runs the server until recovery is over and reports where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backup_tasks.errors import (
+    ConfigError,
+    RestoreRefused,
+)
+from backup_tasks.physical.plan import (
+    RecoveryTarget,
+    describe_ranges,
+    plan_restore,
+    snapshot_ranges,
+)
+from backup_tasks.physical.recovery import (
+    ACTIONS,
+    RecoveryOutcome,
+    explain_failure,
+    start_server,
+    wait_for_recovery,
+    wal_fetch_command,
+    write_recovery_config,
+)
+from backup_tasks.physical.unpack import (
+    check_empty_target,
+    empty_directory,
+    restore_config_files,
+    snapshot_identities,
+    unpack_with_fallback,
+)
+from backup_tasks.postgres.cluster import SERVER_USER, free_port, server_uid_gid
+from backup_tasks.postgres.cluster import as_server_user as as_server_user
+from backup_tasks.postgres.servercmd import server_can_reach
+from backup_tasks.postgres.tools import find_tool
+from backup_tasks.settings import Settings
+from backup_tasks.storage.locations import open_locations
+from backup_tasks.wal.archive import WalArchive
+
+RESTORE_LOG = "backup-tasks-restore.log"
+
+
+@dataclass
+class RestoreReport:
+    ok: bool
+    data_dir: str
+    snapshot_id: str
+    target: str
+    recovery_settings: dict[str, str]
+    available: str
+    notes: list[str] = field(default_factory=list)
+    started: bool = False
+    port: int | None = None
+    log_file: str | None = None
+    outcome: RecoveryOutcome | None = None
+    duration_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, start: bool = False,
+                 port: int | None = None, action: str = "promote", keep_archiving: bool = False,
+                 timeout: float = 6 * 3600) -> RestoreReport:
+    began = time.monotonic()
+    data_dir = data_dir.absolute()
+    check_empty_target(data_dir)
+    if action not in ACTIONS:
+        raise ConfigError(f"--target-action must be one of {', '.join(ACTIONS)}")
+    storage = open_locations(settings.backup_dir, settings.copy_to)
+    archive = WalArchive.for_settings(settings)
+    plan = plan_restore(settings, target, storage=storage, archive=archive)
+    ids = server_uid_gid()
+    if ids is not None and start and not server_can_reach(data_dir.parent):
+        raise RestoreRefused(f"the {SERVER_USER} OS user cannot reach {data_dir.parent}; choose a data directory it "
+                             f"can get to (the restored server runs as {SERVER_USER}; nothing was changed)")
+    restore_cmd = wal_fetch_command(settings, archive)
+    identities = snapshot_identities(settings, storage, plan.snapshot)  # before the data directory is touched
+    created = not data_dir.exists()
+    try:
+        unpack_with_fallback(storage, plan.snapshot, data_dir, identities)
+        notes = plan.notes + restore_config_files(storage, plan.snapshot, data_dir, identities)
+        values = write_recovery_config(data_dir, restore_cmd=restore_cmd, plan=plan, action=action,
+                                       keep_archiving=keep_archiving)
+        if ids is not None:
+            for path in [data_dir, *data_dir.rglob("*")]:
+                os.lchown(path, *ids)
+        os.chmod(data_dir, 0o700)
+    except BaseException:
+        empty_directory(data_dir, remove=created)
+        raise
+    report = RestoreReport(ok=True, data_dir=str(data_dir), snapshot_id=plan.snapshot.id,
+                           target=plan.target.describe(), recovery_settings=values,
+                           available=describe_ranges(snapshot_ranges(storage, archive)), notes=notes)
+    if start:
+        bin_dir = find_tool("pg_ctl", min_major=int(plan.snapshot.server_version.split(".")[0]),
+                            bin_dir=settings.pg_bin_dir).path.parent
+        report.port = port or free_port()
+        report.log_file = str(data_dir / RESTORE_LOG)
+        start_server(bin_dir, data_dir, report.port, Path(report.log_file))
+        report.started = True
+        report.outcome = wait_for_recovery(bin_dir, data_dir, Path(report.log_file), action=action, timeout=timeout)
+        report.ok = report.outcome.finished and not report.outcome.errors
+        if not report.ok:
+            report.notes.append(explain_failure(report.outcome))
+    report.duration_seconds = round(time.monotonic() - began, 3)
+    return report

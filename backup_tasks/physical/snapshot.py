@@ -1,0 +1,458 @@
+"""The weekly physical snapshot: ``pg_basebackup`` (tar, server-side zstd), proven by ``pg_verifybackup``.
+
+One pass, overlapped: pg_basebackup writes ``base.tar.zst`` into a private staging directory while
+we follow the growing file, streaming it into storage (hashed) and, decompressed, into ``tar -x``
+for an unpacked copy. When pg_basebackup is done, its WAL (``pg_wal.tar``) is compressed into
+storage and unpacked too, and ``pg_verifybackup`` checks the unpacked copy against PostgreSQL's own
+backup manifest (every file's size and CRC32C, and that the WAL from start to stop parses). Only
+then is the catalog manifest written: until that moment the snapshot does not exist for list,
+restore or prune. The WAL needed to make the snapshot consistent is inside it (``-X stream``), so
+it is complete as soon as it is verified; later WAL comes from the archive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import zstandard
+
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.ids import backup_id_for, snapshot_keys
+from backup_tasks.catalog.manifest import Manifest, isoformat, utcnow
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.errors import AuthenticationFailed, BackupError, SnapshotFailed, SourceUnavailable
+from backup_tasks.locks import hold
+from backup_tasks.postgres.connect import connect, server_major, server_version
+from backup_tasks.postgres.failures import first_line
+from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
+from backup_tasks.progress import Progress, no_progress
+from backup_tasks.settings import Settings
+from backup_tasks.storage.base import ObjectWriter, Storage
+from backup_tasks.storage.integrity import HashingWriter
+from backup_tasks.storage.locations import open_locations
+from backup_tasks.streams.codec import CHUNK
+from backup_tasks.streams.crypto import EncryptingWriter, encryption_info
+from backup_tasks.streams.tar import Unpacker
+from backup_tasks.wal.names import parse_lsn, segment_of_lsn
+
+log = logging.getLogger(__name__)
+
+
+STAGING_PREFIX = "backup-tasks-snapshot-"
+
+
+WAL_LEVEL = 1  # pg_wal.tar is mostly WAL and zero padding: level 1 compresses it as well as higher levels
+
+
+POLL = 0.02
+
+
+SHM = "/dev/shm"
+
+
+OWNER_FILE = "owner.pid"
+
+
+@dataclass
+class SourceFacts:
+    """What we learn about the source cluster before the backup (all of it lands in the manifest)."""
+
+    version: str
+    major: int
+    system_identifier: str
+    segment_size: int
+    superuser: str
+    wal_level: str
+    archive_mode: str
+    archive_command: str
+    data_directory: str | None
+    tablespaces: list[str]
+    estimated_bytes: int = 0  # size of all databases: what the unpacked copy will take
+    config_files: dict[str, str] = field(default_factory=dict)  # name -> content, only those outside PGDATA
+    warnings: list[str] = field(default_factory=list)
+
+
+def snapshot_lock_name(conninfo: ConnInfo) -> str:
+    return f"snapshot:{conninfo.server_label}"
+
+
+def _setting(conn: psycopg.Connection, name: str) -> str | None:
+    row = conn.execute("SELECT current_setting(%s, true)", (name,)).fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def inspect_source(conn: psycopg.Connection) -> SourceFacts:
+    warnings: list[str] = []
+    sysid = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0]
+    segment_size = int(conn.execute("SELECT bytes_per_wal_segment FROM pg_control_init()").fetchone()[0])
+    superuser = conn.execute("SELECT rolname FROM pg_roles WHERE oid = 10").fetchone()[0]
+    wal_level = _setting(conn, "wal_level") or "unknown"
+    archive_mode = _setting(conn, "archive_mode") or "off"
+    archive_command = _setting(conn, "archive_command") or ""
+    data_directory = _setting(conn, "data_directory")  # superusers and pg_read_all_settings only
+    tablespaces = [r[0] for r in conn.execute(
+        "SELECT spcname FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1")]
+    if wal_level == "minimal":
+        raise SnapshotFailed("the server runs with wal_level = minimal: a physical snapshot needs "
+                             "wal_level = replica (see `backup-tasks check` for the postgresql.conf lines)")
+    if archive_mode == "off":
+        warnings.append("WAL archiving is off on the server: this snapshot restores only to its own end point "
+                        "(no point-in-time recovery); see `backup-tasks check`")
+    else:
+        row = conn.execute("SELECT failed_count, last_failed_wal, last_failed_time, last_archived_time "
+                           "FROM pg_stat_archiver").fetchone()
+        if row and row[2] is not None and (row[3] is None or row[2] > row[3]):
+            warnings.append(f"the server's archive_command is failing (last failure for {row[1]} at {row[2]}); "
+                            f"run `backup-tasks check`")
+    config_files: dict[str, str] = {}
+    if data_directory:
+        for name in ("hba_file", "ident_file"):
+            path = _setting(conn, name)
+            if path and not path.startswith(data_directory.rstrip("/") + "/"):
+                try:
+                    text = conn.execute("SELECT pg_read_file(%s)", (path,)).fetchone()[0]
+                    config_files[Path(path).name] = str(text)
+                except psycopg.Error:
+                    warnings.append(f"could not copy {path} (needs superuser or pg_read_server_files)")
+    try:
+        estimated = int(conn.execute("SELECT sum(pg_database_size(oid)) FROM pg_database "
+                                     "WHERE datallowconn").fetchone()[0] or 0)
+    except psycopg.Error:
+        estimated = 0
+    return SourceFacts(version=server_version(conn), major=server_major(conn), system_identifier=str(sysid),
+                       estimated_bytes=estimated,
+                       segment_size=segment_size, superuser=str(superuser), wal_level=wal_level,
+                       archive_mode=archive_mode, archive_command=archive_command, data_directory=data_directory,
+                       tablespaces=tablespaces, config_files=config_files, warnings=warnings)
+
+
+def classify_basebackup_failure(stderr: str, conninfo: ConnInfo) -> BackupError:
+    text = stderr.strip()
+    lines = [ln for ln in text.splitlines() if "error" in ln.lower() or "fatal" in ln.lower()]
+    line = lines[-1] if lines else (first_line(text) if text else "no error message")
+    if "password authentication failed" in text or "no password supplied" in text:
+        return AuthenticationFailed(f"pg_basebackup could not log in to {conninfo.redacted()}: {line}")
+    if "no pg_hba.conf entry for replication" in text:
+        return SnapshotFailed(f"the server refuses replication connections from this host: {line}; add a "
+                              f"`host replication <user> <address> scram-sha-256` line to pg_hba.conf")
+    if "must be superuser or replication role" in text or "permission denied to start WAL sender" in text:
+        return SnapshotFailed(f"{conninfo.user or 'this user'} may not take base backups: {line}; "
+                              f"ALTER ROLE ... REPLICATION (or use a superuser)")
+    if "could not connect" in text or "Connection refused" in text or "server closed the connection" in text:
+        return SourceUnavailable(f"pg_basebackup lost the server {conninfo.server_label}: {line}")
+    return SnapshotFailed(f"pg_basebackup failed: {line}")
+
+
+def take_snapshot(settings: Settings, *, backup_id: str | None = None, progress: Progress = no_progress) -> Manifest:
+    """Take, verify and catalog one snapshot of the cluster behind ``DATABASE_URL`` (under the snapshot lock)."""
+    conninfo = settings.source()
+    with hold(settings, snapshot_lock_name(conninfo), what=f"a snapshot of {conninfo.server_label}"):
+        return _snapshot_locked(settings, conninfo, backup_id=backup_id, progress=progress)
+
+
+def _snapshot_locked(settings: Settings, conninfo: ConnInfo, *, backup_id: str | None,
+                     progress: Progress) -> Manifest:
+    storage = open_locations(settings.backup_dir, settings.copy_to)
+    with connect(conninfo) as conn:
+        facts = inspect_source(conn)
+    started = utcnow()
+    if backup_id is None and storage.exists(catalog.manifest_key(
+            backup_id_for(conninfo.dbname, "snapshot", isoformat(started)))):
+        time.sleep(1.05 - started.microsecond / 1e6)  # ids have second resolution: one snapshot per second
+        started = utcnow()
+    backup_id = backup_id or backup_id_for(conninfo.dbname, "snapshot", isoformat(started))
+    if storage.exists(catalog.manifest_key(backup_id)):
+        raise SnapshotFailed(f"a backup named {backup_id} already exists; not overwriting it")
+    pg_basebackup = find_tool("pg_basebackup", min_major=facts.major, bin_dir=settings.pg_bin_dir)
+    pg_verifybackup = find_tool("pg_verifybackup", min_major=min(facts.major, 13), bin_dir=settings.pg_bin_dir)
+    keys = snapshot_keys(backup_id, encrypted=bool(settings.encrypt_recipients))
+    clear_stale_staging()
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=verify_area(facts.estimated_bytes)))
+    (staging / OWNER_FILE).write_text(str(os.getpid()))
+    published: list[str] = []
+    try:
+        progress("basebackup", backup_id=backup_id, bytes_written=0)
+        files = _backup_and_unpack(settings, conninfo, facts, pg_basebackup.path, staging, storage, keys, backup_id,
+                                   published, progress)
+        progress("pg_verifybackup", backup_id=backup_id, bytes_written=sum(f["size"] for f in files.values()))
+        backup_manifest = json.loads((staging / "backup" / "backup_manifest").read_text())
+        _run_verifybackup(pg_verifybackup.path, staging)
+        if facts.config_files:
+            data = json.dumps(facts.config_files, indent=2).encode()
+            files[keys["config"]] = _put(storage, keys["config"], data, "config", settings.encrypt_recipients)
+            published.append(keys["config"])
+        finished = utcnow()
+        wal_range = backup_manifest["WAL-Ranges"][0]
+        timeline = int(wal_range["Timeline"])
+        start_lsn, stop_lsn = parse_lsn(wal_range["Start-LSN"]), parse_lsn(wal_range["End-LSN"])
+        result = Manifest(
+            id=backup_id, kind="snapshot", database=conninfo.dbname, server=conninfo.server_label,
+            server_version=facts.version, started_at=isoformat(started), finished_at=isoformat(finished),
+            path=keys["base"], size_bytes=sum(f["size"] for f in files.values()), sha256=files[keys["base"]]["sha256"],
+            compression="zstd", format="pg_basebackup-tar", tables={},
+            files=files, start_lsn=wal_range["Start-LSN"], stop_lsn=wal_range["End-LSN"], timeline=timeline,
+            system_identifier=facts.system_identifier, wal_segment_size=facts.segment_size,
+            encryption=encryption_info(settings.encrypt_recipients),
+            start_segment=segment_of_lsn(timeline, start_lsn, facts.segment_size),
+            stop_segment=segment_of_lsn(timeline, max(stop_lsn - 1, start_lsn), facts.segment_size),
+            restorable_from=finished.isoformat(timespec="microseconds"), restorable_until=None,
+            snapshot={"superuser": facts.superuser, "wal_level": facts.wal_level, "archive_mode": facts.archive_mode,
+                      "archive_command": facts.archive_command, "tablespaces": facts.tablespaces,
+                      "pg_basebackup_version": pg_basebackup.major,
+                      "compress": _compress_option(facts.major, settings.snapshot_compress),
+                      "pg_verifybackup": "ok", "manifest_files": len(backup_manifest.get("Files", [])),
+                      "warnings": facts.warnings},
+        )
+        catalog.save(storage, result)
+    except BaseException:
+        # Neither the data nor a manifest may survive alone (a mirrored location may hold one already).
+        for key in [*published, catalog.manifest_key(backup_id)]:
+            try:
+                storage.delete(key)
+            except BackupError:
+                log.warning("could not remove %s after a failed snapshot", key)
+        raise
+    finally:
+        discard(staging)
+    log.info("snapshot %s complete: %d bytes, WAL %s..%s", backup_id, result.size_bytes, result.start_lsn,
+             result.stop_lsn)
+    progress("done", backup_id=backup_id, bytes_written=result.size_bytes)
+    return result
+
+
+def clear_stale_staging() -> list[Path]:
+    """Remove staging trees whose snapshot process is gone (killed runs), in /dev/shm and TMPDIR alike."""
+    removed = []
+    for parent in {Path(SHM), Path(tempfile.gettempdir())}:
+        for candidate in parent.glob(f"{STAGING_PREFIX}*"):
+            try:
+                owner = int((candidate / OWNER_FILE).read_text())
+                os.kill(owner, 0)
+                continue  # a live snapshot (of another server) is using it
+            except ProcessLookupError:
+                pass
+            except (OSError, ValueError):
+                if time.time() - candidate.stat().st_mtime < 3600:
+                    continue  # no owner file yet: being created right now
+            discard(candidate)
+            removed.append(candidate)
+    return removed
+
+
+def discard(directory: Path) -> None:
+    """Delete the staging tree in the background: a gigabyte of unlinks need not delay the result."""
+    try:
+        subprocess.Popen(["rm", "-rf", "--", str(directory)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def verify_area(estimated_bytes: int) -> str | None:
+    """Where to unpack the copy pg_verifybackup reads: RAM-backed /dev/shm when the cluster fits easily.
+
+    Unpacking into tmpfs costs half the CPU of a disk filesystem (no block allocation, no journal,
+    nothing to write back), and the copy is deleted minutes later anyway. Larger clusters use TMPDIR.
+    """
+    if estimated_bytes <= 0:
+        return None
+    try:
+        shm = os.statvfs(SHM)
+        available = _mem_available()
+    except OSError:
+        return None
+    if estimated_bytes * 3 < shm.f_bavail * shm.f_frsize and estimated_bytes * 4 < available:
+        return SHM
+    return None
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _compress_option(major: int, configured: str) -> str:
+    # PostgreSQL 15 compresses on the server (less to send, and the server's cores do the work);
+    # older servers cannot, so the v15+ client compresses what it receives.
+    return configured if major >= 15 else "client-zstd"
+
+
+def _stored_writer(storage: Storage, key: str, recipients: Sequence[str]) -> tuple[HashingWriter, ObjectWriter]:
+    """The hashing writer (size and sha256 of the object as stored) and what to write plaintext to.
+
+    With recipients, plaintext is age-encrypted on its way into the hashing writer, so the
+    manifest describes the stored ciphertext and damage is found without the key (as for dumps).
+    """
+    stored = HashingWriter(storage.writer(key))
+    if not recipients:
+        return stored, stored
+    try:
+        return stored, EncryptingWriter(stored, recipients)
+    except BaseException:
+        stored.abort()
+        raise
+
+
+def _entry(stored: HashingWriter, role: str) -> dict[str, Any]:
+    return {"size": stored.bytes_written, "sha256": stored.hexdigest(), "role": role}
+
+
+def _put(storage: Storage, key: str, data: bytes, role: str, recipients: Sequence[str] = ()) -> dict[str, Any]:
+    stored, writer = _stored_writer(storage, key, recipients)
+    try:
+        writer.write(data)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return _entry(stored, role)
+
+
+def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFacts, pg_basebackup: Path,
+                       staging: Path, storage: Storage, keys: dict[str, str], backup_id: str,
+                       published: list[str], progress: Progress) -> dict[str, dict[str, Any]]:
+    target = staging / "backup"
+    unpacked = staging / "unpacked"
+    compress = _compress_option(facts.major, settings.snapshot_compress)
+    argv = [str(pg_basebackup), "-D", str(target), "--format=tar", f"--compress={compress}",
+            "--wal-method=stream", "--checkpoint=fast", "--no-password", "--no-sync",
+            "--manifest-checksums=CRC32C", f"--label=backup-tasks {backup_id}", "--verbose"]
+    # --no-sync: the staging copy is thrown away; what we keep is fsynced by the storage writer.
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=tool_env(conninfo))
+    assert proc.stderr is not None
+    stderr_tail = StderrTail(proc.stderr, name="pg_basebackup")
+    files: dict[str, dict[str, Any]] = {}
+    unpacker = Unpacker(unpacked, compressed=True)
+    try:
+        stored, writer = _stored_writer(storage, keys["base"], settings.encrypt_recipients)
+        try:
+            _follow_into(target / "base.tar.zst", proc, writer, unpacker, backup_id, progress)
+            returncode = proc.wait()
+            stderr_text = stderr_tail.join()
+            if returncode != 0:
+                raise classify_basebackup_failure(stderr_text, conninfo)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        files[keys["base"]] = _entry(stored, "base")
+        published.append(keys["base"])
+        unpacker.finish("base.tar.zst")
+        extra = sorted(p.name for p in target.iterdir() if p.name not in ("base.tar.zst", "pg_wal.tar",
+                                                                          "backup_manifest"))
+        if extra:
+            raise SnapshotFailed(f"the cluster has tablespaces outside its data directory ({', '.join(extra)}); "
+                                 f"snapshots of such clusters are not supported yet")
+        wal_unpacker = Unpacker(unpacked / "pg_wal", compressed=False)
+        try:
+            files[keys["wal"]] = _compress_file(target / "pg_wal.tar", storage, keys["wal"], wal_unpacker,
+                                                settings.encrypt_recipients)
+        except BaseException:
+            wal_unpacker.kill()
+            raise
+        published.append(keys["wal"])
+        wal_unpacker.finish("pg_wal.tar")
+        files[keys["backup_manifest"]] = _put(storage, keys["backup_manifest"],
+                                              (target / "backup_manifest").read_bytes(), "backup_manifest",
+                                              settings.encrypt_recipients)
+        published.append(keys["backup_manifest"])
+        return files
+    except BaseException:
+        unpacker.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+
+
+def _follow_into(path: Path, proc: subprocess.Popen[bytes], writer: ObjectWriter, unpacker: Unpacker,
+                 backup_id: str, progress: Progress) -> int:
+    """Stream a file that ``proc`` is still appending to into storage and the unpacker, until ``proc`` ends.
+
+    pg_basebackup writes its tar files front to back and never rewrites them, so reading behind it is
+    safe; once it has exited, whatever is left is read to the end. Returns the bytes read (the size and
+    sha256 of what is stored are the writer's business: with encryption they describe the ciphertext).
+    """
+    while not path.exists():
+        if proc.poll() is not None:
+            if path.exists():
+                break
+            return 0
+        time.sleep(POLL)
+    size = 0
+    next_report = 64 << 20
+    with open(path, "rb") as source:
+        while True:
+            chunk = source.read(CHUNK)
+            if chunk:
+                writer.write(chunk)
+                unpacker.write(chunk)
+                size += len(chunk)
+                if size >= next_report:
+                    next_report += 64 << 20
+                    progress("basebackup", backup_id=backup_id, bytes_written=size)
+                continue
+            if proc.poll() is not None:
+                # pg_basebackup has exited: everything it wrote is there; read up to the real end.
+                tail = source.read()
+                if not tail:
+                    break
+                writer.write(tail)
+                unpacker.write(tail)
+                size += len(tail)
+                continue
+            time.sleep(POLL)
+    return size
+
+
+def _compress_file(path: Path, storage: Storage, key: str, unpacker: Unpacker,
+                   recipients: Sequence[str] = ()) -> dict[str, Any]:
+    params = zstandard.ZstdCompressionParameters.from_level(WAL_LEVEL, write_checksum=True)
+    compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    stored, writer = _stored_writer(storage, key, recipients)
+    try:
+        with open(path, "rb") as source:
+            while chunk := source.read(CHUNK):
+                unpacker.write(chunk)
+                out = compressor.compress(chunk)
+                if out:
+                    writer.write(out)
+        writer.write(compressor.flush())
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return _entry(stored, "wal")
+
+
+def _run_verifybackup(pg_verifybackup: Path, staging: Path) -> None:
+    result = subprocess.run([str(pg_verifybackup), "--manifest-path", str(staging / "backup" / "backup_manifest"),
+                             str(staging / "unpacked")], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        problems = [ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
+        raise SnapshotFailed("pg_verifybackup rejected the snapshot: " + "; ".join(problems[:5]))
+
+
+def snapshot_files(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """Every stored object of a snapshot (older manifests without ``files``: just ``path``)."""
+    if manifest.files:
+        return dict(manifest.files)
+    return {manifest.path: {"size": manifest.size_bytes, "sha256": manifest.sha256, "role": "base"}}
+
+
+def is_restorable(manifest: Manifest) -> bool:
+    return manifest.kind == "snapshot" and manifest.state == "complete" and bool(manifest.start_segment)

@@ -1,0 +1,9 @@
+"""Infrastructure: everything that talks to PostgreSQL or runs its binaries.
+
+``connect`` (connections), ``failures`` (the one classifier of server and tool errors),
+``tools`` (finding pg_dump & co., their environment without passwords on argv), ``queries``
+(catalog queries, row counts, amcheck), ``cluster`` (throwaway clusters), ``servercmd`` (the
+command PostgreSQL's OS user runs), ``controldata`` (pg_controldata), ``sampledata``.
+
+Imports: core and ``streams`` only. Must not import storage, catalog, any capability or adapter.
+"""

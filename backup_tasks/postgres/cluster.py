@@ -1,0 +1,229 @@
+"""Throwaway PostgreSQL clusters built from the local server binaries.
+
+Used to verify backups without touching production, for the demo and for tests. A cluster
+lives in a fresh temporary directory, listens only on 127.0.0.1 at a free port (and a private
+socket directory), runs with durability switched off for speed, and is stopped and deleted when
+the ``with`` block ends, on errors and Ctrl-C included. PostgreSQL refuses to run as root, so
+when we are root the server runs as the ``postgres`` OS user via ``runuser``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.errors import ClusterError
+from backup_tasks.postgres.tools import find_tool
+
+log = logging.getLogger(__name__)
+
+
+SERVER_USER = "postgres"
+
+
+DIR_PREFIX = "backup-tasks-cluster-"
+
+
+#: Settings for a disposable server: nothing must survive a crash, everything should be fast.
+FAST_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "wal_level": "minimal",
+    "max_wal_senders": "0",
+    "archive_mode": "off",
+    "max_wal_size": "8GB",
+    "checkpoint_timeout": "1h",
+    "maintenance_work_mem": "512MB",
+    "shared_buffers": "256MB",
+    "autovacuum": "off",
+    "listen_addresses": "127.0.0.1",
+    "max_connections": "30",
+    "logging_collector": "off",
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def as_server_user() -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    runuser = shutil.which("runuser")
+    if runuser is None:
+        raise ClusterError("running as root needs `runuser` to start PostgreSQL as the postgres user")
+    return [runuser, "-u", SERVER_USER, "--"]
+
+
+def server_uid_gid() -> tuple[int, int] | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(SERVER_USER)
+    except KeyError:
+        raise ClusterError(f"running as root, but there is no {SERVER_USER!r} OS user to run PostgreSQL as; "
+                           f"create it or run as an ordinary user") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+class ThrowawayCluster:
+    """``with ThrowawayCluster() as cluster: cluster.conninfo("postgres")``."""
+
+    def __init__(self, *, min_major: int = 0, bin_dir: Path | None = None,
+                 settings: dict[str, str] | None = None, parent_dir: Path | None = None,
+                 initdb_args: tuple[str, ...] = (), prepare: Callable[[Path], None] | None = None) -> None:
+        """``prepare``, when given, fills the (not yet existing) data directory instead of initdb, e.g. by
+        unpacking a base backup; the tree is then handed to the server user."""
+        self.initdb = find_tool("initdb", min_major=min_major, bin_dir=bin_dir)
+        self.bin_dir = self.initdb.path.parent
+        self.pg_ctl = self.bin_dir / "pg_ctl"
+        self.settings = {**FAST_SETTINGS, **(settings or {})}
+        self.parent_dir = parent_dir
+        self.initdb_args = initdb_args
+        self.prepare = prepare
+        self.port = 0
+        self.root: Path | None = None
+        self.started = False
+
+    @property
+    def data_dir(self) -> Path:
+        assert self.root is not None
+        return self.root / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        assert self.root is not None
+        return self.root / "sock"
+
+    def conninfo(self, dbname: str = "postgres") -> ConnInfo:
+        return ConnInfo(host="127.0.0.1", port=self.port, dbname=dbname, user=SERVER_USER)
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{SERVER_USER}@127.0.0.1:{self.port}/{dbname}"
+
+    def _run(self, argv: list[str], what: str, timeout: float = 300) -> None:
+        try:
+            result = subprocess.run(as_server_user() + argv, capture_output=True, text=True, timeout=timeout,
+                                    cwd=self.root, check=False)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"{what} timed out after {timeout:.0f}s") from None
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+            raise ClusterError(f"{what} failed: {' | '.join(detail)}")
+
+    def start(self) -> ThrowawayCluster:
+        parent = self.parent_dir or Path(tempfile.gettempdir())
+        self.root = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=parent))
+        try:
+            self._create(parent)
+            for _attempt in range(5):
+                self.port = free_port()
+                try:
+                    self._run(self._start_argv(), "starting the throwaway PostgreSQL")
+                    self.started = True
+                    log.info("throwaway cluster up on 127.0.0.1:%d (%s)", self.port, self.root)
+                    return self
+                except ClusterError as exc:
+                    log_text = self.server_log()
+                    if "could not bind" in log_text or "already in use" in log_text:
+                        continue  # lost the race for the port: try another
+                    raise ClusterError(f"{exc}; server log: {log_text[-500:]}") from None
+            raise ClusterError("could not find a free port for the throwaway cluster")
+        except BaseException:
+            # A failed start (initdb error, pg_ctl timeout, Ctrl-C) leaves no server and no directory.
+            self.cleanup()
+            raise
+
+    def _create(self, parent: Path) -> None:
+        ids = server_uid_gid()
+        self.socket_dir.mkdir()
+        if ids is not None:
+            for path in (self.root, self.socket_dir):
+                os.chown(path, *ids)
+            probe = subprocess.run([*as_server_user(), "test", "-w", str(self.root)], check=False)
+            if probe.returncode != 0:
+                raise ClusterError(f"the {SERVER_USER} user cannot reach {parent}; set TMPDIR to a directory "
+                                   f"it can traverse (for example /tmp)")
+        if self.prepare is not None:
+            self.prepare(self.data_dir)
+            if ids is not None:
+                for path in [self.data_dir, *self.data_dir.rglob("*")]:
+                    os.lchown(path, *ids)
+            os.chmod(self.data_dir, 0o700)
+        else:
+            self._run([str(self.initdb.path), "-D", str(self.data_dir), "-U", SERVER_USER, "-A", "trust",
+                       "-E", "UTF8", "--no-sync", "--no-instructions", *self.initdb_args], "initdb")
+
+    def _start_argv(self) -> list[str]:
+        options = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
+        return [str(self.pg_ctl), "-D", str(self.data_dir), "-l", str(self.root / "server.log"),
+                "-w", "-t", "120", "-o", f"-p {self.port} -k {self.socket_dir} {options}", "start"]
+
+    def restart(self) -> None:
+        """Stop (fast shutdown) and start again on the same port: picks up edited configuration files."""
+        self._run([str(self.pg_ctl), "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "120", "stop"],
+                  "stopping the throwaway PostgreSQL")
+        self.started = False
+        self._run(self._start_argv(), "restarting the throwaway PostgreSQL")
+        self.started = True
+
+    def server_log(self) -> str:
+        try:
+            return (self.root / "server.log").read_text(errors="replace") if self.root else ""
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        # Judge by postmaster.pid, not by our flag: a start that timed out may still have a server.
+        if self.root is not None and (self.started or (self.data_dir / "postmaster.pid").exists()):
+            try:
+                self._run([str(self.pg_ctl), "-D", str(self.data_dir), "-m", "immediate", "-w", "stop"],
+                          "stopping the throwaway PostgreSQL", timeout=60)
+            except ClusterError as exc:
+                log.warning("%s; killing it", exc)
+                self._kill_postmaster()
+            self.started = False
+
+    def _kill_postmaster(self) -> None:
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().splitlines()[0])
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
+
+    def cleanup(self) -> None:
+        # Ctrl-C during cleanup must not leave a server behind: finish the job, then re-raise.
+        interrupted: BaseException | None = None
+        for step in (self.stop, self._remove):
+            try:
+                step()
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+                step()
+        if interrupted is not None:
+            raise interrupted
+
+    def _remove(self) -> None:
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+    def __enter__(self) -> ThrowawayCluster:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.cleanup()

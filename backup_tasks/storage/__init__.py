@@ -1,0 +1,10 @@
+"""Infrastructure: where backups live. One contract (``base.Storage``), met by every driver.
+
+Drivers: ``local`` (a directory), ``s3`` (a bucket; boto3 only when used), ``memory`` (the reference
+driver, for fast tests), ``mirrored`` (``BACKUP_DIR`` plus ``BACKUP_COPY_TO`` as one). ``integrity``
+checks stored objects against their size and sha256 in each location; ``locations`` opens what the
+settings name.
+
+Imports: ``errors`` only (and boto3 inside ``s3``). Must not import settings, postgres, streams,
+catalog, any capability or adapter.
+"""

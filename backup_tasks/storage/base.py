@@ -1,0 +1,89 @@
+"""The storage contract every driver meets (``local``, ``s3``, ``memory``, ``mirrored``).
+
+Keys are ``/``-separated relative paths (``aitrapp-dump-20261127T100500Z.dump.zst``).
+
+- ``writer(key)`` streams into a temporary object; ``commit()`` publishes it atomically, ``abort()``
+  (or a killed process) leaves nothing under the final key. Partial objects carry ``PARTIAL_MARK``
+  and are removed by ``clear_partials`` (callers hold the lock that excludes live writers).
+- ``open``, ``read_bytes``, ``size`` raise ``ObjectMissing`` for a key that is not there; other
+  failures raise another ``StorageError`` (never "missing" for "unreadable").
+- ``put_bytes`` writes a small object (replacing one); ``put_new`` writes it only when the key is
+  free and returns False, leaving the existing object untouched, when it is not.
+- ``list(prefix, recursive=True)`` lists finished objects whose key starts with ``prefix``; with
+  ``recursive=False`` only those in the prefix's own "directory" (no further ``/``), so a catalog
+  read never walks the WAL archive beside it.
+- ``delete`` of a missing key is not an error.
+
+``tests/storage/test_contract.py`` runs the same checks against every driver.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from backup_tasks.errors import StorageError, StorageFull
+
+#: Marker in the name of objects being written; never a valid backup or manifest name.
+PARTIAL_MARK = ".partial-"
+
+
+FILE_MODE = 0o600
+
+
+DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float
+
+
+class ObjectWriter(Protocol):
+    def write(self, data: bytes) -> None: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Storage(Protocol):
+    """The operations every backup location offers."""
+
+    location: str
+
+    def writer(self, key: str) -> ObjectWriter: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
+    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def delete(self, key: str) -> None: ...
+    def clear_partials(self, prefix: str = "") -> list[str]: ...
+
+
+def storage_error(exc: OSError, action: str, where: str) -> StorageError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull(f"no space left on device while {action} {where}; free space or point "
+                           f"BACKUP_DIR elsewhere (the partial file was removed)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(f"permission denied while {action} {where}: {exc.strerror}")
+    return StorageError(f"{action} {where} failed: {exc.strerror or exc}")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def members(storage: Storage) -> tuple[Storage, ...]:
+    """The individual locations behind ``storage``: a mirrored storage's ``members``, else itself."""
+    found: tuple[Storage, ...] | None = getattr(storage, "members", None)
+    return found if found else (storage,)

@@ -1,0 +1,201 @@
+"""Is a stored object what its manifest says? Size and sha256 in each location, and the first good copy.
+
+``check_locations`` checks every location, so verify can say which one is damaged and which one is
+still good; ``first_good`` is where a restore reads from; ``probe`` answers ``check``'s question (is
+this location reachable and writable?). ``HashingWriter`` computes the manifest's view of an
+object while it is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from backup_tasks.errors import BackupCorrupt, BackupError, ObjectMissing, StorageError
+from backup_tasks.storage.base import ObjectWriter, Storage, members
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+class HashingWriter:
+    """Passes bytes to ``inner`` and keeps their sha256 and count: the manifest's view of the stored object."""
+
+    def __init__(self, inner: ObjectWriter) -> None:
+        self.inner = inner
+        self.digest = hashlib.sha256()
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.inner.write(data)
+        self.bytes_written += len(data)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+    def commit(self) -> None:
+        self.inner.commit()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+
+@dataclass
+class LocationCheck:
+    """One location's copy of one object, checked against the manifest."""
+
+    location: str
+    state: str  # "ok", "missing", "damaged" (size or checksum differ) or "unreadable" (storage error)
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+def check_object(storage: Storage, key: str, *, size: int, sha256: str) -> LocationCheck:
+    """Stream ``key`` from one location through sha256 and compare with the manifest's size and digest."""
+    digest = hashlib.sha256()
+    got = 0
+    try:
+        with storage.open(key) as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+                got += len(chunk)
+    except BackupError as exc:
+        try:
+            missing = isinstance(exc, ObjectMissing) or not storage.exists(key)
+        except BackupError:
+            missing = False
+        if missing:
+            return LocationCheck(storage.location, "missing", f"{key} is missing from {storage.location}")
+        return LocationCheck(storage.location, "unreadable", f"{key} cannot be read from {storage.location}: {exc}")
+    if got != size:
+        return LocationCheck(storage.location, "damaged", f"{key} in {storage.location} is {got} bytes but its "
+                                                          f"manifest says {size}: truncated or overwritten")
+    if digest.hexdigest() != sha256:
+        return LocationCheck(storage.location, "damaged", f"{key} in {storage.location} fails its checksum (sha256 "
+                                                          f"{digest.hexdigest()[:16]}… instead of {sha256[:16]}…): "
+                                                          f"damaged")
+    return LocationCheck(storage.location, "ok")
+
+
+def check_locations(storage: Storage, key: str, *, size: int, sha256: str) -> list[LocationCheck]:
+    """Check ``key`` in every location (verify: exit 1 unless every one is ok)."""
+    return [check_object(member, key, size=size, sha256=sha256) for member in members(storage)]
+
+
+def summarize(checks: Sequence[LocationCheck]) -> str:
+    """One line for verify and errors: what is wrong where, and which location is still good."""
+    good = [c.location for c in checks if c.ok]
+    bad = [c.problem or f"{c.location}: {c.state}" for c in checks if not c.ok]
+    if not bad:
+        return f"intact in {', '.join(good)}"
+    return "; ".join(bad) + (f"; still good in {', '.join(good)}" if good else "; no location holds a good copy")
+
+
+def _none_good(key: str, checks: Sequence[LocationCheck]) -> BackupError:
+    if all(c.state == "missing" for c in checks):
+        return ObjectMissing(f"{key} is missing from every location ({', '.join(c.location for c in checks)})")
+    if any(c.state == "damaged" for c in checks):
+        return BackupCorrupt(summarize(checks))
+    return StorageError(summarize(checks))
+
+
+def first_good(storage: Storage, key: str, *, size: int, sha256: str) -> tuple[Storage, list[LocationCheck]]:
+    """The first location (primary first) whose ``key`` matches the manifest, and what was found on the way.
+
+    Raises ``ObjectMissing``, ``BackupCorrupt`` or ``StorageError`` when no location has a good
+    copy. Restore reads from the returned location only (checksum first, then the restore).
+    """
+    checks: list[LocationCheck] = []
+    for member in members(storage):
+        check = check_object(member, key, size=size, sha256=sha256)
+        checks.append(check)
+        if check.ok:
+            if len(checks) > 1:
+                log.warning("reading %s from %s: %s", key, member.location, summarize(checks))
+            return member, checks
+    raise _none_good(key, checks)
+
+
+def read_first_good(storage: Storage, key: str, *, size: int, sha256: str) -> bytes:
+    """A small object (a WAL segment) from the first location where it matches: one download per location tried."""
+    checks: list[LocationCheck] = []
+    for member in members(storage):
+        try:
+            data = member.read_bytes(key)
+        except BackupError as exc:
+            try:
+                missing = isinstance(exc, ObjectMissing) or not member.exists(key)
+            except BackupError:
+                missing = False
+            checks.append(LocationCheck(member.location, "missing" if missing else "unreadable",
+                                        f"{key} is missing from {member.location}" if missing else
+                                        f"{key} cannot be read from {member.location}: {exc}"))
+            continue
+        if len(data) == size and hashlib.sha256(data).hexdigest() == sha256:
+            if checks:
+                log.warning("reading %s from %s: %s", key, member.location, summarize(checks))
+            return data
+        checks.append(LocationCheck(member.location, "damaged", f"{key} in {member.location} fails its checksum"))
+    raise _none_good(key, checks)
+
+
+def holders(stores: Sequence[Storage], key: str) -> list[str]:
+    """The locations that hold ``key`` (by existence; checksums are verify's business)."""
+    found = []
+    for member in stores:
+        try:
+            if member.exists(key):
+                found.append(member.location)
+        except BackupError:
+            continue
+    return found
+
+
+def listing_by_location(storage: Storage, prefix: str = "") -> dict[str, list[str]]:
+    """key -> locations holding it, with one listing per location (what ``list`` needs for many backups)."""
+    where: dict[str, list[str]] = {}
+    for member in members(storage):
+        for obj in member.list(prefix):
+            where.setdefault(obj.key, []).append(member.location)
+    return where
+
+
+@dataclass
+class LocationStatus:
+    location: str
+    role: str  # "primary" or "copy"
+    reachable: bool
+    writable: bool
+    seconds: float
+    error: str | None = None
+    error_type: str | None = None
+
+
+def probe(storage: Storage, *, role: str = "primary") -> LocationStatus:
+    """List, then write and delete a tiny object: reachable and writable, or the reason why not."""
+    started = time.monotonic()
+    key = f".backup-tasks-probe-{uuid.uuid4().hex[:12]}"
+    reachable = writable = False
+    try:
+        storage.list(".backup-tasks-probe-none")
+        reachable = True
+        storage.put_bytes(key, b"backup-tasks probe\n")
+        storage.delete(key)
+        writable = True
+    except BackupError as exc:
+        return LocationStatus(storage.location, role, reachable, writable, round(time.monotonic() - started, 3),
+                              str(exc), type(exc).__name__)
+    return LocationStatus(storage.location, role, reachable, writable, round(time.monotonic() - started, 3))
+
+
+def probe_all(storage: Storage) -> list[LocationStatus]:
+    return [probe(member, role="primary" if i == 0 else "copy") for i, member in enumerate(members(storage))]

@@ -1,0 +1,163 @@
+"""``BACKUP_DIR`` plus ``BACKUP_COPY_TO`` as one storage.
+
+Every finished backup, manifest and WAL segment goes to both, in the same relative layout
+(``TeeWriter`` tees one stream into two writers and publishes in both or neither). Reads prefer the
+primary and fall back to the copy when an object is missing or unreadable there; ``list`` is the union.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import BinaryIO
+
+from backup_tasks.errors import ConfigError, StorageError
+from backup_tasks.storage.base import ObjectInfo, ObjectWriter, Storage
+from backup_tasks.storage.integrity import (
+    holders,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TeeWriter:
+    """Writes one stream to two locations; commit publishes in both or in neither."""
+
+    def __init__(self, primary: ObjectWriter, copy: ObjectWriter, *, key: str, copy_location: str) -> None:
+        self.primary = primary
+        self.copy = copy
+        self.key = key
+        self.copy_location = copy_location
+        self.bytes_written = 0
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.primary.write(data)
+            self.copy.write(data)
+        except BaseException:
+            self.abort()
+            raise
+        self.bytes_written += len(data)
+
+    def commit(self) -> None:
+        # The copy first: if the primary then fails, the copy is deleted again; either way no location
+        # keeps an object the other lacks, and a manifest is only written after both succeeded.
+        try:
+            self.copy.commit()
+        except BaseException:
+            self._closed = True
+            self.primary.abort()
+            raise
+        try:
+            self.primary.commit()
+        except BaseException:
+            self._closed = True
+            self._after_primary_failed()
+            raise
+        self._closed = True
+
+    def _after_primary_failed(self) -> None:
+        delete = getattr(self, "delete_copy", None)
+        if delete is not None:
+            try:
+                delete()
+            except Exception as exc:
+                log.warning("could not remove %s from %s after the primary write failed: %s",
+                            self.key, self.copy_location, exc)
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for writer in (self.primary, self.copy):
+            try:
+                writer.abort()
+            except Exception:
+                pass
+
+    def __enter__(self) -> TeeWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if not self._closed:
+            self.abort()
+
+
+class MirroredStorage:
+    """``BACKUP_DIR`` plus ``BACKUP_COPY_TO`` behind the ``Storage`` interface.
+
+    Writes and deletes go to both. Reads come from the primary, or from the copy when the
+    primary lacks the object (checksum fallback needs the manifest: see ``first_good``). ``list``
+    is the union, each key once.
+    """
+
+    def __init__(self, primary: Storage, copy: Storage) -> None:
+        if primary.location == copy.location:
+            raise ConfigError(f"BACKUP_COPY_TO must name a different location than BACKUP_DIR ({copy.location})")
+        self.primary = primary
+        self.copy = copy
+        self.location = primary.location
+        self.members: tuple[Storage, ...] = (primary, copy)
+
+    def writer(self, key: str) -> TeeWriter:
+        primary = self.primary.writer(key)
+        try:
+            copy = self.copy.writer(key)
+        except BaseException:
+            primary.abort()
+            raise
+        tee = TeeWriter(primary, copy, key=key, copy_location=self.copy.location)
+        tee.delete_copy = lambda: self.copy.delete(key)  # type: ignore[attr-defined]
+        return tee
+
+    def open(self, key: str) -> BinaryIO:
+        # Missing, or the primary location itself broken (a dead disk is what the copy is for).
+        try:
+            return self.primary.open(key)
+        except StorageError as primary_error:
+            log.warning("cannot read %s from %s (%s); reading it from %s", key, self.primary.location,
+                        primary_error, self.copy.location)
+            try:
+                return self.copy.open(key)
+            except StorageError:
+                raise primary_error from None
+
+    def read_bytes(self, key: str) -> bytes:
+        with self.open(key) as fh:
+            return fh.read()
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.copy.put_bytes(key, data)
+        self.primary.put_bytes(key, data)
+
+    def exists(self, key: str) -> bool:
+        return self.primary.exists(key) or self.copy.exists(key)
+
+    def size(self, key: str) -> int:
+        if self.primary.exists(key):
+            return self.primary.size(key)
+        return self.copy.size(key)
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        seen = {obj.key: obj for obj in self.copy.list(prefix)}
+        seen.update({obj.key: obj for obj in self.primary.list(prefix)})
+        return sorted(seen.values(), key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        # Both, even when one fails: then raise the first failure.
+        failure: StorageError | None = None
+        for member in self.members:
+            try:
+                member.delete(key)
+            except StorageError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def clear_partials(self, prefix: str = "") -> list[str]:
+        return [*self.primary.clear_partials(prefix), *self.copy.clear_partials(prefix)]
+
+    def holders(self, key: str) -> list[str]:
+        return holders(self.members, key)
+
+

@@ -1,0 +1,237 @@
+"""Setting up the WAL archive directory, and ``check``: is the server archiving correctly, right now?
+
+``prepare_archive`` creates the archive so that root (worker, CLI, prune) and the server's OS user
+(archive_command, restore_command) can both use it: the directory belongs to the server user and
+its group, mode ``2770`` (setgid, so every file and directory below inherits that group); files
+are ``0640``. Every directory above it must let that user through: when the archive sits inside
+``BACKUP_DIR`` (the default), ``BACKUP_DIR`` is given to the server user's group with mode ``0710``
+(enter, not list; the backups in it stay ``0600`` root).
+
+``check_archiving`` asks the server for its archive settings, forces a segment switch and waits for
+that segment to arrive in the archive, then checks it decompresses to what was archived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from backup_tasks.errors import BackupError, ConfigError, IdentityUnusable, WalArchiveError
+from backup_tasks.postgres.cluster import SERVER_USER, server_uid_gid
+from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.failures import first_line
+from backup_tasks.postgres.servercmd import (
+    archive_command,
+    installed_command,
+    restore_command,
+    runnable_by_server,
+    server_can_reach,
+)
+from backup_tasks.settings import Settings
+from backup_tasks.wal.archive import COPY_SUBDIR, DIR_MODE, WalArchive
+
+log = logging.getLogger(__name__)
+
+
+DEFAULT_ARCHIVE_TIMEOUT = "60s"
+
+
+def prepare_archive(settings: Settings) -> tuple[WalArchive, list[str]]:
+    """Create (or repair the modes of) the archive directory; return it and notes on what was changed.
+
+    A local ``BACKUP_COPY_TO`` gets the same treatment for ``<BACKUP_COPY_TO>/wal``: wal-push runs as
+    the server user and writes every segment there too.
+    """
+    root = settings.wal_archive
+    notes: list[str] = []
+    backup_dir = Path(settings.backup_dir).absolute() if "://" not in settings.backup_dir else None
+    _prepare_wal_dir(root, backup_dir, notes, "WAL_ARCHIVE_DIR", "the WAL archive")
+    if settings.copy_to and "://" not in settings.copy_to:
+        copy_dir = Path(settings.copy_to).expanduser().absolute()
+        _prepare_wal_dir(copy_dir / COPY_SUBDIR, copy_dir, notes, "BACKUP_COPY_TO", "the WAL archive's copy")
+    return WalArchive.for_settings(settings, root), notes
+
+
+def _prepare_wal_dir(root: Path, backup_dir: Path | None, notes: list[str], setting: str, what: str) -> None:
+    """``root`` owned by the server user and its group, mode 2770, reachable by that user through ``backup_dir``."""
+    inside_backup_dir = backup_dir is not None and backup_dir in root.parents
+    try:
+        if inside_backup_dir and backup_dir is not None and not backup_dir.exists():
+            backup_dir.mkdir(parents=True, mode=0o700)
+        if not root.exists():
+            root.mkdir(parents=True, mode=0o700)
+            notes.append(f"created the {what} directory {root}")
+        ids = server_uid_gid()
+        if ids is not None:
+            current = root.stat()
+            if (current.st_uid, current.st_gid) != ids:
+                os.chown(root, *ids)
+            if stat.S_IMODE(current.st_mode) != DIR_MODE:
+                os.chmod(root, DIR_MODE)
+    except OSError as exc:
+        raise WalArchiveError(f"cannot prepare {what} directory {root}: {exc.strerror}") from None
+    if ids is not None and not server_can_reach(root, write=True):
+        blocked = _first_blocked(root)
+        if blocked is not None and blocked == backup_dir and blocked.stat().st_uid == os.geteuid():
+            os.chown(blocked, -1, ids[1])
+            os.chmod(blocked, (stat.S_IMODE(blocked.stat().st_mode) & 0o700) | 0o010)
+            notes.append(f"gave {blocked} to group {SERVER_USER!r} with mode 0710 so that the {SERVER_USER} user "
+                         f"can reach the archive inside it (the backups there stay 0600)")
+        if not server_can_reach(root, write=True):
+            where = f"{blocked} (mode {stat.S_IMODE(blocked.stat().st_mode):04o})" if blocked else str(root)
+            example = "/var/lib/backup-tasks/wal" if setting == "WAL_ARCHIVE_DIR" else "/var/lib/backup-tasks-copy"
+            raise ConfigError(f"the {SERVER_USER} OS user cannot write {what} {root}: it cannot get past "
+                              f"{where}. Choose a {setting} it can reach (e.g. {example}) or "
+                              f"let it through (chmod o+x on that directory)")
+
+
+def _first_blocked(path: Path) -> Path | None:
+    for ancestor in [*reversed(path.parents), path]:
+        if not server_can_reach(ancestor):
+            return ancestor
+    return None
+
+
+def postgresql_conf_lines(settings: Settings, command: list[str] | None = None,
+                          archive_timeout: str = DEFAULT_ARCHIVE_TIMEOUT) -> list[str]:
+    """The exact lines for the server's postgresql.conf (archive_mode needs a restart)."""
+    command = command or installed_command()
+    push = archive_command(command, settings.wal_archive, settings.copy_to, settings.encrypt_recipients)
+    return ["wal_level = replica",
+            "archive_mode = on",
+            f"archive_command = '{_conf_escape(push)}'",
+            f"archive_timeout = {archive_timeout}"
+            "    # RPO: a quiet server still ships its newest WAL at least this often"]
+
+
+def _conf_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "''")
+
+
+@dataclass
+class ArchiveCheck:
+    ok: bool
+    archive_dir: str
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    server: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+    archiver: dict[str, Any] = field(default_factory=dict)
+    segment: str | None = None
+    arrived: bool = False
+    waited_seconds: float | None = None
+    command_runnable_by_server: bool | None = None
+    postgresql_conf: list[str] = field(default_factory=list)
+    restore_command: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_archiving(settings: Settings, *, timeout: float = 60.0) -> ArchiveCheck:
+    """Everything that must hold for archiving to work, checked for real (segment switch included)."""
+    command = installed_command()
+    report = ArchiveCheck(ok=False, archive_dir=str(settings.wal_archive),
+                          postgresql_conf=postgresql_conf_lines(settings, command),
+                          restore_command=restore_command(command, settings.wal_archive,
+                                                          settings.copy_to, settings.decrypt_identity_file))
+    archive: WalArchive | None = None
+    try:
+        archive, report.notes = prepare_archive(settings)
+    except BackupError as exc:
+        report.problems.append(str(exc))
+    report.command_runnable_by_server = runnable_by_server(command)
+    if not report.command_runnable_by_server:
+        report.problems.append(f"the {SERVER_USER} OS user cannot run {command[0]}; install backup-tasks where it "
+                               f"can (e.g. /usr/bin/python3 -m venv /opt/backup-tasks; see the README)")
+    conninfo = settings.source()
+    report.server = conninfo.server_label
+    try:
+        with connect(conninfo) as conn:
+            _check_server(conn, settings, report, archive, timeout)
+    except psycopg.Error as exc:
+        report.problems.append(f"querying the server failed: {first_line(str(exc))}")
+    report.ok = not report.problems
+    return report
+
+
+def _check_server(conn: psycopg.Connection, settings: Settings, report: ArchiveCheck, archive: WalArchive | None,
+                  timeout: float) -> None:
+    names = ("wal_level", "archive_mode", "archive_command", "archive_timeout", "archive_library")
+    for name in names:
+        row = conn.execute("SELECT current_setting(%s, true)", (name,)).fetchone()
+        report.settings[name] = "" if row is None or row[0] is None else str(row[0])
+    if report.settings["wal_level"] == "minimal":
+        report.problems.append("wal_level is minimal: set wal_level = replica (needs a restart)")
+    if report.settings["archive_mode"] not in ("on", "always"):
+        report.problems.append("archive_mode is off: set archive_mode = on (needs a restart)")
+    command = report.settings["archive_command"]
+    if report.settings.get("archive_library"):
+        report.problems.append(f"archive_library is set ({report.settings['archive_library']}); archive_command "
+                               f"is ignored while it is: clear archive_library")
+    if "wal-push" not in command or str(settings.wal_archive) not in command:
+        report.problems.append(f"archive_command does not push to {settings.wal_archive} with backup-tasks wal-push "
+                               f"(it is {command or 'empty'!r}); use the postgresql_conf lines below")
+    if report.settings["archive_timeout"] in ("0", "0s", ""):
+        report.warnings.append("archive_timeout is 0: on a quiet server the newest WAL can stay unarchived "
+                               f"indefinitely (unbounded RPO); set archive_timeout = {DEFAULT_ARCHIVE_TIMEOUT}")
+    report.archiver = _archiver_stats(conn)
+    if report.problems and report.settings["archive_mode"] not in ("on", "always"):
+        return
+    if archive is None:
+        return
+    if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+        report.warnings.append("the server is a standby: cannot force a segment switch here")
+        return
+    started = time.time()
+    try:
+        conn.execute("SELECT txid_current()")  # a commit record, so the switch below always completes a segment
+        segment = str(conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0])
+    except psycopg.Error as exc:
+        report.problems.append(f"could not force a WAL segment switch: {first_line(str(exc))} (needs superuser "
+                               f"or GRANT EXECUTE ON FUNCTION pg_switch_wal)")
+        return
+    report.segment = segment
+    deadline = time.monotonic() + timeout
+    while not archive.exists(segment) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    report.waited_seconds = round(time.time() - started, 3)
+    report.arrived = archive.exists(segment)
+    if not report.arrived:
+        stats = _archiver_stats(conn)
+        report.archiver = stats
+        failing = bool(stats.get("last_failed_time")) and \
+            str(stats.get("last_failed_time")) > str(stats.get("last_archived_time") or "")
+        detail = (f"; the server reports archive_command failing for {stats['last_failed_wal']} at "
+                  f"{stats['last_failed_time']} (see the server log)" if failing else "")
+        report.problems.append(f"segment {segment} did not arrive in {archive.root} within {timeout:.0f}s{detail}")
+        return
+    try:
+        for _chunk in archive._verified_chunks(segment, hashlib.sha256()):
+            pass
+    except IdentityUnusable as exc:
+        if archive.identity_file is None:  # a machine with only the public key: it cannot read WAL back
+            report.notes.append(f"segment {segment} arrived encrypted; not read back (no "
+                                f"BACKUP_DECRYPT_IDENTITY_FILE here)")
+        else:
+            report.problems.append(f"segment {segment} arrived but cannot be decrypted: {exc}")
+    except BackupError as exc:
+        report.problems.append(f"segment {segment} arrived but does not read back: {exc}")
+    report.archiver = _archiver_stats(conn)
+
+
+def _archiver_stats(conn: psycopg.Connection) -> dict[str, Any]:
+    row = conn.execute("SELECT archived_count, last_archived_wal, last_archived_time::text, failed_count, "
+                       "last_failed_wal, last_failed_time::text FROM pg_stat_archiver").fetchone()
+    keys = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
+            "last_failed_time")
+    return dict(zip(keys, row, strict=True)) if row else {}

@@ -1,0 +1,306 @@
+"""Celery tasks: a thin shell over the plain functions the CLI calls.
+
+Each task re-reads its settings from the environment when it runs (a broken ``DATABASE_URL``
+fails the task with a clear message, never the worker), tags its Sentry scope, reports progress
+as a custom ``PROGRESS`` state that Flower shows, and retries only errors whose type says a retry
+can help (``errors.retryable_errors()``); everything else fails at once and is reported once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+from celery import Task, chain
+from celery.utils import uuid
+
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.health import check_health
+from backup_tasks.catalog.manifest import Manifest, utcnow
+from backup_tasks.catalog.prune import prune as run_prune
+from backup_tasks.catalog.tradingday import parse_day, session_day
+from backup_tasks.errors import (
+    AuthenticationFailed,
+    BackupError,
+    ConfigError,
+    DatabaseMissing,
+    HealthCheckFailed,
+    SourceUnavailable,
+    VerificationFailed,
+    retryable_errors,
+)
+from backup_tasks.locks import claim, release_claim
+from backup_tasks.logical import dump as dumping
+from backup_tasks.logical.verify import verify_backup
+from backup_tasks.physical.drill import pitr_drill as run_pitr_drill
+from backup_tasks.physical.snapshot import take_snapshot
+from backup_tasks.physical.verify import verify_snapshot as run_verify_snapshot
+from backup_tasks.settings import Settings
+from backup_tasks.storage.locations import open_locations
+from backup_tasks.wal.restore_points import RestorePoint, create_restore_point, restore_point_for_day
+from backup_tasks.worker.app import app
+from backup_tasks.worker.config import SHORT_HARD_LIMIT, SHORT_SOFT_LIMIT, retry_policy
+from backup_tasks.worker.sentry import capture_problem, set_tags
+
+log = logging.getLogger(__name__)
+
+
+PROGRESS_STATE = "PROGRESS"
+
+
+#: Custom event type: Flower's event state turns ``task-progress`` into the task state ``PROGRESS``.
+PROGRESS_EVENT = "task-progress"
+
+
+#: Same-phase progress updates are published at most this often (phase changes at once).
+PROGRESS_INTERVAL = 1.0
+
+
+_RETRY = retry_policy()
+
+
+class BackupTask(Task):
+    """Base for every backup task: retry policy from the error tree, progress, Sentry tags."""
+
+    abstract = True
+    backup_kind = "dump"
+    autoretry_for = retryable_errors()
+    max_retries = _RETRY.max_retries
+    retry_backoff = _RETRY.backoff
+    retry_backoff_max = _RETRY.backoff_max
+    retry_jitter = True
+    _last_progress: tuple[str, float] = ("", 0.0)
+
+    def settings(self) -> Settings:
+        # Tag first: a configuration error is reported with the kind and task it broke.
+        set_tags(backup_kind=self.backup_kind, celery_task=self.name)
+        settings = Settings.from_env()
+        database = settings.source().dbname if settings.database_url else None
+        set_tags(backup_database=database)
+        return settings
+
+    def progress(self, phase: str, **info: Any) -> None:
+        """Publish progress: a ``PROGRESS`` result state (with the details as its meta) and an event
+        for Flower. A new phase is published at once, repeats of a phase at most once a second."""
+        if info.get("backup_id"):
+            set_tags(backup_id=str(info["backup_id"]))
+        if self.request.called_directly or not self.request.id:
+            return
+        now = time.monotonic()
+        last_phase, last_time = self._last_progress
+        if phase == last_phase and phase != "done" and now - last_time < PROGRESS_INTERVAL:
+            return
+        self._last_progress = (phase, now)
+        meta = {"phase": phase, **info}
+        try:
+            self.update_state(state=PROGRESS_STATE, meta=meta)
+            if self.request.hostname:
+                # `result` is what Flower's task list shows; SUCCESS/FAILURE replace it later.
+                self.send_event(PROGRESS_EVENT, retry=False, result=json.dumps(meta, sort_keys=True), **meta)
+        except Exception as exc:  # progress is informational: never let it fail a backup
+            log.warning("could not publish progress (%s): %s", phase, exc)
+
+
+def _inflight_name(settings: Settings, day: str) -> str:
+    return f"post-close:{settings.source().server_label}/{settings.source().dbname}:{day}"
+
+
+def _summary(manifest: Manifest, status: str) -> dict[str, Any]:
+    return {"status": status, "backup_id": manifest.id, "path": manifest.path, "size_bytes": manifest.size_bytes,
+            "sha256": manifest.sha256, "tables": len(manifest.tables), "trading_day": manifest.trading_day}
+
+
+@app.task(name="backup_tasks.dump", base=BackupTask, bind=True, shared=False)
+def dump(self: BackupTask, trading_day: str | None = None, backup_id: str | None = None) -> dict[str, Any]:
+    if backup_id:
+        set_tags(backup_id=backup_id)
+    settings = self.settings()
+    day = parse_day(trading_day) if trading_day else None
+    try:
+        manifest, skipped = dumping.run_dump(settings, trading_day=day, backup_id=backup_id, progress=self.progress)
+    except Exception as exc:
+        final = not isinstance(exc, self.autoretry_for) or self.request.retries >= self.max_retries
+        if day and backup_id and final:
+            # The workflow for this day failed: let the next post-close signal try again.
+            release_claim(settings, _inflight_name(settings, day), backup_id)
+        raise
+    set_tags(backup_id=manifest.id)
+    return _summary(manifest, "skipped" if skipped else "complete")
+
+
+@app.task(name="backup_tasks.verify", base=BackupTask, bind=True, shared=False)
+def verify(self: BackupTask, previous: dict[str, Any] | None = None, backup_id: str | None = None) -> dict[str, Any]:
+    if isinstance(previous, dict):
+        backup_id = previous.get("backup_id") or backup_id
+    elif isinstance(previous, str):
+        backup_id = previous
+    settings = self.settings()
+    # "The newest" is resolved first, so the result (and the Sentry tag) names what was verified.
+    backup_id = backup_id or catalog.newest(open_locations(settings.backup_dir, settings.copy_to)).id
+    set_tags(backup_id=backup_id)
+    result = verify_backup(settings, backup_id, progress=self.progress)
+    if not result.ok:
+        raise VerificationFailed(f"backup {backup_id} failed verification: " + "; ".join(result.problems))
+    return {"backup_id": backup_id, **asdict(result)}
+
+
+@app.task(name="backup_tasks.prune", base=BackupTask, bind=True, shared=False,
+          soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
+def prune(self: BackupTask, dry_run: bool = False) -> dict[str, Any]:
+    settings = self.settings()
+    return asdict(run_prune(settings, dry_run=dry_run))  # the same document as `prune --json`
+
+
+@app.task(name="backup_tasks.health", base=BackupTask, bind=True, shared=False,
+          soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
+def health(self: BackupTask) -> dict[str, Any]:
+    report = check_health(self.settings())
+    if report.newest_backup:
+        set_tags(backup_id=report.newest_backup)
+    if not report.ok:
+        raise HealthCheckFailed("backups are unhealthy: " + "; ".join(report.problems))
+    return report.__dict__
+
+
+def _verified(manifest: Manifest) -> bool | None:
+    return None if manifest.verification is None else manifest.verification.ok
+
+
+def start_workflow(settings: Settings, day: str, *, requested_by: str | None = None) -> dict[str, Any]:
+    """Dump, verify and prune the trading day ``day`` as three tasks, unless it is done or in flight.
+
+    Decided from the catalog and a claim (never from the clock): the claim names the tasks that
+    run this day, so a second signal points at them (and ``enqueue post-close --wait`` follows
+    them) instead of starting a second dump. ``requested_by`` (the post_close task id) lets a
+    redelivered post_close message finish its own work: it re-sends the same task ids, which is
+    harmless, since the dump re-checks the catalog under the dump lock.
+    """
+    conninfo = settings.source()
+    name = _inflight_name(settings, day)
+    backup_id = dumping.backup_id_for(conninfo.dbname, "dump", utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"))
+    ids = {"dump": uuid(), "verify": uuid(), "prune": uuid()}
+    ttl = settings.task_time_limit * 2 + 600
+    value = json.dumps({"backup_id": backup_id, "tasks": ids, "by": requested_by}, sort_keys=True)
+    held = claim(settings, name, value, ttl=ttl)
+    try:
+        holder: dict[str, Any] | None = json.loads(held) if held is not None else None
+        existing = dumping.existing_for_day(settings, conninfo.dbname, day)
+        if existing is not None:
+            if holder is None:
+                release_claim(settings, name, backup_id)  # ours, just made: nothing will run
+            skipped = {"status": "skipped", "reason": "already backed up", "trading_day": day,
+                       "backup_id": existing.id, "verified": _verified(existing)}
+            if holder is not None and holder.get("backup_id") == existing.id:
+                skipped["tasks"] = holder.get("tasks")  # that day's workflow: its verify may still be running
+            return skipped
+        if holder is not None:
+            if not (requested_by and holder.get("by") == requested_by):
+                return {"status": "skipped", "reason": "already in progress", "trading_day": day,
+                        "backup_id": holder.get("backup_id"), "tasks": holder.get("tasks")}
+            backup_id, ids = holder["backup_id"], holder["tasks"]  # our own claim: a redelivered message
+        point, point_error = _restore_point(settings, day)
+        chain(
+            dump.si(trading_day=day, backup_id=backup_id).set(task_id=ids["dump"]),
+            verify.s().set(task_id=ids["verify"]),
+            prune.si().set(task_id=ids["prune"]),
+        ).apply_async()
+    except BaseException:
+        # Nothing was queued: a claim left behind would make every later signal wait for ghosts.
+        if held is None:
+            release_claim(settings, name, backup_id)
+        raise
+    log.info("post-close workflow for %s started: %s", day, ids)
+    return {"status": "started", "trading_day": day, "backup_id": backup_id, "tasks": ids,
+            "restore_point": point.name if point else None, "restore_point_error": point_error}
+
+
+def _restore_point(settings: Settings, day: str) -> tuple[RestorePoint | None, str | None]:
+    """Mark the end of the trading day in the WAL (None when the server does not archive WAL).
+
+    A failure here must not cost the day its dump, so it is reported and the workflow goes on. When
+    the server cannot be reached at all, the dump fails for the same reason and reports it: one event.
+    """
+    try:
+        return restore_point_for_day(settings, day), None
+    except BackupError as exc:
+        log.warning("no restore point for %s: %s", day, exc)
+        if not isinstance(exc, (SourceUnavailable, AuthenticationFailed, DatabaseMissing, ConfigError)):
+            capture_problem(f"no restore point for trading day {day}: {exc}", backup_kind="restore_point")
+        return None, str(exc)
+
+
+@app.task(name="backup_tasks.post_close", base=BackupTask, bind=True, shared=False,
+          soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
+def post_close(self: BackupTask, day: str) -> dict[str, Any]:
+    """Sent by the trading app after the close: ``send_task("backup_tasks.post_close", args=[day])``."""
+    trading_day = parse_day(day)  # the caller's mistake first: it is the one to fix
+    return start_workflow(self.settings(), trading_day, requested_by=self.request.id)
+
+
+@app.task(name="backup_tasks.daily", base=BackupTask, bind=True, shared=False,
+          soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
+def daily(self: BackupTask) -> dict[str, Any]:
+    """The beat schedule's daily run: the same workflow, for the most recent closed session."""
+    settings = self.settings()
+    return start_workflow(settings, session_day(utcnow(), settings), requested_by=self.request.id)
+
+
+class SnapshotTask(BackupTask):
+    abstract = True
+    backup_kind = "snapshot"
+
+
+@app.task(name="backup_tasks.snapshot", base=SnapshotTask, bind=True, shared=False)
+def snapshot(self: BackupTask) -> dict[str, Any]:
+    manifest = take_snapshot(self.settings(), progress=self.progress)
+    set_tags(backup_id=manifest.id)
+    return {"status": "complete", "backup_id": manifest.id, "path": manifest.path, "size_bytes": manifest.size_bytes,
+            "start_lsn": manifest.start_lsn, "stop_lsn": manifest.stop_lsn}
+
+
+@app.task(name="backup_tasks.verify_snapshot", base=SnapshotTask, bind=True, shared=False)
+def verify_snapshot(self: BackupTask, previous: dict[str, Any] | None = None,
+                    backup_id: str | None = None) -> dict[str, Any]:
+    if isinstance(previous, dict):
+        backup_id = previous.get("backup_id") or backup_id
+    if backup_id:
+        set_tags(backup_id=backup_id)
+    result = run_verify_snapshot(self.settings(), backup_id, progress=self.progress)
+    if not result.ok:
+        raise VerificationFailed(f"snapshot {backup_id or 'newest'} failed verification: " + "; ".join(result.problems))
+    return {"backup_id": backup_id, **result.__dict__}
+
+
+@app.task(name="backup_tasks.pitr_drill", base=SnapshotTask, bind=True, shared=False)
+def pitr_drill(self: BackupTask, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    result = run_pitr_drill(self.settings())
+    if result.snapshot_id:
+        set_tags(backup_id=result.snapshot_id)
+    if not result.ok:
+        raise VerificationFailed(f"point-in-time drill to {result.target_time} failed: " + "; ".join(result.problems))
+    return result.to_dict()
+
+
+@app.task(name="backup_tasks.restore_point", base=SnapshotTask, bind=True, shared=False,
+          soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
+def restore_point(self: BackupTask, name: str, trading_day: str | None = None) -> dict[str, Any]:
+    point = create_restore_point(self.settings(), name, trading_day=parse_day(trading_day) if trading_day else None)
+    return {"name": point.name, "lsn": point.lsn, "created_at": point.created_at}
+
+
+@app.task(name="backup_tasks.weekly", base=SnapshotTask, bind=True, shared=False,
+          soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
+def weekly(self: BackupTask) -> dict[str, Any]:
+    """The beat schedule's weekly run: snapshot -> verify it -> PITR drill -> prune, as four tasks."""
+    self.settings()  # a configuration error fails here, tagged, before anything is queued
+    ids = {"snapshot": uuid(), "verify_snapshot": uuid(), "pitr_drill": uuid(), "prune": uuid()}
+    chain(
+        snapshot.si().set(task_id=ids["snapshot"]),
+        verify_snapshot.s().set(task_id=ids["verify_snapshot"]),
+        pitr_drill.s().set(task_id=ids["pitr_drill"]),
+        prune.si().set(task_id=ids["prune"]),
+    ).apply_async()
+    return {"status": "started", "tasks": ids}
