@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set everything up first.
-.PHONY: demo test test-quick lint bench setup
+.PHONY: demo test test-quick lint lint-only bench setup
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -9,14 +9,19 @@ demo: setup
 
 test: setup
 	@bash scripts/services.sh
-	@.venv/bin/ruff check backup_tasks tests bench celeryconfig.py
+	@$(MAKE) --no-print-directory lint-only
 	@.venv/bin/python -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS)
 
 test-quick: setup
 	@.venv/bin/python -m pytest -p no:cacheprovider -m "not slow" -x -q $(PYTEST_ARGS)
 
 lint: setup
+	@$(MAKE) --no-print-directory lint-only
+
+# ruff, then the import contracts of pyproject.toml (layers, the WAL fast path, no cycles).
+lint-only:
 	@.venv/bin/ruff check backup_tasks tests bench celeryconfig.py
+	@.venv/bin/lint-imports --no-cache
 
 bench: setup
 	@.venv/bin/python bench/run.py $(BENCH_ARGS)

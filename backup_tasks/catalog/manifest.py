@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
+from backup_tasks.clock import isoformat, parse_time, utcnow  # noqa: F401 (part of the catalog's vocabulary)
 from backup_tasks.errors import BackupNotFound, StorageError
 from backup_tasks.storage.base import Storage
 
@@ -20,18 +21,6 @@ MANIFEST_SUFFIX = ".manifest.json"
 
 
 FORMAT_VERSION = 1
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def isoformat(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 @dataclass

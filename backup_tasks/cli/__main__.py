@@ -1,7 +1,7 @@
-"""``python -m backup_tasks.cli``: the console script (archive_command lines written by earlier versions use it)."""
+"""``python -m backup_tasks.cli``: the whole CLI (archive_command lines written by early versions use this form)."""
 
 import sys
 
-from backup_tasks.entry import main
+from backup_tasks.cli.main import main
 
 sys.exit(main())

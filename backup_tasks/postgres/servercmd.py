@@ -28,7 +28,7 @@ def installed_command() -> list[str]:
     script = Path(sys.executable).parent / "backup-tasks"
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script.absolute())]
-    return [str(Path(sys.executable).absolute()), "-m", "backup_tasks.cli"]
+    return [str(Path(sys.executable).absolute()), "-m", "backup_tasks"]
 
 
 def runnable_by_server(command: list[str]) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from backup_tasks.catalog.manifest import utcnow
+from backup_tasks.clock import utcnow
 from backup_tasks.errors import (
     ConfigError,
     RestoreRefused,
