@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from backup_tasks.catalog import manifest as catalog  # noqa: E402
 from backup_tasks.postgres.cluster import ThrowawayCluster, as_server_user  # noqa: E402
-from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.connect import connect  # noqa: E402
 from backup_tasks.postgres.sampledata import generate, signals_for_size  # noqa: E402
 from backup_tasks.postgres.servercmd import archive_command, server_command  # noqa: E402
 from backup_tasks.postgres.tools import find_tool  # noqa: E402

@@ -55,7 +55,7 @@ from psycopg import sql  # noqa: E402
 
 from backup_tasks.conninfo import ConnInfo  # noqa: E402
 from backup_tasks.postgres import sampledata  # noqa: E402
-from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.connect import connect  # noqa: E402
 from backup_tasks.postgres.tools import find_tool  # noqa: E402
 
 MIB = 1 << 20

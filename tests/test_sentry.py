@@ -251,7 +251,8 @@ print(json.dumps({"dsn": options["dsn"], "environment": options["environment"], 
     assert options["log_event_level"] is False
     # Without SENTRY_DSN nothing is initialised.
     off = subprocess.run([str(Path(CELERY).parent / "python"), "-c",
-                          "from backup_tasks.worker.sentry import init_sentry; from backup_tasks.settings import Settings;"
+                          "from backup_tasks.worker.sentry import init_sentry; "
+                          "from backup_tasks.settings import Settings;"
                           "print(init_sentry(Settings()))"], env=celery_env("redis://x", tmp_path),
                          capture_output=True, text=True, check=True).stdout
     assert off.strip() == "False"

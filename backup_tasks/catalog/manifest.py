@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from backup_tasks.clock import isoformat, parse_time, utcnow  # noqa: F401 (part of the catalog's vocabulary)

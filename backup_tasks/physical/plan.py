@@ -103,7 +103,8 @@ class SnapshotRange:
 
     def describe(self) -> str:
         gap = f" (WAL segment {self.coverage.gap} is missing after that)" if self.coverage.gap else ""
-        return f"{format_moment(self.restorable_from)} to {format_moment(self.restorable_until)} from snapshot {self.snapshot.id}{gap}"
+        return (f"{format_moment(self.restorable_from)} to {format_moment(self.restorable_until)} "
+                f"from snapshot {self.snapshot.id}{gap}")
 
 
 @dataclass
@@ -166,20 +167,23 @@ def plan_restore(settings: Settings, target: RecoveryTarget, *, storage: Storage
             raise RestoreFailed(
                 f"WAL segment {chosen.coverage.gap} is missing from the archive {archive.root} although later "
                 f"segments are there: recovery to the latest point would silently stop at "
-                f"{format_moment(chosen.restorable_until)}. Put the segment back, or restore to a --target-time up to that "
+                f"{format_moment(chosen.restorable_until)}. Put the segment back, or restore to a --target-time up "
+                f"to that "
                 f"moment. Available: {available}")
         return RestorePlan(chosen.snapshot, target, chosen)
     if target.kind == "time":
         assert target.time is not None
         fitting = [r for r in ranges if r.restorable_from <= target.time <= r.restorable_until]
         if not fitting:
-            raise TargetOutOfRange(f"cannot restore to {format_moment(target.time)}: the snapshots and the WAL archive cover "
+            raise TargetOutOfRange(f"cannot restore to {format_moment(target.time)}: the snapshots and the WAL "
+                                   f"archive cover "
                                    f"{available}")
         chosen = fitting[-1]  # the newest snapshot: least WAL to replay
         plan = RestorePlan(chosen.snapshot, target, chosen)
         plan.to_end_of_archive = not _commit_after(settings, archive, chosen, target.time)
         if plan.to_end_of_archive:
-            plan.notes.append(f"no transaction committed between {format_moment(target.time)} and the end of the archived WAL: "
+            plan.notes.append(f"no transaction committed between {format_moment(target.time)} and the end of the "
+                              f"archived WAL: "
                               f"recovering to the end of the archive gives the state at the target")
         return plan
     points = [p for p in restore_points(archive) if p.name == target.name]

@@ -191,7 +191,8 @@ def wait_for_step(app: Celery, task_id: str, deadline: float, *, on_state: Any =
             time.sleep(POLL_INTERVAL)
     except Exception as exc:
         if is_connection_error(exc) or "result store" in str(exc):
-            raise BrokerUnavailable(f"lost the result backend while waiting for task {task_id}: {first_error_line(exc)}; "
+            raise BrokerUnavailable(f"lost the result backend while waiting for task {task_id}: "
+                                    f"{first_error_line(exc)}; "
                                     f"the workflow may still be running") from None
         raise
 
