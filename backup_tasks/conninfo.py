@@ -103,12 +103,8 @@ class ConnInfo:
 
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
-
-
 #: ``user:password@host`` without a scheme, as the seed script hands it to pg_dump.
 _BARE_USERINFO = re.compile(r"(?<![\w/:@])(?P<user>[\w.%+-]+):(?P<pw>[^@\s/:]+)@(?=[\w.\[])")
-
-
 _QUERY_PW = re.compile(r"(?i)((?:password|secret|token|key)=)[^&\s]+")
 
 

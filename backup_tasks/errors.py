@@ -4,6 +4,22 @@ Every failure a user can act on has its own type. Each type says whether retryin
 (``retryable``) and which exit code the CLI uses, so Celery's retry policy and the CLI's exit codes
 follow from the type rather than from matching message strings. Messages never contain secrets:
 callers pass redacted URLs only.
+
+One base per subsystem, so a caller can catch a whole family::
+
+    BackupError
+      ConfigError                  settings and usage (exit 2)
+      PostgresError                the server and its tools: SourceUnavailable (retry), AuthenticationFailed,
+                                   DatabaseMissing, ToolMissing, ClusterError
+      StorageError                 where backups live: StorageFull, StorageUnavailable (retry), StorageAuthFailed,
+                                   BucketMissing, ObjectMissing, and the WAL archive's WalArchiveError
+                                   (WalConflict, WalMissing, WalGap)
+      BackupFailed                 taking a backup: DumpFailed, SnapshotFailed
+      IntegrityError               what is stored: BackupNotFound, BackupCorrupt (WalCorrupt), VerificationFailed,
+                                   HealthCheckFailed
+      RestoreError                 RestoreRefused (TargetOutOfRange), RestoreFailed
+      CryptoError                  IdentityUnusable, EncryptionFailed
+      CoordinationError            LockBusy, LockLost, LockServerUnavailable, BrokerUnavailable (all retry)
 """
 
 from __future__ import annotations
@@ -25,29 +41,53 @@ class BackupError(Exception):
         return self.message
 
 
+def retryable_errors() -> tuple[type[BackupError], ...]:
+    """Every error type whose ``retryable`` flag is set: Celery's ``autoretry_for``."""
+    found: list[type[BackupError]] = []
+    pending: list[type[BackupError]] = [BackupError]
+    while pending:
+        cls = pending.pop()
+        if cls.retryable and cls not in found:
+            found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return tuple(found)
+
+
 class ConfigError(BackupError):
     """A setting is missing or malformed (bad URL, unknown compression, bad schedule)."""
 
     exit_code = 2
 
 
-class SourceUnavailable(BackupError):
+# --- PostgreSQL and its tools ----------------------------------------------------------------------
+
+class PostgresError(BackupError):
+    """The database server, or a PostgreSQL binary, failed us."""
+
+
+class SourceUnavailable(PostgresError):
     """The database server cannot be reached right now (refused, timed out, starting up)."""
 
     retryable = True
 
 
-class AuthenticationFailed(BackupError):
+class AuthenticationFailed(PostgresError):
     """The server rejected the credentials; retrying with the same ones cannot help."""
 
 
-class DatabaseMissing(BackupError):
+class DatabaseMissing(PostgresError):
     """The named database does not exist on the server."""
 
 
-class ToolMissing(BackupError):
+class ToolMissing(PostgresError):
     """A required PostgreSQL client binary (pg_dump, pg_restore, initdb...) is not installed."""
 
+
+class ClusterError(PostgresError):
+    """A throwaway PostgreSQL cluster could not be created or started."""
+
+
+# --- storage (BACKUP_DIR, BACKUP_COPY_TO) and the WAL archive ------------------------------------------
 
 class StorageError(BackupError):
     """Writing or reading the backup storage failed."""
@@ -55,56 +95,6 @@ class StorageError(BackupError):
 
 class StorageFull(StorageError):
     """No space left where the backup is written; the partial file has been removed."""
-
-
-class DumpFailed(BackupError):
-    """pg_dump exited with an error; nothing was kept."""
-
-
-class BackupNotFound(BackupError):
-    """No backup with the requested id (or no backup at all) is in the catalog."""
-
-
-class BackupCorrupt(BackupError):
-    """A stored backup does not match its manifest (checksum, size, unreadable archive)."""
-
-
-class VerificationFailed(BackupError):
-    """The backup restored, but the restored database differs from what was backed up."""
-
-
-class RestoreRefused(BackupError):
-    """The restore target is not safe to write to (not empty, or it is the source)."""
-
-
-class RestoreFailed(BackupError):
-    """pg_restore or the restored server failed."""
-
-
-class LockBusy(BackupError):
-    """Another run holds the lock for the same database; try again later."""
-
-    retryable = True
-
-
-class ClusterError(BackupError):
-    """A throwaway PostgreSQL cluster could not be created or started."""
-
-
-class HealthCheckFailed(BackupError):
-    """The catalog is unhealthy: no recent backup, an empty one, or one that failed verification."""
-
-
-def retryable_errors() -> tuple[type[BackupError], ...]:
-    """Every error type whose ``retryable`` flag is set: Celery's ``autoretry_for``."""
-    found: list[type[BackupError]] = []
-    pending: list[type[BackupError]] = [BackupError]
-    while pending:
-        cls = pending.pop()
-        if cls.retryable:
-            found.append(cls)
-        pending.extend(cls.__subclasses__())
-    return tuple(found)
 
 
 class StorageUnavailable(StorageError):
@@ -125,24 +115,6 @@ class ObjectMissing(StorageError):
     """The requested object is not in this storage location."""
 
 
-class IdentityUnusable(BackupError):
-    """No usable age identity: not configured, unreadable, malformed, or not one the backup was encrypted to."""
-
-
-class EncryptionFailed(BackupError):
-    """Encrypting a stream failed (not a storage error: those keep their own type)."""
-
-
-class BrokerUnavailable(BackupError):
-    """The Celery broker (or result backend) cannot be reached: nothing was sent, or the outcome is unknown."""
-
-    retryable = True
-
-
-class SnapshotFailed(BackupError):
-    """pg_basebackup or pg_verifybackup failed; nothing was kept."""
-
-
 class WalArchiveError(StorageError):
     """The WAL archive cannot be written or read (missing directory, permissions, bad name)."""
 
@@ -159,9 +131,103 @@ class WalGap(WalArchiveError):
     """A WAL segment is missing although later ones are archived: recovery past it is impossible."""
 
 
+# --- taking a backup -------------------------------------------------------------------------------
+
+class BackupFailed(BackupError):
+    """Taking a backup failed; nothing was kept."""
+
+
+class DumpFailed(BackupFailed):
+    """pg_dump exited with an error; nothing was kept."""
+
+
+class SnapshotFailed(BackupFailed):
+    """pg_basebackup or pg_verifybackup failed; nothing was kept."""
+
+
+# --- what is stored ---------------------------------------------------------------------------------
+
+class IntegrityError(BackupError):
+    """A backup is missing, damaged or does not restore to what was backed up."""
+
+
+class BackupNotFound(IntegrityError):
+    """No backup with the requested id (or no backup at all) is in the catalog."""
+
+
+class BackupCorrupt(IntegrityError):
+    """A stored backup does not match its manifest (checksum, size, unreadable archive)."""
+
+
 class WalCorrupt(BackupCorrupt):
     """An archived WAL file fails its checksum or cannot be decompressed."""
 
 
+class VerificationFailed(IntegrityError):
+    """The backup restored, but the restored database differs from what was backed up."""
+
+
+class HealthCheckFailed(IntegrityError):
+    """The catalog is unhealthy: no recent backup, an empty one, or one that failed verification."""
+
+
+# --- restoring --------------------------------------------------------------------------------------
+
+class RestoreError(BackupError):
+    """A restore did not happen or did not finish."""
+
+
+class RestoreRefused(RestoreError):
+    """The restore target is not safe to write to (not empty, or it is the source)."""
+
+
 class TargetOutOfRange(RestoreRefused):
     """The requested recovery target lies outside what the snapshots and the WAL archive cover."""
+
+
+class RestoreFailed(RestoreError):
+    """pg_restore or the restored server failed."""
+
+
+# --- encryption --------------------------------------------------------------------------------------
+
+class CryptoError(BackupError):
+    """Encryption or decryption keys are missing or wrong."""
+
+
+class IdentityUnusable(CryptoError):
+    """No usable age identity: not configured, unreadable, malformed, or not one the backup was encrypted to."""
+
+
+class EncryptionFailed(CryptoError):
+    """Encrypting a stream failed (not a storage error: those keep their own type)."""
+
+
+# --- coordination: locks and the broker ---------------------------------------------------------------
+
+class CoordinationError(BackupError):
+    """Another run, a lock or the message broker stands in the way."""
+
+
+class LockBusy(CoordinationError):
+    """Another run holds the lock for the same database; try again later."""
+
+    retryable = True
+
+
+class BrokerUnavailable(CoordinationError):
+    """The Celery broker (or result backend) cannot be reached: nothing was sent, or the outcome is unknown."""
+
+    retryable = True
+
+
+class LockLost(CoordinationError):
+    """This run lost its lock (it expired, or the lock server stopped answering) and stopped before committing."""
+
+    retryable = True
+
+
+class LockServerUnavailable(CoordinationError):
+    """The lock server (Redis) cannot be reached, and the deployment is not declared single-host."""
+
+    retryable = True

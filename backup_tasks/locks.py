@@ -30,11 +30,7 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_TTL = 120  # seconds: how long a killed holder blocks others
-
-
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
-
-
 _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
           "else return 0 end")
 

@@ -6,8 +6,6 @@ from collections.abc import Callable
 
 #: Called with a phase name and details ("dumping", bytes_written=..., tables_done=...).
 Progress = Callable[..., None]
-
-
 PROGRESS_EVERY = 64 << 20
 
 

@@ -20,8 +20,6 @@ from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import ConfigError
 
 COMPRESSIONS = ("zstd", "gzip")
-
-
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 

@@ -9,6 +9,7 @@ from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.manifest import Manifest, utcnow
 from backup_tasks.errors import StorageError
 from backup_tasks.settings import Settings
+from backup_tasks.storage.base import Storage
 from backup_tasks.storage.locations import open_locations
 
 #: A dump this young may still be in its verify step: not yet a problem.
@@ -53,8 +54,10 @@ def assess(manifests: list[Manifest], stored_sizes: dict[str, int | None], now: 
                         verified=None if newest.verification is None else newest.verification.ok)
 
 
-def check_health(settings: Settings, *, now: datetime | None = None) -> HealthReport:
-    storage = open_locations(settings.backup_dir, settings.copy_to)
+def check_health(settings: Settings, *, now: datetime | None = None, storage: Storage | None = None) -> HealthReport:
+    """Judge the catalog in ``storage`` (default: the settings' locations)."""
+    if storage is None:
+        storage = open_locations(settings.backup_dir, settings.copy_to)
     database = settings.source().dbname if settings.database_url else None
     manifests = catalog.catalog(storage, kind="dump", database=database)
     sizes: dict[str, int | None] = {}

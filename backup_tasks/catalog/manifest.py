@@ -1,9 +1,11 @@
 """The catalog: one JSON manifest beside every backup, and nothing else.
 
-``<id>.manifest.json`` sits next to the backup object it describes. A manifest is written only
-once its backup is complete and durable, so the presence of a manifest means "this backup
-exists"; verification results are recorded by rewriting the manifest atomically. Listing,
-verifying, pruning and restoring need no other state.
+``<id>.manifest.json`` sits next to the backup object it describes, at the top of the backup
+location (in every version of this tool), so reading the catalog lists only that one level and never
+walks the WAL archive beside it. A manifest is written only once its backup is complete and durable,
+and create-only (``save_new``): the presence of a manifest means "this backup exists", and a second
+backup under the same id cannot replace it. Verification results are recorded by rewriting the
+manifest atomically (``save``). Listing, verifying, pruning and restoring need no other state.
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from backup_tasks.clock import isoformat, parse_time, utcnow  # noqa: F401 (part of the catalog's vocabulary)
-from backup_tasks.errors import BackupNotFound, StorageError
+from backup_tasks.errors import BackupNotFound, ObjectMissing, StorageError
 from backup_tasks.storage.base import Storage
 
 MANIFEST_SUFFIX = ".manifest.json"
-
-
 FORMAT_VERSION = 1
 
 
@@ -110,14 +110,26 @@ def manifest_key(backup_id: str) -> str:
 
 
 def save(storage: Storage, manifest: Manifest) -> None:
+    """Write (or rewrite, atomically) the manifest: for updates such as a verification result."""
     storage.put_bytes(manifest.key, manifest.to_json().encode())
+
+
+def save_new(storage: Storage, manifest: Manifest) -> None:
+    """Record a new backup: create-only, so an existing backup with the same id is never overwritten.
+
+    Raises ``StorageError`` (the existing manifest untouched) when the id is taken.
+    """
+    if not storage.put_new(manifest.key, manifest.to_json().encode()):
+        raise StorageError(f"a backup named {manifest.id} is already in the catalog at {storage.location}; its "
+                           f"manifest was left untouched and this one was not recorded")
 
 
 def load(storage: Storage, backup_id: str) -> Manifest:
     key = manifest_key(backup_id)
-    if not storage.exists(key):
-        raise BackupNotFound(f"no backup {backup_id!r} in {storage.location} (see `backup-tasks list`)")
-    return _parse(storage, key)
+    try:
+        return _parse(storage, key)
+    except ObjectMissing:
+        raise BackupNotFound(f"no backup {backup_id!r} in {storage.location} (see `backup-tasks list`)") from None
 
 
 def _parse(storage: Storage, key: str) -> Manifest:
@@ -128,9 +140,12 @@ def _parse(storage: Storage, key: str) -> Manifest:
 
 
 def catalog(storage: Storage, *, kind: str | None = None, database: str | None = None) -> list[Manifest]:
-    """Every readable manifest, oldest first. Unreadable manifests are skipped, not fatal."""
+    """Every readable manifest, oldest first. Unreadable manifests are skipped, not fatal.
+
+    Only the top level of the location is listed (``recursive=False``): manifests live there.
+    """
     found = []
-    for obj in storage.list():
+    for obj in storage.list(recursive=False):
         if not obj.key.endswith(MANIFEST_SUFFIX):
             continue
         try:

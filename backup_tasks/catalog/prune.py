@@ -13,6 +13,7 @@ from backup_tasks.catalog.retention import Decision, RetentionPolicy, plan, wal_
 from backup_tasks.errors import ConfigError
 from backup_tasks.locks import hold
 from backup_tasks.settings import Settings
+from backup_tasks.storage.base import Storage
 from backup_tasks.storage.locations import open_locations
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,11 @@ class PruneReport:
     wal_reason: str | None = None
 
 
-def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = None) -> PruneReport:
-    storage = open_locations(settings.backup_dir, settings.copy_to)  # deletes from both
+def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = None,
+          storage: Storage | None = None) -> PruneReport:
+    """Delete what the retention plan expires from ``storage`` (default: the settings' locations), then old WAL."""
+    if storage is None:
+        storage = open_locations(settings.backup_dir, settings.copy_to)  # deletes from both
     with hold(settings, "prune", what="a prune of this backup directory"):
         manifests = catalog.catalog(storage)
         policy = RetentionPolicy(keep_daily_days=settings.keep_daily_days, keep_weekly=settings.keep_weekly)

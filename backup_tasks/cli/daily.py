@@ -6,14 +6,11 @@ Each imports what it runs inside the command, so ``backup-tasks --help`` stays f
 from __future__ import annotations
 
 import argparse
-import logging
 from dataclasses import asdict
 from typing import Any
 
-from backup_tasks.cli.output import Add, UsageError, emit, size
+from backup_tasks.cli.output import Add, UsageError, emit, progress_logger, size
 from backup_tasks.settings import Settings
-
-log = logging.getLogger("backup_tasks")
 
 
 def cmd_dump(args: argparse.Namespace, settings: Settings) -> int:
@@ -22,11 +19,7 @@ def cmd_dump(args: argparse.Namespace, settings: Settings) -> int:
 
     day = parse_day(args.trading_day) if args.trading_day else None
 
-    def progress(phase: str, **info: Any) -> None:
-        if args.verbose:
-            log.info("%s %s", phase, info)
-
-    manifest, skipped = run_dump(settings, trading_day=day, progress=progress)
+    manifest, skipped = run_dump(settings, trading_day=day, progress=progress_logger(args))
     status = "already backed up for that day" if skipped else "complete"
     emit(args, manifest.to_dict() | ({"skipped": True} if skipped else {}),
          f"dump {manifest.id} {status}: {manifest.path}, {size(manifest.size_bytes)}, "

@@ -21,14 +21,13 @@ from typing import Any
 from backup_tasks.catalog.health import check_health
 from backup_tasks.catalog.manifest import catalog, utcnow
 from backup_tasks.catalog.tradingday import session_day
+from backup_tasks.errors import BackupError
 from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.queries import create_database
 from backup_tasks.postgres.sampledata import generate
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_storage
-
-STEP_NAMES = ("dump", "verify", "prune")
 
 
 class Narrator:
@@ -54,23 +53,6 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = old
-
-
-def _follow(result: Any, name: str, narrator: Narrator, timeout: float = 1800) -> dict[str, Any]:
-    """Wait for one task, narrating its PROGRESS states; raise if it failed."""
-    last = None
-    deadline = time.monotonic() + timeout
-    while not result.ready():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{name} did not finish within {timeout:.0f}s")
-        state, info = result.state, result.info
-        shown = (state, json.dumps(info, sort_keys=True, default=str)) if isinstance(info, dict) else (state, None)
-        if shown != last and state == "PROGRESS" and isinstance(info, dict):
-            details = ", ".join(f"{k}={v}" for k, v in info.items() if k != "phase")
-            narrator.say(f"  {name}: {info.get('phase')} ({details})")
-        last = shown
-        time.sleep(0.1)
-    return dict(result.get(propagate=True, disable_sync_subtasks=False))
 
 
 @contextmanager
@@ -124,25 +106,41 @@ def run_demo(*, size_mb: float = 20, keep: str | None = None, as_json: bool = Fa
 
 
 def _run_cycle(narrator: Narrator) -> dict[str, Any]:
+    """The post-close workflow through a worker in this process, sent and followed as ``enqueue --wait`` does."""
     from celery.contrib.testing.worker import start_worker
 
     from backup_tasks.worker.app import app
+    from backup_tasks.worker.client import STEPS, follow, send_post_close
     from backup_tasks.worker.config import build_config
 
     app.conf.update(build_config())  # re-read the environment: in-memory broker and results
     settings = Settings.from_env()
     day = session_day(utcnow(), settings)
+    names: dict[str, str] = {}
+    shown: set[tuple[str, str]] = set()
+
+    def narrate(task_id: str, state: str, info: Any) -> None:
+        name = names.get(task_id, "post_close")
+        if name in STEPS and (name, "") not in shown:
+            shown.add((name, ""))
+            narrator.say(f"{name} ({task_id[:8]}…)")
+        if state == "SUCCESS" and name == "post_close" and isinstance(info, dict):
+            names.update({step_id: step for step, step_id in (info.get("tasks") or {}).items()})
+        elif state == "PROGRESS" and isinstance(info, dict) and (name, str(info.get("phase"))) not in shown:
+            shown.add((name, str(info.get("phase"))))
+            details = ", ".join(f"{k}={v}" for k, v in info.items() if k != "phase")
+            narrator.say(f"  {name}: {info.get('phase')} ({details})")
+
     narrator.say("starting a Celery worker in this process (in-memory broker)")
     with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"):
         narrator.say(f"post-close signal for trading day {day}: send_task('backup_tasks.post_close', ['{day}'])")
-        started = app.send_task("backup_tasks.post_close", args=[day], queue="backups")
-        outcome = _follow(started, "post_close", narrator)
-        steps: dict[str, Any] = {"post_close": outcome}
-        for name in STEP_NAMES:
-            task_id = outcome["tasks"][name]
-            narrator.say(f"{name} ({task_id[:8]}…)")
-            steps[name] = _follow(app.AsyncResult(task_id), name, narrator)
-            narrator.say(f"  {name}: {_describe(name, steps[name])}")
+        outcome = follow(app, send_post_close(app, day).id, day, timeout=1800, on_state=narrate)
+    if not outcome.ok:
+        raise BackupError("the demo's workflow did not complete: " + "; ".join(outcome.problems))
+    steps: dict[str, Any] = {"post_close": outcome.post_close.result if outcome.post_close else None}
+    for name, step in outcome.steps.items():
+        steps[name] = step.result
+        narrator.say(f"  {name}: {_describe(name, step.result)}")
     return steps
 
 

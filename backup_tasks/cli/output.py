@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
@@ -14,6 +15,7 @@ from datetime import datetime
 from typing import Any, NoReturn
 
 from backup_tasks.errors import BackupError, ConfigError
+from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
 
 #: A command: parsed arguments and settings in, exit code out.
@@ -61,3 +63,15 @@ def fail(exc: BackupError, *, command: str, as_json: bool) -> int:
                           "at": datetime.now().astimezone().isoformat(timespec="seconds")}))
     print(f"backup-tasks {command}: error: {exc}".replace("backup-tasks : ", "backup-tasks: "), file=sys.stderr)
     return exc.exit_code
+
+
+def progress_logger(args: argparse.Namespace) -> Progress:
+    """With ``--verbose``, each progress report of a long command as a log line on stderr."""
+    if not args.verbose:
+        return no_progress
+    log = logging.getLogger("backup_tasks")
+
+    def progress(phase: str, **info: object) -> None:
+        log.info("%s %s", phase, info)
+
+    return progress

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from backup_tasks.cli.output import Add, UsageError, emit, size
+from backup_tasks.cli.output import Add, UsageError, emit, progress_logger, size
 from backup_tasks.errors import WalMissing
 from backup_tasks.settings import Settings
 from backup_tasks.wal.command import RECOVERY_FATAL
@@ -73,17 +73,9 @@ def cmd_wal_fetch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace, settings: Settings) -> int:
-    import logging
-
     from backup_tasks.physical.snapshot import take_snapshot
 
-    log = logging.getLogger("backup_tasks")
-
-    def progress(phase: str, **info: Any) -> None:
-        if args.verbose:
-            log.info("%s %s", phase, info)
-
-    manifest = take_snapshot(settings, progress=progress)
+    manifest = take_snapshot(settings, progress=progress_logger(args))
     warnings = (manifest.snapshot or {}).get("warnings") or []
     human = (f"snapshot {manifest.id} complete: {size(manifest.size_bytes)}, WAL {manifest.start_lsn} to "
              f"{manifest.stop_lsn} on timeline {manifest.timeline}, checked by pg_verifybackup"

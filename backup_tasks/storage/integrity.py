@@ -69,11 +69,7 @@ def check_object(storage: Storage, key: str, *, size: int, sha256: str) -> Locat
                 digest.update(chunk)
                 got += len(chunk)
     except BackupError as exc:
-        try:
-            missing = isinstance(exc, ObjectMissing) or not storage.exists(key)
-        except BackupError:
-            missing = False
-        if missing:
+        if isinstance(exc, ObjectMissing):  # every driver says "missing" this way, and only when it is
             return LocationCheck(storage.location, "missing", f"{key} is missing from {storage.location}")
         return LocationCheck(storage.location, "unreadable", f"{key} cannot be read from {storage.location}: {exc}")
     if got != size:
@@ -132,10 +128,7 @@ def read_first_good(storage: Storage, key: str, *, size: int, sha256: str) -> by
         try:
             data = member.read_bytes(key)
         except BackupError as exc:
-            try:
-                missing = isinstance(exc, ObjectMissing) or not member.exists(key)
-            except BackupError:
-                missing = False
+            missing = isinstance(exc, ObjectMissing)
             checks.append(LocationCheck(member.location, "missing" if missing else "unreadable",
                                         f"{key} is missing from {member.location}" if missing else
                                         f"{key} cannot be read from {member.location}: {exc}"))
@@ -160,11 +153,14 @@ def holders(stores: Sequence[Storage], key: str) -> list[str]:
     return found
 
 
-def listing_by_location(storage: Storage, prefix: str = "") -> dict[str, list[str]]:
-    """key -> locations holding it, with one listing per location (what ``list`` needs for many backups)."""
+def listing_by_location(storage: Storage, prefix: str = "", *, recursive: bool = False) -> dict[str, list[str]]:
+    """key -> locations holding it, with one listing per location (what ``list`` needs for many backups).
+
+    Backups sit at the top of their location, so by default the listing does not walk the WAL archive.
+    """
     where: dict[str, list[str]] = {}
     for member in members(storage):
-        for obj in member.list(prefix):
+        for obj in member.list(prefix, recursive=recursive):
             where.setdefault(obj.key, []).append(member.location)
     return where
 
@@ -186,7 +182,7 @@ def probe(storage: Storage, *, role: str = "primary") -> LocationStatus:
     key = f".backup-tasks-probe-{uuid.uuid4().hex[:12]}"
     reachable = writable = False
     try:
-        storage.list(".backup-tasks-probe-none")
+        storage.list(".backup-tasks-probe-none", recursive=False)
         reachable = True
         storage.put_bytes(key, b"backup-tasks probe\n")
         storage.delete(key)

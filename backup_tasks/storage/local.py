@@ -2,11 +2,14 @@
 
 A writer streams into ``.<name>.partial-<uuid>`` and ``commit`` fsyncs, renames into place and
 fsyncs the directory; ``put_new`` links the finished temporary file to its key, which fails when
-the key exists, so it never overwrites.
+the key exists, so it never overwrites. (Only on a filesystem without hard links does it fall back
+to "check, then rename", which a concurrent writer can race.) A key that is not a regular file
+(absent, or a directory) is ``ObjectMissing``, as ``exists`` says.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -14,15 +17,35 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import BinaryIO
 
-from backup_tasks.errors import StorageError
+from backup_tasks.errors import ObjectMissing, StorageError
 from backup_tasks.storage.base import (
     DIR_MODE,
     FILE_MODE,
     PARTIAL_MARK,
     ObjectInfo,
     fsync_dir,
+    in_listing,
+    is_partial,
     storage_error,
 )
+
+#: ``os.link`` errors meaning "this filesystem has no hard links" (vfat, some FUSE and SMB mounts).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def _link_new(temp: Path, final: Path) -> bool:
+    """Give ``temp``'s file the name ``final`` unless that name is taken: True if it now has it."""
+    try:
+        os.link(temp, final)  # atomic, and fails rather than overwrite
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(final):
+            return False
+        os.rename(temp, final)
+    return True
 
 
 class LocalWriter:
@@ -52,16 +75,30 @@ class LocalWriter:
         self.bytes_written += len(data)
 
     def commit(self) -> None:
+        self._publish(replace=True)
+
+    def commit_new(self) -> bool:
+        """Publish only if nothing is under the key yet (never overwrites): False, and nothing kept, if taken."""
+        return self._publish(replace=False)
+
+    def _publish(self, *, replace: bool) -> bool:
         assert self._file is not None, "writer already closed"
         try:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
-            os.replace(self.temp, self.final)
+            if replace:
+                os.replace(self.temp, self.final)
+            elif _link_new(self.temp, self.final):
+                self.abort()  # drops the temporary name; the object stays under its key
+            else:
+                self.abort()
+                return False
             fsync_dir(self.final.parent)
         except OSError as exc:
             self.abort()
             raise storage_error(exc, "saving", str(self.final)) from None
+        return True
 
     def abort(self) -> None:
         if self._file is not None:
@@ -108,8 +145,8 @@ class LocalStorage:
     def open(self, key: str) -> BinaryIO:
         try:
             return open(self._path(key), "rb")
-        except FileNotFoundError:
-            raise StorageError(f"{key} is missing from {self.location}") from None
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise ObjectMissing(f"{key} is missing from {self.location}") from None
         except OSError as exc:
             raise storage_error(exc, "opening", key) from None
 
@@ -122,6 +159,12 @@ class LocalStorage:
         writer.write(data)
         writer.commit()
 
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist: True if written, False (existing object untouched) if it did."""
+        writer = self.writer(key)
+        writer.write(data)
+        return writer.commit_new()
+
     def exists(self, key: str) -> bool:
         # Not Path.is_file(): it lets PermissionError escape, and must not say "missing" for "unreadable".
         try:
@@ -133,16 +176,36 @@ class LocalStorage:
 
     def size(self, key: str) -> int:
         try:
-            return self._path(key).stat().st_size
-        except FileNotFoundError:
-            raise StorageError(f"{key} is missing from {self.location}") from None
+            st = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectMissing(f"{key} is missing from {self.location}") from None
         except OSError as exc:
             raise storage_error(exc, "checking the size of", key) from None
+        if not S_ISREG(st.st_mode):
+            raise ObjectMissing(f"{key} is missing from {self.location}")
+        return st.st_size
 
-    def _walk(self, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
-        # Walk the deepest directory the prefix names, never above the root.
+    def _walk(self, prefix: str, *, recursive: bool = True) -> Iterator[tuple[str, os.stat_result]]:
+        # Walk the deepest directory the prefix names, never above the root; only that one if not recursive.
         start = self._path(prefix.rsplit("/", 1)[0]) if "/" in prefix else self.root
         if not start.is_dir():
+            return
+        if not recursive:
+            try:
+                entries = list(os.scandir(start))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            except OSError as exc:
+                raise storage_error(exc, "listing", str(start)) from None
+            for entry in entries:
+                key = Path(entry.path).relative_to(self.root).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    if entry.is_file(follow_symlinks=True):
+                        yield key, entry.stat(follow_symlinks=True)
+                except FileNotFoundError:
+                    continue
             return
         for dirpath, _dirs, files in os.walk(start):
             for name in files:
@@ -154,9 +217,10 @@ class LocalStorage:
                     except FileNotFoundError:
                         continue
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
-        return sorted((ObjectInfo(key, st.st_size, st.st_mtime) for key, st in self._walk(prefix)
-                       if PARTIAL_MARK not in key.rsplit("/", 1)[-1]), key=lambda o: o.key)
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
+        return sorted((ObjectInfo(key, st.st_size, st.st_mtime) for key, st in self._walk(prefix, recursive=recursive)
+                       if not is_partial(key) and in_listing(key, prefix, recursive=recursive)),
+                      key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
         try:

@@ -3,6 +3,12 @@
 Every finished backup, manifest and WAL segment goes to both, in the same relative layout
 (``TeeWriter`` tees one stream into two writers and publishes in both or neither). Reads prefer the
 primary and fall back to the copy when an object is missing or unreadable there; ``list`` is the union.
+
+A key is taken when either location holds it (as ``exists`` says). ``put_new`` creates the object
+in the copy first, create-only, so the copy decides a race between two writers; then in the primary,
+create-only too. If the primary already holds the key (or fails), the object just created in the copy
+is deleted again and the answer is False (or the error): no writer overwrites anything, and an object
+is never left in one location only because of ``put_new``.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import BinaryIO
 
-from backup_tasks.errors import ConfigError, StorageError
+from backup_tasks.errors import ConfigError, ObjectMissing, StorageError
 from backup_tasks.storage.base import ObjectInfo, ObjectWriter, Storage
 from backup_tasks.storage.integrity import (
     holders,
@@ -119,7 +125,10 @@ class MirroredStorage:
                         primary_error, self.copy.location)
             try:
                 return self.copy.open(key)
-            except StorageError:
+            except StorageError as copy_error:
+                # "Missing" only when it is missing in both; otherwise say why it cannot be read.
+                if isinstance(primary_error, ObjectMissing) and not isinstance(copy_error, ObjectMissing):
+                    raise copy_error from None
                 raise primary_error from None
 
     def read_bytes(self, key: str) -> bytes:
@@ -130,17 +139,38 @@ class MirroredStorage:
         self.copy.put_bytes(key, data)
         self.primary.put_bytes(key, data)
 
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Create ``key`` in both locations unless either holds it (see the module docstring)."""
+        if not self.copy.put_new(key, data):
+            return False
+        try:
+            created = self.primary.put_new(key, data)
+        except BaseException:
+            self._undo_copy(key)
+            raise
+        if not created:
+            self._undo_copy(key)
+        return created
+
+    def _undo_copy(self, key: str) -> None:
+        try:
+            self.copy.delete(key)
+        except Exception as exc:
+            log.warning("could not remove %s from %s after it could not be created in %s: %s", key,
+                        self.copy.location, self.primary.location, exc)
+
     def exists(self, key: str) -> bool:
         return self.primary.exists(key) or self.copy.exists(key)
 
     def size(self, key: str) -> int:
-        if self.primary.exists(key):
+        try:
             return self.primary.size(key)
-        return self.copy.size(key)
+        except ObjectMissing:
+            return self.copy.size(key)
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
-        seen = {obj.key: obj for obj in self.copy.list(prefix)}
-        seen.update({obj.key: obj for obj in self.primary.list(prefix)})
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
+        seen = {obj.key: obj for obj in self.copy.list(prefix, recursive=recursive)}
+        seen.update({obj.key: obj for obj in self.primary.list(prefix, recursive=recursive)})
         return sorted(seen.values(), key=lambda o: o.key)
 
     def delete(self, key: str) -> None:

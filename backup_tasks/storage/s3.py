@@ -24,6 +24,7 @@ import io
 import logging
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,7 +41,7 @@ from backup_tasks.errors import (
     StorageError,
     StorageUnavailable,
 )
-from backup_tasks.storage.base import ObjectInfo
+from backup_tasks.storage.base import ObjectInfo, in_listing
 
 if TYPE_CHECKING:  # boto3 costs ~0.3 s to import: only S3 users pay for it, at first use
     from botocore.client import BaseClient
@@ -85,6 +86,17 @@ _UNAVAILABLE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError
 
 
 _MISSING_OBJECT_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+
+
+#: A conditional write lost to an existing object (``If-None-Match: *``).
+_TAKEN_CODES = frozenset({"PreconditionFailed", "412"})
+
+
+#: A conditional write that raced another write of the same key still in flight: S3 says to retry.
+_CONFLICT_CODES = frozenset({"ConditionalRequestConflict", "409"})
+
+
+PUT_NEW_ATTEMPTS = 4
 
 
 # Upload ids of writers alive in this process: clear_partials never aborts them.
@@ -346,15 +358,29 @@ class S3Storage:
         """Create ``key`` only if it does not exist (``If-None-Match: *``): True if written, False if it was there.
 
         What ``wal-push`` needs: a segment already archived is never overwritten, even by a
-        concurrent writer (AWS S3, MinIO and moto honour the condition).
+        concurrent writer (AWS S3, MinIO and moto honour the condition). A 409 means another write
+        of the key was in flight: retried (as S3 asks), so False always means "an object is there".
         """
-        try:
-            self.client.put_object(Bucket=self.where.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
-        except Exception as exc:
-            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-                return False
-            self._fail(exc, "writing", key)
-        return True
+        full_key = self._key(key)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self.client.put_object(Bucket=self.where.bucket, Key=full_key, Body=data, IfNoneMatch="*")
+            except Exception as exc:
+                code = _error_code(exc)
+                if code in _TAKEN_CODES:
+                    return False
+                if code not in _CONFLICT_CODES:
+                    self._fail(exc, "writing", key)
+                if attempt < PUT_NEW_ATTEMPTS:
+                    time.sleep(0.1 * attempt)
+                    continue
+                if self.exists(key):
+                    return False
+                raise StorageUnavailable(f"writing {key} to {self.location} kept conflicting with concurrent "
+                                         f"writes of the same key ({code}); try again") from None
+            return True
 
     def head(self, key: str) -> dict[str, Any] | None:
         try:
@@ -374,19 +400,21 @@ class S3Storage:
             raise ObjectMissing(f"{key} is missing from {self.location}")
         return int(found["ContentLength"])
 
-    def _iter_objects(self, full_prefix: str) -> Iterator[dict[str, Any]]:
+    def _iter_objects(self, full_prefix: str, *, recursive: bool = True) -> Iterator[dict[str, Any]]:
+        # Not recursive: Delimiter="/" folds every deeper key into CommonPrefixes, which are not read.
+        extra = {} if recursive else {"Delimiter": "/"}
         try:
             paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.where.bucket, Prefix=full_prefix):
+            for page in paginator.paginate(Bucket=self.where.bucket, Prefix=full_prefix, **extra):
                 yield from page.get("Contents", [])
         except Exception as exc:
             self._fail(exc, "listing", full_prefix[len(self.where.prefix):] or None)
 
-    def list(self, prefix: str = "") -> list[ObjectInfo]:
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
         found = []
-        for obj in self._iter_objects(self.where.full_key(prefix)):
+        for obj in self._iter_objects(self.where.full_key(prefix), recursive=recursive):
             key = obj["Key"][len(self.where.prefix):]
-            if key and not key.endswith("/"):
+            if in_listing(key, prefix, recursive=recursive):
                 found.append(ObjectInfo(key, int(obj["Size"]), obj["LastModified"].timestamp()))
         return sorted(found, key=lambda o: o.key)
 

@@ -53,33 +53,15 @@ log = logging.getLogger(__name__)
 
 
 DIR_MODE = 0o2770
-
-
 FILE_MODE = 0o640
-
-
 CHUNK = 1 << 20
-
-
 DEFAULT_LEVEL = 1  # WAL compresses as well at level 1 as at 3, twice as fast (measured on trading WAL)
-
-
 SUFFIX = ".zst"
-
-
 #: The first line of an age-encrypted file (as ``crypto.AGE_MAGIC``; not imported, to keep this module light).
 AGE_MAGIC = b"age-encryption.org/v1\n"
-
-
 HISTORY_DIR = "history"
-
-
 RESTORE_POINT_DIR = "restore_points"
-
-
 INCOMING_MARK = ".incoming-"
-
-
 #: Where the WAL archive lives under BACKUP_COPY_TO (as under BACKUP_DIR by default).
 COPY_SUBDIR = "wal"
 
@@ -87,17 +69,9 @@ COPY_SUBDIR = "wal"
 # Trailer: a zstd skippable frame (magic 0x184D2A5B, then payload length) whose payload is our tag,
 # the sha256 and size of the uncompressed file and its completion time (unix microseconds).
 TRAILER_MAGIC = 0x184D2A5B
-
-
 TRAILER_TAG = b"BTWAL001"
-
-
 _PAYLOAD = struct.Struct("<8s32sQq")
-
-
 _HEADER = struct.Struct("<II")
-
-
 TRAILER_SIZE = _HEADER.size + _PAYLOAD.size
 
 
@@ -219,7 +193,7 @@ class WalArchive:
             raise WalArchiveError(f"cannot create the WAL archive directory {self.root}: {exc.strerror}; "
                                   f"create it once as root with `backup-tasks check`") from None
 
-    def _ensure_subdir(self, path: Path) -> None:
+    def ensure_subdir(self, path: Path) -> None:
         if path.is_dir():
             return
         if not self.root.is_dir():
@@ -281,7 +255,7 @@ class WalArchive:
         """A small archived file (a .history or .backup file), decompressed and checked."""
         digest = hashlib.sha256()
         chunks: list[bytes] = []
-        for chunk in self._verified_chunks(name, digest):
+        for chunk in self.verified_chunks(name, digest):
             chunks.append(chunk)
         return b"".join(chunks).decode(errors="replace")
 
@@ -297,7 +271,7 @@ class WalArchive:
                     return True
         return False
 
-    def _verified_chunks(self, name: str, digest: hashlib._Hash) -> Iterator[bytes]:
+    def verified_chunks(self, name: str, digest: hashlib._Hash) -> Iterator[bytes]:
         """Decompressed content of ``name``; raises ``WalCorrupt`` unless size and sha256 match."""
         path = self.path_for(name)
         try:
@@ -383,7 +357,7 @@ class WalArchive:
         if not self.root.is_dir():
             # Not "this file is not archived": the archive itself is gone (unmounted, wrong path).
             raise WalArchiveError(f"the WAL archive directory {self.root} does not exist or cannot be entered")
-        return self._write_atomically(name, destination, self._verified_chunks(name, hashlib.sha256()))
+        return self._write_atomically(name, destination, self.verified_chunks(name, hashlib.sha256()))
 
     def _write_atomically(self, name: str, destination: Path, chunks: Iterator[bytes]) -> int:
         temp = destination.with_name(f".{destination.name}.fetch-{uuid.uuid4().hex[:12]}")
@@ -420,30 +394,28 @@ class WalArchive:
     def _push_copy(self, name: str) -> None:
         """Put the archived object, byte for byte, into BACKUP_COPY_TO (success only once it is there too).
 
-        Already there with the same content (trailer: size and sha256 of the original): nothing to do,
-        as for a repeated push; different content is a ``WalConflict``, as locally.
+        Create-only (``put_new``), so two pushers never overwrite each other. When the key is taken:
+        the same content (trailer: size and sha256 of the original) means already archived, nothing
+        to do, as for a repeated push; a damaged object (no valid trailer) is replaced by the good
+        local one; different content is a ``WalConflict``, the copy left untouched, as locally.
         """
         copy = self.copy_storage()
         if copy is None:
             return
         key = object_key(name)
         data = self.path_for(name).read_bytes()
-        if copy.exists(key):
-            existing = copy.read_bytes(key)
-            if existing[-TRAILER_SIZE:] == data[-TRAILER_SIZE:]:
-                return
-            if len(existing) >= TRAILER_SIZE:
-                try:
-                    parse_trailer(existing[-TRAILER_SIZE:], f"{name} in {copy.location}")
-                except WalCorrupt:
-                    copy.put_bytes(key, data)  # a damaged copy is replaced by the good local object
-                    return
-            else:
-                copy.put_bytes(key, data)
-                return
-            raise WalConflict(f"{name} is already in the WAL copy {copy.location} with DIFFERENT content; the "
-                              f"copy was left untouched")
-        copy.put_bytes(key, data)
+        if copy.put_new(key, data):
+            return
+        existing = copy.read_bytes(key)
+        if existing[-TRAILER_SIZE:] == data[-TRAILER_SIZE:]:
+            return
+        try:
+            parse_trailer(existing[-TRAILER_SIZE:], f"{name} in {copy.location}")
+        except WalCorrupt:  # too short or no valid trailer
+            copy.put_bytes(key, data)  # a damaged copy is replaced by the good local object
+            return
+        raise WalConflict(f"{name} is already in the WAL copy {copy.location} with DIFFERENT content; the "
+                          f"copy was left untouched")
 
     def _push_local(self, source: Path, *, level: int = DEFAULT_LEVEL) -> PushResult:
         name = source.name
@@ -455,7 +427,7 @@ class WalArchive:
             raise WalArchiveError(f"cannot read {source}: {exc.strerror}") from None
         if final.exists():
             return self._already_archived(source, name, final)
-        self._ensure_subdir(final.parent)
+        self.ensure_subdir(final.parent)
         temp = final.with_name(f".{final.name}{INCOMING_MARK}{uuid.uuid4().hex[:12]}")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)

@@ -16,11 +16,7 @@ from __future__ import annotations
 import sys
 
 RECOVERY_FATAL = 200
-
-
 SERVER_COMMANDS = ("wal-push", "wal-fetch")
-
-
 FAST_OPTIONS = ("--copy-to", "--encrypt-to", "--identity-file")
 
 

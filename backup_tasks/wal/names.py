@@ -12,14 +12,8 @@ if TYPE_CHECKING:
 
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
-
-
 PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
-
-
 BACKUP_RE = re.compile(r"^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")
-
-
 HISTORY_RE = re.compile(r"^[0-9A-F]{8}\.history$")
 
 

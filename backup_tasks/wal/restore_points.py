@@ -56,7 +56,7 @@ def restore_point_key(point: RestorePoint) -> str:
 def save_restore_point(archive: WalArchive, point: RestorePoint) -> Path:
     """Record a restore point in the archive (mode 0640, like the WAL it refers to)."""
     path = archive.root / restore_point_key(point)
-    archive._ensure_subdir(path.parent)
+    archive.ensure_subdir(path.parent)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     os.fchmod(fd, FILE_MODE)

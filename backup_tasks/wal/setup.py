@@ -216,7 +216,7 @@ def _check_server(conn: psycopg.Connection, settings: Settings, report: ArchiveC
         report.problems.append(f"segment {segment} did not arrive in {archive.root} within {timeout:.0f}s{detail}")
         return
     try:
-        for _chunk in archive._verified_chunks(segment, hashlib.sha256()):
+        for _chunk in archive.verified_chunks(segment, hashlib.sha256()):
             pass
     except IdentityUnusable as exc:
         if archive.identity_file is None:  # a machine with only the public key: it cannot read WAL back

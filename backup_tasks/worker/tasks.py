@@ -23,16 +23,10 @@ from backup_tasks.catalog.manifest import Manifest, utcnow
 from backup_tasks.catalog.prune import prune as run_prune
 from backup_tasks.catalog.tradingday import parse_day, session_day
 from backup_tasks.errors import (
-    AuthenticationFailed,
-    BackupError,
-    ConfigError,
-    DatabaseMissing,
     HealthCheckFailed,
-    SourceUnavailable,
     VerificationFailed,
     retryable_errors,
 )
-from backup_tasks.locks import claim, release_claim
 from backup_tasks.logical import dump as dumping
 from backup_tasks.logical.verify import verify_backup
 from backup_tasks.physical.drill import pitr_drill as run_pitr_drill
@@ -40,10 +34,11 @@ from backup_tasks.physical.snapshot import take_snapshot
 from backup_tasks.physical.verify import verify_snapshot as run_verify_snapshot
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_locations
-from backup_tasks.wal.restore_points import RestorePoint, create_restore_point, restore_point_for_day
+from backup_tasks.wal.restore_points import create_restore_point
 from backup_tasks.worker.app import app
 from backup_tasks.worker.config import SHORT_HARD_LIMIT, SHORT_SOFT_LIMIT, retry_policy
-from backup_tasks.worker.sentry import capture_problem, set_tags
+from backup_tasks.worker.sentry import set_tags
+from backup_tasks.worker.workflow import release_day, start_post_close
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +99,6 @@ class BackupTask(Task):
             log.warning("could not publish progress (%s): %s", phase, exc)
 
 
-def _inflight_name(settings: Settings, day: str) -> str:
-    return f"post-close:{settings.source().server_label}/{settings.source().dbname}:{day}"
-
-
 def _summary(manifest: Manifest, status: str) -> dict[str, Any]:
     return {"status": status, "backup_id": manifest.id, "path": manifest.path, "size_bytes": manifest.size_bytes,
             "sha256": manifest.sha256, "tables": len(manifest.tables), "trading_day": manifest.trading_day}
@@ -125,7 +116,7 @@ def dump(self: BackupTask, trading_day: str | None = None, backup_id: str | None
         final = not isinstance(exc, self.autoretry_for) or self.request.retries >= self.max_retries
         if day and backup_id and final:
             # The workflow for this day failed: let the next post-close signal try again.
-            release_claim(settings, _inflight_name(settings, day), backup_id)
+            release_day(settings, day, backup_id)
         raise
     set_tags(backup_id=manifest.id)
     return _summary(manifest, "skipped" if skipped else "complete")
@@ -165,71 +156,13 @@ def health(self: BackupTask) -> dict[str, Any]:
     return report.__dict__
 
 
-def _verified(manifest: Manifest) -> bool | None:
-    return None if manifest.verification is None else manifest.verification.ok
-
-
-def start_workflow(settings: Settings, day: str, *, requested_by: str | None = None) -> dict[str, Any]:
-    """Dump, verify and prune the trading day ``day`` as three tasks, unless it is done or in flight.
-
-    Decided from the catalog and a claim (never from the clock): the claim names the tasks that
-    run this day, so a second signal points at them (and ``enqueue post-close --wait`` follows
-    them) instead of starting a second dump. ``requested_by`` (the post_close task id) lets a
-    redelivered post_close message finish its own work: it re-sends the same task ids, which is
-    harmless, since the dump re-checks the catalog under the dump lock.
-    """
-    conninfo = settings.source()
-    name = _inflight_name(settings, day)
-    backup_id = dumping.backup_id_for(conninfo.dbname, "dump", utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"))
-    ids = {"dump": uuid(), "verify": uuid(), "prune": uuid()}
-    ttl = settings.task_time_limit * 2 + 600
-    value = json.dumps({"backup_id": backup_id, "tasks": ids, "by": requested_by}, sort_keys=True)
-    held = claim(settings, name, value, ttl=ttl)
-    try:
-        holder: dict[str, Any] | None = json.loads(held) if held is not None else None
-        existing = dumping.existing_for_day(settings, conninfo.dbname, day)
-        if existing is not None:
-            if holder is None:
-                release_claim(settings, name, backup_id)  # ours, just made: nothing will run
-            skipped = {"status": "skipped", "reason": "already backed up", "trading_day": day,
-                       "backup_id": existing.id, "verified": _verified(existing)}
-            if holder is not None and holder.get("backup_id") == existing.id:
-                skipped["tasks"] = holder.get("tasks")  # that day's workflow: its verify may still be running
-            return skipped
-        if holder is not None:
-            if not (requested_by and holder.get("by") == requested_by):
-                return {"status": "skipped", "reason": "already in progress", "trading_day": day,
-                        "backup_id": holder.get("backup_id"), "tasks": holder.get("tasks")}
-            backup_id, ids = holder["backup_id"], holder["tasks"]  # our own claim: a redelivered message
-        point, point_error = _restore_point(settings, day)
-        chain(
-            dump.si(trading_day=day, backup_id=backup_id).set(task_id=ids["dump"]),
-            verify.s().set(task_id=ids["verify"]),
-            prune.si().set(task_id=ids["prune"]),
-        ).apply_async()
-    except BaseException:
-        # Nothing was queued: a claim left behind would make every later signal wait for ghosts.
-        if held is None:
-            release_claim(settings, name, backup_id)
-        raise
-    log.info("post-close workflow for %s started: %s", day, ids)
-    return {"status": "started", "trading_day": day, "backup_id": backup_id, "tasks": ids,
-            "restore_point": point.name if point else None, "restore_point_error": point_error}
-
-
-def _restore_point(settings: Settings, day: str) -> tuple[RestorePoint | None, str | None]:
-    """Mark the end of the trading day in the WAL (None when the server does not archive WAL).
-
-    A failure here must not cost the day its dump, so it is reported and the workflow goes on. When
-    the server cannot be reached at all, the dump fails for the same reason and reports it: one event.
-    """
-    try:
-        return restore_point_for_day(settings, day), None
-    except BackupError as exc:
-        log.warning("no restore point for %s: %s", day, exc)
-        if not isinstance(exc, (SourceUnavailable, AuthenticationFailed, DatabaseMissing, ConfigError)):
-            capture_problem(f"no restore point for trading day {day}: {exc}", backup_kind="restore_point")
-        return None, str(exc)
+def _queue_day(day: str, backup_id: str, ids: dict[str, str]) -> None:
+    """The sender of ``workflow.start_post_close``: dump -> verify -> prune with the claimed task ids."""
+    chain(
+        dump.si(trading_day=day, backup_id=backup_id).set(task_id=ids["dump"]),
+        verify.s().set(task_id=ids["verify"]),
+        prune.si().set(task_id=ids["prune"]),
+    ).apply_async()
 
 
 @app.task(name="backup_tasks.post_close", base=BackupTask, bind=True, shared=False,
@@ -237,7 +170,7 @@ def _restore_point(settings: Settings, day: str) -> tuple[RestorePoint | None, s
 def post_close(self: BackupTask, day: str) -> dict[str, Any]:
     """Sent by the trading app after the close: ``send_task("backup_tasks.post_close", args=[day])``."""
     trading_day = parse_day(day)  # the caller's mistake first: it is the one to fix
-    return start_workflow(self.settings(), trading_day, requested_by=self.request.id)
+    return start_post_close(self.settings(), trading_day, send=_queue_day, requested_by=self.request.id)
 
 
 @app.task(name="backup_tasks.daily", base=BackupTask, bind=True, shared=False,
@@ -245,7 +178,8 @@ def post_close(self: BackupTask, day: str) -> dict[str, Any]:
 def daily(self: BackupTask) -> dict[str, Any]:
     """The beat schedule's daily run: the same workflow, for the most recent closed session."""
     settings = self.settings()
-    return start_workflow(settings, session_day(utcnow(), settings), requested_by=self.request.id)
+    return start_post_close(settings, session_day(utcnow(), settings), send=_queue_day,
+                            requested_by=self.request.id)
 
 
 class SnapshotTask(BackupTask):

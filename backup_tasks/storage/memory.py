@@ -1,0 +1,167 @@
+"""The memory driver: the reference implementation of the storage contract, and a fast catalog for tests.
+
+Like WAL-G's ``memory`` storage or Dramatiq's stub broker: every rule of ``base`` in a few lines of
+plain Python and no I/O, so the catalog, retention, prune and health run in milliseconds without a
+disk, a bucket or PostgreSQL. It is thread-safe (one lock around the object table), and it fails
+with the same error types as the other drivers (``ObjectMissing`` for an absent key,
+``StorageError`` for a key outside the location or a writer whose partial object was cleared).
+
+A writer's bytes live in a partial object named like a local one (``<dir>/.<name>.partial-<hex>``):
+``list``, ``open`` and ``exists`` never see it; ``commit`` publishes it in one step under the lock,
+``abort`` drops it, and ``clear_partials`` removes those a dead writer left (callers hold the lock
+that excludes live writers, as for the other drivers).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from backup_tasks.errors import ObjectMissing, StorageError
+from backup_tasks.storage.base import PARTIAL_MARK, ObjectInfo, in_listing
+
+
+@dataclass(frozen=True)
+class _Object:
+    data: bytes
+    mtime: float
+
+
+class MemoryWriter:
+    """Collects bytes in a partial object; ``commit`` publishes them under the key atomically."""
+
+    def __init__(self, storage: MemoryStorage, key: str) -> None:
+        self.storage = storage
+        self.key = key
+        directory, slash, name = key.rpartition("/")
+        self.partial_key = f"{directory}{slash}.{name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}"
+        self._buffer: bytearray | None = bytearray()
+        self.bytes_written = 0
+        storage._start_partial(self.partial_key, key)
+
+    def write(self, data: bytes) -> None:
+        assert self._buffer is not None, "writer already closed"
+        self._buffer += data
+        self.bytes_written += len(data)
+
+    def commit(self) -> None:
+        self._publish(replace=True)
+
+    def commit_new(self) -> bool:
+        """Publish only if nothing is under the key yet: False, and nothing kept, when it is taken."""
+        return self._publish(replace=False)
+
+    def _publish(self, *, replace: bool) -> bool:
+        assert self._buffer is not None, "writer already closed"
+        data, self._buffer = bytes(self._buffer), None
+        return self.storage._publish(self.partial_key, self.key, data, replace=replace)
+
+    def abort(self) -> None:
+        if self._buffer is None:
+            return
+        self._buffer = None
+        self.storage._drop_partial(self.partial_key)
+
+    def __enter__(self) -> MemoryWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if self._buffer is not None:
+            self.abort()
+
+
+class MemoryStorage:
+    """Objects in a dict, behind the ``Storage`` interface (``memory://<name>``)."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.location = f"memory://{name or uuid.uuid4().hex[:8]}"
+        self._lock = threading.Lock()
+        self._objects: dict[str, _Object] = {}
+        #: partial key -> the key its writer will publish (what ``clear_partials`` reports).
+        self._partials: dict[str, str] = {}
+
+    def _check(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise StorageError(f"refusing an object key outside the backup location: {key!r}")
+        return key
+
+    # --- writers ----------------------------------------------------------------------------------
+
+    def writer(self, key: str) -> MemoryWriter:
+        return MemoryWriter(self, self._check(key))
+
+    def _start_partial(self, partial_key: str, key: str) -> None:
+        with self._lock:
+            self._partials[partial_key] = key
+
+    def _drop_partial(self, partial_key: str) -> None:
+        with self._lock:
+            self._partials.pop(partial_key, None)
+
+    def _publish(self, partial_key: str, key: str, data: bytes, *, replace: bool) -> bool:
+        with self._lock:
+            if self._partials.pop(partial_key, None) is None:
+                raise StorageError(f"saving {key} in {self.location} failed: its partial object was removed")
+            if not replace and key in self._objects:
+                return False
+            self._objects[key] = _Object(data, time.time())
+            return True
+
+    # --- the Storage interface --------------------------------------------------------------------
+
+    def _get(self, key: str) -> _Object:
+        with self._lock:
+            found = self._objects.get(self._check(key))
+        if found is None:
+            raise ObjectMissing(f"{key} is missing from {self.location}")
+        return found
+
+    def open(self, key: str) -> BinaryIO:
+        return io.BytesIO(self._get(key).data)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._get(key).data
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self._objects[self._check(key)] = _Object(bytes(data), time.time())
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if it does not exist: True if written, False (existing object untouched) if it did."""
+        with self._lock:
+            if self._check(key) in self._objects:
+                return False
+            self._objects[key] = _Object(bytes(data), time.time())
+            return True
+
+    def exists(self, key: str) -> bool:
+        with self._lock:
+            return self._check(key) in self._objects
+
+    def size(self, key: str) -> int:
+        return len(self._get(key).data)
+
+    def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]:
+        with self._lock:
+            items = list(self._objects.items())
+        return sorted((ObjectInfo(key, len(obj.data), obj.mtime) for key, obj in items
+                       if in_listing(key, prefix, recursive=recursive)), key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._objects.pop(self._check(key), None)
+
+    def clear_partials(self, prefix: str = "") -> list[str]:
+        """Drop partial objects whose key or file name starts with ``prefix``; the keys they were for."""
+        removed = []
+        with self._lock:
+            for partial_key, key in list(self._partials.items()):
+                name = partial_key.rsplit("/", 1)[-1].lstrip(".")
+                if partial_key.startswith(prefix) or name.startswith(prefix) or key.startswith(prefix):
+                    del self._partials[partial_key]
+                    removed.append(key)
+        return sorted(removed)

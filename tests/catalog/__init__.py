@@ -1,0 +1,1 @@
+"""Tests of backup_tasks.catalog: retention, health and pruning."""

@@ -1,0 +1,270 @@
+"""The catalog on the memory driver: listing, retention and prune, health, idempotency, in milliseconds.
+
+No PostgreSQL, no disk for the catalog: manifests are built with ``catalog.manifest.Manifest`` and
+stored with their data objects in a ``MemoryStorage``, which prune and health take instead of
+opening the settings' locations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.health import check_health
+from backup_tasks.catalog.manifest import Manifest, Verification, isoformat
+from backup_tasks.catalog.prune import prune
+from backup_tasks.errors import BackupNotFound, StorageError
+from backup_tasks.settings import Settings
+from backup_tasks.storage.memory import MemoryStorage
+
+NOW = datetime(2026, 11, 27, 2, 5, tzinfo=UTC)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    # File locks (no Redis); the WAL archive <backup_dir>/wal does not exist.
+    return Settings(backup_dir=str(tmp_path / "backups"), broker_url="memory://", keep_daily_days=7, keep_weekly=3)
+
+
+@pytest.fixture
+def storage() -> MemoryStorage:
+    return MemoryStorage("catalog")
+
+
+def backup(storage: MemoryStorage, days_ago: float, *, verified: bool | None = None, kind: str = "dump",
+           database: str = "aitrapp", size: int = 10, stored: int | None = None, trading_day: str | None = None,
+           state: str = "complete", start_segment: str | None = None) -> Manifest:
+    """Store a backup taken ``days_ago`` before NOW: its data object(s) of ``stored`` bytes, then its manifest."""
+    started = NOW - timedelta(days=days_ago)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    backup_id = f"{database}-{kind}-{stamp}"
+    verification = None if verified is None else Verification(
+        ok=verified, verified_at=isoformat(started + timedelta(minutes=30)), duration_seconds=1.0,
+        method="throwaway-cluster", checked=["sha256", "restore"], problems=[] if verified else ["row counts differ"])
+    files = None
+    path = f"{backup_id}.dump.zst"
+    if kind == "snapshot":
+        files = {f"{backup_id}.{part}": {"size": size, "sha256": "0" * 64, "role": part}
+                 for part in ("base.tar.zst", "pg_wal.tar.zst", "backup_manifest", "config.json")}
+        path = f"{backup_id}.base.tar.zst"
+    manifest = Manifest(id=backup_id, kind=kind, database=database, server="db:5432", server_version="16.4",
+                        started_at=isoformat(started), finished_at=isoformat(started + timedelta(minutes=5)),
+                        path=path, size_bytes=size, sha256="0" * 64, compression="zstd", verification=verification,
+                        trading_day=trading_day, state=state, files=files, start_segment=start_segment)
+    for key in files or [path]:
+        storage.put_bytes(key, b"x" * (size if stored is None else stored))
+    catalog.save_new(storage, manifest)
+    return manifest
+
+
+def keys_of(manifest: Manifest) -> list[str]:
+    return [*(manifest.files or [manifest.path]), manifest.key]
+
+
+def present(storage: MemoryStorage, manifest: Manifest) -> bool:
+    found = [storage.exists(key) for key in keys_of(manifest)]
+    assert all(found) or not any(found), f"{manifest.id} is half there: {found}"
+    return all(found)
+
+
+# --- the catalog -------------------------------------------------------------------------------------
+
+def test_catalog_lists_top_level_manifests_oldest_first(storage: MemoryStorage) -> None:
+    old, new = backup(storage, 3), backup(storage, 1)
+    snap = backup(storage, 2, kind="snapshot")
+    other = backup(storage, 0, database="other")
+    storage.put_bytes("notes.txt", b"not ours")
+    storage.put_bytes("broken.manifest.json", b"{not json")
+    # A manifest-looking object below the top level (the WAL archive's subtree) is never read.
+    storage.put_bytes(f"wal/{other.id}-deeper.manifest.json", storage.read_bytes(other.key))
+    assert [m.id for m in catalog.catalog(storage)] == [old.id, snap.id, new.id, other.id]
+    assert [m.id for m in catalog.catalog(storage, kind="dump", database="aitrapp")] == [old.id, new.id]
+    assert [m.id for m in catalog.catalog(storage, kind="snapshot")] == [snap.id]
+    assert catalog.newest(storage).id == other.id
+    assert catalog.newest(storage, database="aitrapp").id == new.id
+    assert catalog.load(storage, snap.id).files == snap.files
+    with pytest.raises(BackupNotFound):
+        catalog.load(storage, "aitrapp-dump-20200101T000000Z")
+    with pytest.raises(BackupNotFound):
+        catalog.newest(MemoryStorage())
+
+
+def test_a_new_manifest_never_replaces_one_but_a_verification_rewrites_it(storage: MemoryStorage) -> None:
+    first = backup(storage, 1)
+    rival = Manifest.from_dict({**first.to_dict(), "size_bytes": 999})
+    with pytest.raises(StorageError, match="already in the catalog"):
+        catalog.save_new(storage, rival)
+    assert catalog.load(storage, first.id).size_bytes == first.size_bytes
+    result = Verification(ok=True, verified_at=isoformat(NOW), duration_seconds=2.0, method="scratch-database",
+                          checked=["sha256"])
+    catalog.record_verification(storage, first.id, result)
+    reloaded = catalog.load(storage, first.id)
+    assert reloaded.verified_ok and reloaded.verification == result and reloaded.size_bytes == first.size_bytes
+
+
+def test_existing_for_day_finds_only_a_complete_dump_of_that_database_and_day(storage: MemoryStorage) -> None:
+    assert catalog.existing_for_day(storage, "aitrapp", "2026-11-26") is None
+    backup(storage, 1.5, trading_day="2026-11-25")
+    backup(storage, 0.9, trading_day="2026-11-26", state="failed")
+    backup(storage, 0.8, trading_day="2026-11-26", database="other")
+    backup(storage, 0.7, trading_day="2026-11-26", kind="snapshot")
+    assert catalog.existing_for_day(storage, "aitrapp", "2026-11-26") is None
+    done = backup(storage, 0.5, trading_day="2026-11-26")
+    found = catalog.existing_for_day(storage, "aitrapp", "2026-11-26")
+    assert found is not None and found.id == done.id
+    assert catalog.existing_for_day(storage, "aitrapp", "2026-11-27") is None
+
+
+# --- retention and prune -----------------------------------------------------------------------------
+
+def test_prune_deletes_expired_dumps_dry_run_first(settings: Settings, storage: MemoryStorage) -> None:
+    dumps = [backup(storage, days, verified=True) for days in (0, 1, 3, 6.9, 7.1, 9, 30)]
+    storage.put_bytes("aitrapp_backup_20261101_020000.sql.gz", b"foreign")
+    expired = {m.id for m in dumps[4:]}
+    preview = prune(settings, dry_run=True, now=NOW, storage=storage)
+    assert set(preview.deleted) == expired and preview.freed_bytes == 10 * len(expired)
+    assert all(present(storage, m) for m in dumps)  # a dry run deletes nothing
+    report = prune(settings, now=NOW, storage=storage)
+    assert set(report.deleted) == expired and not report.dry_run
+    assert [present(storage, m) for m in dumps] == [True] * 4 + [False] * 3
+    assert storage.exists("aitrapp_backup_20261101_020000.sql.gz")
+    assert report.wal_deleted == [] and report.wal_reason is None  # no WAL archive directory: nothing to do
+    assert prune(settings, now=NOW, storage=storage).deleted == []
+
+
+def test_prune_never_deletes_the_newest_nor_the_newest_verified(settings: Settings, storage: MemoryStorage) -> None:
+    older_verified = backup(storage, 40, verified=True)
+    newest_verified = backup(storage, 30, verified=True)
+    failed = backup(storage, 20, verified=False)
+    newest = backup(storage, 10)
+    report = prune(settings, now=NOW, storage=storage)
+    assert set(report.deleted) == {older_verified.id, failed.id}
+    assert present(storage, newest_verified) and present(storage, newest)
+    reasons = {d.backup_id: d.reason for d in report.decisions}
+    assert reasons[newest_verified.id] == "newest verified backup" and reasons[newest.id] == "newest backup"
+    lonely = MemoryStorage()
+    only = backup(lonely, 400)
+    assert prune(settings, now=NOW, storage=lonely).deleted == [] and present(lonely, only)
+
+
+def test_prune_keeps_the_newest_snapshots_with_every_file(settings: Settings, storage: MemoryStorage) -> None:
+    snaps = [backup(storage, 7 * week, kind="snapshot", verified=True, size=100) for week in range(5)]
+    daily = backup(storage, 20, verified=True)  # dumps and snapshots are planned apart
+    report = prune(settings, now=NOW, storage=storage)
+    assert set(report.deleted) == {snaps[3].id, snaps[4].id}
+    assert report.freed_bytes == 200
+    assert [present(storage, m) for m in snaps] == [True, True, True, False, False]
+    assert present(storage, daily)
+    assert {o.key for o in storage.list()} == {k for m in [*snaps[:3], daily] for k in keys_of(m)}
+
+
+def test_prune_deletes_data_before_the_manifest(settings: Settings) -> None:
+    deleted: list[str] = []
+
+    class Recording(MemoryStorage):
+        def delete(self, key: str) -> None:
+            deleted.append(key)
+            super().delete(key)
+
+    storage = Recording()
+    snap_old = backup(storage, 30, kind="snapshot")
+    backup(storage, 1, kind="snapshot")
+    dump_old = backup(storage, 30)
+    backup(storage, 0)
+    prune(replace(settings, keep_weekly=1), now=NOW, storage=storage)
+    for manifest in (snap_old, dump_old):
+        mine = [key for key in deleted if key.startswith(manifest.id)]
+        assert sorted(mine) == sorted(keys_of(manifest))
+        assert mine[-1] == manifest.key  # the manifest goes last: an interruption leaves no unlisted data
+
+
+def test_prune_survives_an_interruption_and_finishes_next_time(settings: Settings) -> None:
+    class Failing(MemoryStorage):
+        armed = True
+
+        def delete(self, key: str) -> None:
+            if self.armed and key.endswith(".manifest.json"):
+                raise StorageError("connection lost")
+            super().delete(key)
+
+    storage = Failing()
+    old, kept = backup(storage, 30), backup(storage, 0)
+    with pytest.raises(StorageError):
+        prune(settings, now=NOW, storage=storage)
+    assert storage.exists(old.key) and not storage.exists(old.path)  # a manifest without data, never the reverse
+    storage.armed = False
+    assert prune(settings, now=NOW, storage=storage).deleted == [old.id]
+    assert not storage.exists(old.key) and present(storage, kept)
+
+
+def test_prune_expires_wal_only_before_the_oldest_kept_snapshot(settings: Settings, storage: MemoryStorage) -> None:
+    archive = settings.wal_archive
+    names = ["000000010000000000000001", "000000010000000000000002", "000000010000000000000003"]
+    for name in names:
+        (archive / name[:16]).mkdir(parents=True, exist_ok=True)
+        (archive / name[:16] / f"{name}.zst").write_bytes(b"w" * 7)
+    (archive / "history").mkdir()
+    (archive / "history" / "00000002.history.zst").write_bytes(b"h")
+    backup(storage, 21, kind="snapshot", start_segment="000000010000000000000001")
+    for week in range(3):
+        backup(storage, 7 * week, kind="snapshot", start_segment="000000010000000000000002")
+    preview = prune(settings, dry_run=True, now=NOW, storage=storage)
+    assert preview.wal_deleted == ["000000010000000000000001"] and preview.wal_freed_bytes == 7
+    assert (archive / "0000000100000000" / "000000010000000000000001.zst").exists()
+    report = prune(settings, now=NOW, storage=storage)
+    assert report.wal_deleted == ["000000010000000000000001"]
+    assert sorted(p.name for p in archive.rglob("*.zst")) == [
+        "000000010000000000000002.zst", "000000010000000000000003.zst", "00000002.history.zst"]
+
+
+# --- health ------------------------------------------------------------------------------------------
+
+def problems(settings: Settings, storage: MemoryStorage) -> list[str]:
+    report = check_health(settings, now=NOW, storage=storage)
+    assert report.ok == (not report.problems)
+    return report.problems
+
+
+def test_health_of_a_recent_verified_backup(settings: Settings, storage: MemoryStorage) -> None:
+    assert problems(settings, storage) == ["no backup found in the catalog"]
+    backup(storage, 3, verified=True)
+    newest = backup(storage, 0.2, verified=True)
+    backup(storage, 0.1, kind="snapshot")  # health judges dumps
+    report = check_health(settings, now=NOW, storage=storage)
+    assert report.ok and report.newest_backup == newest.id and report.verified is True
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("stale", "hours old"),
+    ("empty", "empty (0 bytes)"),
+    ("missing", "is missing"),
+    ("truncated", "its manifest says 10"),
+    ("never verified", "has never been verified"),
+    ("failed", "failed verification: row counts differ"),
+])
+def test_health_names_each_problem(settings: Settings, storage: MemoryStorage, case: str, expected: str) -> None:
+    backup(storage, 5, verified=True)  # an older good backup does not hide a bad newest one
+    if case == "stale":
+        newest = backup(storage, 2, verified=True)
+    elif case == "empty":
+        newest = backup(storage, 0.2, verified=True, size=0)
+    elif case == "truncated":
+        newest = backup(storage, 0.2, verified=True, stored=4)
+    elif case == "never verified":
+        newest = backup(storage, 0.5)
+    elif case == "failed":
+        newest = backup(storage, 0.2, verified=False)
+    else:
+        newest = backup(storage, 0.2, verified=True)
+        storage.delete(newest.path)
+    found = problems(settings, storage)
+    assert len(found) == 1 and expected in found[0] and newest.id in found[0]
+
+
+def test_a_dump_still_in_its_verify_window_is_healthy(settings: Settings, storage: MemoryStorage) -> None:
+    backup(storage, 0.05)  # 72 minutes old, not verified yet
+    assert problems(settings, storage) == []

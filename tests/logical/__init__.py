@@ -1,0 +1,1 @@
+"""Tests of backup_tasks.logical: dump, verify and restore."""

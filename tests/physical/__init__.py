@@ -1,0 +1,1 @@
+"""Tests of backup_tasks.physical: snapshots and point-in-time recovery."""

@@ -1,0 +1,1 @@
+"""Tests of backup_tasks.storage: S3, mirrored locations and off-site copies."""

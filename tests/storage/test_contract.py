@@ -1,0 +1,328 @@
+"""The storage contract (``backup_tasks.storage.base``), checked the same way against every driver.
+
+memory (the reference driver), local (a directory), s3 (a real moto S3 server) and mirrored (a
+directory plus a memory copy). A driver-specific helper only simulates "the writing process was
+killed"; every check after that goes through the ``Storage`` interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from backup_tasks.errors import ObjectMissing, StorageError
+from backup_tasks.storage import s3 as s3_driver
+from backup_tasks.storage.base import ObjectWriter, Storage
+from backup_tasks.storage.local import LocalStorage
+from backup_tasks.storage.memory import MemoryStorage
+from backup_tasks.storage.mirrored import MirroredStorage
+from backup_tasks.storage.s3 import MIB, S3Options, S3Storage, S3Writer
+
+DRIVERS = ["memory", "local", "s3", "mirrored"]
+
+
+@dataclass
+class Driver:
+    storage: Storage
+    #: Enough bytes that an unfinished writer has left something behind (S3: one uploaded part).
+    partial_size: int
+
+    def abandon(self, writer: ObjectWriter) -> None:
+        """What a killed process leaves: the writer is neither committed nor aborted, and nobody owns it."""
+        if isinstance(writer, S3Writer):
+            for future in list(writer._pending):
+                future.result()
+            if writer._pool is not None:
+                writer._pool.shutdown(wait=True)
+            with s3_driver._live_lock:
+                s3_driver._live_uploads.discard(str(writer._upload_id))
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
+    kind = request.param
+    if kind == "memory":
+        return Driver(MemoryStorage(), 100)
+    if kind == "local":
+        return Driver(LocalStorage(tmp_path / "backups"), 100)
+    if kind == "mirrored":
+        return Driver(MirroredStorage(LocalStorage(tmp_path / "primary"), MemoryStorage("copy")), 100)
+    bucket_url: str = request.getfixturevalue("bucket_url")
+    return Driver(S3Storage.from_url(bucket_url, S3Options(part_size=5 * MIB)), 6 * MIB)
+
+
+def payload(size: int, seed: int = 1) -> bytes:
+    block = hashlib.sha256(str(seed).encode()).digest()
+    return (block * (size // len(block) + 1))[:size]
+
+
+def keys(storage: Storage, prefix: str = "", *, recursive: bool = True) -> list[str]:
+    return [o.key for o in storage.list(prefix, recursive=recursive)]
+
+
+# --- writers -----------------------------------------------------------------------------------------
+
+def test_writer_publishes_only_on_commit(driver: Driver) -> None:
+    storage = driver.storage
+    data = payload(driver.partial_size)
+    writer = storage.writer("aitrapp-dump-1.dump.zst")
+    writer.write(data[:40])
+    writer.write(data[40:])
+    assert keys(storage) == []
+    assert not storage.exists("aitrapp-dump-1.dump.zst")
+    with pytest.raises(ObjectMissing):
+        storage.read_bytes("aitrapp-dump-1.dump.zst")
+    writer.commit()
+    assert keys(storage) == ["aitrapp-dump-1.dump.zst"]
+    assert storage.list()[0].size == len(data) and storage.list()[0].mtime > time.time() - 300
+    assert storage.read_bytes("aitrapp-dump-1.dump.zst") == data
+    with storage.open("aitrapp-dump-1.dump.zst") as fh:
+        assert fh.read() == data
+    assert storage.size("aitrapp-dump-1.dump.zst") == len(data)
+    assert storage.exists("aitrapp-dump-1.dump.zst")
+
+
+def test_a_committed_writer_replaces_the_object(driver: Driver) -> None:
+    storage = driver.storage
+    storage.put_bytes("a.manifest.json", b"old")
+    writer = storage.writer("a.manifest.json")
+    writer.write(b"new, longer")
+    assert storage.read_bytes("a.manifest.json") == b"old"  # until commit
+    writer.commit()
+    assert storage.read_bytes("a.manifest.json") == b"new, longer"
+    storage.put_bytes("a.manifest.json", b"put")
+    assert storage.read_bytes("a.manifest.json") == b"put"
+
+
+def test_abort_leaves_nothing(driver: Driver) -> None:
+    storage = driver.storage
+    storage.put_bytes("kept.dump.zst", b"kept")
+    writer = storage.writer("aitrapp-dump-1.dump.zst")
+    writer.write(payload(driver.partial_size))
+    writer.abort()
+    assert keys(storage) == ["kept.dump.zst"]
+    assert not storage.exists("aitrapp-dump-1.dump.zst")
+    assert storage.clear_partials("") == []  # nothing partial is left behind either
+    replacing = storage.writer("kept.dump.zst")
+    replacing.write(b"never published")
+    replacing.abort()
+    assert storage.read_bytes("kept.dump.zst") == b"kept"
+
+
+def test_a_dead_writers_partial_is_invisible_until_clear_partials_removes_it(driver: Driver) -> None:
+    storage = driver.storage
+    writer = storage.writer("aitrapp-dump-1.dump.zst")
+    writer.write(payload(driver.partial_size))
+    driver.abandon(writer)
+    assert keys(storage) == [] and keys(storage, recursive=False) == [] and keys(storage, "aitrapp") == []
+    assert not storage.exists("aitrapp-dump-1.dump.zst")
+    with pytest.raises(ObjectMissing):
+        storage.open("aitrapp-dump-1.dump.zst")
+    assert storage.clear_partials("other-db-") == []  # another database's prefix: not touched
+    assert storage.clear_partials("aitrapp") != []
+    assert storage.clear_partials("aitrapp") == []  # gone
+    assert keys(storage) == []
+
+
+def test_a_finished_object_survives_clear_partials(driver: Driver) -> None:
+    storage = driver.storage
+    storage.put_bytes("aitrapp-dump-1.dump.zst", b"done")
+    assert storage.clear_partials("aitrapp") == []
+    assert storage.read_bytes("aitrapp-dump-1.dump.zst") == b"done"
+
+
+# --- missing objects ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["nothing.dump.zst", "no/such/dir/x.zst", "dir"])
+def test_a_missing_key_is_object_missing_everywhere(driver: Driver, key: str) -> None:
+    storage = driver.storage
+    storage.put_bytes("dir/inside.zst", b"x")  # "dir" itself is then a directory, not an object
+    assert not storage.exists(key)
+    for call in (storage.open, storage.read_bytes, storage.size):
+        with pytest.raises(ObjectMissing):
+            call(key)
+
+
+@pytest.mark.parametrize("key", ["../outside", "/etc/passwd", "a/../../b"])
+def test_a_key_outside_the_location_is_refused_not_missing(driver: Driver, key: str) -> None:
+    storage = driver.storage
+    calls: list[Callable[[], object]] = [lambda: storage.read_bytes(key), lambda: storage.put_bytes(key, b"x"),
+                                         lambda: storage.put_new(key, b"x"), lambda: storage.writer(key)]
+    for call in calls:
+        with pytest.raises(StorageError) as raised:
+            call()
+        assert not isinstance(raised.value, ObjectMissing)
+
+
+# --- put_new -----------------------------------------------------------------------------------------
+
+def test_put_new_creates_only(driver: Driver) -> None:
+    storage = driver.storage
+    key = "wal/0000000100000000/000000010000000000000001.zst"
+    assert storage.put_new(key, b"first") is True
+    assert storage.read_bytes(key) == b"first"
+    assert storage.put_new(key, b"second, different") is False
+    assert storage.read_bytes(key) == b"first"
+    assert keys(storage) == [key]
+    storage.put_bytes("taken.manifest.json", b"by put_bytes")
+    assert storage.put_new("taken.manifest.json", b"mine") is False
+    assert storage.read_bytes("taken.manifest.json") == b"by put_bytes"
+    storage.delete(key)
+    assert storage.put_new(key, b"again") is True
+    assert storage.read_bytes(key) == b"again"
+
+
+def test_concurrent_put_new_has_exactly_one_winner(driver: Driver) -> None:
+    storage = driver.storage
+    key = "aitrapp-dump-1.manifest.json"
+    contenders = 6
+    start = threading.Barrier(contenders)
+    results: dict[int, bool] = {}
+    errors: list[BaseException] = []
+
+    def contend(i: int) -> None:
+        start.wait()
+        try:
+            results[i] = storage.put_new(key, f"writer {i}".encode())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    winners = [i for i, won in results.items() if won]
+    assert len(winners) == 1 and len(results) == contenders
+    assert storage.read_bytes(key) == f"writer {winners[0]}".encode()
+    # A later writer of different data loses too, and the first content stays.
+    assert storage.put_new(key, b"late") is False
+    assert storage.read_bytes(key) == f"writer {winners[0]}".encode()
+
+
+# --- listing -----------------------------------------------------------------------------------------
+
+LAYOUT = {
+    "a.dump.zst": b"dump",
+    "a.manifest.json": b"{}",
+    "ab/c.txt": b"c",
+    "b.manifest.json": b"{ }",
+    "wal/0000000100000000/000000010000000000000001.zst": b"segment",
+    "wal/history/00000002.history.zst": b"history",
+}
+
+
+def test_list_by_prefix_recursive_and_not(driver: Driver) -> None:
+    storage = driver.storage
+    for key, data in LAYOUT.items():
+        storage.put_bytes(key, data)
+    assert keys(storage) == sorted(LAYOUT)
+    assert {o.key: o.size for o in storage.list()} == {k: len(v) for k, v in LAYOUT.items()}
+    assert keys(storage, "a") == ["a.dump.zst", "a.manifest.json", "ab/c.txt"]
+    assert keys(storage, "wal/") == ["wal/0000000100000000/000000010000000000000001.zst",
+                                     "wal/history/00000002.history.zst"]
+    assert keys(storage, "wal/h") == ["wal/history/00000002.history.zst"]
+    assert keys(storage, "zzz") == [] and keys(storage, "nowhere/") == []
+
+
+def test_non_recursive_list_stays_in_the_prefixs_directory(driver: Driver) -> None:
+    storage = driver.storage
+    for key, data in LAYOUT.items():
+        storage.put_bytes(key, data)
+    assert keys(storage, recursive=False) == ["a.dump.zst", "a.manifest.json", "b.manifest.json"]
+    assert keys(storage, "a", recursive=False) == ["a.dump.zst", "a.manifest.json"]
+    assert keys(storage, "wal/", recursive=False) == []
+    assert keys(storage, "wal", recursive=False) == []
+    assert keys(storage, "wal/history/", recursive=False) == ["wal/history/00000002.history.zst"]
+    assert keys(storage, "wal/0000000100000000/0000", recursive=False) == [
+        "wal/0000000100000000/000000010000000000000001.zst"]
+    assert storage.list("b", recursive=False)[0].size == 3
+
+
+# --- delete ------------------------------------------------------------------------------------------
+
+def test_delete_is_idempotent(driver: Driver) -> None:
+    storage = driver.storage
+    storage.put_bytes("a.dump.zst", b"x")
+    storage.put_bytes("b.dump.zst", b"y")
+    storage.delete("a.dump.zst")
+    assert not storage.exists("a.dump.zst") and keys(storage) == ["b.dump.zst"]
+    storage.delete("a.dump.zst")
+    storage.delete("never.dump.zst")
+    storage.delete("no/such/dir/key.zst")
+    assert keys(storage) == ["b.dump.zst"]
+
+
+# --- mirrored: a key held by either location is taken ------------------------------------------------
+
+def test_mirrored_put_new_respects_either_location_and_leaves_no_half(tmp_path: Path) -> None:
+    primary, copy = LocalStorage(tmp_path / "primary"), MemoryStorage("copy")
+    mirrored = MirroredStorage(primary, copy)
+    assert mirrored.put_new("both.zst", b"1") is True
+    assert primary.read_bytes("both.zst") == b"1" and copy.read_bytes("both.zst") == b"1"
+    primary.put_bytes("primary-only.zst", b"p")
+    assert mirrored.put_new("primary-only.zst", b"new") is False
+    assert not copy.exists("primary-only.zst")  # what it created in the copy was taken back
+    assert primary.read_bytes("primary-only.zst") == b"p"
+    copy.put_bytes("copy-only.zst", b"c")
+    assert mirrored.put_new("copy-only.zst", b"new") is False
+    assert not primary.exists("copy-only.zst") and copy.read_bytes("copy-only.zst") == b"c"
+
+
+def test_mirrored_read_says_missing_only_when_missing_in_both(tmp_path: Path) -> None:
+    class Unreadable(MemoryStorage):
+        def open(self, key: str) -> BinaryIO:
+            raise StorageError(f"{key}: permission denied")
+
+    mirrored = MirroredStorage(LocalStorage(tmp_path / "primary"), Unreadable("copy"))
+    with pytest.raises(StorageError) as raised:
+        mirrored.read_bytes("x.zst")
+    assert not isinstance(raised.value, ObjectMissing) and "permission denied" in str(raised.value)
+    with pytest.raises(ObjectMissing):
+        MirroredStorage(LocalStorage(tmp_path / "p2"), MemoryStorage("c2")).read_bytes("x.zst")
+
+
+# --- s3: a conditional write that raced another in-flight write is retried -----------------------------
+
+def test_s3_put_new_retries_a_409_and_answers_false_only_when_an_object_is_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import ClientError
+
+    from backup_tasks.errors import StorageUnavailable
+
+    class Client:
+        def __init__(self, conflicts: int, exists: bool) -> None:
+            self.conflicts, self.exists, self.puts = conflicts, exists, 0
+
+        def put_object(self, **kwargs: object) -> dict[str, object]:
+            assert kwargs["IfNoneMatch"] == "*"
+            self.puts += 1
+            if self.puts <= self.conflicts:
+                raise ClientError({"Error": {"Code": "ConditionalRequestConflict"}}, "PutObject")
+            return {}
+
+        def head_object(self, **kwargs: object) -> dict[str, object]:
+            if not self.exists:
+                raise ClientError({"Error": {"Code": "404"}}, "HeadObject")
+            return {"ContentLength": 1}
+
+        def head_bucket(self, **kwargs: object) -> dict[str, object]:
+            return {}
+
+    monkeypatch.setattr(s3_driver.time, "sleep", lambda _seconds: None)
+    storage = S3Storage.from_url("s3://bucket/prefix")
+    storage._client = Client(conflicts=2, exists=False)  # type: ignore[assignment]
+    assert storage.put_new("k", b"v") is True and storage._client.puts == 3  # type: ignore[attr-defined]
+    storage._client = Client(conflicts=99, exists=True)  # type: ignore[assignment]
+    assert storage.put_new("k", b"v") is False
+    storage._client = Client(conflicts=99, exists=False)  # type: ignore[assignment]
+    with pytest.raises(StorageUnavailable):
+        storage.put_new("k", b"v")

@@ -1,0 +1,1 @@
+"""Tests of backup_tasks.streams: age encryption and compression."""

@@ -1,0 +1,13 @@
+"""Helpers shared by the tests; test modules import from here, never from each other or a conftest.
+
+- ``paths``: the project root and the console scripts of the virtualenv.
+- ``postgres`` (pytest plugin): PostgreSQL servers and databases, ``settings_for``, ``url_of``.
+- ``processes`` (pytest plugin): the test Redis, real Celery worker processes and waiting for them.
+- ``s3`` (pytest plugin): a real S3-compatible server (moto) with a bucket per test.
+- ``pitr`` (pytest plugin): archiving throwaway clusters, the CLI as a subprocess, the PITR scenario.
+- ``crypto``: age identity files.
+- ``data``: incompressible test data, made-up manifests, damaged archives.
+
+The plugins are listed in ``pytest_plugins`` of ``tests/conftest.py``, so their fixtures can be
+requested by name from any test module without importing them.
+"""

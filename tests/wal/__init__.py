@@ -1,0 +1,1 @@
+"""Tests of backup_tasks.wal: the WAL archive."""

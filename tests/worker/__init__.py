@@ -1,0 +1,1 @@
+"""Tests of backup_tasks.worker: Celery workflow, beat schedule, Sentry and Flower."""
