@@ -26,8 +26,8 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
 COPY celeryconfig.py ./
 
 # The shared backups volume and beat's schedule state, owned by the postgres user (uid 999) that every
-# service runs as: PostgreSQL's archive_command writes WAL there, the worker writes dumps. A new named
-# volume takes this ownership from the image.
+# service runs as: PostgreSQL's archive_command writes WAL there (its first wal-push creates /backups/wal),
+# the worker writes dumps. A new named volume takes this ownership and mode from the image.
 RUN mkdir -p /backups /var/lib/backup-tasks \
  && chown postgres:postgres /backups /var/lib/backup-tasks \
  && chmod 700 /backups /var/lib/backup-tasks

@@ -36,6 +36,15 @@ def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -
     return value
 
 
+def _env_bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be 1/true/yes or 0/false/no, got {raw!r}")
+
+
 def parse_clock(raw: str, name: str) -> time:
     match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*", raw)
     if not match or int(match[1]) > 23 or int(match[2]) > 59:
@@ -80,6 +89,8 @@ class Settings:
     broker_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     result_backend: str | None = field(default=None, repr=False)
     lock_url: str | None = field(default=None, repr=False)
+    #: BACKUP_SINGLE_HOST: only this host runs backups, so a file lock may stand in for an unreachable Redis.
+    single_host: bool = False
     timezone: str = "Asia/Kolkata"
     daily_at: time = time(2, 0)
     weekly_at: tuple[int, time] = (6, time(3, 0))
@@ -155,6 +166,7 @@ class Settings:
             broker_url=broker,
             result_backend=env.get("CELERY_RESULT_BACKEND", "").strip() or None,
             lock_url=env.get("BACKUP_LOCK_URL", "").strip() or None,
+            single_host=_env_bool(env, "BACKUP_SINGLE_HOST"),
             timezone=timezone,
             daily_at=parse_clock(env.get("BACKUP_DAILY_AT", "02:00"), "BACKUP_DAILY_AT"),
             weekly_at=parse_weekly(env.get("BACKUP_WEEKLY_AT", "sun 03:00"), "BACKUP_WEEKLY_AT"),

@@ -20,10 +20,10 @@ from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.ids import backup_id_for, dump_key, id_prefix
 from backup_tasks.catalog.manifest import Manifest, existing_for_day, isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
-from backup_tasks.errors import AuthenticationFailed, BackupError, DatabaseMissing, DumpFailed, SourceUnavailable
+from backup_tasks.errors import DumpFailed
 from backup_tasks.locks import hold
 from backup_tasks.postgres.connect import server_major, server_version
-from backup_tasks.postgres.failures import first_line
+from backup_tasks.postgres.failures import classify, first_line
 from backup_tasks.postgres.queries import count_rows, exported_snapshot
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.progress import PROGRESS_EVERY, Progress, no_progress
@@ -39,18 +39,6 @@ log = logging.getLogger(__name__)
 
 def dump_lock_name(conninfo: ConnInfo) -> str:
     return f"dump:{conninfo.server_label}/{conninfo.dbname}"
-
-
-def classify_pg_dump_failure(stderr: str, conninfo: ConnInfo) -> BackupError:
-    text = stderr.strip()
-    line = next((ln for ln in text.splitlines() if "error" in ln.lower()), first_line(text) if text else "")
-    if "password authentication failed" in text or "no password supplied" in text:
-        return AuthenticationFailed(f"pg_dump could not log in to {conninfo.redacted()}: {line}")
-    if "does not exist" in text and "database" in text:
-        return DatabaseMissing(f"pg_dump: {line}")
-    if "could not connect" in text or "Connection refused" in text or "server closed the connection" in text:
-        return SourceUnavailable(f"pg_dump lost the server {conninfo.server_label}: {line}")
-    return DumpFailed(f"pg_dump failed: {line or 'no error message'}")
 
 
 @dataclass
@@ -147,7 +135,7 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
             returncode = proc.wait()
             stderr_text = stderr_tail.join()
             if returncode != 0:
-                raise classify_pg_dump_failure(stderr_text, conninfo)
+                raise classify(stderr_text, conninfo, tool="pg_dump", fallback=DumpFailed)
             if not head.startswith(b"PGDMP"):
                 raise DumpFailed(f"pg_dump produced no archive ({raw_bytes} bytes); nothing was kept")
             tail = comp.flush()

@@ -20,7 +20,7 @@ from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupCorrupt, ConfigError, RestoreFailed, RestoreRefused
 from backup_tasks.postgres.connect import connect
-from backup_tasks.postgres.failures import first_line
+from backup_tasks.postgres.failures import classify, first_line
 from backup_tasks.postgres.queries import count_rows, create_database, database_exists, database_is_empty, drop_database
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.settings import Settings
@@ -91,7 +91,10 @@ def pg_restore_into(storage: Storage, manifest: Manifest, target: ConnInfo, *, m
         detail = "; ".join(errors[:3]) or f"exit status {returncode}"
         if "input file does not appear to be a valid archive" in message or "unexpected end of file" in message:
             raise BackupCorrupt(f"{manifest.path} is not a readable pg_dump archive: {detail}")
-        raise RestoreFailed(f"pg_restore of {manifest.id} failed: {detail}")
+        # A connection failure is classified as everywhere else (AuthenticationFailed, SourceUnavailable...).
+        raise classify(message, target, tool="pg_restore",
+                       fallback=lambda _message: RestoreFailed(f"pg_restore of {manifest.id} into "
+                                                               f"{target.redacted()} failed: {detail}"))
 
 
 @dataclass

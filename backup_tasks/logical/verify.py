@@ -98,8 +98,10 @@ def verify_backup(settings: Settings, backup_id: str | None = None, *,
                     checked.append("amcheck")
                 problems += index_problems
     except (BackupCorrupt, RestoreFailed) as exc:
-        # A verdict about the backup. Anything else (no cluster, verifier server down, tool
-        # missing) is a failure of the verifier: it propagates and nothing is recorded.
+        # A verdict about the backup. Anything else (no cluster, verifier server down or refusing
+        # the login, tool missing) is a failure of the verifier: it propagates and nothing is
+        # recorded. Connections here (connect() and pg_restore's own) go through the one classifier
+        # (postgres.failures.classify), so such failures are never a RestoreFailed verdict.
         problems.append(str(exc))
     method = "scratch-database" if settings.verify_database_url else "throwaway-cluster"
     result = Verification(

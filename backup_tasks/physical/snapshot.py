@@ -31,10 +31,10 @@ from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.ids import backup_id_for, snapshot_keys
 from backup_tasks.catalog.manifest import Manifest, isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
-from backup_tasks.errors import AuthenticationFailed, BackupError, SnapshotFailed, SourceUnavailable
+from backup_tasks.errors import BackupError, SnapshotFailed
 from backup_tasks.locks import hold
 from backup_tasks.postgres.connect import connect, server_major, server_version
-from backup_tasks.postgres.failures import first_line
+from backup_tasks.postgres.failures import classify
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
@@ -135,23 +135,6 @@ def inspect_source(conn: psycopg.Connection) -> SourceFacts:
                        segment_size=segment_size, superuser=str(superuser), wal_level=wal_level,
                        archive_mode=archive_mode, archive_command=archive_command, data_directory=data_directory,
                        tablespaces=tablespaces, config_files=config_files, warnings=warnings)
-
-
-def classify_basebackup_failure(stderr: str, conninfo: ConnInfo) -> BackupError:
-    text = stderr.strip()
-    lines = [ln for ln in text.splitlines() if "error" in ln.lower() or "fatal" in ln.lower()]
-    line = lines[-1] if lines else (first_line(text) if text else "no error message")
-    if "password authentication failed" in text or "no password supplied" in text:
-        return AuthenticationFailed(f"pg_basebackup could not log in to {conninfo.redacted()}: {line}")
-    if "no pg_hba.conf entry for replication" in text:
-        return SnapshotFailed(f"the server refuses replication connections from this host: {line}; add a "
-                              f"`host replication <user> <address> scram-sha-256` line to pg_hba.conf")
-    if "must be superuser or replication role" in text or "permission denied to start WAL sender" in text:
-        return SnapshotFailed(f"{conninfo.user or 'this user'} may not take base backups: {line}; "
-                              f"ALTER ROLE ... REPLICATION (or use a superuser)")
-    if "could not connect" in text or "Connection refused" in text or "server closed the connection" in text:
-        return SourceUnavailable(f"pg_basebackup lost the server {conninfo.server_label}: {line}")
-    return SnapshotFailed(f"pg_basebackup failed: {line}")
 
 
 def take_snapshot(settings: Settings, *, backup_id: str | None = None, progress: Progress = no_progress) -> Manifest:
@@ -344,7 +327,7 @@ def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFact
             returncode = proc.wait()
             stderr_text = stderr_tail.join()
             if returncode != 0:
-                raise classify_basebackup_failure(stderr_text, conninfo)
+                raise classify(stderr_text, conninfo, tool="pg_basebackup", fallback=SnapshotFailed)
             writer.commit()
         except BaseException:
             writer.abort()

@@ -1,17 +1,17 @@
 """Restoring a snapshot's files into a data directory, checking every stored byte against the catalog.
 
 Falls back to ``BACKUP_COPY_TO`` when an object is missing or damaged in ``BACKUP_DIR``; a failed
-unpack leaves nothing half-restored behind.
+unpack leaves nothing half-restored behind. A failure of this machine (a full disk, permission
+denied) is ``StorageFull``/``StorageError``: not a damaged backup, and no reason to try the copy.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import logging
 import shutil
-import subprocess
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from backup_tasks.catalog.keys import identities_for
 from backup_tasks.catalog.manifest import Manifest
@@ -20,15 +20,15 @@ from backup_tasks.errors import (
     IdentityUnusable,
     RestoreRefused,
     StorageError,
+    StorageFull,
 )
 from backup_tasks.physical.snapshot import snapshot_files
 from backup_tasks.postgres.cluster import as_server_user as as_server_user
-from backup_tasks.postgres.failures import first_line
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage, members
 from backup_tasks.streams.codec import CHUNK
 from backup_tasks.streams.crypto import Identities, check_identity, manifest_recipients, open_decrypted
-from backup_tasks.streams.tar import HashingReader
+from backup_tasks.streams.tar import HashingReader, TarExtract
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,55 @@ def read_snapshot_object(storage: Storage, snapshot: Manifest, key: str, identit
         return plain.read()
 
 
-def unpack_snapshot(storage: Storage, snapshot: Manifest, data_dir: Path, identities: Identities | None = None) -> None:
-    """Unpack base and WAL tars into ``data_dir``, checking each stored object's sha256 as it streams."""
-    import zstandard
+class _LocalFailure(Exception):
+    """Carries a failure of this machine (not of a backup location) out of one location's unpack.
 
+    A full disk here says nothing about ``BACKUP_DIR`` or ``BACKUP_COPY_TO``: starting again from the
+    copy would fail the same way and blame it. Never leaves this module: the public functions raise
+    the ``StorageFull``/``StorageError`` it carries.
+    """
+
+    def __init__(self, error: StorageError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+UNPACK_ADVICE = ("free space there (TMPDIR for verify and the PITR drill, the --data-dir of restore-pitr) "
+                 "and run again")
+
+
+def local_error(cause: str, *, full: bool, doing: str, intact: str) -> StorageError:
+    """The one-line error for a failure of this machine while restoring: what happened, that the backup
+    is not to blame (``intact`` says how we know), and what to do."""
+    if full:
+        return StorageFull(f"no space left on this machine's disk {doing} ({cause}); {intact}: {UNPACK_ADVICE}")
+    return StorageError(f"{doing} failed on this machine ({cause}); {intact}: check that directory (permissions, "
+                        f"free space, the disk) and run again")
+
+
+def local_os_error(exc: OSError, *, doing: str) -> StorageError:
+    """``local_error`` for an ``OSError`` of our own writing (ENOSPC/EDQUOT: ``StorageFull``)."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return local_error(f"{exc.strerror or exc}{where}", full=exc.errno in (errno.ENOSPC, errno.EDQUOT), doing=doing,
+                       intact="the backup is not at fault")
+
+
+def unpack_snapshot(storage: Storage, snapshot: Manifest, data_dir: Path, identities: Identities | None = None) -> None:
+    """Unpack base and WAL tars into ``data_dir``, checking each stored object's sha256 as it streams.
+
+    A damaged or unreadable stored object is ``BackupCorrupt``; a failure of this machine (a full
+    disk, permission denied, tar killed) is ``StorageFull``/``StorageError``, never a verdict about the
+    backup. tar's failure alone decides nothing: the whole object is read and hashed first.
+    """
+    try:
+        _unpack(storage, snapshot, data_dir, identities)
+    except _LocalFailure as failure:
+        raise failure.error from failure.__cause__
+
+
+def _unpack(storage: Storage, snapshot: Manifest, data_dir: Path, identities: Identities | None) -> None:
     if snapshot.encryption and identities is None:
         raise IdentityUnusable(f"snapshot {snapshot.id} is encrypted; no identity was given to decrypt it")
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     files = snapshot_files(snapshot)
     order = sorted(files.items(), key=lambda kv: {"base": 0, "wal": 1}.get(kv[1].get("role", ""), 2))
     for key, info in order:
@@ -92,38 +134,51 @@ def unpack_snapshot(storage: Storage, snapshot: Manifest, data_dir: Path, identi
         if role not in ("base", "wal"):
             continue
         target = data_dir if role == "base" else data_dir / "pg_wal"
-        target.mkdir(parents=True, exist_ok=True, mode=0o700)
-        proc = subprocess.Popen(["tar", "-x", "--no-same-owner", "-f", "-", "-C", str(target)],
-                                stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-        digest = hashlib.sha256()
-        size = 0
-        assert proc.stdin is not None
         try:
-            decompressor = zstandard.ZstdDecompressor().decompressobj()
-            stored = HashingReader(storage.open(key))
-            with plaintext(stored, snapshot, key, identities) as source:  # type: ignore[arg-type]
-                while chunk := source.read(CHUNK):
-                    try:
-                        proc.stdin.write(decompressor.decompress(chunk))
-                    except zstandard.ZstdError as exc:
-                        raise BackupCorrupt(f"{key} cannot be decompressed: {exc}") from None
-                stored.drain()
-            digest, size = stored.digest, stored.size
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        returncode = proc.wait()
-        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        if size != info["size"] or digest.hexdigest() != info["sha256"]:
-            raise BackupCorrupt(f"{key} of snapshot {snapshot.id} is damaged: {size} bytes with sha256 "
-                                f"{digest.hexdigest()[:16]}…, the catalog says {info['size']} bytes, "
-                                f"{str(info['sha256'])[:16]}…")
-        if returncode != 0:
-            raise BackupCorrupt(f"{key} of snapshot {snapshot.id} does not unpack: {first_line(stderr)}")
+            for directory in dict.fromkeys((data_dir, target)):  # data_dir first, so it gets mode 0700 too
+                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tar = TarExtract(target)
+        except OSError as exc:
+            raise _LocalFailure(local_os_error(exc, doing=f"unpacking snapshot {snapshot.id} into {target}")) \
+                from exc
+        _unpack_object(storage, snapshot, key, info, tar, target, identities)
+
+
+def _unpack_object(storage: Storage, snapshot: Manifest, key: str, info: dict[str, Any], tar: TarExtract,
+                   target: Path, identities: Identities | None) -> None:
+    import zstandard
+
+    try:
+        stored = HashingReader(storage.open(key), what=f"{key} in {storage.location}")
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
+        with plaintext(stored, snapshot, key, identities) as source:  # type: ignore[arg-type]
+            while chunk := source.read(CHUNK):
+                if not tar.reading:
+                    continue  # tar gave up: read on anyway, so the hash judges the whole object
+                try:
+                    data = decompressor.decompress(chunk)
+                except zstandard.ZstdError as exc:
+                    raise BackupCorrupt(f"{key} cannot be decompressed: {exc}") from None
+                tar.feed(data)
+            stored.drain()
+        outcome = tar.finish()
+    except BaseException:
+        tar.kill()
+        raise
+    # The hash first: stored bytes that differ from the catalog's are damage, whatever tar made of them.
+    digest = stored.digest.hexdigest()
+    if stored.size != info["size"] or digest != info["sha256"]:
+        raise BackupCorrupt(f"{key} of snapshot {snapshot.id} is damaged: {stored.size} bytes with sha256 "
+                            f"{digest[:16]}…, the catalog says {info['size']} bytes, {str(info['sha256'])[:16]}…")
+    if outcome.ok:
+        return
+    local = outcome.local_failure()
+    if local is not None:
+        full, cause = local
+        raise _LocalFailure(local_error(cause, full=full, doing=f"unpacking {key} into {target}",
+                                        intact=f"snapshot {snapshot.id} is intact (its sha256 matches the catalog)"))
+    raise BackupCorrupt(f"{key} of snapshot {snapshot.id} does not unpack although its sha256 matches the catalog: "
+                        f"{outcome.describe()}")
 
 
 def restore_config_files(storage: Storage, snapshot: Manifest, data_dir: Path,
@@ -138,14 +193,21 @@ def restore_config_files(storage: Storage, snapshot: Manifest, data_dir: Path,
         for name, text in json.loads(read_snapshot_object(storage, snapshot, key, identities)).items():
             path = data_dir / name
             if not path.exists() and name in ("pg_hba.conf", "pg_ident.conf"):
-                path.write_text(text)
+                _write_local(path, text, snapshot)
                 notes.append(f"{name} restored from the server's copy outside its data directory")
     for name, text in (("postgresql.conf", MINIMAL_CONF), ("pg_hba.conf", MINIMAL_HBA), ("pg_ident.conf", "")):
         path = data_dir / name
         if not path.exists():
-            path.write_text(text)
+            _write_local(path, text, snapshot)
             notes.append(f"{name} was outside the source's data directory and not copied: wrote a minimal one")
     return notes
+
+
+def _write_local(path: Path, text: str, snapshot: Manifest) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:  # this machine's disk, not the backup
+        raise local_os_error(exc, doing=f"writing {path.name} of snapshot {snapshot.id}") from exc
 
 
 MINIMAL_CONF = """# Written by backup-tasks restore-pitr: the source server kept its postgresql.conf outside its data
@@ -167,8 +229,11 @@ def unpack_with_fallback(storage: Storage, snapshot: Manifest, data_dir: Path,
     locations = members(storage)
     for number, location in enumerate(locations):
         try:
-            unpack_snapshot(location, snapshot, data_dir, identities)
+            _unpack(location, snapshot, data_dir, identities)
             return
+        except _LocalFailure as failure:
+            # This machine failed, not this location: the copy would fail the same way, and is not to blame.
+            raise failure.error from failure.__cause__
         except (BackupCorrupt, StorageError) as exc:
             if number == len(locations) - 1:
                 raise

@@ -1,4 +1,4 @@
-"""Connections to PostgreSQL, with failures classified (``failures``) and the password kept out of messages."""
+"""Connections to PostgreSQL, with failures classified (``failures.classify``) and the password kept out of messages."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import psycopg
 
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import ConfigError
-from backup_tasks.postgres.failures import classify_connect_error, first_line
+from backup_tasks.postgres.failures import classify
 
 
 def connect(conninfo: ConnInfo, *, autocommit: bool = True) -> psycopg.Connection:
     try:
         return psycopg.connect(**conninfo.kwargs(), autocommit=autocommit)
     except psycopg.OperationalError as exc:
-        raise classify_connect_error(exc, conninfo) from None
+        raise classify(str(exc), conninfo) from None
     except psycopg.ProgrammingError as exc:  # libpq rejected the options themselves (?foo=bar)
-        raise ConfigError(f"bad connection setting in {conninfo.redacted()}: {first_line(str(exc))}") from None
+        raise classify(str(exc), conninfo, fallback=ConfigError) from None
 
 
 def server_version(conn: psycopg.Connection) -> str:

@@ -10,6 +10,7 @@ to "check, then rename", which a concurrent writer can race.) A key that is not 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
@@ -48,6 +49,23 @@ def _link_new(temp: Path, final: Path) -> bool:
     return True
 
 
+def _writer_alive(partial: Path) -> bool:
+    """Whether a writer still holds ``partial`` open (its flock; the kernel drops it when the writer dies)."""
+    try:
+        fd = os.open(partial, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # a filesystem without flock: fall back to the caller's lock, as before
+    finally:
+        os.close(fd)
+    return False
+
+
 class LocalWriter:
     """Streams into ``<dir>/.<name>.partial-<uuid>``; ``commit`` fsyncs and renames into place."""
 
@@ -59,6 +77,9 @@ class LocalWriter:
             fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except OSError as exc:
             raise storage_error(exc, "creating", str(self.temp)) from None
+        # Held until the file is closed (commit, abort, or this process dying): clear_partials of
+        # another run skips a partial whose writer still lives, even if that writer lost its lock.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)
         self.bytes_written = 0
 
@@ -231,11 +252,11 @@ class LocalStorage:
             raise storage_error(exc, "deleting", key) from None
 
     def clear_partials(self, prefix: str = "") -> list[str]:
-        """Remove what killed writers left (callers hold the lock that excludes live writers)."""
+        """Remove what dead writers left; a partial whose writer still holds its flock is never touched."""
         removed = []
         for key, _st in list(self._walk("")):
             name = key.rsplit("/", 1)[-1]
-            if PARTIAL_MARK in name and name.lstrip(".").startswith(prefix):
+            if PARTIAL_MARK in name and name.lstrip(".").startswith(prefix) and not _writer_alive(self._path(key)):
                 self.delete(key)
                 removed.append(key)
         return removed

@@ -18,6 +18,7 @@ import io
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -41,7 +42,7 @@ class MemoryWriter:
         self.partial_key = f"{directory}{slash}.{name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}"
         self._buffer: bytearray | None = bytearray()
         self.bytes_written = 0
-        storage._start_partial(self.partial_key, key)
+        storage._start_partial(self.partial_key, key, self)
 
     def write(self, data: bytes) -> None:
         assert self._buffer is not None, "writer already closed"
@@ -83,6 +84,8 @@ class MemoryStorage:
         self._objects: dict[str, _Object] = {}
         #: partial key -> the key its writer will publish (what ``clear_partials`` reports).
         self._partials: dict[str, str] = {}
+        #: partial key -> its writer while that writer exists (a live writer's partial is never cleared).
+        self._writers: dict[str, weakref.ref[MemoryWriter]] = {}
 
     def _check(self, key: str) -> str:
         if not key or key.startswith("/") or ".." in key.split("/"):
@@ -94,16 +97,19 @@ class MemoryStorage:
     def writer(self, key: str) -> MemoryWriter:
         return MemoryWriter(self, self._check(key))
 
-    def _start_partial(self, partial_key: str, key: str) -> None:
+    def _start_partial(self, partial_key: str, key: str, writer: MemoryWriter) -> None:
         with self._lock:
             self._partials[partial_key] = key
+            self._writers[partial_key] = weakref.ref(writer)
 
     def _drop_partial(self, partial_key: str) -> None:
         with self._lock:
             self._partials.pop(partial_key, None)
+            self._writers.pop(partial_key, None)
 
     def _publish(self, partial_key: str, key: str, data: bytes, *, replace: bool) -> bool:
         with self._lock:
+            self._writers.pop(partial_key, None)
             if self._partials.pop(partial_key, None) is None:
                 raise StorageError(f"saving {key} in {self.location} failed: its partial object was removed")
             if not replace and key in self._objects:
@@ -161,7 +167,11 @@ class MemoryStorage:
         with self._lock:
             for partial_key, key in list(self._partials.items()):
                 name = partial_key.rsplit("/", 1)[-1].lstrip(".")
+                live = self._writers.get(partial_key)
+                if live is not None and live() is not None:
+                    continue  # its writer still exists: not left behind, whatever the caller's lock says
                 if partial_key.startswith(prefix) or name.startswith(prefix) or key.startswith(prefix):
                     del self._partials[partial_key]
+                    self._writers.pop(partial_key, None)
                     removed.append(key)
         return sorted(removed)

@@ -101,6 +101,8 @@ PUT_NEW_ATTEMPTS = 4
 
 # Upload ids of writers alive in this process: clear_partials never aborts them.
 _live_uploads: set[str] = set()
+#: An unfinished upload that moved this recently is left alone by clear_partials: twice the lock's expiry.
+LIVE_UPLOAD_SECONDS = 240
 
 
 _live_lock = threading.Lock()
@@ -441,6 +443,19 @@ class S3Storage:
             self._fail(exc, "listing unfinished uploads under", prefix or None)
         return found
 
+    def _recently_active(self, key: str, upload_id: str, initiated: float) -> bool:
+        """Whether the upload started or received a part within ``LIVE_UPLOAD_SECONDS`` (a writer in another
+        process feeds it at least every few seconds; one stalled longer has lost its lock and will abort)."""
+        newest = initiated
+        try:
+            parts = self.client.list_parts(Bucket=self.where.bucket, Key=self._key(key), UploadId=upload_id)
+            newest = max([newest, *(part["LastModified"].timestamp() for part in parts.get("Parts", []))])
+        except Exception as exc:
+            if _error_code(exc) == "NoSuchUpload":
+                return False
+            self._fail(exc, "inspecting an unfinished upload of", key)
+        return time.time() - newest < LIVE_UPLOAD_SECONDS
+
     def clear_partials(self, prefix: str = "") -> list[str]:
         """Abort every unfinished multipart upload under ``prefix`` that no writer in this process owns.
 
@@ -449,10 +464,14 @@ class S3Storage:
         run that died. ``prefix`` matches like LocalStorage's: the key or its file name starts with it.
         """
         aborted = []
-        for key, upload_id, _initiated in self.unfinished_uploads(prefix):
+        for key, upload_id, initiated in self.unfinished_uploads(prefix):
             with _live_lock:
                 if upload_id in _live_uploads:
                     continue
+            if self._recently_active(key, upload_id, initiated):
+                log.warning("left the unfinished upload of %s alone: it moved within the last %ds, so its writer "
+                            "may still be alive", key, LIVE_UPLOAD_SECONDS)
+                continue
             try:
                 self.client.abort_multipart_upload(Bucket=self.where.bucket, Key=self._key(key), UploadId=upload_id)
             except Exception as exc:

@@ -13,6 +13,8 @@ direction runs pyrage on a helper thread joined by a small bounded queue: memory
 * ``open_decrypted(source, identities, ...)`` is a readable binary stream of the plaintext.
   A wrong identity raises ``IdentityUnusable``; a flipped byte or a truncated object raises
   ``BackupCorrupt`` (age authenticates every chunk and marks the last one), never garbage.
+* ``decrypt_bytes(data, identities, ...)`` does the same for a small file held in memory (one WAL
+  file); ``is_wrong_identity`` is the one test for pyrage's "no key unwraps this file".
 
 Only public keys (``age1...``) are needed to write backups; the identity file (``age-keygen``
 output) is read only by verify, restore and wal-fetch. No secret key ever reaches a message.
@@ -157,6 +159,47 @@ def load_identities(path: str | Path | None, *, setting: str = IDENTITY_SETTING,
     if not keys:
         raise IdentityUnusable(f"{file} ({setting}) holds no age secret key (no AGE-SECRET-KEY-1... line)")
     return Identities(path=file, keys=tuple(keys), public_keys=tuple(str(k.to_public()) for k in keys))
+
+
+def is_wrong_identity(exc: BaseException) -> bool:
+    """Whether pyrage failed because none of the identities is a recipient of the file ("No matching keys").
+
+    The one place that knows how pyrage says it: streaming decryption, ``decrypt_bytes`` and the WAL
+    archive all ask here.
+    """
+    import pyrage
+
+    return isinstance(exc, pyrage.DecryptError) and "No matching keys" in str(exc)
+
+
+def wrong_identity_error(identities: Identities, *, what: str, recipients: Sequence[str] = (),
+                         damaged: type[BackupCorrupt] = BackupCorrupt) -> BackupError:
+    """The error for "no key unwraps ``what``": ``IdentityUnusable`` (wrong identity file), unless the
+    identity is one of the recipients the manifest names, in which case the age header is damaged."""
+    if recipients and identities.matches(recipients):
+        return damaged(f"{what}: the age header is damaged (the identity in {identities.path} is one of its "
+                       f"recipients, yet no key unwraps)")
+    to = f" to {', '.join(recipients)}" if recipients else ""
+    return IdentityUnusable(f"{what} is encrypted{to}; none of the {len(identities.keys)} key(s) in "
+                            f"{identities.path} (public: {', '.join(identities.public_keys)}) can decrypt it: "
+                            f"wrong identity file")
+
+
+def decrypt_bytes(data: bytes, identities: Identities, *, what: str, recipients: Sequence[str] = (),
+                  damaged: type[BackupCorrupt] = BackupCorrupt) -> bytes:
+    """Decrypt a small age file held in memory (one WAL file, a config file).
+
+    A wrong identity raises ``IdentityUnusable``; anything else that fails age's authentication
+    raises ``damaged`` (``BackupCorrupt``, or a subclass such as ``WalCorrupt``).
+    """
+    import pyrage
+
+    try:
+        return bytes(pyrage.decrypt(data, list(identities.keys)))
+    except pyrage.DecryptError as exc:
+        if is_wrong_identity(exc):
+            raise wrong_identity_error(identities, what=what, recipients=recipients, damaged=damaged) from None
+        raise damaged(f"{what} is damaged: age authentication failed ({' '.join(str(exc).split())})") from None
 
 
 class _Aborted(Exception):
@@ -427,15 +470,8 @@ class DecryptingReader(io.RawIOBase):
         if self._source.error is not None:
             return self._source.error  # a storage failure stays a storage failure
         message = str(exc)
-        if isinstance(exc, pyrage.DecryptError) and "No matching keys" in message:
-            if self.recipients and self.identities.matches(self.recipients):
-                return BackupCorrupt(f"{self.what}: the age header is damaged (the identity in "
-                                     f"{self.identities.path} is one of its recipients, yet no key unwraps)")
-            to = f" to {', '.join(self.recipients)}" if self.recipients else ""
-            return IdentityUnusable(
-                f"{self.what} is encrypted{to}; none of the {len(self.identities.keys)} key(s) in "
-                f"{self.identities.path} (public: {', '.join(self.identities.public_keys)}) can decrypt it: "
-                f"wrong identity file")
+        if is_wrong_identity(exc):
+            return wrong_identity_error(self.identities, what=self.what, recipients=self.recipients)
         if isinstance(exc, pyrage.DecryptError):
             if self._source.consumed < len(AGE_MAGIC):
                 return BackupCorrupt(f"{self.what} is empty or cut short before its age header ends")

@@ -18,7 +18,9 @@ was completed. ``zstd -d`` skips that trailer, so the archive stays readable wit
 Permissions: the archive is shared by root (worker, CLI, prune) and the server's OS user
 (archive_command, restore_command). Directories are ``2770`` (setgid: everything inside inherits
 the directory's group, the server user's group), files ``0640``; modes are set explicitly because
-the server runs its children with umask 077.
+the server runs its children with umask 077. wal-push creates a missing archive directory itself
+when its parent exists and this user may write there (a fresh Docker volume the server user owns);
+anywhere else ``backup-tasks check``, run as root, creates it.
 """
 
 from __future__ import annotations
@@ -147,22 +149,13 @@ class WalArchive:
 
     def _decrypted(self, fh: BinaryIO, total: int, name: str) -> BinaryIO:
         """The zstd frame inside an age-encrypted archived file (small: one WAL file, decrypted in memory)."""
-        import pyrage
-
-        from backup_tasks.streams.crypto import load_identities
+        from backup_tasks.streams.crypto import decrypt_bytes, load_identities
 
         identities = load_identities(self.identity_file, needed_for=f"the archived WAL file {name}")
         fh.seek(0)
-        try:
-            return io.BytesIO(pyrage.decrypt(fh.read(total - TRAILER_SIZE), list(identities.keys)))
-        except pyrage.DecryptError as exc:
-            if "No matching keys" in str(exc):
-                from backup_tasks.errors import IdentityUnusable
-
-                raise IdentityUnusable(f"archived {name} is encrypted, and none of the keys in {identities.path} "
-                                       f"(public: {', '.join(identities.public_keys)}) can decrypt it: wrong "
-                                       f"identity file") from None
-            raise WalCorrupt(f"archived {name} is damaged: age authentication failed ({exc})") from None
+        # A wrong identity is IdentityUnusable, damage WalCorrupt: decided in streams.crypto.
+        return io.BytesIO(decrypt_bytes(fh.read(total - TRAILER_SIZE), identities, what=f"archived {name}",
+                                        damaged=WalCorrupt))
 
     def copy_storage(self) -> Storage | None:
         """The copy location of this archive (``<BACKUP_COPY_TO>/wal``), or None; boto3 only for a bucket."""
@@ -196,7 +189,7 @@ class WalArchive:
     def ensure_subdir(self, path: Path) -> None:
         if path.is_dir():
             return
-        if not self.root.is_dir():
+        if not self.root.is_dir() and not self._create_root():
             raise WalArchiveError(f"the WAL archive directory {self.root} does not exist (or this user cannot "
                                   f"reach it); create it with `backup-tasks check` as root")
         try:
@@ -206,6 +199,33 @@ class WalArchive:
             pass
         except OSError as exc:
             raise WalArchiveError(f"cannot create {path} in the WAL archive: {exc.strerror}") from None
+
+    def _create_root(self) -> bool:
+        """Create the missing archive directory (mode 2770) where this user may; False where it may not.
+
+        Out of the box nobody has run ``check``: the server user owns the backups directory (a fresh
+        Docker volume, a BACKUP_DIR made for it) and the archive inside it does not exist yet. Refusing
+        there would fail archiving from the very first segment, so wal-push makes it. Only the last
+        level: a missing parent is more likely an unmounted volume or a wrong path than a place to
+        start an archive, and neither should quietly receive WAL.
+        """
+        try:
+            os.mkdir(self.root, 0o700)  # the final mode is set below: the server's umask 077 would strip it
+        except FileExistsError:
+            return self.root.is_dir()  # another wal-push made it meanwhile (or a file sits there)
+        except OSError:  # the parent is missing, not writable, read-only...: the caller's clear error
+            return False
+        try:
+            os.chmod(self.root, DIR_MODE)
+            try:
+                fsync_dir(self.root.parent)  # the archive's own entry must survive a crash like the segments in it
+            except PermissionError:
+                pass  # a parent this user may write but not read (mode 0300) cannot be opened to fsync
+        except OSError as exc:
+            raise WalArchiveError(f"created the WAL archive directory {self.root} but could not finish "
+                                  f"setting it up: {exc.strerror}") from None
+        log.warning("created the WAL archive directory %s (mode 2770)", self.root)  # once, in the server log
+        return True
 
     # reading ----------------------------------------------------------------------------------------
 

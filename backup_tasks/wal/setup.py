@@ -8,7 +8,10 @@ are ``0640``. Every directory above it must let that user through: when the arch
 (enter, not list; the backups in it stay ``0600`` root).
 
 ``check_archiving`` asks the server for its archive settings, forces a segment switch and waits for
-that segment to arrive in the archive, then checks it decompresses to what was archived.
+that segment to arrive in the archive, then checks it decompresses to what was archived. It judges
+by that outcome: an archive_command in another form than the printed one (``BACKUP_DIR=...
+backup-tasks wal-push %p``, a wrapper) that delivers the segment is a warning naming the canonical
+line; the form is a problem only when the segment does not arrive (or the switch cannot be tried).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def _prepare_wal_dir(root: Path, backup_dir: Path | None, notes: list[str], sett
             backup_dir.mkdir(parents=True, mode=0o700)
         if not root.exists():
             root.mkdir(parents=True, mode=0o700)
-            notes.append(f"created the {what} directory {root}")
+            notes.append(f"created {what} directory {root}")  # ``what`` brings its article: "the WAL archive"
         ids = server_uid_gid()
         if ids is not None:
             current = root.stat()
@@ -178,20 +181,36 @@ def _check_server(conn: psycopg.Connection, settings: Settings, report: ArchiveC
     if report.settings.get("archive_library"):
         report.problems.append(f"archive_library is set ({report.settings['archive_library']}); archive_command "
                                f"is ignored while it is: clear archive_library")
-    if "wal-push" not in command or str(settings.wal_archive) not in command:
-        report.problems.append(f"archive_command does not push to {settings.wal_archive} with backup-tasks wal-push "
-                               f"(it is {command or 'empty'!r}); use the postgresql_conf lines below")
+    # Another form than the printed one (``BACKUP_DIR=... backup-tasks wal-push %p``, a wrapper script) may
+    # work perfectly: judged after the forced switch below, by whether the segment arrives.
+    other_form = "wal-push" not in command or str(settings.wal_archive) not in command
     if report.settings["archive_timeout"] in ("0", "0s", ""):
         report.warnings.append("archive_timeout is 0: on a quiet server the newest WAL can stay unarchived "
                                f"indefinitely (unbounded RPO); set archive_timeout = {DEFAULT_ARCHIVE_TIMEOUT}")
     report.archiver = _archiver_stats(conn)
+    worked = _force_segment(conn, report, archive, timeout)
+    if other_form:
+        canonical = next((line for line in report.postgresql_conf if line.startswith("archive_command")),
+                         "archive_command = <see postgresql_conf>")
+        if worked:
+            report.warnings.append(f"archive_command is {command!r}, not the form backup-tasks prints; segment "
+                                   f"{report.segment} arrived through it and read back, so archiving works, but "
+                                   f"the canonical line is: {canonical}")
+        else:  # not arrived, or not tried: now the command's form is a likely cause worth naming
+            report.problems.append(f"archive_command does not push to {settings.wal_archive} with backup-tasks "
+                                   f"wal-push (it is {command or 'empty'!r}); use: {canonical}")
+
+
+def _force_segment(conn: psycopg.Connection, report: ArchiveCheck, archive: WalArchive | None,
+                   timeout: float) -> bool:
+    """Force a segment switch, wait for that segment in the archive and read it back; True when all that worked."""
     if report.problems and report.settings["archive_mode"] not in ("on", "always"):
-        return
+        return False
     if archive is None:
-        return
+        return False
     if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
         report.warnings.append("the server is a standby: cannot force a segment switch here")
-        return
+        return False
     started = time.time()
     try:
         conn.execute("SELECT txid_current()")  # a commit record, so the switch below always completes a segment
@@ -199,7 +218,7 @@ def _check_server(conn: psycopg.Connection, settings: Settings, report: ArchiveC
     except psycopg.Error as exc:
         report.problems.append(f"could not force a WAL segment switch: {first_line(str(exc))} (needs superuser "
                                f"or GRANT EXECUTE ON FUNCTION pg_switch_wal)")
-        return
+        return False
     report.segment = segment
     deadline = time.monotonic() + timeout
     while not archive.exists(segment) and time.monotonic() < deadline:
@@ -214,7 +233,8 @@ def _check_server(conn: psycopg.Connection, settings: Settings, report: ArchiveC
         detail = (f"; the server reports archive_command failing for {stats['last_failed_wal']} at "
                   f"{stats['last_failed_time']} (see the server log)" if failing else "")
         report.problems.append(f"segment {segment} did not arrive in {archive.root} within {timeout:.0f}s{detail}")
-        return
+        return False
+    read_back = True
     try:
         for _chunk in archive.verified_chunks(segment, hashlib.sha256()):
             pass
@@ -223,10 +243,13 @@ def _check_server(conn: psycopg.Connection, settings: Settings, report: ArchiveC
             report.notes.append(f"segment {segment} arrived encrypted; not read back (no "
                                 f"BACKUP_DECRYPT_IDENTITY_FILE here)")
         else:
+            read_back = False
             report.problems.append(f"segment {segment} arrived but cannot be decrypted: {exc}")
     except BackupError as exc:
+        read_back = False
         report.problems.append(f"segment {segment} arrived but does not read back: {exc}")
     report.archiver = _archiver_stats(conn)
+    return read_back
 
 
 def _archiver_stats(conn: psycopg.Connection) -> dict[str, Any]:

@@ -226,7 +226,8 @@ def test_disk_full_removes_the_partial_file(make_database: Callable[..., ConnInf
         assert "no space left" in str(caught.value)
         assert entries(mountpoint) == []
         result = subprocess.run([BACKUP_TASKS, "dump"], env=worker_env(DATABASE_URL=url_of(source),
-                                BACKUP_DIR=str(mountpoint), BACKUP_LOCK_URL="redis://127.0.0.1:1/0"),
+                                BACKUP_DIR=str(mountpoint), BACKUP_LOCK_URL="redis://127.0.0.1:1/0",
+                                BACKUP_SINGLE_HOST="1"),
                                 capture_output=True, text=True, check=False)
         assert result.returncode == 1 and "no space left" in result.stderr and "Traceback" not in result.stderr
         assert entries(mountpoint) == []
