@@ -14,7 +14,7 @@ One base per subsystem, so a caller can catch a whole family::
       StorageError                 where backups live: StorageFull, StorageUnavailable (retry), StorageAuthFailed,
                                    BucketMissing, ObjectMissing, and the WAL archive's WalArchiveError
                                    (WalConflict, WalMissing, WalGap)
-      BackupFailed                 taking a backup: DumpFailed, SnapshotFailed
+      BackupFailed                 taking a backup: DumpFailed, SnapshotFailed, BackupIdTaken
       IntegrityError               what is stored: BackupNotFound, BackupCorrupt (WalCorrupt), VerificationFailed,
                                    HealthCheckFailed
       RestoreError                 RestoreRefused (TargetOutOfRange), RestoreFailed
@@ -143,6 +143,10 @@ class DumpFailed(BackupFailed):
 
 class SnapshotFailed(BackupFailed):
     """pg_basebackup or pg_verifybackup failed; nothing was kept."""
+
+
+class BackupIdTaken(BackupFailed):
+    """A backup with this id is already in the catalog; its manifest was left untouched."""
 
 
 # --- what is stored ---------------------------------------------------------------------------------

@@ -25,10 +25,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from backup_tasks.conninfo import redact_url
 from backup_tasks.errors import ConfigError, LockBusy, LockLost, LockServerUnavailable
 from backup_tasks.settings import Settings
+from backup_tasks.storage.base import ObjectWriter, Storage
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,58 @@ class Lease:
         """The fence: raise ``LockLost`` unless the lock is still ours, confirmed by the server just now."""
         if not self.renew():
             raise LockLost(f"stopped before committing anything: {self.lost} ({self.name.rsplit(':', 1)[-1]})")
+
+    def fence(self, storage: Storage) -> FencedStorage:
+        """``storage`` whose every commit first confirms this lease (reads and deletes pass through)."""
+        return FencedStorage(storage, self)
+
+
+class FencedWriter:
+    """An object writer whose ``commit`` happens only while the lease still holds."""
+
+    def __init__(self, inner: ObjectWriter, lease: Lease) -> None:
+        self.inner = inner
+        self.lease = lease
+
+    def write(self, data: bytes) -> None:
+        self.inner.write(data)
+
+    def commit(self) -> None:
+        try:
+            self.lease.confirm()
+        except BaseException:
+            self.inner.abort()
+            raise
+        self.inner.commit()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+
+class FencedStorage:
+    """A storage seen through a lease: writer commits, ``put_bytes`` and ``put_new`` confirm it first.
+
+    Deletes are not fenced: cleaning up after a failure (a lost lock included) must still work.
+    """
+
+    def __init__(self, inner: Storage, lease: Lease) -> None:
+        self.inner = inner
+        self.lease = lease
+        self.location = inner.location
+
+    def writer(self, key: str) -> FencedWriter:
+        return FencedWriter(self.inner.writer(key), self.lease)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.lease.confirm()
+        self.inner.put_bytes(key, data)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        self.lease.confirm()
+        return self.inner.put_new(key, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # reads, listing, deletes, members: as the storage itself
 
 
 @contextmanager

@@ -11,13 +11,16 @@ manifest atomically (``save``). Listing, verifying, pruning and restoring need n
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
 from backup_tasks.clock import isoformat, parse_time, utcnow  # noqa: F401 (part of the catalog's vocabulary)
-from backup_tasks.errors import BackupNotFound, ObjectMissing, StorageError
+from backup_tasks.errors import BackupError, BackupIdTaken, BackupNotFound, ObjectMissing, StorageError
 from backup_tasks.storage.base import Storage
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".manifest.json"
 FORMAT_VERSION = 1
@@ -117,11 +120,28 @@ def save(storage: Storage, manifest: Manifest) -> None:
 def save_new(storage: Storage, manifest: Manifest) -> None:
     """Record a new backup: create-only, so an existing backup with the same id is never overwritten.
 
-    Raises ``StorageError`` (the existing manifest untouched) when the id is taken.
+    Raises ``BackupIdTaken`` (the existing manifest untouched) when the id is taken.
     """
     if not storage.put_new(manifest.key, manifest.to_json().encode()):
-        raise StorageError(f"a backup named {manifest.id} is already in the catalog at {storage.location}; its "
+        raise BackupIdTaken(f"a backup named {manifest.id} is already in the catalog at {storage.location}; its "
                            f"manifest was left untouched and this one was not recorded")
+
+
+def publish(storage: Storage, manifest: Manifest, *, data_keys: list[str]) -> None:
+    """Record a finished backup (create-only; fenced when ``storage`` is a lease's); on failure neither its
+    data nor a manifest remains."""
+    try:
+        save_new(storage, manifest)
+    except BackupIdTaken:
+        raise  # that manifest (and whatever is under the key) belongs to another run: touch nothing
+    except BaseException:
+        # Neither half may survive alone (a mirrored location may hold one manifest already).
+        for key in [*data_keys, manifest_key(manifest.id)]:
+            try:
+                storage.delete(key)
+            except BackupError as exc:
+                log.warning("could not remove %s after a failed backup: %s", key, exc)
+        raise
 
 
 def load(storage: Storage, backup_id: str) -> Manifest:

@@ -70,7 +70,8 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     result = restore_backup(settings, args.backup_id, args.target_database_url, replace=args.replace,
                             no_owner=args.no_owner)
     human = (f"restored {result.backup_id} into {result.target}: {result.tables} tables, {result.rows} rows"
-             + ("" if result.ok else "\nrow counts differ from the manifest:\n  " + "\n  ".join(result.problems)))
+             + ("" if result.ok else "\nrow counts differ from the manifest:\n  " + "\n  ".join(result.problems))
+             + "".join(f"\n  note: {note}" for note in result.notes))
     emit(args, asdict(result), human)
     return 0 if result.ok else 1
 

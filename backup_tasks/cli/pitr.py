@@ -182,13 +182,12 @@ def snapshot_verify_requested(args: argparse.Namespace, settings: Settings) -> b
 
 
 def cmd_verify_snapshot(args: argparse.Namespace, settings: Settings) -> int:
-    from backup_tasks.catalog import manifest as catalog
-    from backup_tasks.physical.verify import verify_snapshot
+    from backup_tasks.physical.verify import snapshot_to_verify, verify_snapshot
     from backup_tasks.storage.locations import open_locations
 
-    result = verify_snapshot(settings, args.backup_id)
-    backup_id = args.backup_id or catalog.newest(open_locations(settings.backup_dir, settings.copy_to),
-                                                 kind="snapshot").id
+    # Resolve "the newest" before verifying: a snapshot finishing meanwhile must not change the answer.
+    backup_id = snapshot_to_verify(open_locations(settings.backup_dir, settings.copy_to), args.backup_id).id
+    result = verify_snapshot(settings, backup_id)
     document = {"ok": result.ok, "backup_id": backup_id, **asdict(result)}
     if result.ok:
         human = (f"verified snapshot {backup_id}: recovered to the end of the archive "

@@ -21,7 +21,7 @@ from backup_tasks.catalog.ids import backup_id_for, dump_key, id_prefix
 from backup_tasks.catalog.manifest import Manifest, existing_for_day, isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import DumpFailed
-from backup_tasks.locks import hold
+from backup_tasks.locks import Lease, hold
 from backup_tasks.postgres.connect import server_major, server_version
 from backup_tasks.postgres.failures import classify, first_line
 from backup_tasks.postgres.queries import count_rows, exported_snapshot
@@ -56,6 +56,61 @@ class _Counter:
             self.error = exc
 
 
+class _Children:
+    """pg_dump and the row-count thread of one dump: ``stop()`` ends whichever still runs.
+
+    A pg_dump left running would block on its pipe forever, holding a connection and the imported
+    snapshot (which stops VACUUM); a count left running would keep the exported snapshot's
+    transaction busy. So every way out of a dump goes through ``stop()``.
+    """
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stderr_tail: StderrTail | None = None
+        self.counting: threading.Thread | None = None
+        self.tables_done = 0
+
+    def start_counting(self) -> _Counter:
+        counter = _Counter(self.conn)
+        self.counting = threading.Thread(target=counter.run, name="row-counts", daemon=True)
+        self.counting.start()
+        return counter
+
+    def wait_counting(self) -> None:
+        if self.counting is not None:
+            self.counting.join()
+
+    def start_pg_dump(self, argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], StderrTail]:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        assert self.proc.stderr is not None
+        self.stderr_tail = StderrTail(self.proc.stderr, name="pg_dump", keep=200, consume=self._count_table)
+        return self.proc, self.stderr_tail
+
+    def _count_table(self, line: str) -> bool:
+        if "dumping contents of table" in line:
+            self.tables_done += 1
+            return True
+        return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            if self.stderr_tail is not None:
+                self.stderr_tail.join()  # the pipe's end: the killed child closed it
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream is not None:
+                    stream.close()
+        if self.counting is not None and self.counting.is_alive():
+            try:
+                self.conn.cancel_safe()  # the count query stops at once rather than at its own pace
+            except Exception as exc:
+                log.warning("could not cancel the row counts: %s", exc)
+            self.counting.join()
+
+
 def run_dump(settings: Settings, *, trading_day: str | None = None, backup_id: str | None = None,
              progress: Progress = no_progress) -> tuple[Manifest, bool]:
     """Take one dump of ``DATABASE_URL`` under the per-database lock.
@@ -65,19 +120,20 @@ def run_dump(settings: Settings, *, trading_day: str | None = None, backup_id: s
     check runs under the lock, so two runs for the same day never both dump.
     """
     conninfo = settings.source()
-    with hold(settings, dump_lock_name(conninfo), what=f"a dump of {conninfo.dbname}"):
+    with hold(settings, dump_lock_name(conninfo), what=f"a dump of {conninfo.dbname}") as lease:
         if trading_day is not None:
             existing = existing_for_day(open_locations(settings.backup_dir, settings.copy_to), conninfo.dbname,
                                         trading_day)
             if existing is not None:
                 return existing, True
-        return _dump_locked(settings, conninfo, trading_day=trading_day, backup_id=backup_id,
+        return _dump_locked(settings, conninfo, lease, trading_day=trading_day, backup_id=backup_id,
                             progress=progress), False
 
 
-def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | None, backup_id: str | None,
-                 progress: Progress) -> Manifest:
-    storage = open_locations(settings.backup_dir, settings.copy_to)
+def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, trading_day: str | None,
+                 backup_id: str | None, progress: Progress) -> Manifest:
+    # Every commit confirms the lock first: a run that lost it (stalled past the expiry) publishes nothing.
+    storage = lease.fence(open_locations(settings.backup_dir, settings.copy_to))
     with exported_snapshot(conninfo) as (conn, snapshot):
         started = utcnow()
         version = server_version(conn)
@@ -90,26 +146,12 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
         if removed:
             log.info("removed %d partial file(s) left by an interrupted run", len(removed))
         progress("dumping", backup_id=backup_id, bytes_written=0, tables_done=0)
-        counter = _Counter(conn)
-        counting = threading.Thread(target=counter.run, name="row-counts", daemon=True)
-        argv = [str(pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={snapshot}",
-                "--no-password", "--verbose"]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env(conninfo))
-        tables_done = [0]
-
-        def count_table(line: str) -> bool:
-            if "dumping contents of table" in line:
-                tables_done[0] += 1
-                return True
-            return False
-
-        assert proc.stderr is not None
-        stderr_tail = StderrTail(proc.stderr, name="pg_dump", keep=200, consume=count_table)
-        counting.start()
-        # The manifest's size and sha256 describe the object as stored (ciphertext when encrypted),
-        # so damage is found without the key.
+        # The writer before any child process: a location that cannot take the dump (permission, full
+        # disk, bucket gone) fails here, with no pg_dump to leave behind. The manifest's size and
+        # sha256 describe the object as stored (ciphertext when encrypted), so damage is found without the key.
         stored = HashingWriter(storage.writer(key))
         writer: ObjectWriter = stored
+        children = _Children(conn)
         try:
             if settings.encrypt_recipients:
                 writer = EncryptingWriter(stored, settings.encrypt_recipients)
@@ -117,6 +159,10 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
             # backend and pg_dump already keep the other core busy; bench/ measured it) and its job
             # buffers cost 10-50 MiB of memory depending on the level.
             comp = compressor(settings.compression, settings.compression_level, threads=0)
+            counter = children.start_counting()
+            argv = [str(pg_dump.path), "--format=custom", "--compress=0", f"--snapshot={snapshot}",
+                    "--no-password", "--verbose"]
+            proc, stderr_tail = children.start_pg_dump(argv, tool_env(conninfo))
             raw_bytes = 0
             head = b""
             next_report = PROGRESS_EVERY
@@ -131,7 +177,7 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
                 if raw_bytes >= next_report:
                     next_report += PROGRESS_EVERY
                     progress("dumping", backup_id=backup_id, bytes_read=raw_bytes,
-                             bytes_written=stored.bytes_written, tables_done=tables_done[0])
+                             bytes_written=stored.bytes_written, tables_done=children.tables_done)
             returncode = proc.wait()
             stderr_text = stderr_tail.join()
             if returncode != 0:
@@ -141,21 +187,16 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
             tail = comp.flush()
             writer.write(tail)
             progress("counting rows", backup_id=backup_id, bytes_written=stored.bytes_written,
-                     tables_done=tables_done[0])
-            counting.join()
+                     tables_done=children.tables_done)
+            children.wait_counting()
             if counter.error is not None:
                 raise DumpFailed(f"counting rows in the dump's snapshot failed: {first_line(str(counter.error))}")
             writer.commit()
         except BaseException:
             writer.abort()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
             raise
         finally:
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+            children.stop()  # before the snapshot's transaction ends: nothing outlives this block
     finished = utcnow()
     result = Manifest(
         id=backup_id, kind="dump", database=conninfo.dbname, server=conninfo.server_label,
@@ -164,13 +205,7 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, *, trading_day: str | N
         compression=settings.compression, tables=counter.result or {}, trading_day=trading_day,
         pg_dump_version=str(pg_dump.major), encryption=encryption_info(settings.encrypt_recipients),
     )
-    try:
-        catalog.save(storage, result)
-    except BaseException:
-        # Neither half may survive alone (a mirrored location may hold one manifest already).
-        storage.delete(key)
-        storage.delete(catalog.manifest_key(backup_id))
-        raise
+    catalog.publish(storage, result, data_keys=[key])
     log.info("dump %s complete: %d bytes, %d tables", backup_id, result.size_bytes, len(result.tables))
-    progress("done", backup_id=backup_id, bytes_written=result.size_bytes, tables_done=tables_done[0])
+    progress("done", backup_id=backup_id, bytes_written=result.size_bytes, tables_done=children.tables_done)
     return result

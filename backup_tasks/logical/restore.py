@@ -6,6 +6,7 @@ restored database is compared with the manifest's row counts afterwards.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from backup_tasks.storage.integrity import first_good
 from backup_tasks.storage.locations import open_locations
 from backup_tasks.streams.codec import decompressed_chunks
 from backup_tasks.streams.crypto import Identities, check_identity, manifest_recipients, open_decrypted
+
+log = logging.getLogger(__name__)
 
 
 def check_checksum(storage: Storage, manifest: Manifest) -> Storage:
@@ -106,6 +109,7 @@ class RestoreResult:
     replaced: bool
     ok: bool = True
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *, replace: bool = False,
@@ -147,15 +151,11 @@ def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *
         try:
             pg_restore_into(storage, manifest, target.with_dbname(staging), min_major=major, settings=settings,
                             extra_args=extra, identities=identities)
-            with connect(maintenance) as admin:
-                if exists:
-                    drop_database(admin, target.dbname)
-                admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                    sql.Identifier(staging), sql.Identifier(target.dbname)))
         except BaseException:
             with connect(maintenance) as admin:
                 drop_database(admin, staging, force=True)
             raise
+        notes = swap_in(maintenance, staging, target.dbname, replace_existing=exists)
     except OSError as exc:
         raise RestoreFailed(f"restore of {backup_id} failed: {first_line(str(exc))}") from None
     except psycopg.Error as exc:  # CREATE/DROP/RENAME DATABASE: privileges, or clients still connected
@@ -165,4 +165,50 @@ def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *
         restored = count_rows(conn)
     problems = compare_counts(manifest.tables, restored)
     return RestoreResult(backup_id=backup_id, target=target.redacted(), tables=len(restored),
-                         rows=sum(restored.values()), replaced=replaced, ok=not problems, problems=problems)
+                         rows=sum(restored.values()), replaced=replaced, ok=not problems, problems=problems,
+                         notes=notes)
+
+
+def rename_database(admin: psycopg.Connection, old: str, new: str) -> None:
+    admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+
+
+def swap_in(maintenance: ConnInfo, staging: str, target: str, *, replace_existing: bool) -> list[str]:
+    """Give the restored ``staging`` database the name ``target``; never lose both copies.
+
+    The old target is renamed aside first, the restored copy renamed in, and the old copy dropped last.
+    Whatever stops this half-way (an error, Ctrl-C), ``target`` names the old or the new data, or the
+    error names the database that holds the old data. Returns notes for the user (a kept old copy).
+    """
+    aside = f"{target[:40]}__replaced_{uuid.uuid4().hex[:8]}"
+    with connect(maintenance) as admin:
+        if not replace_existing:
+            try:
+                rename_database(admin, staging, target)
+            except BaseException:
+                drop_database(admin, staging, force=True)
+                raise
+            return []
+        rename_database(admin, target, aside)  # fails (nothing changed) while clients are connected
+        try:
+            rename_database(admin, staging, target)
+        except BaseException as exc:
+            try:
+                rename_database(admin, aside, target)  # the old data goes back under its name
+            except BaseException:
+                raise RestoreFailed(f"the restore was interrupted while swapping databases ({exc!r}); the previous "
+                                    f"{target!r} is kept as {aside!r} and the restored copy as {staging!r}: rename "
+                                    f"one of them to {target!r}") from None
+            drop_database(admin, staging, force=True)
+            raise
+        try:
+            drop_database(admin, aside)
+        except BaseException as exc:
+            # The restore itself is done: the new data is under the target's name.
+            note = (f"the previous {target!r} is kept as {aside!r} ({type(exc).__name__}: "
+                    f"{first_line(str(exc)) or 'interrupted'}); drop it when you no longer need it")
+            log.warning("%s", note)
+            if not isinstance(exc, Exception):
+                raise RestoreFailed(f"interrupted after the restore was swapped in: {note}") from None
+            return [note]
+    return []

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 
 from backup_tasks.catalog.manifest import isoformat, utcnow
-from backup_tasks.errors import BackupError, BackupNotFound
+from backup_tasks.errors import BackupError, BackupNotFound, ObjectMissing, RestoreFailed, StorageError
 from backup_tasks.physical.plan import (
     RecoveryTarget,
     plan_restore,
@@ -20,6 +20,7 @@ from backup_tasks.physical.plan import (
     snapshot_ranges,
 )
 from backup_tasks.physical.verify import (
+    local_restore_failure,
     record_result,
     restored_cluster,
 )
@@ -74,6 +75,17 @@ def pitr_drill(settings: Settings, *, seed: int | None = None, target: datetime 
             if last is not None and last.astimezone(UTC) > moment:
                 result.problems.append(f"the copy replayed a transaction from {last.isoformat()}, after the target "
                                        f"{moment.isoformat()}")
+    except ObjectMissing as exc:  # a stored object of the snapshot is gone: that is a verdict on the backup
+        result.problems.append(first_line(str(exc)))
+    except StorageError:
+        # This machine (a full disk where it unpacks, permission denied) or a storage that did not answer
+        # failed, not the backup: raised, never recorded as a failed drill.
+        raise
+    except RestoreFailed as exc:
+        local = local_restore_failure(exc, plan.snapshot)
+        if local is not None:
+            raise local from exc
+        result.problems.append(first_line(str(exc)))
     except (BackupError, psycopg.Error) as exc:
         result.problems.append(first_line(str(exc)))
     result.ok = not result.problems

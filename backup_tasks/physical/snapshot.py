@@ -32,7 +32,7 @@ from backup_tasks.catalog.ids import backup_id_for, snapshot_keys
 from backup_tasks.catalog.manifest import Manifest, isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupError, SnapshotFailed
-from backup_tasks.locks import hold
+from backup_tasks.locks import Lease, hold
 from backup_tasks.postgres.connect import connect, server_major, server_version
 from backup_tasks.postgres.failures import classify
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
@@ -140,13 +140,14 @@ def inspect_source(conn: psycopg.Connection) -> SourceFacts:
 def take_snapshot(settings: Settings, *, backup_id: str | None = None, progress: Progress = no_progress) -> Manifest:
     """Take, verify and catalog one snapshot of the cluster behind ``DATABASE_URL`` (under the snapshot lock)."""
     conninfo = settings.source()
-    with hold(settings, snapshot_lock_name(conninfo), what=f"a snapshot of {conninfo.server_label}"):
-        return _snapshot_locked(settings, conninfo, backup_id=backup_id, progress=progress)
+    with hold(settings, snapshot_lock_name(conninfo), what=f"a snapshot of {conninfo.server_label}") as lease:
+        return _snapshot_locked(settings, conninfo, lease, backup_id=backup_id, progress=progress)
 
 
-def _snapshot_locked(settings: Settings, conninfo: ConnInfo, *, backup_id: str | None,
+def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, backup_id: str | None,
                      progress: Progress) -> Manifest:
-    storage = open_locations(settings.backup_dir, settings.copy_to)
+    # Every commit confirms the lock first: a run that lost it (stalled past the expiry) publishes nothing.
+    storage = lease.fence(open_locations(settings.backup_dir, settings.copy_to))
     with connect(conninfo) as conn:
         facts = inspect_source(conn)
     started = utcnow()
@@ -197,10 +198,9 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, *, backup_id: str |
                       "pg_verifybackup": "ok", "manifest_files": len(backup_manifest.get("Files", [])),
                       "warnings": facts.warnings},
         )
-        catalog.save(storage, result)
     except BaseException:
-        # Neither the data nor a manifest may survive alone (a mirrored location may hold one already).
-        for key in [*published, catalog.manifest_key(backup_id)]:
+        # Nothing was recorded: the objects already stored must not survive alone.
+        for key in published:
             try:
                 storage.delete(key)
             except BackupError:
@@ -208,6 +208,7 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, *, backup_id: str |
         raise
     finally:
         discard(staging)
+    catalog.publish(storage, result, data_keys=published)
     log.info("snapshot %s complete: %d bytes, WAL %s..%s", backup_id, result.size_bytes, result.start_lsn,
              result.stop_lsn)
     progress("done", backup_id=backup_id, bytes_written=result.size_bytes)

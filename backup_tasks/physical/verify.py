@@ -25,7 +25,14 @@ from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.compare import compare_counts
 from backup_tasks.catalog.manifest import Manifest, Verification, isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
-from backup_tasks.errors import BackupCorrupt, BackupError, BackupNotFound, ClusterError, RestoreFailed
+from backup_tasks.errors import (
+    BackupCorrupt,
+    BackupError,
+    BackupNotFound,
+    ClusterError,
+    RestoreFailed,
+    StorageError,
+)
 from backup_tasks.physical.plan import (
     RecoveryTarget,
     RestorePlan,
@@ -41,6 +48,8 @@ from backup_tasks.physical.recovery import (
 )
 from backup_tasks.physical.snapshot import is_restorable, snapshot_files
 from backup_tasks.physical.unpack import (
+    local_error,
+    local_os_error,
     read_snapshot_object,
     restore_config_files,
     snapshot_identities,
@@ -56,6 +65,7 @@ from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.storage.locations import open_locations
 from backup_tasks.streams.crypto import Identities
+from backup_tasks.streams.tar import DISK_FULL
 from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.names import parse_lsn, position, segment_of_lsn
 from backup_tasks.wal.restore_points import RestorePoint, restore_points
@@ -104,17 +114,23 @@ def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive |
     bin_dir = find_tool("pg_ctl", min_major=major, bin_dir=settings.pg_bin_dir).path.parent
     restore_cmd = wal_fetch_command(settings, archive) if archive is not None else None
     identities = snapshot_identities(settings, storage, snapshot)  # IdentityUnusable propagates: not the backup's fault
-    scratch = Path(tempfile.mkdtemp(prefix="backup-tasks-pitr-"))
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix="backup-tasks-pitr-"))
+    except OSError as exc:
+        raise local_os_error(exc, doing=f"making a scratch directory in TMPDIR for snapshot {snapshot.id}") from exc
     try:
         staged = scratch / "data"
-        unpack_snapshot(storage, snapshot, staged, identities)
+        unpack_snapshot(storage, snapshot, staged, identities)  # StorageFull/StorageError: this machine failed
         checked.append("sha256")
-        _verifybackup(settings, storage, snapshot, staged, scratch, identities)
-        checked.append("pg_verifybackup")
-        restore_config_files(storage, snapshot, staged, identities)
-        (staged / "pg_hba.conf").write_text(TRUST_HBA)  # a private throwaway copy: we must be able to log in
-        if restore_cmd is not None:
-            write_recovery_config(staged, restore_cmd=restore_cmd, plan=plan, action=action)
+        try:
+            _verifybackup(settings, storage, snapshot, staged, scratch, identities)
+            checked.append("pg_verifybackup")
+            restore_config_files(storage, snapshot, staged, identities)
+            (staged / "pg_hba.conf").write_text(TRUST_HBA)  # a private throwaway copy: we must be able to log in
+            if restore_cmd is not None:
+                write_recovery_config(staged, restore_cmd=restore_cmd, plan=plan, action=action)
+        except OSError as exc:  # our own writes into the scratch directory: the backup is not to blame
+            raise local_os_error(exc, doing=f"preparing the unpacked snapshot {snapshot.id} in {scratch}") from exc
         limits = control_limits(bin_dir, staged)
         overrides = {"wal_level": "replica", "hot_standby": "on", "lc_messages": "C", **limits}
         cluster = ThrowawayCluster(min_major=major, bin_dir=settings.pg_bin_dir, settings=overrides,
@@ -158,31 +174,58 @@ def _restore_point_dump(storage: Storage, archive: WalArchive, snapshot: Manifes
     return None
 
 
+def snapshot_to_verify(storage: Storage, backup_id: str | None = None) -> Manifest:
+    """The snapshot ``verify --snapshot`` means: ``backup_id``, else the newest complete one.
+
+    Callers resolve it once, before verifying, and name that id: a snapshot finishing meanwhile must
+    change neither what is verified nor what the result says was verified.
+    """
+    if backup_id:
+        snapshot = catalog.load(storage, backup_id)
+        if snapshot.kind != "snapshot":
+            raise BackupNotFound(f"{backup_id} is a {snapshot.kind}, not a snapshot")
+        return snapshot
+    snapshots = [m for m in catalog.catalog(storage, kind="snapshot") if is_restorable(m)]
+    if not snapshots:
+        raise BackupNotFound(f"no complete snapshot in {storage.location} (run `backup-tasks snapshot`)")
+    return snapshots[-1]
+
+
+def local_restore_failure(exc: RestoreFailed, snapshot: Manifest) -> StorageError | None:
+    """``StorageFull`` when the throwaway copy failed because this machine's disk is full, else None.
+
+    The restored server and its restore_command write only locally (its data directory, pg_wal), so a
+    full disk in their failure is this machine's, not a verdict about the snapshot.
+    """
+    text = str(exc)
+    if not any(needle in text for needle in DISK_FULL):
+        return None
+    return local_error(text, full=True, doing=f"recovering snapshot {snapshot.id} in a throwaway cluster",
+                       intact="the backup is not at fault")
+
+
 def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
                     progress: Progress = no_progress) -> Verification:
-    """Verify one snapshot (the newest when ``backup_id`` is None); record and return the outcome."""
+    """Verify one snapshot (the newest when ``backup_id`` is None); record and return the outcome.
+
+    The snapshot is resolved first, and the outcome (``details["backup_id"]``) names it. A failure of
+    this machine (``StorageFull``/``StorageError``: a full disk, permission denied) is raised and never
+    recorded: it is no verdict about the snapshot.
+    """
     storage = open_locations(settings.backup_dir, settings.copy_to)
+    snapshot = snapshot_to_verify(storage, backup_id)
     archive: WalArchive | None
     try:
         archive, _notes = prepare_archive(settings)
         archive_problem = None
     except BackupError as exc:
         archive, archive_problem = None, str(exc)
-    snapshots = [m for m in catalog.catalog(storage, kind="snapshot") if is_restorable(m)]
-    if backup_id:
-        snapshot = catalog.load(storage, backup_id)
-        if snapshot.kind != "snapshot":
-            raise BackupNotFound(f"{backup_id} is a {snapshot.kind}, not a snapshot")
-    elif snapshots:
-        snapshot = snapshots[-1]
-    else:
-        raise BackupNotFound(f"no complete snapshot in {storage.location} (run `backup-tasks snapshot`)")
     ranges = {r.snapshot.id: r for r in snapshot_ranges(storage, archive)} if archive is not None else {}
     wal_range = ranges.get(snapshot.id)
     started = time.monotonic()
     checked: list[str] = []
     problems: list[str] = []
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"backup_id": snapshot.id}
     tables = indexes = 0
     version: str | None = None
     expected_end = wal_range.coverage.end_segment if wal_range else None
@@ -233,7 +276,12 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
                     checked.append("amcheck")
                 problems += index_problems
             details["rows"] = sum(restored_counts.values())
-    except (BackupCorrupt, RestoreFailed) as exc:
+    except RestoreFailed as exc:
+        local = local_restore_failure(exc, snapshot)
+        if local is not None:
+            raise local from exc
+        problems.append(str(exc))
+    except BackupCorrupt as exc:
         problems.append(str(exc))
     result = Verification(ok=not problems, verified_at=isoformat(utcnow()),
                           duration_seconds=round(time.monotonic() - started, 3), method="throwaway-cluster-pitr",

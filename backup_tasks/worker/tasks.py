@@ -198,13 +198,18 @@ def snapshot(self: BackupTask) -> dict[str, Any]:
 @app.task(name="backup_tasks.verify_snapshot", base=SnapshotTask, bind=True, shared=False)
 def verify_snapshot(self: BackupTask, previous: dict[str, Any] | None = None,
                     backup_id: str | None = None) -> dict[str, Any]:
+    from backup_tasks.physical.verify import snapshot_to_verify
+
     if isinstance(previous, dict):
         backup_id = previous.get("backup_id") or backup_id
-    if backup_id:
-        set_tags(backup_id=backup_id)
-    result = run_verify_snapshot(self.settings(), backup_id, progress=self.progress)
+    settings = self.settings()
+    # "The newest" is resolved first, so the result (and the Sentry tag) names what was verified, even
+    # if a newer snapshot finishes while this one is being restored.
+    backup_id = snapshot_to_verify(open_locations(settings.backup_dir, settings.copy_to), backup_id).id
+    set_tags(backup_id=backup_id)
+    result = run_verify_snapshot(settings, backup_id, progress=self.progress)
     if not result.ok:
-        raise VerificationFailed(f"snapshot {backup_id or 'newest'} failed verification: " + "; ".join(result.problems))
+        raise VerificationFailed(f"snapshot {backup_id} failed verification: " + "; ".join(result.problems))
     return {"backup_id": backup_id, **result.__dict__}
 
 
