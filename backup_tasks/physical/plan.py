@@ -28,7 +28,6 @@ from backup_tasks.errors import (
     TargetOutOfRange,
 )
 from backup_tasks.physical.snapshot import is_restorable
-from backup_tasks.postgres.cluster import as_server_user as as_server_user
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.failures import first_line
 from backup_tasks.postgres.tools import find_tool

@@ -22,7 +22,7 @@ from backup_tasks.errors import (
 from backup_tasks.physical.plan import (
     RestorePlan,
 )
-from backup_tasks.postgres.cluster import as_server_user as as_server_user
+from backup_tasks.postgres.cluster import as_server_user
 from backup_tasks.postgres.controldata import controldata_state, postmaster_running
 from backup_tasks.postgres.failures import first_line
 from backup_tasks.postgres.servercmd import conf_quote, restore_command, server_command

@@ -39,7 +39,6 @@ from backup_tasks.physical.unpack import (
     unpack_with_fallback,
 )
 from backup_tasks.postgres.cluster import SERVER_USER, free_port, server_uid_gid
-from backup_tasks.postgres.cluster import as_server_user as as_server_user
 from backup_tasks.postgres.servercmd import server_can_reach
 from backup_tasks.postgres.tools import find_tool
 from backup_tasks.settings import Settings

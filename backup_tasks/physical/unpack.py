@@ -23,7 +23,6 @@ from backup_tasks.errors import (
     StorageFull,
 )
 from backup_tasks.physical.snapshot import snapshot_files
-from backup_tasks.postgres.cluster import as_server_user as as_server_user
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage, members
 from backup_tasks.streams.codec import CHUNK

@@ -200,7 +200,8 @@ def local_restore_failure(exc: RestoreFailed, snapshot: Manifest) -> StorageErro
     text = str(exc)
     if not any(needle in text for needle in DISK_FULL):
         return None
-    return local_error(text, full=True, doing=f"recovering snapshot {snapshot.id} in a throwaway cluster",
+    return local_error(" ".join(text.split()), full=True,  # one line, whatever the server's log said
+                       doing=f"recovering snapshot {snapshot.id} in a throwaway cluster",
                        intact="the backup is not at fault")
 
 

@@ -5,5 +5,5 @@
 (catalog queries, row counts, amcheck), ``cluster`` (throwaway clusters), ``servercmd`` (the
 command PostgreSQL's OS user runs), ``controldata`` (pg_controldata), ``sampledata``.
 
-Imports: core and ``streams`` only. Must not import storage, catalog, any capability or adapter.
+Imports: core only (errors, conninfo). Must not import streams, storage, settings, catalog, any capability or adapter.
 """

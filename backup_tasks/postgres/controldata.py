@@ -7,8 +7,6 @@ import re
 import subprocess
 from pathlib import Path
 
-from backup_tasks.postgres.cluster import as_server_user as as_server_user
-
 
 def controldata_state(bin_dir: Path, data_dir: Path) -> str:
     result = subprocess.run([str(bin_dir / "pg_controldata"), str(data_dir)], capture_output=True, text=True,

@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 from backup_tasks.errors import ConfigError
-from backup_tasks.postgres.cluster import SERVER_USER
-from backup_tasks.postgres.cluster import as_server_user as as_server_user
+from backup_tasks.postgres.cluster import SERVER_USER, as_server_user
 
 
 def installed_command() -> list[str]:

@@ -19,9 +19,8 @@ import zstandard
 from backup_tasks.errors import (
     SnapshotFailed,
     StorageError,
+    StorageFull,
 )
-from backup_tasks.postgres.cluster import as_server_user as as_server_user
-from backup_tasks.postgres.failures import first_line
 from backup_tasks.streams.codec import CHUNK
 
 
@@ -62,44 +61,6 @@ class HashingReader(io.RawIOBase):
         if not self.closed:
             self.source.close()
         super().close()
-
-
-class Unpacker:
-    """``tar -x`` into a directory, fed from our process (optionally through a zstd decompressor)."""
-
-    def __init__(self, directory: Path, *, compressed: bool) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(["tar", "-x", "--no-same-owner", "--no-same-permissions", "-f", "-",
-                                      "-C", str(directory)], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert self.proc.stdin is not None
-        self.stdin: IO[bytes] = self.proc.stdin
-        self.decompressor = zstandard.ZstdDecompressor().decompressobj() if compressed else None
-        self.failed = False
-
-    def write(self, data: bytes) -> None:
-        if self.failed:
-            return
-        if self.decompressor is not None:
-            data = self.decompressor.decompress(data)
-        try:
-            self.stdin.write(data)
-        except BrokenPipeError:
-            self.failed = True
-
-    def finish(self, what: str) -> None:
-        try:
-            self.stdin.close()
-        except BrokenPipeError:
-            self.failed = True
-        returncode = self.proc.wait()
-        stderr = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-        if returncode != 0 or self.failed:
-            raise SnapshotFailed(f"unpacking {what} for verification failed: {first_line(stderr) or returncode}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 # --- tar -x fed from this process, its failures told apart ------------------------------------------------
@@ -210,3 +171,31 @@ class TarExtract:
         self._drainer.join(timeout=5)
         if not self._drainer.is_alive():  # else something else holds tar's stderr open: leave it to the thread
             self._stderr.close()
+
+
+class Unpacker:
+    """A snapshot's check copy as it is taken: ``TarExtract`` fed through an optional zstd decompressor."""
+
+    def __init__(self, directory: Path, *, compressed: bool) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tar = TarExtract(directory, ("--no-same-owner", "--no-same-permissions"))
+        self.decompressor = zstandard.ZstdDecompressor().decompressobj() if compressed else None
+
+    def write(self, data: bytes) -> None:
+        if self.tar.reading:  # once tar has stopped, the backup itself still goes on to storage
+            self.tar.feed(self.decompressor.decompress(data) if self.decompressor is not None else data)
+
+    def finish(self, what: str) -> None:
+        outcome = self.tar.finish()
+        if outcome.ok and not outcome.stopped_reading:
+            return
+        local = outcome.local_failure()
+        if local is not None:
+            full, line = local
+            raise (StorageFull if full else StorageError)(
+                f"unpacking {what} for pg_verifybackup failed on this machine ({line}); free space in TMPDIR "
+                f"(or /dev/shm) and take the snapshot again: nothing was kept")
+        raise SnapshotFailed(f"unpacking {what} for verification failed: {outcome.describe()}")
+
+    def kill(self) -> None:
+        self.tar.kill()

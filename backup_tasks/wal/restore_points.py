@@ -22,7 +22,6 @@ from backup_tasks.errors import (
     RestoreRefused,
     WalArchiveError,
 )
-from backup_tasks.postgres.cluster import as_server_user as as_server_user
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.failures import first_line
 from backup_tasks.settings import Settings

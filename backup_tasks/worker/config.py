@@ -16,8 +16,7 @@ from typing import Any
 from celery.schedules import crontab
 
 from backup_tasks.errors import ConfigError
-from backup_tasks.settings import Settings
-from backup_tasks.settings import env_int as env_int
+from backup_tasks.settings import Settings, env_int
 
 log = logging.getLogger(__name__)
 

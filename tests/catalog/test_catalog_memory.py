@@ -17,7 +17,7 @@ from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.health import check_health
 from backup_tasks.catalog.manifest import Manifest, Verification, isoformat
 from backup_tasks.catalog.prune import prune
-from backup_tasks.errors import BackupNotFound, StorageError
+from backup_tasks.errors import BackupIdTaken, BackupNotFound, StorageError
 from backup_tasks.settings import Settings
 from backup_tasks.storage.memory import MemoryStorage
 
@@ -96,7 +96,7 @@ def test_catalog_lists_top_level_manifests_oldest_first(storage: MemoryStorage) 
 def test_a_new_manifest_never_replaces_one_but_a_verification_rewrites_it(storage: MemoryStorage) -> None:
     first = backup(storage, 1)
     rival = Manifest.from_dict({**first.to_dict(), "size_bytes": 999})
-    with pytest.raises(StorageError, match="already in the catalog"):
+    with pytest.raises(BackupIdTaken, match="already in the catalog"):
         catalog.save_new(storage, rival)
     assert catalog.load(storage, first.id).size_bytes == first.size_bytes
     result = Verification(ok=True, verified_at=isoformat(NOW), duration_seconds=2.0, method="scratch-database",

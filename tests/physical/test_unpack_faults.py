@@ -21,7 +21,9 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -29,7 +31,8 @@ import zstandard
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.ids import snapshot_keys
 from backup_tasks.catalog.manifest import Manifest
-from backup_tasks.errors import BackupCorrupt, StorageError, StorageFull
+from backup_tasks.errors import BackupCorrupt, RestoreFailed, StorageError, StorageFull
+from backup_tasks.physical import verify as verify_module
 from backup_tasks.physical.drill import pitr_drill
 from backup_tasks.physical.unpack import unpack_snapshot, unpack_with_fallback
 from backup_tasks.physical.verify import verify_snapshot
@@ -209,6 +212,25 @@ def test_verify_snapshot_when_tar_fails_locally_records_no_verdict(
     with pytest.raises(StorageError) as caught:
         verify_snapshot(settings, snapshot.id)
     assert not isinstance(caught.value, BackupCorrupt)
+    assert catalog.load(LocalStorage(backup_dir), snapshot.id).verification is None
+
+
+def test_a_restored_copy_failing_on_a_full_disk_records_no_verdict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpacked fine, then the throwaway server (or its restore_command) ran out of local disk."""
+    backup_dir = tmp_path / "backups"
+    snapshot = store_snapshot(backup_dir, base_tar(files=2, file_size=1000))
+    settings = Settings(backup_dir=str(backup_dir), broker_url="memory://", lock_url=None)
+
+    @contextmanager
+    def full_disk_recovery(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        raise RestoreFailed('recovery failed: FATAL:  could not write to file "pg_wal/xlogtemp.71": '
+                            'No space left on device')
+        yield
+
+    monkeypatch.setattr(verify_module, "restored_cluster", full_disk_recovery)
+    with pytest.raises(StorageFull, match="No space left on device"):
+        verify_snapshot(settings, snapshot.id)
     assert catalog.load(LocalStorage(backup_dir), snapshot.id).verification is None
 
 
