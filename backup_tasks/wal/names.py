@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
 from backup_tasks.errors import WalArchiveError
-
-if TYPE_CHECKING:
-    pass
-
 
 SEGMENT_RE = re.compile(r"^[0-9A-F]{24}$")
 PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
