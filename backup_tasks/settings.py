@@ -194,8 +194,20 @@ class Settings:
         if self.wal_archive_dir:
             return Path(self.wal_archive_dir).absolute()
         if "://" in self.backup_dir:
-            raise ConfigError("the WAL archive needs a local directory: set WAL_ARCHIVE_DIR (BACKUP_DIR is a URL)")
+            raise ConfigError("archiving WAL needs a local directory: set WAL_ARCHIVE_DIR (BACKUP_DIR is a URL; "
+                              "without WAL_ARCHIVE_DIR, <BACKUP_DIR>/wal is only read, by restores)")
         return (Path(self.backup_dir) / "wal").absolute()
+
+    @property
+    def wal_archive_url(self) -> str | None:
+        """``<BACKUP_DIR>/wal`` when BACKUP_DIR is a URL and WAL_ARCHIVE_DIR is unset: the archive restores read.
+
+        The disaster-recovery setting: pointing BACKUP_DIR at the old BACKUP_COPY_TO (where every
+        segment was copied under ``wal/``) restores from the bucket alone. Writers never use it.
+        """
+        if self.wal_archive_dir or "://" not in self.backup_dir:
+            return None
+        return f"{self.backup_dir.rstrip('/')}/wal"
 
     def source(self) -> ConnInfo:
         """The database to back up; a clear error when ``DATABASE_URL`` is not set."""

@@ -2,10 +2,12 @@
 
 ``<id>.manifest.json`` sits next to the backup object it describes, at the top of the backup
 location (in every version of this tool), so reading the catalog lists only that one level and never
-walks the WAL archive beside it. A manifest is written only once its backup is complete and durable,
-and create-only (``save_new``): the presence of a manifest means "this backup exists", and a second
-backup under the same id cannot replace it. Verification results are recorded by rewriting the
-manifest atomically (``save``). Listing, verifying, pruning and restoring need no other state.
+walks the WAL archive beside it: ``list``, ``health``, ``verify``'s newest, ``existing_for_day`` and
+prune's plan cost the number of backups, not of archived segments. A manifest is written only once
+its backup is complete and durable, and create-only (``save_new``): the presence of a manifest means
+"this backup exists", and a second backup under the same id cannot replace it. Verification results
+are recorded by rewriting the manifest atomically (``save``). Listing, verifying, pruning and
+restoring need no other state.
 """
 
 from __future__ import annotations

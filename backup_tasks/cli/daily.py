@@ -81,6 +81,9 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     from backup_tasks.storage.integrity import listing_by_location
     from backup_tasks.storage.locations import open_locations
 
+    # Costs the backups, not the WAL: the catalog and each location are listed at their top level only
+    # (in S3 one ListObjectsV2 with a delimiter, whatever the copy's wal/ holds). The restorable ranges
+    # need the archive's coverage: one listing pass of the local archive, never a listing of the copy.
     storage = open_locations(settings.backup_dir, settings.copy_to)
     manifests = catalog.catalog(storage)  # each backup once, whichever locations hold it
     where = listing_by_location(storage) if settings.copy_to else {}

@@ -35,6 +35,7 @@ def _copy_to(args: argparse.Namespace, settings: Settings) -> str | None:
 
 def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
     from backup_tasks.wal.archive import WalArchive
+    from backup_tasks.wal.pushahead import push
 
     recipients = settings.encrypt_recipients
     if getattr(args, "encrypt_to", None):
@@ -42,7 +43,7 @@ def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
 
         recipients = parse_recipients(args.encrypt_to, setting="--encrypt-to")
     archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings), recipients=recipients)
-    result = archive.push(Path(args.path), level=args.level)
+    result = push(archive, Path(args.path), level=args.level)  # as the fast path does: push-ahead with a copy
     if args.json or args.verbose:
         emit(args, asdict(result), f"{result.name}: {result.status} ({result.original_bytes} -> "
                                     f"{result.stored_bytes} bytes)")
@@ -204,10 +205,10 @@ def snapshot_ranges_document(settings: Settings) -> list[dict[str, Any]]:
     """For ``list --json``: what each snapshot can restore to right now."""
     from backup_tasks.physical.plan import snapshot_ranges
     from backup_tasks.storage.locations import open_locations
-    from backup_tasks.wal.archive import WalArchive
+    from backup_tasks.wal.remote import archive_for_reading
 
     try:
-        archive = WalArchive.for_settings(settings)
+        archive = archive_for_reading(settings)  # the bucket's wal/ when BACKUP_DIR is one (disaster recovery)
         ranges = snapshot_ranges(open_locations(settings.backup_dir, settings.copy_to), archive)
     except Exception:  # listing must not fail because the archive is unreadable
         return []

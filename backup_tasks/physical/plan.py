@@ -35,8 +35,9 @@ from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.storage.locations import open_locations
 from backup_tasks.wal.archive import WalArchive
-from backup_tasks.wal.coverage import Coverage, coverage
+from backup_tasks.wal.coverage import Coverage, coverages
 from backup_tasks.wal.names import position, segment_number
+from backup_tasks.wal.remote import archive_for_reading
 from backup_tasks.wal.restore_points import (
     RestorePoint,
     restore_points,
@@ -131,12 +132,14 @@ def format_moment(moment: datetime) -> str:
 
 def snapshot_ranges(storage: Storage, archive: WalArchive) -> list[SnapshotRange]:
     """What every complete snapshot can restore to, given the archive as it is now (oldest first)."""
-    names = archive.segment_names() if archive.root.is_dir() else []
+    names = archive.segment_names() if archive.available() else []
     ranges = []
-    for snap in catalog.catalog(storage, kind="snapshot"):
-        if not is_restorable(snap) or not snap.wal_segment_size or not snap.restorable_from:
-            continue
-        cov = coverage(archive, str(snap.start_segment), snap.wal_segment_size, names)
+    snaps = [snap for snap in catalog.catalog(storage, kind="snapshot")
+             if is_restorable(snap) and snap.wal_segment_size and snap.restorable_from]
+    # One pass over the archive for all of them (12 weekly snapshots over 100,000+ segments), not one each.
+    found = coverages(archive, [(str(s.start_segment), int(s.wal_segment_size or 0)) for s in snaps], names)
+    for snap, cov in zip(snaps, found, strict=True):
+        assert snap.restorable_from is not None
         start = datetime.fromisoformat(snap.restorable_from)
         until = start
         if cov.covered_until is not None and cov.end_segment is not None and snap.stop_segment and \
@@ -155,7 +158,7 @@ def describe_ranges(ranges: list[SnapshotRange]) -> str:
 def plan_restore(settings: Settings, target: RecoveryTarget, *, storage: Storage | None = None,
                  archive: WalArchive | None = None) -> RestorePlan:
     storage = storage or open_locations(settings.backup_dir, settings.copy_to)
-    archive = archive or WalArchive.for_settings(settings)
+    archive = archive or archive_for_reading(settings)  # a bucket's wal/ when BACKUP_DIR is one (disaster recovery)
     ranges = snapshot_ranges(storage, archive)
     if not ranges:
         raise BackupNotFound(f"no complete snapshot in {storage.location}; take one with `backup-tasks snapshot`")
@@ -164,7 +167,7 @@ def plan_restore(settings: Settings, target: RecoveryTarget, *, storage: Storage
         chosen = ranges[-1]
         if chosen.coverage.gap:
             raise RestoreFailed(
-                f"WAL segment {chosen.coverage.gap} is missing from the archive {archive.root} although later "
+                f"WAL segment {chosen.coverage.gap} is missing from the archive {archive.location} although later "
                 f"segments are there: recovery to the latest point would silently stop at "
                 f"{format_moment(chosen.restorable_until)}. Put the segment back, or restore to a --target-time up "
                 f"to that "

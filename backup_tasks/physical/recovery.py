@@ -28,6 +28,8 @@ from backup_tasks.postgres.failures import first_line
 from backup_tasks.postgres.servercmd import conf_quote, restore_command, server_command
 from backup_tasks.settings import Settings
 from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.prefetch import restore_command_for
+from backup_tasks.wal.remote import RemoteWalArchive
 
 ACTIONS = ("promote", "pause", "shutdown")
 
@@ -60,7 +62,13 @@ def write_recovery_config(data_dir: Path, *, restore_cmd: str, plan: RestorePlan
 
 
 def wal_fetch_command(settings: Settings, archive: WalArchive) -> str:
-    """restore_command for a server run by the server user: this install, else a portable copy in the archive."""
+    """restore_command for a server run by the server user: this install, else a portable copy in the archive.
+
+    From a bucket alone (disaster recovery) there is no archive directory for a portable copy, and it would
+    need boto3 anyway: this installation must be runnable by the server user (a clear error otherwise).
+    """
+    if isinstance(archive, RemoteWalArchive):
+        return restore_command_for(server_command(None), archive.url, settings.decrypt_identity_file)
     command = server_command(archive.root / TOOL_DIR)
     return restore_command(command, archive.root, settings.copy_to, settings.decrypt_identity_file)
 

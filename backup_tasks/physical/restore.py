@@ -43,7 +43,8 @@ from backup_tasks.postgres.servercmd import server_can_reach
 from backup_tasks.postgres.tools import find_tool
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_locations
-from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.prefetch import clear_spools
+from backup_tasks.wal.remote import archive_for_reading
 
 RESTORE_LOG = "backup-tasks-restore.log"
 
@@ -76,7 +77,7 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
     if action not in ACTIONS:
         raise ConfigError(f"--target-action must be one of {', '.join(ACTIONS)}")
     storage = open_locations(settings.backup_dir, settings.copy_to)
-    archive = WalArchive.for_settings(settings)
+    archive = archive_for_reading(settings)  # the bucket's wal/ when BACKUP_DIR is one
     plan = plan_restore(settings, target, storage=storage, archive=archive)
     ids = server_uid_gid()
     if ids is not None and start and not server_can_reach(data_dir.parent):
@@ -108,6 +109,7 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
         start_server(bin_dir, data_dir, report.port, Path(report.log_file))
         report.started = True
         report.outcome = wait_for_recovery(bin_dir, data_dir, Path(report.log_file), action=action, timeout=timeout)
+        clear_spools(data_dir / "pg_wal")  # wal-fetch's read-ahead, left when recovery stopped before the end
         report.ok = report.outcome.finished and not report.outcome.errors
         if not report.ok:
             report.notes.append(explain_failure(report.outcome))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 
 import psycopg
 from psycopg import sql
@@ -15,8 +18,7 @@ from backup_tasks.postgres.failures import first_line
 
 #: Ordinary (incl. unlogged) and partitioned tables of the user's schemas, excluding tables that
 #: belong to an extension (pg_dump does not dump their rows unless configured, so we cannot compare).
-USER_TABLES_SQL = """
-SELECT n.nspname, c.relname, c.relkind
+_USER_TABLES_FROM = """
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p')
   AND c.relpersistence <> 't'
@@ -26,6 +28,9 @@ WHERE c.relkind IN ('r', 'p')
                   AND d.objid = c.oid AND d.deptype = 'e')
 ORDER BY n.nspname, c.relname
 """
+USER_TABLES_SQL = "SELECT n.nspname, c.relname, c.relkind" + _USER_TABLES_FROM
+#: The same with each table's heap size, for ordering jobs (a verify's counts; never the dump's snapshot).
+_SIZED_USER_TABLES_SQL = "SELECT n.nspname, c.relname, c.relkind, pg_relation_size(c.oid)" + _USER_TABLES_FROM
 
 
 def qualified_name(schema: str, table: str) -> str:
@@ -51,9 +56,7 @@ def count_rows(conn: psycopg.Connection) -> dict[str, int]:
     """
     counts: dict[str, int] = {}
     for schema, table, kind in list_tables(conn):
-        ident = sql.Identifier(schema, table)
-        query = sql.SQL("SELECT count(*) FROM {}" if kind == "p" else "SELECT count(*) FROM ONLY {}")
-        counts[qualified_name(schema, table)] = int(conn.execute(query.format(ident)).fetchone()[0])
+        counts[qualified_name(schema, table)] = _count_table(conn, schema, table, kind)
     return counts
 
 
@@ -102,26 +105,137 @@ def drop_database(conn: psycopg.Connection, dbname: str, *, force: bool = False)
     conn.execute(sql.SQL(stmt).format(sql.Identifier(dbname)))
 
 
+#: Valid B-tree indexes of user relations, with what ``bt_index_check(heapallindexed)`` costs: with
+#: heapallindexed the check scans the whole heap, so its time follows the table's tuple count
+#: (``reltuples``, set by the index builds of a restore) far more than the index's own size.
+AMCHECK_INDEXES_SQL = """
+SELECT c.oid::regclass::text, greatest(t.reltuples, 0)::float8, pg_relation_size(t.oid), pg_relation_size(c.oid)
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid
+JOIN pg_am a ON a.oid = c.relam JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE a.amname = 'btree' AND c.relkind = 'i' AND i.indisvalid AND c.relpersistence <> 't'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One query of a parallel check: ``run(conn)`` returns a problem (or None); ``cost`` orders the queue."""
+
+    cost: float
+    name: str
+    run: Callable[[psycopg.Connection], str | None]
+
+
+def amcheck_available(conn: psycopg.Connection) -> bool:
+    """Whether amcheck can be used here; creates the extension (in the connected database) when it can."""
+    available = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'amcheck'").fetchone()
+    if available:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+    return bool(available)
+
+
+def amcheck_jobs(conn: psycopg.Connection) -> list[Job]:
+    """One ``bt_index_check(index, heapallindexed => true)`` job per valid B-tree index of user tables.
+
+    Call ``amcheck_available`` first. A failed check is a problem naming the index, not an exception.
+    """
+    jobs = []
+    for index, tuples, heap_bytes, index_bytes in conn.execute(AMCHECK_INDEXES_SQL).fetchall():
+        # Tuples dominate (hashing each into the Bloom filter); sizes break ties and cover a table
+        # whose reltuples is unknown (-1, never vacuumed or indexed).
+        cost = float(tuples) + (int(heap_bytes) + int(index_bytes)) / 1024
+        jobs.append(Job(cost, f"amcheck {index}", partial(_check_index, index=str(index))))
+    return jobs
+
+
+def _check_index(conn: psycopg.Connection, *, index: str) -> str | None:
+    try:
+        conn.execute("SELECT bt_index_check(%s::regclass, true)", (index,))
+    except psycopg.Error as exc:
+        return f"index {index}: {first_line(str(exc))}"
+    return None
+
+
 def amcheck_indexes(conn: psycopg.Connection) -> tuple[int, list[str]]:
     """Run ``bt_index_check`` on every valid B-tree index of user tables; return (checked, problems).
 
-    Returns (0, []) when the server has no amcheck extension available.
+    Returns (0, []) when the server has no amcheck extension available. One connection, in turn;
+    ``run_parallel`` with ``amcheck_jobs`` spreads the same checks over several connections.
     """
-    available = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'amcheck'").fetchone()
-    if not available:
+    if not amcheck_available(conn):
         return 0, []
-    conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
-    rows = conn.execute(
-        """SELECT c.oid::regclass::text FROM pg_index i
-           JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
-           JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE a.amname = 'btree' AND c.relkind = 'i' AND i.indisvalid AND c.relpersistence <> 't'
-             AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"""
-    ).fetchall()
-    problems: list[str] = []
-    for (index,) in rows:
-        try:
-            conn.execute("SELECT bt_index_check(%s::regclass, true)", (index,))
-        except psycopg.Error as exc:
-            problems.append(f"index {index}: {first_line(str(exc))}")
-    return len(rows), problems
+    jobs = amcheck_jobs(conn)
+    problems = [p for p in (job.run(conn) for job in jobs) if p is not None]
+    return len(jobs), problems
+
+
+def count_jobs(conn: psycopg.Connection, into: dict[str, int]) -> list[Job]:
+    """``count_rows`` as one job per table, each storing its count in ``into`` (for ``run_parallel``).
+
+    The tables are counted in separate snapshots: only for a database nobody writes to (a restored copy).
+    """
+    jobs = []
+    for schema, table, kind, heap_bytes in conn.execute(_SIZED_USER_TABLES_SQL.replace("%%", "%")).fetchall():
+        key = qualified_name(schema, table)
+        # A sequential scan costs far less per tuple than amcheck's hashing: sizes stay small next to it.
+        jobs.append(Job(int(heap_bytes) / 65536, f"count {key}",
+                        partial(_count_into, schema=schema, table=table, kind=kind, key=key, into=into)))
+    return jobs
+
+
+def _count_table(conn: psycopg.Connection, schema: str, table: str, kind: str) -> int:
+    ident = sql.Identifier(schema, table)
+    query = sql.SQL("SELECT count(*) FROM {}" if kind == "p" else "SELECT count(*) FROM ONLY {}")
+    return int(conn.execute(query.format(ident)).fetchone()[0])
+
+
+def _count_into(conn: psycopg.Connection, *, schema: str, table: str, kind: str, key: str,
+                into: dict[str, int]) -> str | None:
+    into[key] = _count_table(conn, schema, table, kind)  # one key per job: no two threads write the same
+    return None
+
+
+def run_parallel(conninfo: ConnInfo, jobs: list[Job], *, connections: int) -> list[str]:
+    """Run ``jobs`` on up to ``connections`` connections at once, costliest first; return their problems.
+
+    Longest-first on a shared queue keeps the connections busy until the end (no big job starting
+    last while the others idle). The problems come back in the jobs' given order, whatever finished
+    first. An exception of a job (not a problem it reports) stops the others and is raised.
+    """
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i].cost, reverse=True)
+    results: list[str | None] = [None] * len(jobs)
+    lock = threading.Lock()
+    failed: list[BaseException] = []
+
+    def worker(conn: psycopg.Connection) -> None:
+        while True:
+            with lock:
+                if not order or failed:
+                    return
+                i = order.pop(0)
+            try:
+                results[i] = jobs[i].run(conn)
+            except BaseException as exc:  # handed to the caller's thread below
+                with lock:
+                    failed.append(exc)
+                return
+
+    conns: list[psycopg.Connection] = []
+    try:
+        for _ in range(max(1, min(connections, len(jobs)))):  # all opened before any job starts
+            conns.append(connect(conninfo))
+        # The caller's thread works on the first connection; threads on the others.
+        threads = [threading.Thread(target=worker, args=(c,), name=f"check-{n}", daemon=True)
+                   for n, c in enumerate(conns[1:], start=1)]
+        for thread in threads:
+            thread.start()
+        worker(conns[0])
+        for thread in threads:
+            thread.join()
+    finally:
+        for c in conns:
+            c.close()
+    if failed:
+        raise failed[0]
+    return [p for p in results if p is not None]

@@ -13,6 +13,12 @@ Keys are ``/``-separated relative paths (``aitrapp-dump-20261127T100500Z.dump.zs
   ``recursive=False`` only those in the prefix's own "directory" (no further ``/``), so a catalog
   read never walks the WAL archive beside it.
 - ``delete`` of a missing key is not an error.
+- ``delete_many(keys)`` deletes many keys in as few requests as the location allows (S3: one
+  DeleteObjects per 1,000 keys; a directory or memory: one call, each key as ``delete`` would) and
+  returns ``{key: reason}`` for each key it could not delete (empty: every key is gone; a missing
+  key is not a failure). A failure of the location as a whole (an unreachable endpoint, rejected
+  credentials) raises ``StorageError`` as any other call; keys of earlier batches stay deleted, so
+  the caller just runs again. Prune and WAL expiry delete through it, never key by key.
 
 ``tests/storage/test_contract.py`` runs the same checks against every driver.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -64,6 +71,7 @@ class Storage(Protocol):
     def size(self, key: str) -> int: ...
     def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]: ...
     def clear_partials(self, prefix: str = "") -> list[str]: ...
 
 
@@ -72,6 +80,17 @@ def in_listing(key: str, prefix: str, *, recursive: bool) -> bool:
     if not key.startswith(prefix) or not key or key.endswith("/"):
         return False
     return recursive or "/" not in key[len(prefix):]
+
+
+def delete_each(storage: Storage, keys: Iterable[str]) -> dict[str, str]:
+    """``delete_many`` for a location with no batch request: ``delete`` per key, failures collected, not raised."""
+    failures: dict[str, str] = {}
+    for key in dict.fromkeys(keys):  # each key once, in the caller's order
+        try:
+            storage.delete(key)
+        except StorageError as exc:
+            failures[key] = str(exc)
+    return failures
 
 
 def is_partial(key: str) -> bool:

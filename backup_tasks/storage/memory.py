@@ -19,11 +19,12 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from backup_tasks.errors import ObjectMissing, StorageError
-from backup_tasks.storage.base import PARTIAL_MARK, ObjectInfo, in_listing
+from backup_tasks.storage.base import PARTIAL_MARK, ObjectInfo, delete_each, in_listing
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,11 @@ class MemoryStorage:
     def delete(self, key: str) -> None:
         with self._lock:
             self._objects.pop(self._check(key), None)
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        # Through ``delete``, key by key: the reference semantics, and a subclass overriding ``delete``
+        # (a test recording or failing deletes) sees every key prune removes.
+        return delete_each(self, keys)
 
     def clear_partials(self, prefix: str = "") -> list[str]:
         """Drop partial objects whose key or file name starts with ``prefix``; the keys they were for."""

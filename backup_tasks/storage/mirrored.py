@@ -14,6 +14,7 @@ is never left in one location only because of ``put_new``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import BinaryIO
 
 from backup_tasks.errors import ConfigError, ObjectMissing, StorageError
@@ -183,6 +184,21 @@ class MirroredStorage:
                 failure = failure or exc
         if failure is not None:
             raise failure
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """Batched deletes in both locations, even when one fails: failures of either, then the first error raised."""
+        wanted = list(dict.fromkeys(keys))
+        failures: dict[str, str] = {}
+        failure: StorageError | None = None
+        for member in self.members:
+            try:
+                for key, reason in member.delete_many(wanted).items():
+                    failures[key] = f"{failures[key]}; {reason}" if key in failures else reason
+            except StorageError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return failures
 
     def clear_partials(self, prefix: str = "") -> list[str]:
         return [*self.primary.clear_partials(prefix), *self.copy.clear_partials(prefix)]

@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
@@ -97,6 +97,10 @@ _CONFLICT_CODES = frozenset({"ConditionalRequestConflict", "409"})
 
 
 PUT_NEW_ATTEMPTS = 4
+
+
+#: S3's limit of keys per DeleteObjects request.
+DELETE_BATCH = 1000
 
 
 # Upload ids of writers alive in this process: clear_partials never aborts them.
@@ -427,6 +431,42 @@ class S3Storage:
             if _error_code(exc) in _MISSING_OBJECT_CODES:
                 return
             self._fail(exc, "deleting", key)
+
+    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+        """DeleteObjects, ``DELETE_BATCH`` keys per request (quiet: the answer lists only the keys that failed).
+
+        20,000 expired WAL objects are 20 requests, not 20,000. A key the server refuses comes back
+        in the result with its error code; a request that fails as a whole raises (earlier batches
+        stay deleted, so running again finishes the job).
+        """
+        failures: dict[str, str] = {}
+        batch: dict[str, str] = {}  # full key -> our key
+        for key in dict.fromkeys(keys):
+            try:
+                batch[self._key(key)] = key
+            except StorageError as exc:
+                failures[key] = str(exc)
+            if len(batch) == DELETE_BATCH:
+                self._delete_batch(batch, failures)
+                batch = {}
+        if batch:
+            self._delete_batch(batch, failures)
+        return failures
+
+    def _delete_batch(self, batch: dict[str, str], failures: dict[str, str]) -> None:
+        try:
+            response = self.client.delete_objects(
+                Bucket=self.where.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        except Exception as exc:
+            first = next(iter(batch.values()))
+            self._fail(exc, f"deleting {len(batch)} objects (in one DeleteObjects request) starting with", first)
+        for error in response.get("Errors", []):
+            code = str(error.get("Code") or "")
+            if code in _MISSING_OBJECT_CODES:
+                continue  # already gone: what the caller wanted
+            key = batch.get(str(error.get("Key")), str(error.get("Key")))
+            detail = self._scrub(str(error.get("Message") or "").strip())
+            failures[key] = f"deleting {key} from {self.location} failed: {code}" + (f" ({detail})" if detail else "")
 
     def unfinished_uploads(self, prefix: str = "") -> list[tuple[str, str, float]]:
         """(relative key, upload id, initiated epoch) of every multipart upload not completed nor aborted."""

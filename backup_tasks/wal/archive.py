@@ -229,6 +229,15 @@ class WalArchive:
 
     # reading ----------------------------------------------------------------------------------------
 
+    @property
+    def location(self) -> str:
+        """Where the archive is, for messages (a bucket-backed view says its URL: ``wal.remote``)."""
+        return str(self.root)
+
+    def available(self) -> bool:
+        """Whether there is an archive to read at all (a local one: its directory exists)."""
+        return self.root.is_dir()
+
     def exists(self, name: str) -> bool:
         return self.path_for(name).is_file()
 
@@ -419,11 +428,21 @@ class WalArchive:
         to do, as for a repeated push; a damaged object (no valid trailer) is replaced by the good
         local one; different content is a ``WalConflict``, the copy left untouched, as locally.
         """
+        if self.copy_to is None:
+            return
+        self.copy_object(name, self.path_for(name).read_bytes())
+
+    def copy_object(self, name: str, data: bytes) -> None:
+        """Store ``data`` (the archived object of ``name``, read by the caller) in BACKUP_COPY_TO, as ``_push_copy``.
+
+        Returns only once the copy holds an object with the same trailer (this one, or an identical
+        earlier one); ``WalConflict`` when it holds different content. Push-ahead (``wal.pushahead``)
+        calls it with the bytes whose file it recorded, so its marker describes exactly what was put.
+        """
         copy = self.copy_storage()
         if copy is None:
             return
         key = object_key(name)
-        data = self.path_for(name).read_bytes()
         if copy.put_new(key, data):
             return
         existing = copy.read_bytes(key)
@@ -522,6 +541,31 @@ class WalArchive:
                     except FileNotFoundError:
                         continue
         return removed
+
+    def delete_many(self, names: list[str], *, batch: int = 1000) -> dict[str, str]:
+        """Remove ``names`` from the copy (batched deletes), then here (WAL expiry); ``{name: reason}`` of failures.
+
+        The copy first, ``batch`` names at a time: an interruption leaves files here whose copy is
+        gone, which the next prune lists and deletes again, never copies nobody lists any more. A
+        name the copy refused stays here too (so it is listed next time).
+        """
+        failures: dict[str, str] = {}
+        copy = self.copy_storage()
+        for start in range(0, len(names), batch):
+            chunk = names[start:start + batch]
+            if copy is not None:
+                keys = {object_key(name): name for name in chunk}
+                failures.update({keys[key]: reason for key, reason in copy.delete_many(list(keys)).items()})
+            for name in chunk:
+                if name in failures:
+                    continue
+                try:
+                    self.path_for(name).unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    failures[name] = f"cannot delete {self.path_for(name)}: {exc.strerror}"
+        return failures
 
 
 def _compress_into(source: Path, out: object, level: int, size_hint: int) -> tuple[bytes, int]:

@@ -4,7 +4,8 @@ PostgreSQL starts one per 16 MiB segment, so these are served with nothing but t
 no argparse, settings, Celery, Redis, psycopg or Sentry (boto3 only when the copy is a bucket, pyrage
 only when the archive is encrypted). Forms: ``wal-push --archive-dir DIR [--copy-to URL]
 [--encrypt-to KEYS] PATH`` and ``wal-fetch --archive-dir DIR [--copy-to URL] [--identity-file FILE]
-NAME PATH``; anything else goes to the full CLI.
+NAME PATH``, and ``wal-fetch --archive-url URL ... NAME PATH`` (a bucket alone, with read-ahead:
+``wal.prefetch``); anything else goes to the full CLI.
 
 Exit codes: 0 ok, 1 failed; wal-fetch exits 1 for "not in the archive" (the normal end of recovery)
 and ``RECOVERY_FATAL`` (200) when the archive is damaged or unreadable, which PostgreSQL treats as
@@ -22,6 +23,10 @@ FAST_OPTIONS = ("--copy-to", "--encrypt-to", "--identity-file")
 
 def server_command_fast(argv: list[str]) -> int | None:
     """Run wal-push / wal-fetch given exactly as PostgreSQL runs them; None for anything else."""
+    if len(argv) >= 2 and argv[0] == "wal-fetch" and argv[1] == "--archive-url":
+        from backup_tasks.wal.prefetch import main as fetch_from_bucket  # restoring from the bucket alone
+
+        return fetch_from_bucket(argv[1:])
     if len(argv) < 4 or argv[0] not in SERVER_COMMANDS or argv[1] != "--archive-dir":
         return None
     positional = argv[3:]
@@ -50,8 +55,10 @@ def server_command_fast(argv: list[str]) -> int | None:
     archive = WalArchive(Path(argv[2]).absolute(), options.get("--copy-to"), recipients=recipients,
                          identity_file=options.get("--identity-file"))
     if argv[0] == "wal-push":
+        from backup_tasks.wal.pushahead import push
+
         try:
-            archive.push(Path(positional[0]))
+            push(archive, Path(positional[0]))  # with a copy: pushes the following .ready files ahead
         except BackupError as exc:
             print(f"backup-tasks wal-push: error: {exc}", file=sys.stderr)
             return exc.exit_code

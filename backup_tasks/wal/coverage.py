@@ -90,28 +90,60 @@ class Coverage:
         return data
 
 
+#: A walked run: its end segment, its length in segments, and the gap after it.
+_Run = tuple[str | None, int, str | None]
+
+
 def coverage(archive: WalArchive, start_segment: str, segment_size: int,
              names: list[str] | None = None) -> Coverage:
+    return coverages(archive, [(start_segment, segment_size)], names)[0]
+
+
+def coverages(archive: WalArchive, starts: list[tuple[str, int]], names: list[str] | None = None) -> list[Coverage]:
+    """``coverage`` of each ``(start_segment, segment_size)``, in one pass over the archive's names.
+
+    ``list`` asks this for every snapshot of twelve weeks (100,000+ segments): the names are indexed
+    once per timeline path, and the run of a later start is reused by every earlier start that
+    reaches it (the walk from a segment on does not depend on where it began), so the cost is the
+    archive's size once, not once per snapshot.
+    """
     names = archive.segment_names() if names is None else names
     present = set(names)
-    steps = timeline_path(archive, timeline_of(start_segment), segment_size)
-    followed = {step.timeline for step in steps}
-    on_path = [n for n in names if timeline_of(n) in followed]
-    last_archived = max(on_path, key=position) if on_path else None
-    last_segno = segment_number(last_archived, segment_size) if last_archived else -1
-    segno = segment_number(start_segment, segment_size)
-    end: str | None = None
-    count = 0
-    gap: str | None = None
-    while True:
-        name = segment_name(timeline_for(steps, segno), segno, segment_size)
-        if name not in present:
-            if segno <= last_segno:
-                gap = name
-            break
-        end = name
-        count += 1
-        segno += 1
-    completed = archive.trailer(end).completed_at if end else None
-    return Coverage(start_segment=start_segment, end_segment=end, end_completed_at=completed, segments=count,
-                    gap=gap, last_archived=last_archived, timelines=[s.timeline for s in steps])
+    #: (start timeline, segment size) -> timeline path, last archived segment on it, its number, and
+    #: the runs already walked: segment number -> (end segment, segments from there, gap)
+    paths: dict[tuple[int, int], tuple[list[TimelineStep], str | None, int, dict[int, _Run]]] = {}
+    found: dict[int, Coverage] = {}
+    # Latest start first, so an earlier start's walk stops where a later one's run is known.
+    for index in sorted(range(len(starts)), key=lambda i: position(starts[i][0]), reverse=True):
+        start_segment, segment_size = starts[index]
+        key = (timeline_of(start_segment), segment_size)
+        if key not in paths:
+            steps = timeline_path(archive, key[0], segment_size)
+            followed = {step.timeline for step in steps}
+            on_path = [n for n in names if timeline_of(n) in followed]
+            last = max(on_path, key=position) if on_path else None
+            paths[key] = (steps, last, segment_number(last, segment_size) if last else -1, {})
+        steps, last_archived, last_segno, runs = paths[key]
+        first = segno = segment_number(start_segment, segment_size)
+        end: str | None = None
+        count = 0
+        gap: str | None = None
+        while True:
+            if segno in runs:
+                known_end, known_count, gap = runs[segno]
+                end, count = known_end or end, count + known_count
+                break
+            name = segment_name(timeline_for(steps, segno), segno, segment_size)
+            if name not in present:
+                if segno <= last_segno:
+                    gap = name
+                break
+            end = name
+            count += 1
+            segno += 1
+        runs[first] = (end, count, gap)
+        completed = archive.trailer(end).completed_at if end else None
+        found[index] = Coverage(start_segment=start_segment, end_segment=end, end_completed_at=completed,
+                                segments=count, gap=gap, last_archived=last_archived,
+                                timelines=[s.timeline for s in steps])
+    return [found[i] for i in range(len(starts))]

@@ -272,6 +272,59 @@ def test_delete_is_idempotent(driver: Driver) -> None:
     assert keys(storage) == ["b.dump.zst"]
 
 
+
+def test_delete_many_removes_every_key_and_reports_only_what_it_cannot(driver: Driver) -> None:
+    storage = driver.storage
+    for key in ("a.dump.zst", "wal/0000000100000000/000000010000000000000001.zst", "keep.dump.zst"):
+        storage.put_bytes(key, b"x")
+    failures = storage.delete_many(["a.dump.zst", "wal/0000000100000000/000000010000000000000001.zst",
+                                    "never.dump.zst", "../outside.zst", "a.dump.zst"])
+    assert list(failures) == ["../outside.zst"]  # a missing key is no failure; a refused one is named
+    assert keys(storage) == ["keep.dump.zst"]
+    assert storage.delete_many([]) == {}
+
+
+def _put_many(storage: Storage, names: list[str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: storage.put_bytes(key, b"w"), names))
+
+
+def test_s3_delete_many_sends_one_delete_objects_request_per_1000_keys(bucket_url: str) -> None:
+    storage = S3Storage.from_url(bucket_url)
+    names = [f"wal/0000000100000000/{i:024X}.zst" for i in range(2100)]
+    _put_many(storage, [*names, "keep.dump.zst"])
+    calls: list[int] = []
+    storage.client.meta.events.register(
+        "before-parameter-build.s3.DeleteObjects", lambda params, **_: calls.append(len(params["Delete"]["Objects"])))
+    assert storage.delete_many(names) == {}
+    assert calls == [1000, 1000, 100]
+    assert keys(storage) == ["keep.dump.zst"]
+
+
+def test_s3_delete_many_reports_each_key_the_server_refuses(bucket_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = S3Storage.from_url(bucket_url)
+    _put_many(storage, ["a.zst", "locked.zst", "b.zst"])
+    client = storage.client
+    real = client.delete_objects
+
+    def delete_objects(**kwargs: dict[str, object]) -> dict[str, object]:
+        # The server refuses one key (an object-lock or a policy would), and deletes the rest.
+        objects = kwargs["Delete"]["Objects"]
+        refused = [o for o in objects if o["Key"].endswith("locked.zst")]  # type: ignore[index, union-attr]
+        kwargs["Delete"]["Objects"] = [o for o in objects if o not in refused]  # type: ignore[index, union-attr]
+        response = real(**kwargs)
+        response.setdefault("Errors", []).extend(
+            {"Key": o["Key"], "Code": "AccessDenied", "Message": "Access Denied"} for o in refused)
+        return response
+
+    monkeypatch.setattr(client, "delete_objects", delete_objects)
+    failures = storage.delete_many(["a.zst", "locked.zst", "b.zst"])
+    assert list(failures) == ["locked.zst"] and "AccessDenied" in failures["locked.zst"]
+    assert keys(storage) == ["locked.zst"]
+
+
 # --- mirrored: a key held by either location is taken ------------------------------------------------
 
 def test_mirrored_put_new_respects_either_location_and_leaves_no_half(tmp_path: Path) -> None:

@@ -1,0 +1,267 @@
+"""wal-push into BACKUP_COPY_TO at archive speed: push-ahead, and copy markers that later calls trust.
+
+PostgreSQL runs one wal-push per segment, in order, and waits for each. With a copy in a bucket one
+call costs a Python start, the boto3 import and a fresh client (~0.3 s on loopback, 3 segments/s):
+a busy server falls behind. So the call that has to open the copy anyway (the one for segment N)
+also stores the files already marked ``.ready`` in ``pg_wal/archive_status/`` (the directory of
+``%p``), with one client and a few threads, and records for each that it is stored everywhere. The
+calls for those files then find the record and return at once, never importing boto3 (as
+pgBackRest's asynchronous archive-push).
+
+The record is a *copy marker*, ``<archive>/.copied/<name>``: written (atomically: temporary file,
+rename) only after the copy's put returned, and it describes the exact local object that was put:
+its trailer (sha256 and size of the original), inode, size and mtime, and the copy location. A later
+call acknowledges from it only if all of that still matches the archived object and the file it is
+handed now hashes to the trailer's sha256 (the same check as a repeated push); a different file is a
+``WalConflict``, never a silent success. A missing, damaged or stale marker (crash, other copy
+location, archived object replaced, older than a day) only means the slow path: store here and in
+the copy as before. A marker is removed when its file is acknowledged, so ``.copied`` holds only
+what is ahead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from backup_tasks.wal.archive import (
+    COPY_SUBDIR,
+    DEFAULT_LEVEL,
+    FILE_MODE,
+    TRAILER_SIZE,
+    PushResult,
+    WalArchive,
+    file_sha256,
+    object_key,
+    parse_trailer,
+)
+from backup_tasks.wal.names import kind_of
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+log = logging.getLogger(__name__)
+
+MARKER_DIR = ".copied"
+MARKER_VERSION = 1
+#: At most this many ``.ready`` files are stored ahead by one call (memory: one object per thread).
+MAX_AHEAD = 48
+#: Threads storing (compressing locally, putting into the copy) in parallel: the copy's round trips overlap.
+THREADS = 4
+#: No new file is started ahead after this long: the call for N must not keep PostgreSQL waiting much.
+AHEAD_SECONDS = 30.0
+#: A marker older than this proves nothing (its file takes the slow path) and is swept: it waits only for
+#: its file's own call, seconds or minutes later; a day bounds what WAL expiry or a hand could do meanwhile.
+STALE_MARKER_SECONDS = 86400.0
+TEMP_MARK = ".tmp-"
+
+
+def push(archive: WalArchive, source: Path, *, level: int = DEFAULT_LEVEL) -> PushResult:
+    """``wal-push``: ``source`` stored in the archive and its copy, then its following ``.ready`` files ahead."""
+    if archive.copy_to is None:
+        return archive.push(source, level=level)
+    acknowledged = acknowledge_from_marker(archive, source)
+    if acknowledged is not None:
+        return acknowledged
+    return push_with_ahead(archive, source, level=level)
+
+
+def copy_url(archive: WalArchive) -> str:
+    """The copy location a marker vouches for (a marker for another BACKUP_COPY_TO proves nothing)."""
+    assert archive.copy_to is not None
+    return f"{archive.copy_to.rstrip('/')}/{COPY_SUBDIR}"
+
+
+def marker_path(archive: WalArchive, name: str) -> Path:
+    return archive.root / MARKER_DIR / name
+
+
+def acknowledge_from_marker(archive: WalArchive, source: Path) -> PushResult | None:
+    """The result for ``source`` if a marker proves it stored in both places, else None (the slow path).
+
+    Raises ``WalConflict`` when the archived object (vouched for by the marker) holds other content
+    than ``source``: the server hands over a different file under the same name.
+    """
+    name = source.name
+    kind_of(name)
+    recorded = _read_marker(marker_path(archive, name))
+    if recorded is None or recorded.get("copy") != copy_url(archive):
+        return None
+    written_at = recorded.get("written_at")
+    if not isinstance(written_at, (int, float)) or abs(time.time() - written_at) > STALE_MARKER_SECONDS:
+        return None
+    final = archive.path_for(name)
+    try:
+        with open(final, "rb") as fh:
+            stat = os.fstat(fh.fileno())
+            if stat.st_size < TRAILER_SIZE:
+                return None
+            fh.seek(stat.st_size - TRAILER_SIZE)
+            trailer_raw = fh.read(TRAILER_SIZE)
+    except OSError:
+        return None
+    if [stat.st_ino, stat.st_size, stat.st_mtime_ns] != recorded.get("object") or \
+            trailer_raw.hex() != recorded.get("trailer"):
+        return None  # the archived object is not the one that was put into the copy: prove nothing
+    trailer = parse_trailer(trailer_raw, f"archived {name}")
+    try:
+        digest, size = file_sha256(source)
+    except OSError:
+        return None  # the slow path says clearly what is wrong with the file
+
+    if digest != trailer.sha256 or size != trailer.size:
+        # Checks again and raises WalConflict, explained as for any repeated push with other content.
+        return archive._already_archived(source, name, final)
+    _remove_marker(archive, name)  # acknowledged: the marker has done its job
+    return PushResult(name, object_key(name), "already-archived", size, stat.st_size)
+
+
+def ready_after(source: Path) -> list[Path]:
+    """The other files the server has marked ``.ready`` next to ``source``, in the order it archives them.
+
+    History files first, then by name (as PostgreSQL's archiver); at most ``MAX_AHEAD``.
+    """
+    status_dir = source.parent / "archive_status"
+    try:
+        entries = os.listdir(status_dir)
+    except OSError:
+        return []
+    names = []
+    for entry in entries:
+        if not entry.endswith(".ready"):
+            continue
+        name = entry[:-len(".ready")]
+        if name == source.name:
+            continue
+        try:
+            kind = kind_of(name)
+        except Exception:
+            continue
+        names.append((kind != "history", name))
+    return [source.parent / name for _, name in sorted(names)[:MAX_AHEAD]]
+
+
+def push_with_ahead(archive: WalArchive, source: Path, *, level: int = DEFAULT_LEVEL) -> PushResult:
+    """Store ``source`` everywhere (its result, or its error, is the call's), and its ``ready_after`` with markers.
+
+    One copy client for all, ``THREADS`` files at a time, ``source`` first. A failure ahead is
+    silent: no marker, so that file's own call takes the slow path and reports it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    archive.copy_storage()  # opened once, before the threads share it (boto3 clients are thread-safe)
+    deadline = time.monotonic() + AHEAD_SECONDS
+    pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="wal-push")
+    submitted: set[str] = set()
+    pending: list[Future[None]] = []
+
+    def submit_ready() -> None:
+        for path in ready_after(source):
+            if len(submitted) < MAX_AHEAD and path.name not in submitted:
+                submitted.add(path.name)
+                if not marker_path(archive, path.name).exists():
+                    pending.append(pool.submit(_store_ahead, archive, path, level, deadline))
+
+    ok = False
+    try:
+        main = pool.submit(archive.push, source, level=level)
+        submit_ready()
+        result = main.result()
+        _remove_marker(archive, source.name)  # a stale one (it proved nothing): acknowledged the slow way now
+        submit_ready()  # what the server completed meanwhile (this call's start-up and first put are slow)
+        for future in pending:
+            try:
+                future.result()
+            except Exception as exc:  # its own call retries it and reports what is wrong
+                log.debug("pushing ahead failed: %s", exc)
+        ok = True
+    finally:
+        # When the segment asked for failed, the rest would fail the same way: do not make the server wait.
+        pool.shutdown(wait=True, cancel_futures=not ok)
+    if submitted:
+        _sweep_markers(archive)
+    return result
+
+
+def _store_ahead(archive: WalArchive, source: Path, level: int, deadline: float) -> None:
+    if time.monotonic() > deadline or not source.is_file():
+        return
+    name = source.name
+    archive._push_local(source, level=level)
+    final = archive.path_for(name)
+    with open(final, "rb") as fh:  # the object, and the stat describing it, from one open file
+        stat = os.fstat(fh.fileno())
+        data = fh.read()
+    if len(data) != stat.st_size or len(data) < TRAILER_SIZE:
+        return  # changed under us (never, for an archived object): no marker
+    archive.copy_object(name, data)
+    # Only now, with the put acknowledged by the copy, may anything claim it is there.
+    _write_marker(archive, name, {"v": MARKER_VERSION, "copy": copy_url(archive), "written_at": time.time(),
+                                  "trailer": data[-TRAILER_SIZE:].hex(),
+                                  "object": [stat.st_ino, stat.st_size, stat.st_mtime_ns]})
+
+
+def _write_marker(archive: WalArchive, name: str, content: dict[str, object]) -> None:
+    """Atomically (a temporary file renamed over): a crash leaves no marker or a whole one, never half of one.
+
+    Not fsynced: a marker lost in a crash only sends its file down the slow path again.
+    """
+    directory = archive.root / MARKER_DIR
+    archive.ensure_subdir(directory)
+    temp = directory / f"{TEMP_MARK}{name}-{uuid.uuid4().hex[:12]}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # the server's umask 077 would hide it from root's tools (prune, check)
+        with os.fdopen(fd, "w") as out:
+            json.dump(content, out)
+        os.replace(temp, directory / name)
+    except BaseException:
+        try:
+            temp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _remove_marker(archive: WalArchive, name: str) -> None:
+    try:
+        marker_path(archive, name).unlink()
+    except OSError:
+        pass
+
+
+def _read_marker(path: Path) -> dict[str, object] | None:
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        content = json.loads(raw)
+    except ValueError:
+        return None  # damaged (a crash before its data reached the disk): as if absent
+    if not isinstance(content, dict) or content.get("v") != MARKER_VERSION:
+        return None
+    return content
+
+
+def _sweep_markers(archive: WalArchive) -> None:
+    """Remove markers nobody asked for in a week (a timeline switch, a server gone) and stray temporaries."""
+    directory = archive.root / MARKER_DIR
+    now = time.time()
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        path = directory / entry
+        try:
+            age = now - path.stat().st_mtime
+            if age > STALE_MARKER_SECONDS or (entry.startswith(TEMP_MARK) and age > 3600):
+                path.unlink()
+        except OSError:
+            continue
