@@ -1,4 +1,8 @@
-"""Queries on a connected server: user tables and exact row counts, exported snapshots, databases, amcheck."""
+"""Queries on a connected server: user tables and exact row counts, exported snapshots, databases, amcheck.
+
+``run_parallel`` spreads independent read-only jobs (``count_jobs``, ``amcheck_jobs``) over several
+connections, longest first: verify's checks of a restored copy are CPU-bound in the backends.
+"""
 
 from __future__ import annotations
 

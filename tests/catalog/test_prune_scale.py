@@ -126,6 +126,7 @@ def settings(tmp_path: Path) -> Settings:
     return Settings(backup_dir=str(tmp_path / "backups"), broker_url="memory://", keep_daily_days=7, keep_weekly=12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("driver", ["memory", "local"])
 def test_prune_of_twelve_weeks_deletes_exactly_what_the_dry_run_said_in_batches(
         settings: Settings, tmp_path: Path, driver: str) -> None:
@@ -156,6 +157,7 @@ def test_prune_of_twelve_weeks_deletes_exactly_what_the_dry_run_said_in_batches(
     assert prune(settings, now=NOW, storage=storage).deleted == []  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_wal_expiry_deletes_from_the_copy_in_batches_too(settings: Settings, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     copy_root = tmp_path / "copy"
@@ -184,6 +186,7 @@ def _put_many(put: Any, keys: list[str]) -> None:
         list(pool.map(put, keys))
 
 
+@pytest.mark.slow
 def test_wal_expiry_in_an_s3_copy_is_a_few_delete_objects_requests(
         settings: Settings, bucket_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from backup_tasks.storage.s3 import S3Storage
@@ -243,6 +246,7 @@ def test_catalog_reads_never_list_the_wal_archive(settings: Settings, monkeypatc
     assert all(not recursive for _prefix, recursive in storage.lists)
 
 
+@pytest.mark.slow
 def test_catalog_reads_of_an_s3_copy_are_one_request_whatever_its_wal(
         tmp_path: Path, bucket_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from backup_tasks.storage.s3 import S3Storage

@@ -291,6 +291,7 @@ def _put_many(storage: Storage, names: list[str]) -> None:
         list(pool.map(lambda key: storage.put_bytes(key, b"w"), names))
 
 
+@pytest.mark.slow
 def test_s3_delete_many_sends_one_delete_objects_request_per_1000_keys(bucket_url: str) -> None:
     storage = S3Storage.from_url(bucket_url)
     names = [f"wal/0000000100000000/{i:024X}.zst" for i in range(2100)]

@@ -62,6 +62,7 @@ def base_env(db: ConnInfo, backup_dir: str, verify_url: str, **extra: str) -> di
 
 # --- encryption ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_encrypted_dump_round_trip_through_the_cli(
         trading_db: ConnInfo, make_database: Callable[..., ConnInfo], tmp_path: Path, verify_url: str) -> None:
     key_file = tmp_path / "keys" / "backup.key"
@@ -135,6 +136,7 @@ def age_copy(storage: Storage, days: int) -> str:
     return copy.id
 
 
+@pytest.mark.slow
 def test_backup_dir_in_a_bucket_through_the_cli(
         trading_db: ConnInfo, make_database: Callable[..., ConnInfo], bucket_url: str, s3_env: S3Server,
         tmp_path: Path, verify_url: str) -> None:
@@ -160,6 +162,7 @@ def test_backup_dir_in_a_bucket_through_the_cli(
 
 # --- BACKUP_COPY_TO: local plus off-site ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_copy_to_a_bucket_falls_back_and_verify_names_the_good_location(
         trading_db: ConnInfo, make_database: Callable[..., ConnInfo], bucket_url: str, s3_env: S3Server,
         tmp_path: Path, verify_url: str) -> None:

@@ -330,6 +330,7 @@ def test_a_pusher_killed_mid_way_leaves_no_false_marker(tmp_path: Path) -> None:
 
 # --- end to end: a real server archiving through wal-push into a bucket ------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the server as the postgres user")
 def test_a_server_behind_on_archiving_gets_every_segment_into_the_copy(bucket_url: str, s3_env: S3Server) -> None:
     """A real server, archive_command = wal-push with a bucket copy: a backlog of segments, then steady writes.
