@@ -135,12 +135,13 @@ def _run_cycle(narrator: Narrator) -> dict[str, Any]:
     with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"):
         narrator.say(f"post-close signal for trading day {day}: send_task('backup_tasks.post_close', ['{day}'])")
         outcome = follow(app, send_post_close(app, day).id, day, timeout=1800, on_state=narrate)
-    if not outcome.ok:
-        raise BackupError("the demo's workflow did not complete: " + "; ".join(outcome.problems))
-    steps: dict[str, Any] = {"post_close": outcome.post_close.result if outcome.post_close else None}
-    for name, step in outcome.steps.items():
-        steps[name] = step.result
-        narrator.say(f"  {name}: {_describe(name, step.result)}")
+        if not outcome.ok:
+            raise BackupError("the demo's workflow did not complete: " + "; ".join(outcome.problems))
+        steps: dict[str, Any] = {"post_close": outcome.post_close.result if outcome.post_close else None}
+        for name, step in outcome.steps.items():
+            steps[name] = step.result
+            narrator.say(f"  {name}: {_describe(name, step.result)}")
+        narrator.say("stopping the worker")
     return steps
 
 
