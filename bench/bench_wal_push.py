@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,36 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(sys.executable).parent / "backup-tasks"
 MIB = 1 << 20
 SEGMENT_BYTES = 16 * MIB
-BUCKET = "bench-wal"
 GOAL = 10.0
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_s3(workdir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    port = free_port()
-    log = open(workdir / "moto.log", "wb")  # noqa: SIM115  (lives as long as the server)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIABENCHBENCHBENCH0",
-           "AWS_SECRET_ACCESS_KEY": "bench-secret-bench-secret-bench-secret-0", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("moto_server did not start") from None
-            time.sleep(0.1)
-    s3_client(env).create_bucket(Bucket=BUCKET)
-    return proc, env
+sys.path.insert(0, str(ROOT))
+from bench.bench_offsite import BUCKET, start_s3  # noqa: E402  (one moto server start for every bench)
 
 
 def s3_client(env: dict[str, str]) -> Any:

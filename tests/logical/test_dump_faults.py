@@ -22,22 +22,12 @@ from backup_tasks.settings import Settings
 from backup_tasks.storage.base import PARTIAL_MARK
 from backup_tasks.storage.local import LocalStorage
 from tests.support.postgres import url_of
+from tests.support.processes import process_children
 
 
 def pg_dump_children() -> list[int]:
     """pg_dump processes started by this test process."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and b"pg_dump" in cmdline:
-            found.append(int(entry))
-    return found
+    return [pid for pid, name in process_children(os.getpid()) if name == "pg_dump"]
 
 
 def sessions_on(db: ConnInfo, admin: ConnInfo) -> list[tuple[str, str, bool]]:

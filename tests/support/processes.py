@@ -135,3 +135,20 @@ def celery_env(redis: str, backup_dir: Path, database_url: str | None = None, **
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     return env
+
+
+def process_children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of the direct children of ``pid``, read from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        parent = int(stat[stat.rindex(")") + 2:].split()[1])
+        if parent == pid:
+            found.append((int(entry), name))
+    return found

@@ -35,7 +35,7 @@ from backup_tasks.storage.locations import open_storage
 from backup_tasks.worker.config import QUEUE, SHORT_HARD_LIMIT, build_config, visibility_timeout
 from tests.support.paths import BACKUP_TASKS
 from tests.support.postgres import url_of
-from tests.support.processes import celery_env, client_app, running_worker, wait_until
+from tests.support.processes import celery_env, client_app, process_children, running_worker, wait_until
 
 POST_CLOSE = "backup_tasks.post_close"
 
@@ -80,23 +80,6 @@ def finished(result: Any, timeout: float = 90) -> Any:
 
 def workflow_results(client: Celery, started: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
     return {name: finished(client.AsyncResult(task_id), timeout) for name, task_id in started["tasks"].items()}
-
-
-def process_children(pid: int) -> list[tuple[int, str]]:
-    """(pid, command name) of the direct children of ``pid``, read from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        parent = int(stat[stat.rindex(")") + 2:].split()[1])
-        if parent == pid:
-            found.append((int(entry), name))
-    return found
 
 
 def pool_child_running_pg_dump(worker_pid: int) -> int | None:
