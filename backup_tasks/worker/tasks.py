@@ -31,6 +31,7 @@ from backup_tasks.logical import dump as dumping
 from backup_tasks.logical.verify import verify_backup
 from backup_tasks.physical.drill import pitr_drill as run_pitr_drill
 from backup_tasks.physical.snapshot import take_snapshot
+from backup_tasks.physical.verify import snapshot_to_verify
 from backup_tasks.physical.verify import verify_snapshot as run_verify_snapshot
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_locations
@@ -198,8 +199,6 @@ def snapshot(self: BackupTask) -> dict[str, Any]:
 @app.task(name="backup_tasks.verify_snapshot", base=SnapshotTask, bind=True, shared=False)
 def verify_snapshot(self: BackupTask, previous: dict[str, Any] | None = None,
                     backup_id: str | None = None) -> dict[str, Any]:
-    from backup_tasks.physical.verify import snapshot_to_verify
-
     if isinstance(previous, dict):
         backup_id = previous.get("backup_id") or backup_id
     settings = self.settings()
