@@ -35,7 +35,7 @@ from backup_tasks.catalog.manifest import Manifest, Verification, isoformat, utc
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupCorrupt, RestoreFailed, StorageError
 from backup_tasks.logical.restore import check_decryptable, pg_restore_into
-from backup_tasks.postgres.cluster import ThrowawayCluster, default_template_cache
+from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect, server_version
 from backup_tasks.postgres.queries import (
     amcheck_available,
@@ -45,6 +45,7 @@ from backup_tasks.postgres.queries import (
     drop_database,
     run_parallel,
 )
+from backup_tasks.postgres.template import default_template_cache
 from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import members

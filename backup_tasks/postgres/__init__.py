@@ -2,8 +2,9 @@
 
 ``connect`` (connections), ``failures`` (the one classifier of server and tool errors),
 ``tools`` (finding pg_dump & co., their environment without passwords on argv), ``queries``
-(catalog queries, row counts, amcheck), ``cluster`` (throwaway clusters), ``servercmd`` (the
-command PostgreSQL's OS user runs), ``controldata`` (pg_controldata), ``sampledata``.
+(catalog queries, row counts, amcheck), ``cluster`` (throwaway clusters), ``template`` (their
+cached initdb output), ``servercmd`` (the command PostgreSQL's OS user runs), ``controldata``
+(pg_controldata), ``sampledata``.
 
 Imports: core only (errors, conninfo). Must not import streams, storage, settings, catalog, any capability or adapter.
 """

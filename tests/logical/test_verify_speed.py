@@ -15,10 +15,11 @@ from backup_tasks.conninfo import ConnInfo
 from backup_tasks.logical.dump import run_dump
 from backup_tasks.logical.restore import pg_restore_into
 from backup_tasks.logical.verify import check_restored, verify_backup
-from backup_tasks.postgres import cluster as cluster_module
-from backup_tasks.postgres.cluster import MANIFEST_NAME, TEMPLATE_CACHE_ENV, TemplateCache, ThrowawayCluster
+from backup_tasks.postgres import template as template_module
+from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.queries import amcheck_indexes, count_rows, run_parallel
+from backup_tasks.postgres.template import MANIFEST_NAME, TEMPLATE_CACHE_ENV, TemplateCache
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_storage
 
@@ -141,7 +142,7 @@ def test_an_entry_taken_away_while_it_is_copied_means_initdb(
     with ThrowawayCluster(template_cache=cache_dir):
         pass
     [entry] = entries(cache_dir)
-    real = cluster_module._copy_hashed
+    real = template_module._copy_hashed
     calls = 0
 
     def racing(source: Path, dest: Path, mode: int) -> tuple[int, str]:
@@ -151,7 +152,7 @@ def test_an_entry_taken_away_while_it_is_copied_means_initdb(
             TemplateCache(cache_dir).discard(entry.name)
         return real(source, dest, mode)
 
-    monkeypatch.setattr(cluster_module, "_copy_hashed", racing)
+    monkeypatch.setattr(template_module, "_copy_hashed", racing)
     with ThrowawayCluster(template_cache=cache_dir) as cluster:
         assert cluster.from_template is None and answers(cluster)
     assert len(initdb_runs) == 2
