@@ -53,10 +53,6 @@ class MemoryWriter:
     def commit(self) -> None:
         self._publish(replace=True)
 
-    def commit_new(self) -> bool:
-        """Publish only if nothing is under the key yet: False, and nothing kept, when it is taken."""
-        return self._publish(replace=False)
-
     def _publish(self, *, replace: bool) -> bool:
         assert self._buffer is not None, "writer already closed"
         data, self._buffer = bytes(self._buffer), None
