@@ -5,27 +5,38 @@ location (in every version of this tool), so reading the catalog lists only that
 walks the WAL archive beside it: ``list``, ``health``, ``verify``'s newest, ``existing_for_day`` and
 prune's plan cost the number of backups, not of archived segments. A manifest is written only once
 its backup is complete and durable, and create-only (``save_new``): the presence of a manifest means
-"this backup exists", and a second backup under the same id cannot replace it. Verification results
-are recorded by rewriting the manifest atomically (``save``). Listing, verifying, pruning and
-restoring need no other state.
+"this backup exists", and a second backup under the same id cannot replace it.
+
+Nothing is ever rewritten in place (an S3 Object Lock bucket refuses it, and what was written first
+must survive): whatever is learnt later about a backup (a verification verdict, a PITR drill, how far
+the WAL archive now reaches) is a *record*, a new create-only object beside the manifest,
+``<id>.<stamp>-<token>.<kind>.record.json``. Readers apply a backup's records to its manifest in the
+order they were written, so ``Manifest.verification``, ``pitr_drill`` and ``restorable_until`` are the
+latest known; manifests of earlier versions (verification written into the manifest) read unchanged.
+The records come from the same top-level listing as the manifests: no extra request to find them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from backup_tasks.clock import isoformat, parse_time, utcnow  # noqa: F401 (part of the catalog's vocabulary)
+from backup_tasks.clock import isoformat, parse_time, utcnow  # also the catalog's vocabulary for callers
 from backup_tasks.errors import BackupError, BackupIdTaken, BackupNotFound, ObjectMissing, StorageError
 from backup_tasks.storage.base import Storage
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".manifest.json"
+RECORD_SUFFIX = ".record.json"
 FORMAT_VERSION = 1
+#: What a record may say about a backup, and the manifest field it sets.
+RECORD_KINDS = ("verification", "drill", "coverage")
 
 
 @dataclass
@@ -43,6 +54,11 @@ class Verification:
     server_version: str | None = None
     #: Extra facts of a snapshot verification or PITR drill (recovery end reached, target, timings).
     details: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Verification:
+        known = {f.name for f in fields(cls)}  # a newer version's extra keys are ignored
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -81,6 +97,8 @@ class Manifest:
     restorable_until: str | None = None  # latest, as last seen in the WAL archive (refreshed by verify/prune)
     snapshot: dict[str, Any] | None = None  # source facts: superuser, archive settings, warnings...
     pitr_drill: dict[str, Any] | None = None  # the last point-in-time drill from this snapshot
+    #: The keys of the records applied to this manifest (read state: never written into the manifest).
+    record_keys: list[str] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -94,29 +112,30 @@ class Manifest:
     def verified_ok(self) -> bool:
         return self.verification is not None and self.verification.ok
 
+    @property
+    def stored_keys(self) -> list[str]:
+        """Every object of the backup except the manifest: data first (a snapshot has several), then records."""
+        return [*(k for k in (self.files or {}) if k != self.path), self.path, *self.record_keys]
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["record_keys"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"record_keys"}
         values = {k: v for k, v in data.items() if k in known}
         if values.get("verification") is not None:
-            vknown = {f.name for f in fields(Verification)}
-            values["verification"] = Verification(**{k: v for k, v in values["verification"].items() if k in vknown})
+            values["verification"] = Verification.from_dict(values["verification"])
         return cls(**values)
 
 
 def manifest_key(backup_id: str) -> str:
     return f"{backup_id}{MANIFEST_SUFFIX}"
-
-
-def save(storage: Storage, manifest: Manifest) -> None:
-    """Write (or rewrite, atomically) the manifest: for updates such as a verification result."""
-    storage.put_bytes(manifest.key, manifest.to_json().encode())
 
 
 def save_new(storage: Storage, manifest: Manifest) -> None:
@@ -146,12 +165,66 @@ def publish(storage: Storage, manifest: Manifest, *, data_keys: list[str]) -> No
         raise
 
 
+def record_key(backup_id: str, kind: str, recorded_at: datetime) -> str:
+    # The stamp sorts in time order; the token keeps two records of one microsecond apart.
+    stamp = recorded_at.strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{backup_id}.{stamp}-{secrets.token_hex(3)}.{kind}{RECORD_SUFFIX}"
+
+
+def parse_record_key(key: str) -> tuple[str, str, str] | None:
+    """``(backup_id, stamp, kind)`` of a record key, or None when ``key`` is not one."""
+    if not key.endswith(RECORD_SUFFIX) or "/" in key:
+        return None
+    parts = key[: -len(RECORD_SUFFIX)].rsplit(".", 2)
+    if len(parts) != 3 or parts[2] not in RECORD_KINDS:
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+def add_record(storage: Storage, backup_id: str, kind: str, data: dict[str, Any]) -> str:
+    """Record a later fact about ``backup_id`` beside its manifest (create-only); its key."""
+    if kind not in RECORD_KINDS:
+        raise ValueError(f"unknown record kind {kind!r}")
+    document = json.dumps({"backup_id": backup_id, "kind": kind, "recorded_at": isoformat(utcnow()),
+                           "data": data}, indent=2) + "\n"
+    for _ in range(3):
+        key = record_key(backup_id, kind, utcnow())
+        if storage.put_new(key, document.encode()):
+            return key
+    raise StorageError(f"could not record the {kind} of {backup_id} in {storage.location}: every new key was taken")
+
+
+def _apply(manifest: Manifest, kind: str, data: dict[str, Any]) -> None:
+    if kind == "verification":
+        manifest.verification = Verification.from_dict(data)
+    elif kind == "drill":
+        manifest.pitr_drill = data
+    elif kind == "coverage":
+        manifest.restorable_until = data.get("restorable_until", manifest.restorable_until)
+
+
+def _with_records(storage: Storage, manifest: Manifest, record_keys: list[str]) -> Manifest:
+    """``manifest`` with its records applied, oldest first (a record that cannot be read is skipped)."""
+    for key in sorted(record_keys, key=lambda k: (parse_record_key(k) or ("", "", ""))[1]):
+        manifest.record_keys.append(key)
+        parsed = parse_record_key(key)
+        try:
+            document = json.loads(storage.read_bytes(key))
+            _apply(manifest, parsed[2] if parsed else "", dict(document["data"]))
+        except (ValueError, TypeError, KeyError, StorageError) as exc:
+            log.warning("record %s in %s is unreadable, skipped: %s", key, storage.location, exc)
+    return manifest
+
+
 def load(storage: Storage, backup_id: str) -> Manifest:
     key = manifest_key(backup_id)
     try:
-        return _parse(storage, key)
+        manifest = _parse(storage, key)
     except ObjectMissing:
         raise BackupNotFound(f"no backup {backup_id!r} in {storage.location} (see `backup-tasks list`)") from None
+    records = [obj.key for obj in storage.list(f"{backup_id}.", recursive=False)
+               if (parsed := parse_record_key(obj.key)) and parsed[0] == backup_id]
+    return _with_records(storage, manifest, records)
 
 
 def _parse(storage: Storage, key: str) -> Manifest:
@@ -162,21 +235,38 @@ def _parse(storage: Storage, key: str) -> Manifest:
 
 
 def catalog(storage: Storage, *, kind: str | None = None, database: str | None = None) -> list[Manifest]:
-    """Every readable manifest, oldest first. Unreadable manifests are skipped, not fatal.
+    """Every readable manifest with its records applied, oldest first. Unreadable manifests are skipped.
 
-    Only the top level of the location is listed (``recursive=False``): manifests live there.
+    Only the top level of the location is listed (``recursive=False``): manifests and records live there.
     """
-    found = []
+    manifest_keys: list[str] = []
+    records: dict[str, list[str]] = defaultdict(list)
     for obj in storage.list(recursive=False):
-        if not obj.key.endswith(MANIFEST_SUFFIX):
-            continue
+        if obj.key.endswith(MANIFEST_SUFFIX):
+            manifest_keys.append(obj.key)
+        elif parsed := parse_record_key(obj.key):
+            records[parsed[0]].append(obj.key)
+    found = []
+    for key in manifest_keys:
         try:
-            manifest = _parse(storage, obj.key)
+            manifest = _parse(storage, key)
         except StorageError:
             continue
         if (kind is None or manifest.kind == kind) and (database is None or manifest.database == database):
-            found.append(manifest)
+            found.append(_with_records(storage, manifest, records.get(manifest.id, [])))
     return sorted(found, key=lambda m: (m.started_at, m.id))
+
+
+def orphan_records(storage: Storage) -> list[str]:
+    """Records whose backup has no manifest any more (left by a prune interrupted between the two)."""
+    manifests: set[str] = set()
+    records: list[tuple[str, str]] = []
+    for obj in storage.list(recursive=False):
+        if obj.key.endswith(MANIFEST_SUFFIX):
+            manifests.add(obj.key[: -len(MANIFEST_SUFFIX)])
+        elif parsed := parse_record_key(obj.key):
+            records.append((parsed[0], obj.key))
+    return [key for backup_id, key in records if backup_id not in manifests]
 
 
 def newest(storage: Storage, *, kind: str = "dump", database: str | None = None) -> Manifest:
@@ -187,11 +277,10 @@ def newest(storage: Storage, *, kind: str = "dump", database: str | None = None)
 
 
 def record_verification(storage: Storage, backup_id: str, verification: Verification) -> Manifest:
-    """Re-read the manifest and store the result in it (another process may have updated it)."""
-    manifest = load(storage, backup_id)
-    manifest.verification = verification
-    save(storage, manifest)
-    return manifest
+    """Record a verification verdict beside the manifest; the manifest as readers now see it."""
+    load(storage, backup_id)  # the backup must exist: a verdict about nothing is not recorded
+    add_record(storage, backup_id, "verification", asdict(verification))
+    return load(storage, backup_id)
 
 
 def existing_for_day(storage: Storage, database: str, trading_day: str) -> Manifest | None:

@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         # PostgreSQL runs wal-push/wal-fetch with its own environment: --archive-dir is all they need.
-        server_command = args.command in ("wal-push", "wal-fetch") and getattr(args, "archive_dir", None)
+        server_command = args.command in ("wal-push", "wal-fetch") and (
+            getattr(args, "archive_dir", None) or getattr(args, "archive_url", None))
         settings = Settings() if args.command == "demo" or server_command else Settings.from_env()
         return int(args.func(args, settings))
     except BackupError as exc:

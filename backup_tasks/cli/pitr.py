@@ -22,6 +22,7 @@ from backup_tasks.cli.output import Add, UsageError, emit, progress_logger, size
 from backup_tasks.errors import WalMissing
 from backup_tasks.settings import Settings
 from backup_tasks.wal.command import RECOVERY_FATAL
+from backup_tasks.wal.prefetch import DEFAULT_DEPTH
 
 
 def _archive_dir(args: argparse.Namespace, settings: Settings) -> Path:
@@ -53,10 +54,19 @@ def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_wal_fetch(args: argparse.Namespace, settings: Settings) -> int:
     from backup_tasks.wal.archive import WalArchive
 
+    identity_file = getattr(args, "identity_file", None) or settings.decrypt_identity_file
+    if args.archive_url and (args.archive_dir or args.copy_to):
+        raise UsageError("--archive-url reads the bucket alone: give it without --archive-dir or --copy-to")
     try:
-        archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings),
-                             identity_file=getattr(args, "identity_file", None) or settings.decrypt_identity_file)
-        size = archive.fetch(args.name, Path(args.destination))
+        if args.archive_url:  # the bucket alone (disaster recovery): the same read-ahead as the fast path
+            from backup_tasks.wal.prefetch import MAX_DEPTH, fetch_with_prefetch
+            from backup_tasks.wal.remote import RemoteWalArchive
+
+            size = fetch_with_prefetch(RemoteWalArchive(args.archive_url, identity_file=identity_file), args.name,
+                                       Path(args.destination), depth=min(args.prefetch, MAX_DEPTH))
+        else:
+            archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings), identity_file=identity_file)
+            size = archive.fetch(args.name, Path(args.destination))
     except WalMissing as exc:
         # The normal end of the archive: PostgreSQL asks for the next file until this happens.
         if args.json:
@@ -237,6 +247,10 @@ def register(add: Add) -> None:
                                         "--archive-dir: BACKUP_COPY_TO)")
     p.add_argument("--identity-file", help="age identity file for an encrypted archive "
                                            "(default without --archive-dir: BACKUP_DECRYPT_IDENTITY_FILE)")
+    p.add_argument("--archive-url", help="read the archive from this location alone (s3://bucket/prefix/wal), "
+                                         "downloading the next segments ahead: disaster recovery")
+    p.add_argument("--prefetch", type=int, default=DEFAULT_DEPTH,
+                   help=f"with --archive-url: segments to download ahead (default {DEFAULT_DEPTH}, 0 = none)")
     p = add("check", cmd_check, "check that the server archives WAL correctly (forces a segment switch and waits "
                                 "for it); prints the postgresql.conf lines")
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the segment (default 60)")

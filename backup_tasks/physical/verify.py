@@ -332,13 +332,14 @@ def _plausibility(storage: Storage, snapshot: Manifest, restored: dict[str, int]
 
 
 def record_result(storage: Storage, backup_id: str, *, verification: Verification | None = None,
-            wal_range: SnapshotRange | None = None, drill: dict[str, Any] | None = None) -> Manifest:
-    manifest = catalog.load(storage, backup_id)
+                  wal_range: SnapshotRange | None = None, drill: dict[str, Any] | None = None) -> Manifest:
+    """Record what was learnt about a snapshot as records beside its manifest (never rewriting it)."""
+    catalog.load(storage, backup_id)  # the snapshot must still exist
     if verification is not None:
-        manifest.verification = verification
+        catalog.add_record(storage, backup_id, "verification", asdict(verification))
     if drill is not None:
-        manifest.pitr_drill = drill
+        catalog.add_record(storage, backup_id, "drill", drill)
     if wal_range is not None:
-        manifest.restorable_until = wal_range.restorable_until.isoformat(timespec="microseconds")
-    catalog.save(storage, manifest)
-    return manifest
+        catalog.add_record(storage, backup_id, "coverage", {
+            "restorable_until": wal_range.restorable_until.isoformat(timespec="microseconds")})
+    return catalog.load(storage, backup_id)

@@ -8,6 +8,7 @@ fails the cluster that asked (it runs initdb instead).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,10 @@ INITDB_ENV = ("LANG", "LANGUAGE", "LC_ALL", "LC_COLLATE", "LC_CTYPE", "LC_MESSAG
 TEMPLATE_FORMAT = 1
 MANIFEST_NAME = "template.json"
 HASH_CHUNK = 1 << 20
+#: An entry not copied out for this long is removed when another is stored (binaries were upgraded).
+UNUSED_SECONDS = 14 * 86400
+#: At most this many entries (about 40 MB each) are kept; the least recently used go first.
+MAX_ENTRIES = 4
 
 
 def default_template_cache() -> Path | None:
@@ -60,6 +65,9 @@ class TemplateCache:
       ``TemplateError``. The cluster then runs initdb as before and replaces the entry: renamed
       aside first (atomic, so a concurrent reader's copy fails cleanly and falls back too), then
       deleted. An entry is never modified in place.
+    * An entry's mtime is its last use (set after each good copy). Storing an entry removes, the same
+      way (rename aside, delete), those unused for ``UNUSED_SECONDS`` and the least recently used
+      beyond ``MAX_ENTRIES``: upgraded binaries leave their old entries behind only for a while.
     * The root must be a real directory owned by us and closed to group and others, or it is not
       used: a template is the system catalog of every verify's server.
 
@@ -115,6 +123,8 @@ class TemplateCache:
                     raise TemplateError(f"{rel} differs from the manifest")
         except OSError as exc:  # e.g. the entry renamed aside by a concurrent reader mid-copy
             raise TemplateError(str(exc)) from None
+        with contextlib.suppress(OSError):
+            os.utime(entry)  # last used now: kept by the expiry in ``store``
 
     def store(self, key: str, data_dir: Path) -> None:
         """Publish a copy of ``data_dir`` (fresh initdb output, never started) as entry ``key``."""
@@ -141,6 +151,18 @@ class TemplateCache:
         finally:
             if not published:
                 shutil.rmtree(build, ignore_errors=True)
+        self._expire_entries(keep=key)
+
+    def _expire_entries(self, *, keep: str) -> None:
+        try:
+            entries = sorted(((path.lstat().st_mtime, path.name) for path in self.root.iterdir()
+                              if not path.name.startswith(".") and path.name != keep), reverse=True)
+        except OSError:
+            return
+        now = time.time()
+        for rank, (used, name) in enumerate(entries, start=2):  # the kept entry is the first
+            if rank > MAX_ENTRIES or now - used > UNUSED_SECONDS:
+                self.discard(name)
 
     def discard(self, key: str) -> None:
         """Take a bad entry out of use: rename it aside (atomic), then delete it."""

@@ -1,15 +1,19 @@
 """Named restore points: created on the server (``pg_create_restore_point``) and recorded in the archive.
 
 The post-close workflow marks the end of each trading day (``trading-day-D-close``); snapshot
-verification recovers to such a point and compares with that day's dump.
+verification recovers to such a point and compares with that day's dump. Each record is written to the
+local archive and to its copy (``<BACKUP_COPY_TO>/wal/restore_points/``), so ``restore-pitr
+--target-name`` from the bucket alone finds the point's segment and time as it does locally.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,16 +21,13 @@ from pathlib import Path
 import psycopg
 
 from backup_tasks.clock import utcnow
-from backup_tasks.errors import (
-    ConfigError,
-    RestoreRefused,
-    WalArchiveError,
-)
+from backup_tasks.errors import ConfigError, RestoreRefused, StorageError
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.failures import first_line
 from backup_tasks.settings import Settings
 from backup_tasks.wal.archive import FILE_MODE, RESTORE_POINT_DIR, WalArchive
 from backup_tasks.wal.names import position, timeline_of
+from backup_tasks.wal.remote import RemoteWalArchive
 
 
 @dataclass(frozen=True)
@@ -53,44 +54,62 @@ def restore_point_key(point: RestorePoint) -> str:
 
 
 def save_restore_point(archive: WalArchive, point: RestorePoint) -> Path:
-    """Record a restore point in the archive (mode 0640, like the WAL it refers to)."""
+    """Record a restore point in the archive (mode 0640, like the WAL it refers to) and in its copy."""
     path = archive.root / restore_point_key(point)
     archive.ensure_subdir(path.parent)
+    document = json.dumps(asdict(point), indent=2).encode()
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     os.fchmod(fd, FILE_MODE)
-    with os.fdopen(fd, "w") as out:
-        json.dump(asdict(point), out, indent=2)
+    with os.fdopen(fd, "wb") as out:
+        out.write(document)
         out.flush()
         os.fsync(out.fileno())
     os.replace(temp, path)
+    copy = archive.copy_storage()
+    if copy is not None:
+        copy.put_bytes(restore_point_key(point), document)
     return path
 
 
-def restore_points(archive: WalArchive) -> list[RestorePoint]:
-    """Every recorded restore point, oldest first."""
+def _documents(archive: WalArchive) -> Iterator[bytes]:
+    """The stored restore point records: files of a local archive, objects of a bucket-only one."""
+    if isinstance(archive, RemoteWalArchive):
+        for key in sorted(archive.listing()):  # the archive's one cached listing: no extra request
+            if key.startswith(f"{RESTORE_POINT_DIR}/") and key.endswith(".json"):
+                with contextlib.suppress(StorageError):
+                    yield archive.storage.read_bytes(key)
+        return
     directory = archive.root / RESTORE_POINT_DIR
-    found = []
     try:
         entries = sorted(os.listdir(directory))
     except FileNotFoundError:
-        return []
+        return
     for entry in entries:
-        if not entry.endswith(".json") or entry.startswith("."):
-            continue
+        if entry.endswith(".json") and not entry.startswith("."):
+            with contextlib.suppress(OSError):
+                yield (directory / entry).read_bytes()
+
+
+def restore_points(archive: WalArchive) -> list[RestorePoint]:
+    """Every recorded restore point, oldest first (unreadable records skipped)."""
+    found = []
+    for document in _documents(archive):
         try:
-            data = json.loads((directory / entry).read_text())
+            data = json.loads(document)
             found.append(RestorePoint(**{k: data.get(k) for k in RestorePoint.__dataclass_fields__}))
-        except (OSError, ValueError, TypeError):
+        except (ValueError, TypeError):
             continue
     return sorted(found, key=lambda p: (position(p.segment), p.created_at))
 
 
 def delete_restore_point(archive: WalArchive, point: RestorePoint) -> None:
-    try:
+    """Remove a record from the archive and its copy (prune, with the WAL it points into)."""
+    with contextlib.suppress(FileNotFoundError):
         (archive.root / restore_point_key(point)).unlink()
-    except FileNotFoundError:
-        pass
+    copy = archive.copy_storage()
+    if copy is not None:
+        copy.delete(restore_point_key(point))
 
 
 log = logging.getLogger(__name__)
@@ -127,7 +146,7 @@ def create_restore_point(settings: Settings, name: str, *, trading_day: str | No
     try:
         archive.ensure()
         save_restore_point(archive, point)
-    except (OSError, WalArchiveError) as exc:
+    except (OSError, StorageError) as exc:  # the point is in the WAL: PostgreSQL finds it by name without us
         log.warning("restore point %s created at %s but not recorded in %s: %s", name, lsn, archive.root, exc)
     return point
 

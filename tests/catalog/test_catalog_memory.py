@@ -7,7 +7,7 @@ opening the settings' locations.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -93,7 +93,7 @@ def test_catalog_lists_top_level_manifests_oldest_first(storage: MemoryStorage) 
         catalog.newest(MemoryStorage())
 
 
-def test_a_new_manifest_never_replaces_one_but_a_verification_rewrites_it(storage: MemoryStorage) -> None:
+def test_a_new_manifest_never_replaces_one_and_a_verification_is_a_record_beside_it(storage: MemoryStorage) -> None:
     first = backup(storage, 1)
     rival = Manifest.from_dict({**first.to_dict(), "size_bytes": 999})
     with pytest.raises(BackupIdTaken, match="already in the catalog"):
@@ -101,9 +101,41 @@ def test_a_new_manifest_never_replaces_one_but_a_verification_rewrites_it(storag
     assert catalog.load(storage, first.id).size_bytes == first.size_bytes
     result = Verification(ok=True, verified_at=isoformat(NOW), duration_seconds=2.0, method="scratch-database",
                           checked=["sha256"])
+    written = storage.read_bytes(first.key)
     catalog.record_verification(storage, first.id, result)
     reloaded = catalog.load(storage, first.id)
     assert reloaded.verified_ok and reloaded.verification == result and reloaded.size_bytes == first.size_bytes
+    assert storage.read_bytes(first.key) == written, "the manifest is never rewritten"
+    assert [m.verification for m in catalog.catalog(storage) if m.id == first.id] == [result]
+    # A later verdict wins over an earlier one; both stay stored.
+    failed = Verification(ok=False, verified_at=isoformat(NOW), duration_seconds=3.0, method="scratch-database",
+                          checked=["sha256"], problems=["checksum mismatch"])
+    catalog.record_verification(storage, first.id, failed)
+    latest = catalog.load(storage, first.id)
+    assert latest.verification == failed and len(latest.record_keys) == 2
+    assert all(storage.exists(key) for key in latest.record_keys)
+    assert set(latest.stored_keys) >= {first.path, *latest.record_keys} and first.key not in latest.stored_keys
+
+
+def test_an_earlier_versions_manifest_with_its_verification_inside_still_reads(storage: MemoryStorage) -> None:
+    verdict = Verification(ok=True, verified_at=isoformat(NOW), duration_seconds=1.0, method="throwaway-cluster",
+                           checked=["restore"])
+    old = backup(storage, 2)
+    storage.put_bytes(old.key, Manifest.from_dict({**old.to_dict(), "verification": asdict(verdict)}).to_json()
+                      .encode())
+    assert catalog.load(storage, old.id).verification == verdict
+    assert catalog.catalog(storage)[0].verification == verdict
+
+
+def test_records_of_a_pruned_backup_are_orphans_and_unknown_records_are_ignored(storage: MemoryStorage) -> None:
+    kept, gone = backup(storage, 1), backup(storage, 2)
+    for manifest in (kept, gone):
+        catalog.add_record(storage, manifest.id, "drill", {"ok": True})
+    storage.delete(gone.key)
+    storage.put_bytes(f"{kept.id}.20260101T000000000000Z-000000.future-kind.record.json", b"{}")
+    storage.put_bytes(f"{kept.id}.20260101T000000000000Z-000001.drill.record.json", b"{broken")
+    assert catalog.load(storage, kept.id).pitr_drill == {"ok": True}
+    assert [catalog.parse_record_key(k)[0] for k in catalog.orphan_records(storage)] == [gone.id]
 
 
 def test_existing_for_day_finds_only_a_complete_dump_of_that_database_and_day(storage: MemoryStorage) -> None:

@@ -34,7 +34,7 @@ def age_copies(settings: Settings, days: list[int]) -> list[str]:
         copy.started_at = copy.finished_at = isoformat(started)
         copy.path = f"{copy.id}.dump.zst"
         shutil.copy(root / real.path, root / copy.path)
-        catalog.save(storage, copy)
+        catalog.save_new(storage, copy)
         ids.append(copy.id)
     return ids
 

@@ -85,7 +85,7 @@ def test_row_count_differences_and_missing_tables_are_named(
     manifest, _ = dumped(settings)
     manifest.tables["public.orders"] += 1
     manifest.tables["public.ghost_table"] = 5
-    catalog.save(open_storage(settings.backup_dir), manifest)
+    open_storage(settings.backup_dir).put_bytes(manifest.key, manifest.to_json().encode())  # tampered in place
     result = verify_backup(settings, manifest.id)
     assert not result.ok
     assert any("public.orders" in p and "rows restored" in p for p in result.problems)

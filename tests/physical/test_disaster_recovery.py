@@ -31,6 +31,7 @@ from backup_tasks.wal.coverage import coverage
 from backup_tasks.wal.names import segment_name
 from backup_tasks.wal.prefetch import SPOOL_PREFIX, Spool
 from backup_tasks.wal.remote import RemoteWalArchive, archive_for_reading
+from backup_tasks.wal.restore_points import create_restore_point, restore_points
 from tests.support.crypto import write_identity_file
 from tests.support.paths import BACKUP_TASKS, ROOT
 from tests.support.pitr import PitrEnv, cli_env, insert, marks, reachable_dir, run_cli
@@ -192,6 +193,31 @@ def test_encrypted_wal_is_read_ahead_and_decrypted_on_hand_over(tmp_path: Path, 
     wait_for(lambda: not spool.dir.exists())
 
 
+def test_the_full_cli_reads_the_bucket_alone_too(tmp_path: Path, s3_env: S3Server) -> None:
+    """``wal-fetch --json --archive-url`` (not the form PostgreSQL runs) takes the argparse path: same answer."""
+    copy_to = f"s3://{s3_env.new_bucket()}/prod"
+    archive = WalArchive(tmp_path / "archive", copy_to)
+    archive.ensure()
+    name = segment_name(1, 1, MIB)
+    (tmp_path / name).write_bytes(fake_segment(1))
+    archive.push(tmp_path / name)
+    shutil.rmtree(tmp_path / "archive")
+    env, url, destination = worker_env(**s3_env.env()), f"{copy_to}/wal", tmp_path / "RECOVERYXLOG"
+
+    def fetch(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([BACKUP_TASKS, "wal-fetch", "--json", *argv], env=env, capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    done = fetch("--archive-url", url, "--prefetch", "0", name, str(destination))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"ok": True, "name": name, "bytes": MIB}
+    assert destination.read_bytes() == fake_segment(1)
+    missing = fetch("--archive-url", url, segment_name(1, 2, MIB), str(destination))
+    assert missing.returncode == 1 and json.loads(missing.stdout)["missing"] is True
+    mixed = fetch("--archive-url", url, "--archive-dir", str(tmp_path), name, str(destination))
+    assert mixed.returncode == 2 and "without --archive-dir" in mixed.stdout
+
+
 # --- end to end: the server is gone, only the bucket is left ----------------------------------------------
 
 def archived_in_bucket(conninfo: object, name: str, timeout: float = 60) -> None:
@@ -233,6 +259,7 @@ def test_restore_pitr_from_the_bucket_alone(s3_env: S3Server) -> None:
             insert(conninfo, 61, 100, "first")
             with connect(conninfo) as conn:
                 noted = str(conn.execute("SELECT now()::text").fetchone()[0])
+            mark = create_restore_point(settings, "dr-mark", switch_wal=False)
             insert(conninfo, 101, 150, "second")
             switch(conninfo)
             insert(conninfo, 151, 170, "third")
@@ -242,6 +269,8 @@ def test_restore_pitr_from_the_bucket_alone(s3_env: S3Server) -> None:
         data_dir.parent.mkdir()
         data_dir.parent.chmod(0o711)
         fresh = Settings(backup_dir=copy_to)  # the old BACKUP_COPY_TO; no WAL_ARCHIVE_DIR, no DATABASE_URL
+        # The restore point's record went to the bucket too: --target-name works from there alone.
+        assert restore_points(RemoteWalArchive(f"{copy_to}/wal")) == [mark]
         listed = run_cli("list", "--json", env=cli_env(fresh))
         assert listed.returncode == 0, listed.stderr
         restorable = json.loads(listed.stdout)["restorable"]

@@ -76,7 +76,7 @@ def store_snapshot(backup_dir: Path, content: bytes, *, backup_id: str = SNAPSHO
         start_lsn="0/2000028", stop_lsn="0/2000100", timeline=1, wal_segment_size=16 << 20,
         start_segment="000000010000000000000002", stop_segment="000000010000000000000002",
         restorable_from="2026-01-01T00:00:00.000000+00:00", snapshot={"archive_mode": "off"})
-    catalog.save(LocalStorage(backup_dir), manifest)
+    catalog.save_new(LocalStorage(backup_dir), manifest)
     return manifest
 
 

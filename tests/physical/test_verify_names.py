@@ -47,7 +47,7 @@ def land_newer_snapshot(storage: Storage, snapshot: Manifest, landed: list[str])
     newer_id = f"{snapshot.id}-newer{len(landed)}"
     newer = replace(snapshot, id=newer_id, started_at="2099-01-01T00:00:00Z", finished_at="2099-01-01T00:00:00Z",
                     verification=None, pitr_drill=None)
-    catalog.save(storage, newer)
+    catalog.save_new(storage, newer)
     landed.append(newer_id)
 
 

@@ -132,7 +132,7 @@ def age_copy(storage: Storage, days: int) -> str:
     copy.started_at = copy.finished_at = isoformat(started)
     copy.path = real.path.replace(real.id, copy.id)
     storage.put_bytes(copy.path, storage.read_bytes(real.path))
-    catalog.save(storage, copy)
+    catalog.save_new(storage, copy)
     return copy.id
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import zstandard
 
-from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.manifest import Manifest, Verification, isoformat
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_storage
@@ -57,4 +56,4 @@ def rewrite_archive(path: Path, manifest: Manifest, settings: Settings, mutate: 
     sealed = zstandard.ZstdCompressor().compress(mutate(raw))
     path.write_bytes(sealed)
     manifest.sha256, manifest.size_bytes = hashlib.sha256(sealed).hexdigest(), len(sealed)
-    catalog.save(open_storage(settings.backup_dir), manifest)
+    open_storage(settings.backup_dir).put_bytes(manifest.key, manifest.to_json().encode())  # re-sealed in place
