@@ -113,6 +113,12 @@ class Manifest:
         return self.verification is not None and self.verification.ok
 
     @property
+    def restorable(self) -> bool:
+        """A complete snapshot that says where its WAL starts and how big a segment is: PITR can start from it."""
+        return self.kind == "snapshot" and self.state == "complete" and bool(self.start_segment) \
+            and bool(self.wal_segment_size)
+
+    @property
     def stored_keys(self) -> list[str]:
         """Every object of the backup except the manifest: data first (a snapshot has several), then records."""
         return [*(k for k in (self.files or {}) if k != self.path), self.path, *self.record_keys]

@@ -116,8 +116,21 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
     from backup_tasks.catalog.health import check_health
 
     report = check_health(settings)
-    human = (f"healthy: newest backup {report.newest_backup} finished {report.newest_finished_at}, verified"
-             if report.ok else "UNHEALTHY:\n  " + "\n  ".join(report.problems))
+    if not report.ok:
+        human = "UNHEALTHY:\n  " + "\n  ".join(report.problems)  # one problem a line
+    else:
+        lines = [f"healthy: newest backup {report.newest_backup} finished {report.newest_finished_at}, verified"]
+        snapshot, wal = report.snapshot, report.wal
+        if snapshot["pitr"]:
+            lines.append(f"newest snapshot {snapshot['newest']} finished {snapshot['finished_at']}, "
+                         + ("verified" if snapshot["verified"] else "verification pending"))
+        if wal["checked"] and wal["from"]:
+            server = f", server on timeline {wal['server_timeline']}" if wal["server_timeline"] is not None else ""
+            lines.append(f"WAL {wal['from']} to {wal['to']}: {wal['found']} segments found, none lost, "
+                         f"{wal['missing_in_flight']} in flight; archive on timeline {wal['timeline']}{server}")
+        if not snapshot["pitr"]:
+            lines.append(f"point-in-time recovery not judged: {snapshot['why']}")
+        human = "\n".join(lines)
     emit(args, asdict(report), human)
     return 0 if report.ok else 1
 

@@ -27,7 +27,6 @@ from backup_tasks.errors import (
     RestoreFailed,
     TargetOutOfRange,
 )
-from backup_tasks.physical.snapshot import is_restorable
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.failures import first_line
 from backup_tasks.postgres.tools import find_tool
@@ -135,7 +134,7 @@ def snapshot_ranges(storage: Storage, archive: WalArchive) -> list[SnapshotRange
     names = archive.segment_names() if archive.available() else []
     ranges = []
     snaps = [snap for snap in catalog.catalog(storage, kind="snapshot")
-             if is_restorable(snap) and snap.wal_segment_size and snap.restorable_from]
+             if snap.restorable and snap.restorable_from]
     # One pass over the archive for all of them (12 weekly snapshots over 100,000+ segments), not one each.
     found = coverages(archive, [(str(s.start_segment), int(s.wal_segment_size or 0)) for s in snaps], names)
     for snap, cov in zip(snaps, found, strict=True):

@@ -436,7 +436,3 @@ def snapshot_files(manifest: Manifest) -> dict[str, dict[str, Any]]:
     if manifest.files:
         return dict(manifest.files)
     return {manifest.path: {"size": manifest.size_bytes, "sha256": manifest.sha256, "role": "base"}}
-
-
-def is_restorable(manifest: Manifest) -> bool:
-    return manifest.kind == "snapshot" and manifest.state == "complete" and bool(manifest.start_segment)

@@ -46,7 +46,7 @@ from backup_tasks.physical.recovery import (
     wal_fetch_command,
     write_recovery_config,
 )
-from backup_tasks.physical.snapshot import is_restorable, snapshot_files
+from backup_tasks.physical.snapshot import snapshot_files
 from backup_tasks.physical.unpack import (
     local_error,
     local_os_error,
@@ -185,7 +185,7 @@ def snapshot_to_verify(storage: Storage, backup_id: str | None = None) -> Manife
         if snapshot.kind != "snapshot":
             raise BackupNotFound(f"{backup_id} is a {snapshot.kind}, not a snapshot")
         return snapshot
-    snapshots = [m for m in catalog.catalog(storage, kind="snapshot") if is_restorable(m)]
+    snapshots = [m for m in catalog.catalog(storage, kind="snapshot") if m.restorable]
     if not snapshots:
         raise BackupNotFound(f"no complete snapshot in {storage.location} (run `backup-tasks snapshot`)")
     return snapshots[-1]
