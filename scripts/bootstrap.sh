@@ -10,12 +10,30 @@ need_apt=()
 command -v pg_dump >/dev/null 2>&1 || [ -x /usr/lib/postgresql/15/bin/pg_dump ] || need_apt+=(postgresql postgresql-contrib)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
 command -v age >/dev/null 2>&1 || need_apt+=(age)  # only for the interoperability test of encrypted backups
+# promtool checks and unit-tests deploy/prometheus's alert rules; the server runs in one test, on a free port.
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # headless: renders `status --html` in a test
 # Debian's interpreter: the postgres OS user can run it (archive_command), root's pyenv one it cannot.
 PY=/usr/bin/python3
 if [ -x "$PY" ] && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then need_apt+=(python3-venv); fi
 if [ ${#need_apt[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   log "installing ${need_apt[*]} with apt-get"
-  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  # No service may start from the install: a Prometheus on 9090 (or PostgreSQL on 5432, which
+  # scripts/services.sh starts itself) is not ours to leave running, and a container has no init to
+  # start one. policy-rc.d tells invoke-rc.d and deb-systemd-invoke so; a machine's own is left alone.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
+  # Without recommends: prometheus would bring node-exporter, another service.
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${need_apt[@]}" >/dev/null
+  if [ -n "$(trap -p EXIT)" ]; then rm -f "$policy"; trap - EXIT; fi
+  # Under systemd the package still enables its unit for the next boot: only the binaries are wanted.
+  if [[ " ${need_apt[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
 fi
 [ -x "$PY" ] || PY=$(command -v python3)
 

@@ -383,7 +383,7 @@ def ask_server(settings: Settings) -> ServerWal:
 
     from backup_tasks.postgres.connect import connect
     from backup_tasks.postgres.failures import first_line
-    from backup_tasks.wal.setup import _archiver_stats
+    from backup_tasks.wal.setup import archiver_stats
 
     conninfo = settings.source()
     if "connect_timeout" not in dict(conninfo.options):
@@ -397,7 +397,7 @@ def ask_server(settings: Settings) -> ServerWal:
             else:
                 current = str(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0])
                 timeline = timeline_of(current)
-            stats = _archiver_stats(conn)
+            stats = archiver_stats(conn)
     except BackupError as exc:
         return ServerWal(label, error=str(exc))
     except psycopg.Error as exc:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from backup_tasks import __version__
-from backup_tasks.cli import daily, pitr, workflow
+from backup_tasks.cli import daily, observe, pitr, workflow
 from backup_tasks.cli.output import Command, Parser, UsageError, fail
 from backup_tasks.errors import BackupError
 from backup_tasks.settings import Settings
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    for register in (daily.register, pitr.register, workflow.register):
+    for register in (daily.register, pitr.register, workflow.register, observe.register):
         register(add)
     return parser
 

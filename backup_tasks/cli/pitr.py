@@ -36,7 +36,7 @@ def _copy_to(args: argparse.Namespace, settings: Settings) -> str | None:
 
 def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
     from backup_tasks.wal.archive import WalArchive
-    from backup_tasks.wal.pushahead import push
+    from backup_tasks.wal.command import push_and_record
 
     recipients = settings.encrypt_recipients
     if getattr(args, "encrypt_to", None):
@@ -44,7 +44,8 @@ def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
 
         recipients = parse_recipients(args.encrypt_to, setting="--encrypt-to")
     archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings), recipients=recipients)
-    result = push(archive, Path(args.path), level=args.level)  # as the fast path does: push-ahead with a copy
+    # As the fast path does: push-ahead with a copy, then the state file the exporter reads.
+    result = push_and_record(archive, Path(args.path), level=args.level)
     if args.json or args.verbose:
         emit(args, asdict(result), f"{result.name}: {result.status} ({result.original_bytes} -> "
                                     f"{result.stored_bytes} bytes)")

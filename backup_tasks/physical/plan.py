@@ -129,12 +129,17 @@ def format_moment(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(sep=" ", timespec="microseconds")
 
 
-def snapshot_ranges(storage: Storage, archive: WalArchive) -> list[SnapshotRange]:
-    """What every complete snapshot can restore to, given the archive as it is now (oldest first)."""
+def snapshot_ranges(storage: Storage, archive: WalArchive,
+                    snapshots: list[Manifest] | None = None) -> list[SnapshotRange]:
+    """What every complete snapshot can restore to, given the archive as it is now (oldest first).
+
+    ``snapshots``: the catalog's snapshots when the caller has read it already (the exporter, per scrape).
+    """
     names = archive.segment_names() if archive.available() else []
     ranges = []
-    snaps = [snap for snap in catalog.catalog(storage, kind="snapshot")
-             if snap.restorable and snap.restorable_from]
+    if snapshots is None:
+        snapshots = catalog.catalog(storage, kind="snapshot")
+    snaps = [snap for snap in snapshots if snap.restorable and snap.restorable_from]
     # One pass over the archive for all of them (12 weekly snapshots over 100,000+ segments), not one each.
     found = coverages(archive, [(str(s.start_segment), int(s.wal_segment_size or 0)) for s in snaps], names)
     for snap, cov in zip(snaps, found, strict=True):

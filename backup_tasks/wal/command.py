@@ -5,7 +5,8 @@ no argparse, settings, Celery, Redis, psycopg or Sentry (boto3 only when the cop
 only when the archive is encrypted). Forms: ``wal-push --archive-dir DIR [--copy-to URL]
 [--encrypt-to KEYS] PATH`` and ``wal-fetch --archive-dir DIR [--copy-to URL] [--identity-file FILE]
 NAME PATH``, and ``wal-fetch --archive-url URL ... NAME PATH`` (a bucket alone, with read-ahead:
-``wal.prefetch``); anything else goes to the full CLI.
+``wal.prefetch``); anything else goes to the full CLI. Every acknowledged segment is recorded in the
+archive's state file (``wal.state``: the newest segment per location, which the exporter reads).
 
 Exit codes: 0 ok, 1 failed; wal-fetch exits 1 for "not in the archive" (the normal end of recovery)
 and ``RECOVERY_FATAL`` (200) when the archive is damaged or unreadable, which PostgreSQL treats as
@@ -15,6 +16,12 @@ fatal (any status above 125) instead of quietly ending recovery early.
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from backup_tasks.wal.archive import PushResult, WalArchive
 
 RECOVERY_FATAL = 200
 SERVER_COMMANDS = ("wal-push", "wal-fetch")
@@ -55,10 +62,8 @@ def server_command_fast(argv: list[str]) -> int | None:
     archive = WalArchive(Path(argv[2]).absolute(), options.get("--copy-to"), recipients=recipients,
                          identity_file=options.get("--identity-file"))
     if argv[0] == "wal-push":
-        from backup_tasks.wal.pushahead import push
-
         try:
-            push(archive, Path(positional[0]))  # with a copy: pushes the following .ready files ahead
+            push_and_record(archive, Path(positional[0]))  # with a copy: pushes the following .ready files ahead
         except BackupError as exc:
             print(f"backup-tasks wal-push: error: {exc}", file=sys.stderr)
             return exc.exit_code
@@ -72,3 +77,44 @@ def server_command_fast(argv: list[str]) -> int | None:
         print(f"backup-tasks wal-fetch: FATAL: {exc}", file=sys.stderr)
         return RECOVERY_FATAL
     return 0
+
+
+def push_and_record(archive: WalArchive, source: Path, *, level: int | None = None) -> PushResult:
+    """``wal-push`` of ``source`` (push-ahead with a copy), then the archive's state file (``wal.state``) updated.
+
+    The state records a segment once it is acknowledged: stored here and in the copy. When the push
+    fails after storing it here (the copy refused it), the local archive's entry still moves and the
+    copy's stays behind, which is how the exporter sees a lagging copy. Every ``wal-push`` path is to
+    call this (the fast path above, and the full CLI's ``cmd_wal_push``), so the state misses no segment.
+    """
+    from backup_tasks.errors import BackupError
+    from backup_tasks.wal.archive import DEFAULT_LEVEL
+    from backup_tasks.wal.names import SEGMENT_RE
+    from backup_tasks.wal.pushahead import copy_url, push
+
+    copy_where = copy_url(archive) if archive.copy_to else None
+    recorded = bool(SEGMENT_RE.match(source.name))  # history, .partial and .backup files are not "newest WAL"
+    try:
+        result = push(archive, source, level=DEFAULT_LEVEL if level is None else level)
+    except BackupError:
+        if recorded and archive.copy_to:  # stored here before the copy refused it?
+            _record_state(archive, source.name, copy_where, copy_stored=False)
+        raise
+    if recorded:
+        _record_state(archive, source.name, copy_where, copy_stored=True)
+    return result
+
+
+def _record_state(archive: WalArchive, name: str, copy_where: str | None, *, copy_stored: bool) -> None:
+    from backup_tasks.errors import WalMissing
+    from backup_tasks.wal import state
+
+    try:
+        completed_at = archive.trailer(name).completed_at
+    except WalMissing:
+        return  # not stored here either: nothing to record
+    except Exception as exc:  # the state is advisory: never the reason a push fails
+        state.log.warning("backup-tasks wal-push: could not read back the trailer of %s for the state file: %s",
+                          name, exc)
+        return
+    state.record(archive.root, name, completed_at, copy_where=copy_where, copy_stored=copy_stored)

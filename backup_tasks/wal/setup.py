@@ -187,7 +187,7 @@ def _check_server(conn: psycopg.Connection, settings: Settings, report: ArchiveC
     if report.settings["archive_timeout"] in ("0", "0s", ""):
         report.warnings.append("archive_timeout is 0: on a quiet server the newest WAL can stay unarchived "
                                f"indefinitely (unbounded RPO); set archive_timeout = {DEFAULT_ARCHIVE_TIMEOUT}")
-    report.archiver = _archiver_stats(conn)
+    report.archiver = archiver_stats(conn)
     worked = _force_segment(conn, report, archive, timeout)
     if other_form:
         canonical = next((line for line in report.postgresql_conf if line.startswith("archive_command")),
@@ -226,7 +226,7 @@ def _force_segment(conn: psycopg.Connection, report: ArchiveCheck, archive: WalA
     report.waited_seconds = round(time.time() - started, 3)
     report.arrived = archive.exists(segment)
     if not report.arrived:
-        stats = _archiver_stats(conn)
+        stats = archiver_stats(conn)
         report.archiver = stats
         failing = bool(stats.get("last_failed_time")) and \
             str(stats.get("last_failed_time")) > str(stats.get("last_archived_time") or "")
@@ -248,11 +248,11 @@ def _force_segment(conn: psycopg.Connection, report: ArchiveCheck, archive: WalA
     except BackupError as exc:
         read_back = False
         report.problems.append(f"segment {segment} arrived but does not read back: {exc}")
-    report.archiver = _archiver_stats(conn)
+    report.archiver = archiver_stats(conn)
     return read_back
 
 
-def _archiver_stats(conn: psycopg.Connection) -> dict[str, Any]:
+def archiver_stats(conn: psycopg.Connection) -> dict[str, Any]:
     row = conn.execute("SELECT archived_count, last_archived_wal, last_archived_time::text, failed_count, "
                        "last_failed_wal, last_failed_time::text FROM pg_stat_archiver").fetchone()
     keys = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",

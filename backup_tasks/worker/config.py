@@ -16,6 +16,7 @@ from typing import Any
 from celery.schedules import crontab
 
 from backup_tasks.errors import ConfigError
+from backup_tasks.observe.schedule import scheduled_runs
 from backup_tasks.settings import Settings, env_int
 
 log = logging.getLogger(__name__)
@@ -80,27 +81,13 @@ def schedule_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Entries in the exchange's timezone (``timezone`` below): crontab hours are local to it."""
-    daily, health = settings.daily_at, settings.health_at
-    weekday, weekly = settings.weekly_at
-    return {
-        "weekly-snapshot": {
-            "task": "backup_tasks.weekly",
-            # crontab counts Sunday as 0, our setting (like datetime.weekday) Monday as 0
-            "schedule": crontab(day_of_week=(weekday + 1) % 7, hour=weekly.hour, minute=weekly.minute),
-            "options": {"queue": QUEUE},
-        },
-        "daily-backup": {
-            "task": "backup_tasks.daily",
-            "schedule": crontab(hour=daily.hour, minute=daily.minute),
-            "options": {"queue": QUEUE},
-        },
-        "backup-health": {
-            "task": "backup_tasks.health",
-            "schedule": crontab(hour=health.hour, minute=health.minute),
-            "options": {"queue": QUEUE},
-        },
-    }
+    """Celery crontabs for ``observe.schedule.scheduled_runs`` (the one description of the schedule, which
+    ``status`` reads too), in the exchange's timezone (``timezone`` below): crontab hours are local to it."""
+    return {run.name: {"task": run.task, "options": {"queue": QUEUE},
+                       # crontab counts Sunday as 0, ours (like datetime.weekday) Monday as 0
+                       "schedule": crontab(hour=run.at.hour, minute=run.at.minute,
+                                           **({} if run.weekday is None else {"day_of_week": (run.weekday + 1) % 7}))}
+            for run in scheduled_runs(settings)}
 
 
 def longest_hard_limit(settings: Settings) -> int:

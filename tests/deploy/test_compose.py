@@ -2,7 +2,9 @@
 
 Services, commands, queue, volumes and environment must agree with what the package reads and does:
 an environment variable nobody reads, a queue the worker does not consume, or a backups path that
-is not on the shared volume would all pass ``docker compose config`` and still be wrong.
+is not on the shared volume would all pass ``docker compose config`` and still be wrong. The same
+for the monitoring: the exporter's command must be one the CLI accepts, and the Prometheus of the
+``monitoring`` profile must load the shipped rules and scrape the ports the exporter and Flower use.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from backup_tasks.conninfo import ConnInfo
 from backup_tasks.settings import Settings
 from backup_tasks.worker.config import ENV_VARS, QUEUE, build_config
 from tests.support.paths import ROOT
+from tests.support.prometheus import CONFIG, PROMETHEUS_DIR, RULES
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 CELERY_SERVICES = ("worker", "beat", "flower")
+#: Services built from this repository that read the backups' settings.
+BACKUP_SERVICES = (*CELERY_SERVICES, "exporter")
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
 
 
@@ -79,6 +84,21 @@ def mounts(svc: dict[str, Any]) -> dict[str, str]:
     return found
 
 
+def read_only_mounts(svc: dict[str, Any]) -> set[str]:
+    """Container paths mounted ``:ro``."""
+    return {str(entry).split(":")[1] for entry in svc.get("volumes", []) if str(entry).split(":")[2:] == ["ro"]}
+
+
+def published(svc: dict[str, Any]) -> dict[int, str]:
+    """Container port -> the host address it is published on."""
+    found = {}
+    for entry in svc.get("ports", []):
+        host, host_port, container_port = str(entry).split(":")
+        assert host_port == container_port, entry
+        found[int(container_port)] = host
+    return found
+
+
 def variables_read_by_the_package() -> set[str]:
     """Environment variable names that appear as string constants in the modules that read the environment."""
     names: set[str] = set(ENV_VARS)
@@ -92,15 +112,19 @@ def variables_read_by_the_package() -> set[str]:
 
 
 def test_the_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"postgres", "redis", "worker", "beat", "flower"}
-    # One image, built from this repository, for PostgreSQL (it runs wal-push) and the three Celery services.
-    for name in ("postgres", *CELERY_SERVICES):
+    assert set(compose["services"]) == {"postgres", "redis", "worker", "beat", "flower", "exporter", "prometheus"}
+    # One image, built from this repository, for PostgreSQL (it runs wal-push), the three Celery services
+    # and the exporter.
+    for name in ("postgres", *BACKUP_SERVICES):
         svc = service(compose, name)
         assert (ROOT / svc["build"]["context"]).resolve() == ROOT, name
         assert svc["image"] == service(compose, "worker")["image"]
-    for name in CELERY_SERVICES:
+    for name in BACKUP_SERVICES:
         assert service(compose, name)["user"] == "postgres", f"{name} must not run as root (initdb refuses root)"
     assert service(compose, "redis")["image"].startswith("redis:7")
+    # `docker compose up` starts everything but Prometheus, which is the optional `monitoring` profile.
+    profiled = {name: svc["profiles"] for name, svc in compose["services"].items() if "profiles" in svc}
+    assert profiled == {"prometheus": ["monitoring"]}
 
 
 def test_worker_command_is_the_documented_one_on_the_backups_queue(compose: dict[str, Any]) -> None:
@@ -132,7 +156,7 @@ def test_beat_and_flower_commands(compose: dict[str, Any]) -> None:
 
 def test_every_variable_the_compose_file_sets_is_read_by_someone(compose: dict[str, Any]) -> None:
     ours = variables_read_by_the_package()
-    for name in CELERY_SERVICES:
+    for name in BACKUP_SERVICES:
         for variable in service(compose, name)["environment"]:
             known = variable in ours or (name == "flower" and variable.startswith("FLOWER_"))
             assert known, f"{name} sets {variable}, which nothing reads"
@@ -207,3 +231,54 @@ def test_dockerfile_builds_what_compose_runs(compose: dict[str, Any]) -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     for dependency in ("celery[redis]", "flower", "sentry-sdk"):
         assert dependency in pyproject
+
+
+def test_the_exporter_serves_the_catalog_the_worker_writes(compose: dict[str, Any]) -> None:
+    from backup_tasks.cli.main import build_parser
+    from backup_tasks.observe.metrics import parse_listen
+
+    exporter = service(compose, "exporter")
+    argv = command(exporter)
+    assert argv[0] == "backup-tasks"
+    args = build_parser().parse_args(argv[1:])  # a command and flags the CLI accepts
+    assert args.command == "metrics" and args.listen
+    host, port = parse_listen(args.listen)
+    assert host == "0.0.0.0", "Prometheus in another container must reach it"
+    assert published(exporter) == {port: "127.0.0.1"}, "the metrics are for this host, not the internet"
+    assert f"127.0.0.1:{port}/metrics" in " ".join(exporter["healthcheck"]["test"])
+    # The same settings as the worker: the catalog it writes and the database it backs up.
+    env, worker_env = environment(exporter), environment(service(compose, "worker"))
+    settings, worker_settings = Settings.from_env(env), Settings.from_env(worker_env)
+    assert settings.backup_dir == worker_settings.backup_dir and settings.wal_archive == worker_settings.wal_archive
+    assert env["DATABASE_URL"] == worker_env["DATABASE_URL"]  # pg_stat_archiver of the archiving server
+    # It reads the backups volume and may not change it.
+    assert mounts(exporter) == {settings.backup_dir: "backups"}
+    assert read_only_mounts(exporter) == {settings.backup_dir}
+
+
+def test_the_monitoring_profile_runs_prometheus_with_the_shipped_rules(compose: dict[str, Any]) -> None:
+    prometheus = service(compose, "prometheus")
+    assert prometheus["image"].startswith("prom/prometheus:v2.")  # the rules are tested with promtool 2.x
+    argv = command(prometheus)
+    # The configuration directory is this repository's deploy/prometheus, read-only.
+    config_dir = next(target for target, source in mounts(prometheus).items()
+                      if (ROOT / source).resolve() == PROMETHEUS_DIR)
+    assert config_dir in read_only_mounts(prometheus)
+    config_file = option(argv, "--config.file")
+    assert config_file and Path(config_file).parent == Path(config_dir)
+    assert PROMETHEUS_DIR / Path(config_file).name == CONFIG
+    config = yaml.safe_load(CONFIG.read_text())
+    assert [(CONFIG.parent / name).resolve() for name in config["rule_files"]] == [RULES]
+    # Its data on a volume of its own; the UI and API for this host only.
+    storage = option(argv, "--storage.tsdb.path")
+    assert storage and mounts(prometheus)[storage] in compose["volumes"]
+    assert published(prometheus) == {9090: "127.0.0.1"}
+    # It scrapes the exporter and Flower at the ports they listen on, by their service names.
+    targets = {job["job_name"]: (job.get("metrics_path", "/metrics"), job["static_configs"][0]["targets"])
+               for job in config["scrape_configs"]}
+    listen = option(command(service(compose, "exporter")), "--listen")
+    flower_port = option(command(service(compose, "flower")), "--port")
+    assert listen and flower_port
+    assert targets["backup-tasks"] == ("/metrics", [f"exporter:{listen.rpartition(':')[2]}"])
+    assert targets["flower"] == ("/metrics", [f"flower:{flower_port}"])
+    assert {"exporter", "flower"} <= set(prometheus["depends_on"])

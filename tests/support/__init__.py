@@ -7,6 +7,8 @@
 - ``pitr`` (pytest plugin): archiving throwaway clusters, the CLI as a subprocess, the PITR scenario.
 - ``crypto``: age identity files.
 - ``data``: incompressible test data, made-up manifests, damaged archives.
+- ``prometheus``: promtool and the Prometheus server (skipped when missing, a failure under CI) and the
+  ``deploy/`` paths.
 
 The plugins are listed in ``pytest_plugins`` of ``tests/conftest.py``, so their fixtures can be
 requested by name from any test module without importing them.

@@ -1,0 +1,355 @@
+"""One reading of the backups' state from our own records: what ``metrics``, ``status`` and the page show.
+
+What a reading costs (``collect``), whatever the archive's size:
+
+- the catalog: one top-level listing of ``BACKUP_DIR`` and its manifests (the number of backups);
+- the WAL archive's state file (``wal.state``): one small file, the newest segment per location;
+- with snapshots in the catalog, their WAL coverage (``physical.plan.snapshot_ranges``): the local
+  archive's segment names and one trailer per distinct end (cheap at 100,000 segments with the index
+  of ``wal.coverage``); never a listing of the copy;
+- with ``DATABASE_URL``, one row of ``pg_stat_archiver`` (a short connect timeout: a down server costs
+  ``SERVER_TIMEOUT`` at most).
+
+Each source is reported as read or not (``SourceStatus``). The facts of a source that failed are left
+out, never carried over from an earlier reading. ``up`` is whether our own sources were read (catalog,
+WAL archive, state file); the server is a source apart: a database that does not answer loses the
+``pg_stat_archiver`` facts, not the backup facts (the backups are as they were; the alerts on the
+archive's freshness still see a stalled archive).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.manifest import Manifest, Verification, parse_time, utcnow
+from backup_tasks.errors import BackupError, ConfigError
+from backup_tasks.physical.plan import SnapshotRange, snapshot_ranges
+from backup_tasks.settings import Settings
+from backup_tasks.storage.base import Storage
+from backup_tasks.storage.locations import open_storage
+from backup_tasks.wal import state
+from backup_tasks.wal.archive import WalArchive
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for the server's answer (connect and query): a scrape must not hang on a down database.
+SERVER_TIMEOUT = 3
+#: The sources, as ``backup_tasks_source_up{source=...}`` names them.
+CATALOG, WAL_ARCHIVE, WAL_STATE, SERVER = "catalog", "wal_archive", "wal_state", "server"
+#: Not a source: a reading that failed for a reason nobody foresaw (a bug) is reported under this name.
+INTERNAL = "internal"
+#: Sources whose failure makes ``up`` 0 (the server's does not: see the module docstring).
+OWN_SOURCES = (CATALOG, WAL_ARCHIVE, WAL_STATE, INTERNAL)
+#: Read by ``status`` only (``list_copy``), never by a scrape: a top-level listing of BACKUP_COPY_TO.
+COPY_SOURCE = "copy"
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    name: str
+    ok: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Series:
+    """The complete backups of one database and kind: how many, the newest, and the latest verification."""
+
+    database: str
+    kind: str  # "dump" or "snapshot"
+    count: int
+    newest: Manifest
+    last_verification: Verification | None  # the latest by verified_at, of any backup of the series
+    last_verified_id: str | None
+
+
+@dataclass(frozen=True)
+class RecoveryWindow:
+    """The one unbroken span PITR can reach now that ends at the newest reachable moment."""
+
+    database: str
+    start: datetime
+    end: datetime
+    snapshot_id: str  # the snapshot a restore to ``start`` uses
+
+
+@dataclass(frozen=True)
+class WalGap:
+    """A missing segment with later ones archived: PITR from the snapshots before it stops at ``after``."""
+
+    segment: str
+    after: datetime
+
+
+@dataclass(frozen=True)
+class Drill:
+    """The latest PITR drill of a database (``manifest.pitr_drill`` of its snapshots)."""
+
+    database: str
+    snapshot_id: str
+    ok: bool
+    drilled_at: datetime
+    duration_seconds: float | None
+    target_time: str | None
+    problems: list[str]
+
+
+@dataclass(frozen=True)
+class ArchiverStats:
+    """The server's ``pg_stat_archiver`` row."""
+
+    archived_count: int
+    last_archived_wal: str | None
+    last_archived_at: datetime | None
+    failed_count: int
+    last_failed_wal: str | None
+    last_failed_at: datetime | None
+
+
+@dataclass
+class Facts:
+    collected_at: datetime
+    backup_dir: str
+    copy_to: str | None
+    sources: list[SourceStatus] = field(default_factory=list)
+    backups: list[Manifest] = field(default_factory=list)  # complete backups, oldest first
+    series: list[Series] = field(default_factory=list)
+    ranges: list[SnapshotRange] = field(default_factory=list)
+    windows: list[RecoveryWindow] = field(default_factory=list)
+    gaps: list[WalGap] = field(default_factory=list)
+    wal: dict[str, state.Newest] = field(default_factory=dict)  # "archive", "copy" -> newest acknowledged
+    archiver: ArchiverStats | None = None
+    drills: list[Drill] = field(default_factory=list)
+    copy_missing: list[str] | None = None  # ids of backups BACKUP_COPY_TO lacks (``list_copy``), None: not read
+    duration_seconds: float = 0.0
+
+    @property
+    def up(self) -> bool:
+        return all(s.ok for s in self.sources if s.name in OWN_SOURCES)
+
+    def source(self, name: str) -> SourceStatus | None:
+        return next((s for s in self.sources if s.name == name), None)
+
+    def read_ok(self, name: str) -> bool:
+        found = self.source(name)
+        return found is not None and found.ok
+
+    def problems(self) -> list[str]:
+        return [f"{s.name}: {s.error}" for s in self.sources if not s.ok]
+
+
+def collect(settings: Settings, *, storage: Storage | None = None, archive: WalArchive | None = None,
+            now: datetime | None = None, read_server: bool = True, list_copy: bool = False) -> Facts:
+    """Read every source once; a source that fails is recorded as such and its facts left out.
+
+    ``storage`` defaults to ``BACKUP_DIR`` alone (the catalog; the copy is not listed), ``archive`` to the
+    local WAL archive of the settings (none when ``BACKUP_DIR`` is a URL and ``WAL_ARCHIVE_DIR`` unset).
+    ``list_copy`` (``status``): also list the top of ``BACKUP_COPY_TO`` to find backups missing there.
+    """
+    started = time.monotonic()
+    facts = Facts(collected_at=now or utcnow(), backup_dir=settings.backup_dir, copy_to=settings.copy_to)
+    try:
+        storage = _read_catalog(facts, settings, storage)
+        if archive is None:
+            archive = local_archive(settings)
+        _read_wal(facts, archive, storage)
+        if read_server and settings.database_url:
+            _read_server(facts, settings)
+        if list_copy and settings.copy_to:
+            _read_copy(facts, settings.copy_to)
+    except Exception as exc:  # a bug must show as a failed reading (up 0), never as a scrape serving nothing
+        log.exception("reading the backup state failed")
+        facts.sources.append(SourceStatus(INTERNAL, False, f"{type(exc).__name__}: {exc}"))
+    facts.duration_seconds = time.monotonic() - started
+    return facts
+
+
+def local_archive(settings: Settings) -> WalArchive | None:
+    """The local WAL archive wal-push writes (and its state file); None when there is none to read."""
+    try:
+        return WalArchive.for_settings(settings)
+    except ConfigError:  # BACKUP_DIR is a URL and WAL_ARCHIVE_DIR unset: no local archive on this host
+        return None
+
+
+# --- the catalog ------------------------------------------------------------------------------------
+
+def _read_catalog(facts: Facts, settings: Settings, storage: Storage | None) -> Storage | None:
+    """The catalog's facts; returns the storage read (None when it could not be)."""
+    try:
+        if storage is None:
+            if "://" not in settings.backup_dir and not Path(settings.backup_dir).is_dir():
+                # Listing a missing directory finds nothing: an unmounted volume must not look like "no backups".
+                facts.sources.append(SourceStatus(CATALOG, False, f"BACKUP_DIR {settings.backup_dir} does not "
+                                                                  f"exist or is not a directory"))
+                return None
+            storage = open_storage(settings.backup_dir)
+        manifests = catalog.catalog(storage)
+    except (BackupError, OSError) as exc:  # OSError: a path this user may not even look at
+        facts.sources.append(SourceStatus(CATALOG, False, _reason(exc, settings.backup_dir)))
+        return None
+    facts.sources.append(SourceStatus(CATALOG, True))
+    facts.backups = [m for m in manifests if m.state == "complete"]
+    facts.series = series_of(facts.backups)
+    facts.drills = latest_drills(facts.backups)
+    return storage
+
+
+def series_of(backups: list[Manifest]) -> list[Series]:
+    """One ``Series`` per (database, kind) of ``backups`` (complete, oldest first)."""
+    groups: dict[tuple[str, str], list[Manifest]] = defaultdict(list)
+    for m in backups:
+        groups[(m.database, m.kind)].append(m)
+    found = []
+    for (database, kind), group in sorted(groups.items()):
+        verified = [(parse_time(m.verification.verified_at), m.id, m.verification)
+                    for m in group if m.verification is not None]
+        _at, last_id, last = max(verified, key=lambda v: v[0]) if verified else (None, None, None)
+        found.append(Series(database, kind, len(group), group[-1], last, last_id))
+    return found
+
+
+def latest_drills(backups: list[Manifest]) -> list[Drill]:
+    """The latest recorded PITR drill per database."""
+    latest: dict[str, Drill] = {}
+    for m in backups:
+        drill = _drill_of(m)
+        if drill is not None and (drill.database not in latest or drill.drilled_at > latest[drill.database].drilled_at):
+            latest[drill.database] = drill
+    return [latest[database] for database in sorted(latest)]
+
+
+def _drill_of(m: Manifest) -> Drill | None:
+    record: dict[str, Any] | None = m.pitr_drill
+    if not record or not record.get("drilled_at"):
+        return None
+    try:
+        drilled_at = parse_time(str(record["drilled_at"]))
+    except ValueError:
+        return None
+    duration = record.get("duration_seconds")
+    return Drill(database=m.database, snapshot_id=m.id, ok=bool(record.get("ok")), drilled_at=drilled_at,
+                 duration_seconds=float(duration) if isinstance(duration, (int, float)) else None,
+                 target_time=record.get("target_time"), problems=list(record.get("problems") or []))
+
+
+def _read_copy(facts: Facts, copy_to: str) -> None:
+    if not facts.read_ok(CATALOG):
+        return
+    try:
+        held = {obj.key for obj in open_storage(copy_to, setting="BACKUP_COPY_TO").list(recursive=False)}
+    except BackupError as exc:
+        facts.sources.append(SourceStatus(COPY_SOURCE, False, str(exc)))
+        return
+    facts.sources.append(SourceStatus(COPY_SOURCE, True))
+    facts.copy_missing = [m.id for m in facts.backups if m.path not in held or m.key not in held]
+
+
+# --- the WAL archive: its state file and what the snapshots can reach ---------------------------------
+
+def _reason(exc: BackupError | OSError, where: str) -> str:
+    if isinstance(exc, OSError):
+        return f"cannot read {exc.filename or where}: {exc.strerror or exc}"
+    return str(exc)
+
+
+def _read_wal(facts: Facts, archive: WalArchive | None, storage: Storage | None) -> None:
+    snapshots = [m for m in facts.backups if m.kind == "snapshot"]
+    try:
+        available = archive is not None and archive.available()
+    except OSError as exc:
+        facts.sources.append(SourceStatus(WAL_ARCHIVE, False, _reason(exc, str(archive.root if archive else ""))))
+        return
+    if archive is None or not available:
+        if snapshots and archive is not None:
+            # Snapshots without their archive restore to nothing later than their end: say so, do not guess.
+            facts.sources.append(SourceStatus(WAL_ARCHIVE, False, f"the WAL archive {archive.location} does not "
+                                                                  f"exist or cannot be entered"))
+        return
+    try:
+        facts.wal = state.read(archive.root)
+        facts.sources.append(SourceStatus(WAL_STATE, True))
+    except state.StateUnreadable as exc:
+        facts.sources.append(SourceStatus(WAL_STATE, False, str(exc)))
+    if not snapshots or storage is None:  # snapshots are known only from a catalog that was read
+        return
+    try:
+        facts.ranges = snapshot_ranges(storage, archive, snapshots)
+    except (BackupError, OSError) as exc:
+        facts.sources.append(SourceStatus(WAL_ARCHIVE, False, _reason(exc, archive.location)))
+        return
+    facts.sources.append(SourceStatus(WAL_ARCHIVE, True))
+    facts.windows = recovery_windows(facts.ranges)
+    facts.gaps = wal_gaps(facts.ranges)
+
+
+def recovery_windows(ranges: list[SnapshotRange]) -> list[RecoveryWindow]:
+    """Per database, the unbroken span of restorable moments that ends at the newest one.
+
+    Each snapshot reaches from its consistency point to the end of the WAL run unbroken from its start;
+    overlapping or touching spans join. A WAL gap splits them: the window then starts at the first
+    snapshot after the gap, since no moment between the gap and that snapshot can be reached.
+    """
+    by_database: dict[str, list[SnapshotRange]] = defaultdict(list)
+    for r in ranges:
+        by_database[r.snapshot.database].append(r)
+    windows = []
+    for database, group in sorted(by_database.items()):
+        group = sorted(group, key=lambda r: r.restorable_from)
+        start, end, snapshot_id = group[0].restorable_from, group[0].restorable_until, group[0].snapshot.id
+        for r in group[1:]:
+            if r.restorable_from > end:  # a hole: the window starts again here
+                start, snapshot_id = r.restorable_from, r.snapshot.id
+            end = max(end, r.restorable_until)
+        windows.append(RecoveryWindow(database, start, end, snapshot_id))
+    return windows
+
+
+def wal_gaps(ranges: list[SnapshotRange]) -> list[WalGap]:
+    """Each distinct WAL gap the snapshots' coverage ran into, oldest first."""
+    found = {r.coverage.gap: r.restorable_until for r in ranges if r.coverage.gap}
+    return sorted((WalGap(segment, after) for segment, after in found.items()), key=lambda g: g.after)
+
+
+# --- the server -------------------------------------------------------------------------------------
+
+def _read_server(facts: Facts, settings: Settings) -> None:
+    import psycopg
+
+    from backup_tasks.postgres.connect import connect
+    from backup_tasks.postgres.failures import first_line
+    from backup_tasks.wal.setup import archiver_stats
+
+    conninfo = settings.source()
+    quick = replace(conninfo, options=(*[o for o in conninfo.options if o[0] != "connect_timeout"],
+                                       ("connect_timeout", str(SERVER_TIMEOUT))))
+    try:
+        with connect(quick) as conn:
+            conn.execute(f"SET statement_timeout = '{SERVER_TIMEOUT}s'")
+            stats = archiver_stats(conn)
+    except BackupError as exc:
+        facts.sources.append(SourceStatus(SERVER, False, str(exc)))
+        return
+    except psycopg.Error as exc:
+        facts.sources.append(SourceStatus(SERVER, False, f"{conninfo.server_label}: {first_line(str(exc))}"))
+        return
+    facts.sources.append(SourceStatus(SERVER, True))
+    facts.archiver = ArchiverStats(
+        archived_count=int(stats.get("archived_count") or 0), last_archived_wal=stats.get("last_archived_wal"),
+        last_archived_at=_server_time(stats.get("last_archived_time")),
+        failed_count=int(stats.get("failed_count") or 0), last_failed_wal=stats.get("last_failed_wal"),
+        last_failed_at=_server_time(stats.get("last_failed_time")))
+
+
+def _server_time(text: object) -> datetime | None:
+    """A ``timestamptz::text`` (``2026-11-30 11:20:01.123+00``) as an aware datetime."""
+    if not text:
+        return None
+    return datetime.fromisoformat(str(text))

@@ -1,0 +1,218 @@
+"""``backup-tasks status``: the facts as one JSON document and a few lines a person reads in five seconds.
+
+The document's keys (``status --json``) are a public contract::
+
+    ok                  every source was read (the server excepted: see ``facts``)
+    generated_at        this reading (UTC, ISO 8601); timezone: the exchange's (BACKUP_TIMEZONE)
+    recovery_window     {database, start, end, end_age_seconds, snapshot_id} or null: PITR reaches any moment in it
+    newest_dump         {id, database, finished_at, age_seconds, size_bytes, duration_seconds,
+    newest_snapshot      verification: {ok, verified_at, duration_seconds, problems} or null} or null
+    wal                 {archive, copy: {segment, completed_at, stored_at, lag_seconds, where} or null,
+                         gaps: [{segment, after}], archiver: pg_stat_archiver's row (+ failing) or null}
+    copy                {location, reachable, error, backups_missing: [ids], wal_behind_seconds} or null
+    last_drill          {database, snapshot_id, ok, drilled_at, duration_seconds, target_time, problems} or null
+    next_runs           [{name, task, what, at}]: the beat schedule's next runs, in the exchange's timezone
+    sources             [{name, ok, error}]; problems: one line per source that failed
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from backup_tasks.catalog.manifest import Manifest, isoformat, parse_time
+from backup_tasks.observe.facts import COPY_SOURCE, Facts
+from backup_tasks.observe.schedule import next_runs
+from backup_tasks.settings import Settings
+from backup_tasks.wal.state import ARCHIVE, COPY, Newest
+
+Document = dict[str, Any]
+
+
+def document(facts: Facts, settings: Settings) -> Document:
+    now = facts.collected_at
+    dumps = [m for m in facts.backups if m.kind == "dump"]
+    snapshots = [m for m in facts.backups if m.kind == "snapshot"]
+    newest_snapshot = snapshots[-1] if snapshots else None
+    window = next((w for w in facts.windows if newest_snapshot and w.database == newest_snapshot.database),
+                  facts.windows[-1] if facts.windows else None)
+    drill = facts.drills[-1] if facts.drills else None
+    copy = facts.source(COPY_SOURCE)
+    return {
+        "ok": facts.up and all(s.ok for s in facts.sources if s.name == COPY_SOURCE),
+        "generated_at": isoformat(now),
+        "timezone": settings.timezone,
+        "backup_dir": facts.backup_dir,
+        "recovery_window": None if window is None else {
+            "database": window.database, "start": _iso(window.start), "end": _iso(window.end),
+            "end_age_seconds": round((now - window.end).total_seconds(), 3), "snapshot_id": window.snapshot_id},
+        "newest_dump": _backup(dumps[-1], now) if dumps else None,
+        "newest_snapshot": _backup(newest_snapshot, now) if newest_snapshot else None,
+        "wal": {
+            "archive": _newest(facts.wal.get(ARCHIVE), now),
+            "copy": _newest(facts.wal.get(COPY), now),
+            "gaps": [{"segment": g.segment, "after": _iso(g.after)} for g in facts.gaps],
+            "archiver": None if facts.archiver is None else {
+                "archived_count": facts.archiver.archived_count,
+                "last_archived_wal": facts.archiver.last_archived_wal,
+                "last_archived_at": _iso(facts.archiver.last_archived_at),
+                "failed_count": facts.archiver.failed_count,
+                "last_failed_wal": facts.archiver.last_failed_wal,
+                "last_failed_at": _iso(facts.archiver.last_failed_at),
+                "failing": archiver_failing(facts)},
+        },
+        "copy": None if not facts.copy_to else {
+            "location": facts.copy_to,
+            "reachable": None if copy is None else copy.ok,
+            "error": None if copy is None else copy.error,
+            "backups_missing": facts.copy_missing,
+            "wal_behind_seconds": copy_wal_behind(facts)},
+        "last_drill": None if drill is None else {
+            "database": drill.database, "snapshot_id": drill.snapshot_id, "ok": drill.ok,
+            "drilled_at": _iso(drill.drilled_at), "duration_seconds": drill.duration_seconds,
+            "target_time": drill.target_time, "problems": drill.problems},
+        "next_runs": [{"name": run.name, "task": run.task, "what": run.what, "at": at.isoformat()}
+                      for run, at in next_runs(settings, now)],
+        "sources": [{"name": s.name, "ok": s.ok, "error": s.error} for s in facts.sources],
+        "problems": facts.problems(),
+    }
+
+
+def archiver_failing(facts: Facts) -> bool:
+    """Whether the server's last archive_command failure is newer than its last success."""
+    a = facts.archiver
+    if a is None or a.last_failed_at is None:
+        return False
+    return a.last_archived_at is None or a.last_failed_at > a.last_archived_at
+
+
+def copy_wal_behind(facts: Facts) -> float | None:
+    """How far the copy's newest WAL is behind the archive's (completion times, seconds); None if unknown."""
+    archive, copy = facts.wal.get(ARCHIVE), facts.wal.get(COPY)
+    if archive is None or copy is None:
+        return None
+    return round(max(0.0, archive.completed_at - copy.completed_at), 3)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def _backup(m: Manifest, now: datetime) -> Document:
+    v = m.verification
+    finished = parse_time(m.finished_at)
+    out: Document = {
+        "id": m.id, "database": m.database, "finished_at": m.finished_at,
+        "age_seconds": round((now - finished).total_seconds(), 3), "size_bytes": m.size_bytes,
+        "duration_seconds": round((finished - parse_time(m.started_at)).total_seconds(), 3),
+        "verification": None if v is None else {"ok": v.ok, "verified_at": v.verified_at,
+                                                "duration_seconds": v.duration_seconds, "problems": v.problems}}
+    if m.kind == "snapshot":
+        out["restorable_from"] = m.restorable_from
+    return out
+
+
+def _newest(entry: Newest | None, now: datetime) -> Document | None:
+    if entry is None:
+        return None
+    return {"segment": entry.segment, "completed_at": _iso(datetime.fromtimestamp(entry.completed_at, now.tzinfo)),
+            "stored_at": _iso(datetime.fromtimestamp(entry.stored_at, now.tzinfo)),
+            "lag_seconds": round(max(0.0, now.timestamp() - entry.completed_at), 3), "where": entry.where}
+
+
+# --- the human text ---------------------------------------------------------------------------------
+
+def ago(seconds: float) -> str:
+    """``40 s``, ``12 min``, ``5.2 h``, ``3.1 d``: an age read at a glance."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def local(text: str | None, settings: Settings, *, seconds: bool = False) -> str:
+    """An ISO time as the exchange reads it: ``Mon 30 Nov 14:05 IST``."""
+    if not text:
+        return "?"
+    return parse_time(text).astimezone(settings.tz).strftime("%a %d %b %H:%M" + (":%S" if seconds else "") + " %Z")
+
+
+def render_text(doc: Document, settings: Settings, size: Callable[[float], str]) -> str:
+    """The few lines of ``status``; ``size`` formats byte counts (the CLI's)."""
+    lines = [f"PROBLEM {p}" for p in doc["problems"]]
+    window = doc["recovery_window"]
+    if window:
+        lines.append(f"restorable to any moment from {local(window['start'], settings)} to "
+                     f"{local(window['end'], settings, seconds=True)} ({ago(window['end_age_seconds'])} ago)")
+    else:
+        lines.append("point-in-time recovery: no snapshot with its WAL (dumps only)")
+    rows = [("newest dump", _backup_line(doc["newest_dump"], settings, size)),
+            ("newest snapshot", _backup_line(doc["newest_snapshot"], settings, size)),
+            ("WAL archive", _wal_line(doc["wal"], settings)),
+            ("last drill", _drill_line(doc["last_drill"], settings))]
+    if doc["copy"] is not None:
+        rows.append(("copy", _copy_line(doc["copy"], doc["wal"])))
+    rows.append(("next runs", ", ".join(f"{r['what']} {_local_at(r['at'], settings)}" for r in doc["next_runs"])))
+    lines += [f"{label:16} {text}" for label, text in rows]
+    return "\n".join(lines)
+
+
+def _local_at(text: str, settings: Settings) -> str:
+    return datetime.fromisoformat(text).astimezone(settings.tz).strftime("%a %d %b %H:%M %Z")
+
+
+def _backup_line(b: Document | None, settings: Settings, size: Callable[[float], str]) -> str:
+    if b is None:
+        return "none"
+    v = b["verification"]
+    verdict = ("NOT VERIFIED" if v is None else
+               f"verified ok {local(v['verified_at'], settings)}" if v["ok"] else
+               "VERIFICATION FAILED: " + "; ".join(v["problems"][:2]))
+    return (f"{local(b['finished_at'], settings)} ({ago(b['age_seconds'])} ago), {size(b['size_bytes'])} in "
+            f"{ago(b['duration_seconds'])}, {verdict}  [{b['id']}]")
+
+
+def _wal_line(wal: Document, settings: Settings) -> str:
+    archive = wal["archive"]
+    parts = [f"newest {archive['segment']} completed {ago(archive['lag_seconds'])} ago" if archive else
+             "no segment recorded yet"]
+    parts.append("no gaps" if not wal["gaps"] else
+                 "GAP at " + ", ".join(f"{g['segment']} (after {local(g['after'], settings)})" for g in wal["gaps"]))
+    archiver = wal["archiver"]
+    if archiver is not None:
+        parts.append(f"archive_command FAILING since {local(archiver['last_failed_at'], settings)} "
+                     f"({archiver['last_failed_wal']})"
+                     if archiver["failing"] else f"archiver ok, {archiver['failed_count']} failures since reset")
+    return "; ".join(parts)
+
+
+def _drill_line(d: Document | None, settings: Settings) -> str:
+    if d is None:
+        return "none yet"
+    rto = f"RTO {d['duration_seconds']:.1f} s" if d["duration_seconds"] is not None else "RTO unknown"
+    verdict = "ok" if d["ok"] else "FAILED: " + "; ".join(d["problems"][:2])
+    return f"{verdict}, {rto}, {local(d['drilled_at'], settings)} from {d['snapshot_id']}"
+
+
+def _copy_line(copy: Document, wal: Document) -> str:
+    parts = [copy["location"]]
+    if copy["reachable"] is False:
+        parts.append(f"NOT READABLE: {copy['error']}")
+    elif copy["backups_missing"]:
+        parts.append(f"{len(copy['backups_missing'])} backup(s) MISSING: {', '.join(copy['backups_missing'][:3])}")
+    elif copy["backups_missing"] is not None:
+        parts.append("every backup copied")
+    behind = copy["wal_behind_seconds"]
+    if wal["copy"] is None:
+        parts.append("no WAL copy recorded")
+    elif behind:
+        parts.append(f"WAL {ago(behind)} BEHIND the archive ({wal['copy']['segment']})")
+    else:
+        parts.append("WAL up to date")
+    return "; ".join(parts)
+

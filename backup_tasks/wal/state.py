@@ -1,0 +1,187 @@
+"""The archive's newest acknowledged segment, per location: a small state file wal-push keeps up to date.
+
+The exporter (``backup-tasks metrics``) and ``status`` read the archive's freshness from here instead
+of listing 100,000 segments on every scrape. ``<archive>/.state.json``::
+
+    {"v": 1, "locations": {
+        "archive": {"segment": "00000001000000A30000004F", "completed_at": 1764500000.25,
+                    "stored_at": 1764500000.31, "where": "/var/backups/aitrapp/wal"},
+        "copy":    {... the same for <BACKUP_COPY_TO>/wal ...}}}
+
+``completed_at`` is the segment's completion time as its trailer records it (when the server
+finished writing it), ``stored_at`` when wal-push recorded it as stored there. A location's entry
+moves only forward (by ``completed_at``, then segment name): a repeated push of an old segment after a
+crash never makes the state look older than it is. ``copy`` is dropped when a push runs without a copy
+(BACKUP_COPY_TO removed), and kept as it was when the copy failed: it then shows how far the copy is behind.
+
+Part of the per-segment fast path: the standard library only (and ``wal.names``). Writes are atomic (a
+temporary file renamed over) under a short ``flock`` on ``.state.lock``, so concurrent pushers never
+interleave a read-modify-write; one that cannot get the lock within ``LOCK_WAIT`` skips its update
+(the next segment's push records the newer one). ``record`` never raises: the state is advisory and
+must never fail a push; an error is logged (PostgreSQL's log, through stderr) and ignored.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from backup_tasks.wal.names import position
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = ".state.json"
+LOCK_FILE = ".state.lock"
+STATE_VERSION = 1
+#: The archive's own file mode (``wal.archive.FILE_MODE``, not imported: that module loads zstandard).
+#: Group-readable so root's exporter reads what the server's OS user wrote.
+FILE_MODE = 0o640
+#: Group-writable: the server's OS user and root (a manual ``wal-push``) both lock it.
+LOCK_MODE = 0o660
+#: How long a pusher waits for another's update before skipping its own (seconds).
+LOCK_WAIT = 1.0
+#: The two locations a segment is stored in: the local archive and BACKUP_COPY_TO's ``wal/``.
+ARCHIVE = "archive"
+COPY = "copy"
+TEMP_MARK = ".state.json.tmp-"
+
+
+@dataclass(frozen=True)
+class Newest:
+    """The newest segment acknowledged as stored in one location."""
+
+    segment: str
+    completed_at: float  # unix time the server finished writing it (the archived trailer's completed_at)
+    stored_at: float  # unix time wal-push recorded it stored there
+    where: str  # the location: the archive directory, or the copy's URL
+
+    def newer_than(self, other: Newest) -> bool:
+        return (self.completed_at, position(self.segment), self.segment[:8]) > \
+            (other.completed_at, position(other.segment), other.segment[:8])
+
+
+class StateUnreadable(Exception):
+    """The state file exists but cannot be read or parsed (the exporter reports its source as down)."""
+
+
+def state_path(root: Path) -> Path:
+    return Path(root) / STATE_FILE
+
+
+def read(root: Path) -> dict[str, Newest]:
+    """The recorded newest segment per location; ``{}`` when nothing was recorded yet.
+
+    Raises ``StateUnreadable`` when the file is there but unreadable (permissions, damage).
+    """
+    try:
+        raw = state_path(root).read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise StateUnreadable(f"cannot read {state_path(root)}: {exc.strerror or exc}") from None
+    try:
+        return _parse(json.loads(raw))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise StateUnreadable(f"{state_path(root)} is damaged: {exc}") from None
+
+
+def _parse(content: object) -> dict[str, Newest]:
+    if not isinstance(content, dict) or content.get("v") != STATE_VERSION:
+        raise ValueError("not a version-1 state document")
+    locations = content["locations"]
+    if not isinstance(locations, dict):
+        raise ValueError("'locations' is not an object")
+    return {str(name): Newest(segment=str(entry["segment"]), completed_at=float(entry["completed_at"]),
+                              stored_at=float(entry["stored_at"]), where=str(entry["where"]))
+            for name, entry in locations.items()}
+
+
+def record(root: Path, segment: str, completed_at: float, *, copy_where: str | None, copy_stored: bool,
+           now: float | None = None) -> None:
+    """Record ``segment`` as stored in the archive at ``root`` (and in the copy when ``copy_stored``). Never raises.
+
+    ``copy_where``: the copy this push was configured with (None: no copy, its entry is dropped).
+    """
+    try:
+        _record(Path(root), segment, completed_at, copy_where=copy_where, copy_stored=copy_stored,
+                now=time.time() if now is None else now)
+    except Exception as exc:  # advisory state: a push that stored its segment has succeeded whatever happens here
+        log.warning("backup-tasks wal-push: could not record %s in the archive's state file %s (the segment itself "
+                    "is archived): %s", segment, state_path(root), exc)
+
+
+def _record(root: Path, segment: str, completed_at: float, *, copy_where: str | None, copy_stored: bool,
+            now: float) -> None:
+    lock_fd = _lock(root)
+    if lock_fd is None:
+        log.debug("state file of %s busy: %s not recorded, the next push records a newer one", root, segment)
+        return
+    try:
+        try:
+            current = read(root)
+        except StateUnreadable:
+            current = {}  # damaged: rewritten whole below
+        updated = dict(current)
+        _advance(updated, ARCHIVE, Newest(segment, completed_at, now, str(root)))
+        if copy_where is None:
+            updated.pop(COPY, None)
+        elif copy_stored:
+            _advance(updated, COPY, Newest(segment, completed_at, now, copy_where))
+        elif COPY in updated and updated[COPY].where != copy_where:
+            updated.pop(COPY)  # about another copy location: says nothing about this one
+        if updated != current:
+            _write(root, updated)
+    finally:
+        os.close(lock_fd)
+
+
+def _advance(entries: dict[str, Newest], location: str, candidate: Newest) -> None:
+    recorded = entries.get(location)
+    if recorded is None or recorded.where != candidate.where or candidate.newer_than(recorded):
+        entries[location] = candidate
+
+
+def _lock(root: Path) -> int | None:
+    """An fd holding the exclusive lock on ``.state.lock``, or None after ``LOCK_WAIT`` seconds of contention."""
+    path = root / LOCK_FILE
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, LOCK_MODE)  # flock needs no write access: any group member
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, LOCK_MODE)  # the server's umask 077 would keep root's tools out (and the reverse)
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.01)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _write(root: Path, entries: dict[str, Newest]) -> None:
+    """Atomically (temporary file, rename); not fsynced: a state lost in a crash is rewritten by the next push."""
+    temp = root / f"{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # the server's umask 077 would hide it from root's exporter
+        with os.fdopen(fd, "w") as out:
+            json.dump({"v": STATE_VERSION, "locations": {name: asdict(e) for name, e in sorted(entries.items())}},
+                      out)
+        os.replace(temp, state_path(root))
+    except BaseException:
+        try:
+            temp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
