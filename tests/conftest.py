@@ -10,4 +10,6 @@ pytest_plugins = [
     "tests.support.processes",
     "tests.support.s3",
     "tests.support.pitr",
+    "tests.support.wal",
+    "tests.support.observe",
 ]

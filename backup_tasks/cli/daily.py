@@ -162,7 +162,8 @@ def register(add: Add) -> None:
     p.add_argument("--replace", action="store_true", help="drop and recreate a non-empty target first")
     p.add_argument("--no-owner", action="store_true", help="skip ownership and privileges (roles missing)")
     add("list", cmd_list, "show the catalog")
-    add("health", cmd_health, "exit 1 unless there is a recent, non-empty, verified backup")
+    add("health", cmd_health, "exit 1 unless the newest dump is recent, non-empty and verified and, with PITR, the "
+                              "newest snapshot too and the WAL unbroken from the oldest kept snapshot")
     p = add("sample-data", cmd_sample_data, "create the trading schema with generated rows in an empty database")
     p.add_argument("--target-database-url", help="database to fill (default: DATABASE_URL)")
     p.add_argument("--size-mb", type=float, default=10, help="approximate size (default 10 MB)")

@@ -20,19 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.prometheus import DASHBOARD, RULES, prometheus_tool
+from tests.support.prometheus import DASHBOARD, ISSUE_METRICS, RULES, prometheus_tool
 
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
-#: The names issue 12 makes public; the exporter may serve more, never fewer.
-ISSUE_METRICS = {
-    "backup_tasks_up", "backup_tasks_last_success_timestamp_seconds", "backup_tasks_last_size_bytes",
-    "backup_tasks_last_duration_seconds", "backup_tasks_backups", "backup_tasks_last_verification_success",
-    "backup_tasks_last_verification_timestamp_seconds", "backup_tasks_last_verification_duration_seconds",
-    "backup_tasks_wal_last_archived_timestamp_seconds", "backup_tasks_archiver_failed_count",
-    "backup_tasks_archiver_last_failed_timestamp_seconds", "backup_tasks_recovery_window_start_timestamp_seconds",
-    "backup_tasks_recovery_window_end_timestamp_seconds", "backup_tasks_last_drill_success",
-    "backup_tasks_last_drill_duration_seconds",
-}
 METRIC = re.compile(r"\b(?:backup_tasks_|flower_)\w+")
 STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 #: What Grafana substitutes into an expression before sending it; any value parses.
@@ -66,11 +56,9 @@ def metric_names(expr: str) -> set[str]:
 
 
 def exporter_metrics() -> set[str]:
-    """What ``backup-tasks metrics`` can serve: its own list of names once the exporter exists."""
-    try:
-        from backup_tasks.observe.metrics import METRIC_NAMES
-    except ImportError:
-        return ISSUE_METRICS
+    """What ``backup-tasks metrics`` can serve: its own list of names."""
+    from backup_tasks.observe.metrics import METRIC_NAMES
+
     return set(METRIC_NAMES)
 
 

@@ -27,7 +27,7 @@ from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.servercmd import server_command
 from backup_tasks.settings import Settings
 from backup_tasks.wal.archive import DIR_MODE, FILE_MODE, WalArchive
-from tests.deploy.test_compose import COMPOSE, DOCKERFILE, command, environment, mounts, service
+from tests.support.compose import COMPOSE, DOCKERFILE, command, environment, mounts, service
 from tests.support.pitr import reachable_dir, wait_archived
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own the volume as the postgres user")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from backup_tasks.observe.facts import CATALOG, SERVER, SERVER_TIMEOUT, WAL_ARCHIVE, WAL_STATE, collect
 
 if TYPE_CHECKING:
-    from tests.observe.conftest import Scene
+    from tests.support.observe import Scene
 
 
 def test_window_runs_from_the_oldest_snapshot_to_the_end_of_unbroken_wal(scene: Scene) -> None:

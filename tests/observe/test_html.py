@@ -26,7 +26,7 @@ import pytest
 from tests.support.pitr import cli_env, run_cli
 
 if TYPE_CHECKING:
-    from tests.observe.conftest import Scene
+    from tests.support.observe import Scene
 
 WINDOW, VERIFIED, FAILED, UNVERIFIED = (0x90, 0xCA, 0xF9), (0x2E, 0x7D, 0x32), (0xC6, 0x28, 0x28), (0xF9, 0xA8, 0x25)
 

@@ -17,7 +17,7 @@ from backup_tasks.storage.local import LocalStorage
 from tests.support.pitr import cli_env, run_cli
 
 if TYPE_CHECKING:
-    from tests.observe.conftest import Scene
+    from tests.support.observe import Scene
 
 KEYS = {"ok", "generated_at", "timezone", "backup_dir", "recovery_window", "newest_dump", "newest_snapshot", "wal",
         "copy", "last_drill", "next_runs", "sources", "problems"}

@@ -11,14 +11,11 @@ a fake ``tar`` first on PATH.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zstandard
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.ids import snapshot_keys
 from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.errors import BackupCorrupt, RestoreFailed, StorageError, StorageFull
 from backup_tasks.physical import verify as verify_module
@@ -39,45 +34,8 @@ from backup_tasks.physical.verify import verify_snapshot
 from backup_tasks.settings import Settings
 from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.locations import open_locations
+from tests.support.data import base_tar, store_snapshot
 from tests.support.pitr import Scenario, cli_env, run_cli
-
-SNAPSHOT_ID = "postgres-snapshot-20260101T000000Z"
-
-
-# --- a small synthetic snapshot: a base tar of random (incompressible) files, as take_snapshot stores it ------
-
-def base_tar(files: int, file_size: int, *, name_length: int = 12) -> bytes:
-    """A tar of ``files`` random files (random bytes do not compress, so the stored size is the real size)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        info = tarfile.TarInfo("base")
-        info.type, info.mode = tarfile.DIRTYPE, 0o700
-        tar.addfile(info)
-        for number in range(files):
-            data = os.urandom(file_size)
-            info = tarfile.TarInfo(f"base/{str(number).zfill(name_length)}")
-            info.size, info.mode = len(data), 0o600
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def store_snapshot(backup_dir: Path, content: bytes, *, backup_id: str = SNAPSHOT_ID) -> Manifest:
-    """Store ``content`` zstd-compressed as the base object of a complete snapshot, and catalog it."""
-    backup_dir.mkdir(parents=True, exist_ok=True)
-    key = snapshot_keys(backup_id)["base"]
-    stored = zstandard.ZstdCompressor(level=1).compress(content)
-    (backup_dir / key).write_bytes(stored)
-    digest = hashlib.sha256(stored).hexdigest()
-    stamp = "2026-01-01T00:00:00Z"
-    manifest = Manifest(
-        id=backup_id, kind="snapshot", database="postgres", server="127.0.0.1:5432", server_version="15.8",
-        started_at=stamp, finished_at=stamp, path=key, size_bytes=len(stored), sha256=digest, compression="zstd",
-        format="pg_basebackup-tar", files={key: {"size": len(stored), "sha256": digest, "role": "base"}},
-        start_lsn="0/2000028", stop_lsn="0/2000100", timeline=1, wal_segment_size=16 << 20,
-        start_segment="000000010000000000000002", stop_segment="000000010000000000000002",
-        restorable_from="2026-01-01T00:00:00.000000+00:00", snapshot={"archive_mode": "off"})
-    catalog.save_new(LocalStorage(backup_dir), manifest)
-    return manifest
 
 
 def damage(backup_dir: Path, manifest: Manifest) -> None:

@@ -26,7 +26,7 @@ from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.storage.local import LocalStorage
 from backup_tasks.worker import tasks
-from tests.physical.test_unpack_faults import base_tar, store_snapshot
+from tests.support.data import base_tar, store_snapshot
 from tests.support.pitr import Scenario
 
 

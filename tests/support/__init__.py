@@ -5,6 +5,8 @@
 - ``processes`` (pytest plugin): the test Redis, real Celery worker processes and waiting for them.
 - ``s3`` (pytest plugin): a real S3-compatible server (moto) with a bucket per test.
 - ``pitr`` (pytest plugin): archiving throwaway clusters, the CLI as a subprocess, the PITR scenario.
+- ``wal`` (pytest plugin): an empty local WAL archive (``archive``) and WAL-like files.
+- ``observe`` (pytest plugin): a known catalog, archive and state for the observe tests.
 - ``crypto``: age identity files.
 - ``data``: incompressible test data, made-up manifests, damaged archives.
 - ``prometheus``: promtool and the Prometheus server (skipped when missing, a failure under CI) and the

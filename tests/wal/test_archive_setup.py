@@ -23,7 +23,7 @@ from backup_tasks.postgres.servercmd import server_command
 from backup_tasks.settings import Settings
 from backup_tasks.wal.archive import DIR_MODE, FILE_MODE, WalArchive
 from tests.support.pitr import cli_env, reachable_dir, run_cli
-from tests.wal.test_wal import SEGMENT, fake_segment
+from tests.support.wal import SEGMENT, fake_segment
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as the postgres OS user")
 

@@ -41,13 +41,6 @@ def wal_push(archive_dir: Path, source: Path, *options: str) -> subprocess.Compl
                           capture_output=True, text=True, cwd=ROOT, check=False, timeout=60)
 
 
-@pytest.fixture
-def archive(tmp_path: Path) -> WalArchive:
-    result = WalArchive(tmp_path / "wal")
-    result.ensure()
-    return result
-
-
 def test_fast_path_wal_push_records_the_newest_segment(archive: WalArchive, tmp_path: Path) -> None:
     now = time.time()
     first = wal_file(tmp_path / "pg_wal", SEGMENTS[0], now - 120)

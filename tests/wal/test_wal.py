@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 import shutil
@@ -21,8 +20,8 @@ from backup_tasks.postgres.servercmd import archive_command
 from backup_tasks.wal.archive import DIR_MODE, FILE_MODE, WalArchive, object_key
 from tests.support.paths import PYTHON, ROOT
 from tests.support.pitr import PitrEnv, reachable_dir, run_cli
+from tests.support.wal import SEGMENT, fake_segment
 
-SEGMENT = "000000010000000000000003"
 IS_ROOT = os.geteuid() == 0
 
 
@@ -38,21 +37,6 @@ def pitr_env() -> Iterator[PitrEnv]:
 
 
 # --- wal-push / wal-fetch ---------------------------------------------------------------------------
-
-def fake_segment(directory: Path, name: str = SEGMENT, size: int = 1 << 20, seed: int = 1) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
-    block = hashlib.sha256(str(seed).encode()).digest() * 64  # 2 KiB of seeded bytes, then zeros: WAL-like
-    path.write_bytes((block * (size // len(block) // 2)).ljust(size, b"\0"))
-    return path
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> WalArchive:
-    result = WalArchive(tmp_path / "wal")
-    result.ensure()
-    return result
-
 
 def test_push_then_fetch_round_trips_compressed_and_checksummed(archive: WalArchive, tmp_path: Path) -> None:
     source = fake_segment(tmp_path / "pg_wal")

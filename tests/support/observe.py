@@ -1,4 +1,4 @@
-"""A known state of the backups for the observe tests (fixtures ``scene`` and ``disk_scene`` by name).
+"""Pytest plugin: a known state of the backups for the observe tests (fixtures ``scene``, ``disk_scene``).
 
 ``NOW`` is fixed. The catalog: three dumps (verified ok two days ago, FAILED verification yesterday,
 not yet verified today) and two snapshots ten and three days old, the older with a failed drill, the
