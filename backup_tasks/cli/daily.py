@@ -9,7 +9,8 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from backup_tasks.cli.output import Add, UsageError, emit, progress_logger, size
+from backup_tasks.cli.output import Add, UsageError, emit, progress_logger
+from backup_tasks.progress import human_size
 from backup_tasks.settings import Settings
 
 
@@ -22,7 +23,7 @@ def cmd_dump(args: argparse.Namespace, settings: Settings) -> int:
     manifest, skipped = run_dump(settings, trading_day=day, progress=progress_logger(args))
     status = "already backed up for that day" if skipped else "complete"
     emit(args, manifest.to_dict() | ({"skipped": True} if skipped else {}),
-         f"dump {manifest.id} {status}: {manifest.path}, {size(manifest.size_bytes)}, "
+         f"dump {manifest.id} {status}: {manifest.path}, {human_size(manifest.size_bytes)}, "
          f"{len(manifest.tables)} tables, {sum(manifest.tables.values())} rows, sha256 {manifest.sha256[:16]}…")
     return 0
 
@@ -56,9 +57,9 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     report = prune(settings, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     lines = [f"{'keep  ' if d.keep else 'delete'} {d.backup_id}  ({d.reason})" for d in report.decisions]
-    lines.append(f"{verb} {len(report.deleted)} backup(s), {size(report.freed_bytes)}")
+    lines.append(f"{verb} {len(report.deleted)} backup(s), {human_size(report.freed_bytes)}")
     if getattr(report, "wal_deleted", None):
-        lines.append(f"{verb} {len(report.wal_deleted)} archived WAL file(s), {size(report.wal_freed_bytes)}: "
+        lines.append(f"{verb} {len(report.wal_deleted)} archived WAL file(s), {human_size(report.wal_freed_bytes)}: "
                      f"{report.wal_reason}")
     emit(args, asdict(report), "\n".join(lines))
     return 0
@@ -95,7 +96,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     for m in manifests:
         verified = "never" if m.verification is None else ("ok " if m.verification.ok else "FAILED ") + \
             m.verification.verified_at
-        lines.append(f"{m.id:44} {m.kind:8} {m.finished_at:20} {size(m.size_bytes):>10}  {verified}"
+        lines.append(f"{m.id:44} {m.kind:8} {m.finished_at:20} {human_size(m.size_bytes):>10}  {verified}"
                      + (f"  in {', '.join(locations(m)) or 'NO LOCATION'}" if settings.copy_to else ""))
     if not manifests:
         lines = [f"no backups in {settings.backup_dir}"]

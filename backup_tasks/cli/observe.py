@@ -14,7 +14,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from backup_tasks.cli.output import Add, emit, size
+from backup_tasks.cli.output import Add, emit
 from backup_tasks.settings import Settings
 
 
@@ -44,7 +44,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
     facts = collect(settings, list_copy=True)
     doc = document(facts, settings)
-    text = render_text(doc, settings, size)
+    text = render_text(doc, settings)
     if args.html:
         path = Path(args.html).absolute()
         write_page(path, render_page(facts, doc, text, settings))

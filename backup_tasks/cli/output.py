@@ -48,14 +48,6 @@ def emit(args: argparse.Namespace, document: Any, human: str) -> None:
         print(human)
 
 
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def fail(exc: BackupError, *, command: str, as_json: bool) -> int:
     """One line on stderr (never a traceback) and, with --json, one JSON document on stdout."""
     if as_json:

@@ -18,8 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from backup_tasks.cli.output import Add, UsageError, emit, progress_logger, size
+from backup_tasks.cli.output import Add, UsageError, emit, progress_logger
 from backup_tasks.errors import WalMissing
+from backup_tasks.progress import human_size
 from backup_tasks.settings import Settings
 from backup_tasks.wal.command import RECOVERY_FATAL
 from backup_tasks.wal.prefetch import DEFAULT_DEPTH
@@ -89,7 +90,7 @@ def cmd_snapshot(args: argparse.Namespace, settings: Settings) -> int:
 
     manifest = take_snapshot(settings, progress=progress_logger(args))
     warnings = (manifest.snapshot or {}).get("warnings") or []
-    human = (f"snapshot {manifest.id} complete: {size(manifest.size_bytes)}, WAL {manifest.start_lsn} to "
+    human = (f"snapshot {manifest.id} complete: {human_size(manifest.size_bytes)}, WAL {manifest.start_lsn} to "
              f"{manifest.stop_lsn} on timeline {manifest.timeline}, checked by pg_verifybackup"
              + "".join(f"\n  warning: {w}" for w in warnings))
     emit(args, manifest.to_dict(), human)

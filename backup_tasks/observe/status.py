@@ -17,13 +17,13 @@ The document's keys (``status --json``) are a public contract::
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from backup_tasks.catalog.manifest import Manifest, isoformat, parse_time
 from backup_tasks.observe.facts import COPY_SOURCE, Facts
 from backup_tasks.observe.schedule import next_runs
+from backup_tasks.progress import human_size
 from backup_tasks.settings import Settings
 from backup_tasks.wal.state import ARCHIVE, COPY, Newest
 
@@ -142,8 +142,8 @@ def local(text: str | None, settings: Settings, *, seconds: bool = False) -> str
     return parse_time(text).astimezone(settings.tz).strftime("%a %d %b %H:%M" + (":%S" if seconds else "") + " %Z")
 
 
-def render_text(doc: Document, settings: Settings, size: Callable[[float], str]) -> str:
-    """The few lines of ``status``; ``size`` formats byte counts (the CLI's)."""
+def render_text(doc: Document, settings: Settings) -> str:
+    """The few lines of ``status``."""
     lines = [f"PROBLEM {p}" for p in doc["problems"]]
     window = doc["recovery_window"]
     if window:
@@ -151,8 +151,8 @@ def render_text(doc: Document, settings: Settings, size: Callable[[float], str])
                      f"{local(window['end'], settings, seconds=True)} ({ago(window['end_age_seconds'])} ago)")
     else:
         lines.append("point-in-time recovery: no snapshot with its WAL (dumps only)")
-    rows = [("newest dump", _backup_line(doc["newest_dump"], settings, size)),
-            ("newest snapshot", _backup_line(doc["newest_snapshot"], settings, size)),
+    rows = [("newest dump", _backup_line(doc["newest_dump"], settings)),
+            ("newest snapshot", _backup_line(doc["newest_snapshot"], settings)),
             ("WAL archive", _wal_line(doc["wal"], settings)),
             ("last drill", _drill_line(doc["last_drill"], settings))]
     if doc["copy"] is not None:
@@ -166,14 +166,14 @@ def _local_at(text: str, settings: Settings) -> str:
     return datetime.fromisoformat(text).astimezone(settings.tz).strftime("%a %d %b %H:%M %Z")
 
 
-def _backup_line(b: Document | None, settings: Settings, size: Callable[[float], str]) -> str:
+def _backup_line(b: Document | None, settings: Settings) -> str:
     if b is None:
         return "none"
     v = b["verification"]
     verdict = ("NOT VERIFIED" if v is None else
                f"verified ok {local(v['verified_at'], settings)}" if v["ok"] else
                "VERIFICATION FAILED: " + "; ".join(v["problems"][:2]))
-    return (f"{local(b['finished_at'], settings)} ({ago(b['age_seconds'])} ago), {size(b['size_bytes'])} in "
+    return (f"{local(b['finished_at'], settings)} ({ago(b['age_seconds'])} ago), {human_size(b['size_bytes'])} in "
             f"{ago(b['duration_seconds'])}, {verdict}  [{b['id']}]")
 
 

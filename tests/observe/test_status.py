@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backup_tasks.cli.output import size
 from backup_tasks.observe.facts import collect
 from backup_tasks.observe.schedule import next_runs
 from backup_tasks.observe.status import ago, document, render_text
@@ -26,7 +25,7 @@ KEYS = {"ok", "generated_at", "timezone", "backup_dir", "recovery_window", "newe
 def status_of(scene: Scene) -> tuple[dict[str, Any], str]:
     facts = collect(scene.settings, storage=scene.storage, archive=scene.archive, now=scene.now)
     doc = document(facts, scene.settings)
-    return doc, render_text(doc, scene.settings, size)
+    return doc, render_text(doc, scene.settings)
 
 
 def test_the_text_says_since_when_and_until_how_recently(scene: Scene) -> None:
