@@ -12,8 +12,8 @@ One base per subsystem, so a caller can catch a whole family::
       PostgresError                the server and its tools: SourceUnavailable (retry), AuthenticationFailed,
                                    DatabaseMissing, ToolMissing, ClusterError
       StorageError                 where backups live: StorageFull, StorageUnavailable (retry), StorageAuthFailed,
-                                   BucketMissing, ObjectMissing, and the WAL archive's WalArchiveError
-                                   (WalConflict, WalMissing, WalGap)
+                                   BucketMissing, ObjectMissing, ObjectLocked, StorageReadOnly, and the WAL
+                                   archive's WalArchiveError (WalConflict, WalMissing, WalGap)
       BackupFailed                 taking a backup: DumpFailed, SnapshotFailed, BackupIdTaken
       IntegrityError               what is stored: BackupNotFound, BackupCorrupt (WalCorrupt), VerificationFailed,
                                    HealthCheckFailed
@@ -23,6 +23,11 @@ One base per subsystem, so a caller can catch a whole family::
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 
 class BackupError(Exception):
@@ -113,6 +118,26 @@ class BucketMissing(StorageError):
 
 class ObjectMissing(StorageError):
     """The requested object is not in this storage location."""
+
+
+class ObjectLocked(StorageError):
+    """An object cannot be deleted before its S3 Object Lock retention ends: expected, not damage; delete it later.
+
+    ``retain_until`` (aware UTC) is when the last lock on it ends; a run after that can delete it.
+    """
+
+    def __init__(self, message: str, retain_until: datetime) -> None:
+        super().__init__(message)
+        self.retain_until = retain_until
+
+    def __reduce__(self) -> tuple[type[ObjectLocked], tuple[str, datetime]]:
+        return type(self), (self.message, self.retain_until)  # pickles (Celery, multiprocessing) with its date
+
+
+class StorageReadOnly(StorageError):
+    """A location opened as of a past time (``--as-of``) only reads: writing or deleting through it is refused."""
+
+    exit_code = 2
 
 
 class WalArchiveError(StorageError):

@@ -13,11 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import ConfigError
+from backup_tasks.storage.objectlock import DAYS_SETTING, ObjectLock, object_lock_from_env
+
+if TYPE_CHECKING:
+    from backup_tasks.storage.s3 import S3Credentials
 
 COMPRESSIONS = ("zstd", "gzip")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -68,6 +73,25 @@ def _snapshot_compress(raw: str) -> str:
     return value
 
 
+def _prune_credentials(env: Mapping[str, str]) -> S3Credentials | None:
+    """BACKUP_PRUNE_AWS_PROFILE, or the key pair BACKUP_PRUNE_AWS_ACCESS_KEY_ID / _SECRET_ACCESS_KEY; not both."""
+    profile = env.get("BACKUP_PRUNE_AWS_PROFILE", "").strip()
+    key_id = env.get("BACKUP_PRUNE_AWS_ACCESS_KEY_ID", "").strip()
+    secret = env.get("BACKUP_PRUNE_AWS_SECRET_ACCESS_KEY", "").strip()
+    if not (profile or key_id or secret):
+        return None
+    from backup_tasks.storage.s3 import S3Credentials  # the S3 driver's module, without boto3
+    if profile and (key_id or secret):
+        raise ConfigError("set either BACKUP_PRUNE_AWS_PROFILE or BACKUP_PRUNE_AWS_ACCESS_KEY_ID with "
+                          "BACKUP_PRUNE_AWS_SECRET_ACCESS_KEY for prune's credentials, not both")
+    if profile:
+        return S3Credentials(profile=profile)
+    if bool(key_id) != bool(secret):
+        raise ConfigError("BACKUP_PRUNE_AWS_ACCESS_KEY_ID and BACKUP_PRUNE_AWS_SECRET_ACCESS_KEY go together: set "
+                          "both (or BACKUP_PRUNE_AWS_PROFILE instead)")
+    return S3Credentials(access_key_id=key_id, secret_access_key=secret, setting="BACKUP_PRUNE_AWS_ACCESS_KEY_ID")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, with the seed's policies as defaults."""
@@ -106,6 +130,13 @@ class Settings:
     encrypt_recipients: tuple[str, ...] = ()
     decrypt_identity_file: Path | None = None
     aws_secrets: tuple[str, ...] = field(default=(), repr=False)
+    #: BACKUP_OBJECT_LOCK_DAYS / _MODE: the retention every object written to an s3:// location gets. The
+    #: storage layer reads the same variables itself when it opens a bucket (``storage.locations``), so that
+    #: processes started without Settings (wal-push) lock too; this copy is for reports (check, prune).
+    object_lock: ObjectLock | None = None
+    #: BACKUP_PRUNE_AWS_PROFILE, or BACKUP_PRUNE_AWS_ACCESS_KEY_ID + _SECRET_ACCESS_KEY: prune's own
+    #: credentials, which may delete, when the workers' may only write.
+    prune_credentials: S3Credentials | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -182,7 +213,29 @@ class Settings:
             decrypt_identity_file=Path(identity_file).expanduser() if identity_file else None,
             aws_secrets=tuple(v for v in (env.get("AWS_SECRET_ACCESS_KEY", "").strip(),
                                           env.get("AWS_SESSION_TOKEN", "").strip()) if v),
+            object_lock=object_lock_from_env(env),
+            prune_credentials=_prune_credentials(env),
         )
+
+    def lock_outlasts_retention(self) -> list[str]:
+        """Warnings for ``check``: a retention shorter than BACKUP_OBJECT_LOCK_DAYS, which prune can never keep.
+
+        A locked object cannot be deleted before its lock ends, so backups stay at least that long
+        whatever the retention says, and each prune until then reports them as locked.
+        """
+        lock = self.object_lock
+        if lock is None:
+            return []
+        found = []
+        if self.keep_daily_days < lock.days:
+            found.append(f"BACKUP_KEEP_DAILY_DAYS={self.keep_daily_days} is shorter than {DAYS_SETTING}={lock.days}: "
+                         f"daily backups stay {lock.days} days (locked) whatever retention says, and prune reports "
+                         f"them as locked until then; raise BACKUP_KEEP_DAILY_DAYS to {lock.days} or shorten the lock")
+        if self.keep_weekly * 7 < lock.days:
+            found.append(f"BACKUP_KEEP_WEEKLY={self.keep_weekly} (weeks) is shorter than {DAYS_SETTING}={lock.days}: "
+                         f"weekly backups stay {lock.days} days (locked) whatever retention says; raise "
+                         f"BACKUP_KEEP_WEEKLY to {-(-lock.days // 7)} or shorten the lock")
+        return found
 
     @property
     def tz(self) -> ZoneInfo:
@@ -241,4 +294,6 @@ class Settings:
                     found.append(unquote(pw))
                     found.append(pw)
         found.extend(self.aws_secrets)
+        if self.prune_credentials is not None and self.prune_credentials.secret_access_key:
+            found.append(self.prune_credentials.secret_access_key)
         return [s for s in dict.fromkeys(found) if len(s) >= 3]

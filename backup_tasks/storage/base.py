@@ -15,10 +15,21 @@ Keys are ``/``-separated relative paths (``aitrapp-dump-20261127T100500Z.dump.zs
 - ``delete`` of a missing key is not an error.
 - ``delete_many(keys)`` deletes many keys in as few requests as the location allows (S3: one
   DeleteObjects per 1,000 keys; a directory or memory: one call, each key as ``delete`` would) and
-  returns ``{key: reason}`` for each key it could not delete (empty: every key is gone; a missing
-  key is not a failure). A failure of the location as a whole (an unreachable endpoint, rejected
-  credentials) raises ``StorageError`` as any other call; keys of earlier batches stay deleted, so
-  the caller just runs again. Prune and WAL expiry delete through it, never key by key.
+  returns ``{key: error}`` for each key it could not delete (empty: every key is gone; a missing
+  key is not a failure). The error is typed as ``delete`` would raise it: ``ObjectLocked`` (with
+  ``retain_until``) for a key an Object Lock retention still holds, an expected state to report
+  and retry after that date; ``StorageAuthFailed`` for credentials that may not delete; another
+  ``StorageError`` otherwise (``str()`` of each is its message). A failure of the location as a
+  whole (an unreachable endpoint, rejected credentials) raises ``StorageError`` as any other call;
+  keys of earlier batches stay deleted, so the caller just runs again. Prune and WAL expiry delete
+  through it, never key by key.
+- ``retention(key)`` is when the Object Lock retention holding ``key`` ends, if that is still
+  ahead; None when nothing holds it (always, where nothing is ever locked).
+
+A location with Object Lock (``objectlock.ObjectLock``: S3, and the memory driver as its reference)
+refuses to delete what is locked, with ``ObjectLocked``; writes still replace what ``list`` and
+``open`` show. Reading a location as it was at a past time (``as_of``) is for versioned buckets
+only: ``s3.S3Storage``; such a storage refuses writes with ``StorageReadOnly``.
 
 ``tests/storage/test_contract.py`` runs the same checks against every driver.
 """
@@ -29,6 +40,7 @@ import errno
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -71,7 +83,8 @@ class Storage(Protocol):
     def size(self, key: str) -> int: ...
     def list(self, prefix: str = "", *, recursive: bool = True) -> list[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
-    def delete_many(self, keys: Iterable[str]) -> dict[str, str]: ...
+    def delete_many(self, keys: Iterable[str]) -> dict[str, StorageError]: ...
+    def retention(self, key: str) -> datetime | None: ...
     def clear_partials(self, prefix: str = "") -> list[str]: ...
 
 
@@ -82,14 +95,14 @@ def in_listing(key: str, prefix: str, *, recursive: bool) -> bool:
     return recursive or "/" not in key[len(prefix):]
 
 
-def delete_each(storage: Storage, keys: Iterable[str]) -> dict[str, str]:
+def delete_each(storage: Storage, keys: Iterable[str]) -> dict[str, StorageError]:
     """``delete_many`` for a location with no batch request: ``delete`` per key, failures collected, not raised."""
-    failures: dict[str, str] = {}
+    failures: dict[str, StorageError] = {}
     for key in dict.fromkeys(keys):  # each key once, in the caller's order
         try:
             storage.delete(key)
         except StorageError as exc:
-            failures[key] = str(exc)
+            failures[key] = exc
     return failures
 
 

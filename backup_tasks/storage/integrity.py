@@ -11,16 +11,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from backup_tasks.errors import BackupCorrupt, BackupError, ObjectMissing, StorageError
+from backup_tasks.errors import BackupCorrupt, BackupError, ObjectLocked, ObjectMissing, StorageAuthFailed, StorageError
 from backup_tasks.storage.base import ObjectWriter, Storage, members
+from backup_tasks.storage.objectlock import BucketProtection
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+#: The object ``probe`` writes and deletes. One fixed key: in a locked bucket each probe leaves a
+#: version the lock holds, and a later probe deletes those whose lock has ended.
+PROBE_KEY = ".backup-tasks-probe"
 
 
 class HashingWriter:
@@ -174,23 +177,47 @@ class LocationStatus:
     seconds: float
     error: str | None = None
     error_type: str | None = None
+    #: A bucket's "Enabled", "Suspended" or "Off"; None for a directory, or a store that would not say.
+    versioning: str | None = None
+    #: Whether the bucket has Object Lock enabled; None as for ``versioning``.
+    object_lock: bool | None = None
+    #: The retention backup-tasks gives what it writes here ("GOVERNANCE, 30 days"), or None.
+    lock: str | None = None
+    #: The bucket's own default retention, or None.
+    default_retention: str | None = None
+    #: Why the probe object written could not be deleted again (a lock holds it, or append-only
+    #: credentials): writes work, and deleting is prune's business, with its own credentials.
+    delete_refused: str | None = None
 
 
 def probe(storage: Storage, *, role: str = "primary") -> LocationStatus:
-    """List, then write and delete a tiny object: reachable and writable, or the reason why not."""
+    """List, then write and delete a tiny object: reachable and writable, or the reason why not.
+
+    For a bucket also what it enforces (versioning, Object Lock); a lock it cannot keep makes the
+    write fail with the ``ConfigError`` naming what to enable.
+    """
     started = time.monotonic()
-    key = f".backup-tasks-probe-{uuid.uuid4().hex[:12]}"
-    reachable = writable = False
+    status = LocationStatus(storage.location, role, False, False, 0.0)
+    lock = getattr(storage, "lock", None)
+    status.lock = lock.describe() if lock is not None else None
     try:
-        storage.list(".backup-tasks-probe-none", recursive=False)
-        reachable = True
-        storage.put_bytes(key, b"backup-tasks probe\n")
-        storage.delete(key)
-        writable = True
+        storage.list(f"{PROBE_KEY}-none", recursive=False)
+        status.reachable = True
+        protection: Callable[[], BucketProtection] | None = getattr(storage, "protection", None)
+        if protection is not None:
+            found = protection()
+            status.versioning, status.object_lock = found.versioning, found.object_lock
+            status.default_retention = found.default_retention
+        storage.put_bytes(PROBE_KEY, b"backup-tasks probe\n")
+        status.writable = True
+        try:
+            storage.delete(PROBE_KEY)
+        except (ObjectLocked, StorageAuthFailed) as exc:
+            status.delete_refused = str(exc)
     except BackupError as exc:
-        return LocationStatus(storage.location, role, reachable, writable, round(time.monotonic() - started, 3),
-                              str(exc), type(exc).__name__)
-    return LocationStatus(storage.location, role, reachable, writable, round(time.monotonic() - started, 3))
+        status.error, status.error_type = str(exc), type(exc).__name__
+    status.seconds = round(time.monotonic() - started, 3)
+    return status
 
 
 def probe_all(storage: Storage) -> list[LocationStatus]:

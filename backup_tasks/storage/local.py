@@ -14,6 +14,7 @@ import fcntl
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from stat import S_ISREG
 from typing import BinaryIO
@@ -252,9 +253,12 @@ class LocalStorage:
         except OSError as exc:
             raise storage_error(exc, "deleting", key) from None
 
-    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+    def delete_many(self, keys: Iterable[str]) -> dict[str, StorageError]:
         """One unlink per key (a directory has no batch delete; 20,000 unlinks take well under a second)."""
         return delete_each(self, keys)
+
+    def retention(self, key: str) -> datetime | None:
+        return None  # a directory locks nothing
 
     def clear_partials(self, prefix: str = "") -> list[str]:
         """Remove what dead writers left; a partial whose writer still holds its flock is never touched."""

@@ -10,6 +10,11 @@ A writer's bytes live in a partial object named like a local one (``<dir>/.<name
 ``list``, ``open`` and ``exists`` never see it; ``commit`` publishes it in one step under the lock,
 ``abort`` drops it, and ``clear_partials`` removes those a dead writer left (callers hold the lock
 that excludes live writers, as for the other drivers).
+
+With ``lock`` it is also the reference for a bucket with S3 Object Lock: every object written is held
+until ``lock.days`` after its write (a rewrite holds it until the later date, as S3 keeps the older,
+locked version), ``delete`` of a held key raises ``ObjectLocked`` with that date, and ``retention``
+says it. ``clock`` (aware UTC) lets a test step past the date.
 """
 
 from __future__ import annotations
@@ -19,18 +24,23 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import BinaryIO
 
-from backup_tasks.errors import ObjectMissing, StorageError
+from backup_tasks.clock import isoformat, utcnow
+from backup_tasks.errors import ObjectLocked, ObjectMissing, StorageError
 from backup_tasks.storage.base import PARTIAL_MARK, ObjectInfo, delete_each, in_listing
+from backup_tasks.storage.objectlock import ObjectLock
 
 
 @dataclass(frozen=True)
 class _Object:
     data: bytes
     mtime: float
+    #: With a lock: until when a delete is refused (the latest retention of every write of the key).
+    retain_until: datetime | None = None
 
 
 class MemoryWriter:
@@ -75,8 +85,11 @@ class MemoryWriter:
 class MemoryStorage:
     """Objects in a dict, behind the ``Storage`` interface (``memory://<name>``)."""
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(self, name: str | None = None, *, lock: ObjectLock | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
         self.location = f"memory://{name or uuid.uuid4().hex[:8]}"
+        self.lock = lock
+        self.clock = clock
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}
         #: partial key -> the key its writer will publish (what ``clear_partials`` reports).
@@ -111,8 +124,18 @@ class MemoryStorage:
                 raise StorageError(f"saving {key} in {self.location} failed: its partial object was removed")
             if not replace and key in self._objects:
                 return False
-            self._objects[key] = _Object(data, time.time())
+            self._objects[key] = self._new_object(key, data)
             return True
+
+    def _new_object(self, key: str, data: bytes) -> _Object:
+        """The object written now under ``key`` (the caller holds ``_lock``), held as a locked bucket would."""
+        retain_until = None
+        if self.lock is not None:
+            retain_until = self.lock.retain_until(self.clock())
+            previous = self._objects.get(key)
+            if previous is not None and previous.retain_until is not None:
+                retain_until = max(retain_until, previous.retain_until)
+        return _Object(bytes(data), time.time(), retain_until)
 
     # --- the Storage interface --------------------------------------------------------------------
 
@@ -131,14 +154,14 @@ class MemoryStorage:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._lock:
-            self._objects[self._check(key)] = _Object(bytes(data), time.time())
+            self._objects[self._check(key)] = self._new_object(key, data)
 
     def put_new(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if it does not exist: True if written, False (existing object untouched) if it did."""
         with self._lock:
             if self._check(key) in self._objects:
                 return False
-            self._objects[key] = _Object(bytes(data), time.time())
+            self._objects[key] = self._new_object(key, data)
             return True
 
     def exists(self, key: str) -> bool:
@@ -156,12 +179,23 @@ class MemoryStorage:
 
     def delete(self, key: str) -> None:
         with self._lock:
-            self._objects.pop(self._check(key), None)
+            found = self._objects.get(self._check(key))
+            if found is not None and found.retain_until is not None and found.retain_until > self.clock():
+                raise ObjectLocked(f"{key} in {self.location} is locked until {isoformat(found.retain_until)}; it "
+                                   f"can be deleted after that", found.retain_until)
+            self._objects.pop(key, None)
 
-    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+    def delete_many(self, keys: Iterable[str]) -> dict[str, StorageError]:
         # Through ``delete``, key by key: the reference semantics, and a subclass overriding ``delete``
         # (a test recording or failing deletes) sees every key prune removes.
         return delete_each(self, keys)
+
+    def retention(self, key: str) -> datetime | None:
+        with self._lock:
+            found = self._objects.get(self._check(key))
+        if found is None or found.retain_until is None or found.retain_until <= self.clock():
+            return None
+        return found.retain_until
 
     def clear_partials(self, prefix: str = "") -> list[str]:
         """Drop partial objects whose key or file name starts with ``prefix``; the keys they were for."""

@@ -15,15 +15,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from datetime import datetime
 from typing import BinaryIO
 
-from backup_tasks.errors import ConfigError, ObjectMissing, StorageError
+from backup_tasks.errors import ConfigError, ObjectLocked, ObjectMissing, StorageError
 from backup_tasks.storage.base import ObjectInfo, ObjectWriter, Storage
 from backup_tasks.storage.integrity import (
     holders,
 )
 
 log = logging.getLogger(__name__)
+
+
+def combined(first: StorageError | None, second: StorageError) -> StorageError:
+    """One failure for a key both locations failed to delete: a real failure outranks a lock, a later lock an earlier.
+
+    A lock is an expected state (retry after the date); when one location holds the key for another
+    reason, that reason is what the caller must see.
+    """
+    if first is None:
+        return second
+    if isinstance(first, ObjectLocked) and isinstance(second, ObjectLocked):
+        return first if first.retain_until >= second.retain_until else second
+    if isinstance(first, ObjectLocked):
+        return second
+    if isinstance(second, ObjectLocked):
+        return first
+    return type(first)(f"{first}; {second}")
 
 
 class TeeWriter:
@@ -175,30 +193,35 @@ class MirroredStorage:
         return sorted(seen.values(), key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
-        # Both, even when one fails: then raise the first failure.
+        # Both, even when one fails: then raise what both said (see ``combined``).
         failure: StorageError | None = None
         for member in self.members:
             try:
                 member.delete(key)
             except StorageError as exc:
-                failure = failure or exc
+                failure = combined(failure, exc)
         if failure is not None:
             raise failure
 
-    def delete_many(self, keys: Iterable[str]) -> dict[str, str]:
+    def delete_many(self, keys: Iterable[str]) -> dict[str, StorageError]:
         """Batched deletes in both locations, even when one fails: failures of either, then the first error raised."""
         wanted = list(dict.fromkeys(keys))
-        failures: dict[str, str] = {}
+        failures: dict[str, StorageError] = {}
         failure: StorageError | None = None
         for member in self.members:
             try:
-                for key, reason in member.delete_many(wanted).items():
-                    failures[key] = f"{failures[key]}; {reason}" if key in failures else reason
+                for key, error in member.delete_many(wanted).items():
+                    failures[key] = combined(failures.get(key), error)
             except StorageError as exc:
                 failure = failure or exc
         if failure is not None:
             raise failure
         return failures
+
+    def retention(self, key: str) -> datetime | None:
+        """The later of the two locations' locks: the key is gone from both only after it."""
+        dates = [found for member in self.members if (found := member.retention(key)) is not None]
+        return max(dates) if dates else None
 
     def clear_partials(self, prefix: str = "") -> list[str]:
         return [*self.primary.clear_partials(prefix), *self.copy.clear_partials(prefix)]

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import pytest
 
-from backup_tasks.errors import ObjectMissing, StorageError
+from backup_tasks.errors import ObjectMissing, StorageAuthFailed, StorageError
 from backup_tasks.storage import s3 as s3_driver
 from backup_tasks.storage.base import ObjectWriter, Storage
 from backup_tasks.storage.local import LocalStorage, LocalWriter
@@ -280,8 +280,37 @@ def test_delete_many_removes_every_key_and_reports_only_what_it_cannot(driver: D
     failures = storage.delete_many(["a.dump.zst", "wal/0000000100000000/000000010000000000000001.zst",
                                     "never.dump.zst", "../outside.zst", "a.dump.zst"])
     assert list(failures) == ["../outside.zst"]  # a missing key is no failure; a refused one is named
+    assert isinstance(failures["../outside.zst"], StorageError)  # typed, as ``delete`` would raise it
     assert keys(storage) == ["keep.dump.zst"]
     assert storage.delete_many([]) == {}
+
+
+def test_nothing_is_held_where_no_lock_is_configured(driver: Driver) -> None:
+    storage = driver.storage
+    storage.put_bytes("a.dump.zst", b"x")
+    assert storage.retention("a.dump.zst") is None and storage.retention("never.dump.zst") is None
+
+
+@pytest.mark.parametrize("kind", ["memory", "s3"])
+def test_a_locked_location_refuses_to_delete_with_the_date_the_lock_ends(kind: str,
+                                                                          request: pytest.FixtureRequest) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from backup_tasks.errors import ObjectLocked
+    from backup_tasks.storage.locations import open_storage
+    from backup_tasks.storage.objectlock import ObjectLock
+
+    storage: Storage = MemoryStorage(lock=ObjectLock(1)) if kind == "memory" else \
+        open_storage(request.getfixturevalue("locked_bucket_url"))  # BACKUP_OBJECT_LOCK_DAYS=1 in the environment
+    written = datetime.now(UTC)
+    storage.put_bytes("a.dump.zst", b"x")
+    failures = storage.delete_many(["a.dump.zst", "never.dump.zst"])
+    assert list(failures) == ["a.dump.zst"]
+    locked = failures["a.dump.zst"]
+    assert isinstance(locked, ObjectLocked)
+    assert written + timedelta(days=1, seconds=-5) < locked.retain_until < written + timedelta(days=1, seconds=5)
+    assert storage.retention("a.dump.zst") == locked.retain_until
+    assert keys(storage) == ["a.dump.zst"] and storage.read_bytes("a.dump.zst") == b"x"
 
 
 def _put_many(storage: Storage, names: list[str]) -> None:
@@ -322,7 +351,8 @@ def test_s3_delete_many_reports_each_key_the_server_refuses(bucket_url: str, mon
 
     monkeypatch.setattr(client, "delete_objects", delete_objects)
     failures = storage.delete_many(["a.zst", "locked.zst", "b.zst"])
-    assert list(failures) == ["locked.zst"] and "AccessDenied" in failures["locked.zst"]
+    assert list(failures) == ["locked.zst"] and "AccessDenied" in str(failures["locked.zst"])
+    assert isinstance(failures["locked.zst"], StorageAuthFailed)  # may not delete: typed, not a string to match
     assert keys(storage) == ["locked.zst"]
 
 
@@ -381,6 +411,9 @@ def test_s3_put_new_retries_a_409_and_answers_false_only_when_an_object_is_there
 
         def head_bucket(self, **kwargs: object) -> dict[str, object]:
             return {}
+
+        def get_object_lock_configuration(self, **kwargs: object) -> dict[str, object]:
+            raise ClientError({"Error": {"Code": "ObjectLockConfigurationNotFoundError"}}, "GetObjectLockConfiguration")
 
     monkeypatch.setattr(s3_driver.time, "sleep", lambda _seconds: None)
     storage = S3Storage.from_url("s3://bucket/prefix")

@@ -1,11 +1,14 @@
 """A real S3-compatible HTTP server for the tests: moto's standalone server, as its own process.
 
-A pytest plugin: ``s3_server``, ``s3_env`` and ``bucket_url`` are available by name everywhere.
+A pytest plugin: ``s3_server``, ``s3_env``, ``bucket_url`` and ``locked_bucket_url`` are available by
+name everywhere.
 
-The server enforces SigV4 authentication (``INITIAL_NO_AUTH_ACTION_COUNT``): the first three
-requests create an IAM user with an ``s3:*`` policy and its access key, and every request after
-that must be signed with that key, so wrong credentials fail exactly as against AWS or MinIO.
-Each test gets a bucket of its own and an environment holding only the standard AWS variables.
+The server enforces SigV4 authentication and IAM policies (``INITIAL_NO_AUTH_ACTION_COUNT``): the
+first three requests create an IAM user with an ``s3:*`` and ``iam:*`` policy and its access key,
+and every request after that must be signed and allowed, so wrong credentials fail exactly as
+against AWS or MinIO, and ``S3Server.new_user`` makes users with narrower policies (append-only
+workers). Each test gets a bucket of its own and an environment holding only the standard AWS
+variables (no BACKUP_OBJECT_LOCK_* unless the test asks for a locked bucket).
 """
 
 from __future__ import annotations
@@ -67,10 +70,29 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION,
                             aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key)
 
-    def new_bucket(self) -> str:
+    def new_bucket(self, *, object_lock: bool = False, versioning: bool = False) -> str:
+        """A fresh bucket; with ``object_lock`` created with Object Lock enabled (which turns versioning on)."""
         name = f"bt-test-{uuid.uuid4().hex[:12]}"
-        self.admin_client().create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": REGION})
+        client = self.admin_client()
+        client.create_bucket(Bucket=name, CreateBucketConfiguration={"LocationConstraint": REGION},
+                             ObjectLockEnabledForBucket=object_lock)
+        if versioning and not object_lock:
+            client.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
         return name
+
+    def new_user(self, bucket: str, actions: list[str]) -> dict[str, str]:
+        """An IAM user allowed only ``actions`` (``s3:PutObject``...) on ``bucket``: its AWS variables."""
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key)
+        name = f"bt-user-{uuid.uuid4().hex[:12]}"
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName="only", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": [
+                f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return self.env(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
 
 
 def start_moto(log_path: Path) -> tuple[subprocess.Popen[bytes], S3Server]:
@@ -89,8 +111,8 @@ def start_moto(log_path: Path) -> tuple[subprocess.Popen[bytes], S3Server]:
                      "aws_access_key_id": "AKIABOOTSTRAPBOOTSTRAP", "aws_secret_access_key": "bootstrap" * 4}
         iam = boto3.client("iam", **bootstrap)  # type: ignore[arg-type]
         iam.create_user(UserName="backup-tasks")
-        iam.put_user_policy(UserName="backup-tasks", PolicyName="s3-all", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        iam.put_user_policy(UserName="backup-tasks", PolicyName="s3-all", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:*", "iam:*"], "Resource": "*"}]}))
         key = iam.create_access_key(UserName="backup-tasks")["AccessKey"]
         return proc, S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
     except BaseException:
@@ -117,7 +139,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """This process's environment pointed at the test server (standard AWS variables only)."""
     for name in list(os.environ):
-        if name.startswith("AWS_"):
+        if name.startswith(("AWS_", "BACKUP_OBJECT_LOCK_", "BACKUP_PRUNE_AWS_")):
             monkeypatch.delenv(name)
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
@@ -128,3 +150,15 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 def bucket_url(s3_env: S3Server) -> str:
     """A fresh bucket, as the ``s3://bucket/prefix`` URL a user would put in BACKUP_DIR."""
     return f"s3://{s3_env.new_bucket()}/nightly/aitrapp"
+
+
+@pytest.fixture
+def locked_bucket_url(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket with Object Lock (so versioning) on, and this process locking what it writes there for a day.
+
+    As a user sets it up: the bucket created with Object Lock enabled, and ``BACKUP_OBJECT_LOCK_DAYS=1``
+    (GOVERNANCE) in the environment, which every storage opened from a URL applies.
+    """
+    monkeypatch.setenv("BACKUP_OBJECT_LOCK_DAYS", "1")
+    monkeypatch.setenv("BACKUP_OBJECT_LOCK_MODE", "GOVERNANCE")
+    return f"s3://{s3_env.new_bucket(object_lock=True)}/nightly/aitrapp"
