@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import time
+from datetime import datetime, time
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
@@ -22,6 +22,7 @@ from backup_tasks.errors import ConfigError
 from backup_tasks.storage.objectlock import DAYS_SETTING, ObjectLock, object_lock_from_env
 
 if TYPE_CHECKING:
+    from backup_tasks.storage.base import Storage
     from backup_tasks.storage.s3 import S3Credentials
 
 COMPRESSIONS = ("zstd", "gzip")
@@ -137,6 +138,16 @@ class Settings:
     #: BACKUP_PRUNE_AWS_PROFILE, or BACKUP_PRUNE_AWS_ACCESS_KEY_ID + _SECRET_ACCESS_KEY: prune's own
     #: credentials, which may delete, when the workers' may only write.
     prune_credentials: S3Credentials | None = field(default=None, repr=False)
+    #: ``--as-of``: read the s3:// locations as they were at this moment (a versioned bucket), read-only.
+    #: Never from the environment: a command line asks for it, for one run.
+    as_of: datetime | None = None
+
+    def locations(self, *, credentials: S3Credentials | None = None) -> Storage:
+        """Where backups live: BACKUP_DIR, mirrored to BACKUP_COPY_TO (``storage.locations.open_locations``),
+        as of ``as_of`` when set, with ``credentials`` instead of the ambient ones (prune's)."""
+        from backup_tasks.storage.locations import open_locations
+
+        return open_locations(self.backup_dir, self.copy_to, as_of=self.as_of, credentials=credentials)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

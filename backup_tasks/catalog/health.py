@@ -31,7 +31,6 @@ from backup_tasks.catalog.manifest import Manifest, utcnow
 from backup_tasks.errors import BackupError, StorageError
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
-from backup_tasks.storage.locations import open_locations
 from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.coverage import TimelineStep, coverages, timeline_for, timeline_path
 from backup_tasks.wal.names import kind_of, position, segment_name, segment_number, timeline_of
@@ -473,7 +472,7 @@ def check_health(settings: Settings, *, now: datetime | None = None, storage: St
     """Judge the catalog in ``storage`` and the WAL archive ``archive`` (defaults: the settings' locations)."""
     now = now or utcnow()
     if storage is None:
-        storage = open_locations(settings.backup_dir, settings.copy_to)
+        storage = settings.locations()
     database = settings.source().dbname if settings.database_url else None
     manifests = catalog.catalog(storage)  # one listing for dumps and snapshots
     dumps = [m for m in manifests if m.kind == "dump" and (database is None or m.database == database)]

@@ -9,7 +9,7 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from backup_tasks.cli.output import Add, UsageError, emit, progress_logger
+from backup_tasks.cli.output import Add, UsageError, add_as_of, emit, progress_logger
 from backup_tasks.progress import human_size
 from backup_tasks.settings import Settings
 
@@ -36,10 +36,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_verify_snapshot(args, settings)
 
     from backup_tasks.catalog import manifest as catalog
-    from backup_tasks.storage.locations import open_locations
 
     # Resolve "the newest" before verifying: a dump finishing meanwhile must not change the answer.
-    backup_id = args.backup_id or catalog.newest(open_locations(settings.backup_dir, settings.copy_to)).id
+    backup_id = args.backup_id or catalog.newest(settings.locations()).id
     result = verify_backup(settings, backup_id)
     document = {"ok": result.ok, "backup_id": backup_id, **asdict(result)}
     if result.ok:
@@ -80,12 +79,11 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     from backup_tasks.catalog import manifest as catalog
     from backup_tasks.storage.integrity import listing_by_location
-    from backup_tasks.storage.locations import open_locations
 
     # Costs the backups, not the WAL: the catalog and each location are listed at their top level only
     # (in S3 one ListObjectsV2 with a delimiter, whatever the copy's wal/ holds). The restorable ranges
     # need the archive's coverage: one listing pass of the local archive, never a listing of the copy.
-    storage = open_locations(settings.backup_dir, settings.copy_to)
+    storage = settings.locations()
     manifests = catalog.catalog(storage)  # each backup once, whichever locations hold it
     where = listing_by_location(storage) if settings.copy_to else {}
 
@@ -155,6 +153,7 @@ def register(add: Add) -> None:
     p.add_argument("backup_id", nargs="?", help="backup id (default: the newest dump)")
     p.add_argument("--snapshot", action="store_true", help="verify the newest snapshot (recovery to the end of "
                                                            "the WAL archive in a throwaway cluster)")
+    add_as_of(p)
     p = add("prune", cmd_prune, "apply the retention policy")
     p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
     p = add("restore", cmd_restore, "restore a dump into a database (created if missing)")
@@ -162,7 +161,8 @@ def register(add: Add) -> None:
     p.add_argument("--target-database-url", help="where to restore (default: RESTORE_DATABASE_URL)")
     p.add_argument("--replace", action="store_true", help="drop and recreate a non-empty target first")
     p.add_argument("--no-owner", action="store_true", help="skip ownership and privileges (roles missing)")
-    add("list", cmd_list, "show the catalog")
+    add_as_of(p)
+    add_as_of(add("list", cmd_list, "show the catalog"))
     add("health", cmd_health, "exit 1 unless the newest dump is recent, non-empty and verified and, with PITR, the "
                               "newest snapshot too and the WAL unbroken from the oldest kept snapshot")
     p = add("sample-data", cmd_sample_data, "create the trading schema with generated rows in an empty database")

@@ -11,10 +11,13 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
 
 from backup_tasks import __version__
 from backup_tasks.cli import daily, observe, pitr, workflow
 from backup_tasks.cli.output import Command, Parser, UsageError, fail
+from backup_tasks.clock import parse_moment, utcnow
 from backup_tasks.errors import BackupError
 from backup_tasks.settings import Settings
 
@@ -42,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_as_of(text: str, settings: Settings) -> datetime:
+    moment = parse_moment(text, settings.tz)
+    if moment is None:
+        raise UsageError(f"--as-of {text!r} is not a time I can read; write it like 2026-11-23 15:29:59+05:30 "
+                         f"(no zone: {settings.timezone})")
+    if moment > utcnow():
+        raise UsageError(f"--as-of {text!r} is in the future: give a moment before now")
+    return moment
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -58,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_command = args.command in ("wal-push", "wal-fetch") and (
             getattr(args, "archive_dir", None) or getattr(args, "archive_url", None))
         settings = Settings() if args.command == "demo" or server_command else Settings.from_env()
+        if getattr(args, "as_of", None):
+            settings = replace(settings, as_of=parse_as_of(args.as_of, settings))
         return int(args.func(args, settings))
     except BackupError as exc:
         return fail(exc, command=args.command, as_json=args.json)

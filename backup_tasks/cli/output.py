@@ -24,6 +24,15 @@ Command = Callable[[argparse.Namespace, Settings], int]
 Add = Callable[[str, Command, str], argparse.ArgumentParser]
 
 
+AS_OF_HELP = ("read the s3:// locations as they were at this time (a versioned bucket): backups deleted or "
+              "overwritten since are found again; no zone means BACKUP_TIMEZONE")
+
+
+def add_as_of(parser: argparse.ArgumentParser) -> None:
+    """``--as-of TIME`` (``cli.main`` parses it into ``Settings.as_of``)."""
+    parser.add_argument("--as-of", metavar="TIME", help=AS_OF_HELP)
+
+
 class UsageError(ConfigError):
     """A command-line mistake (exit 2)."""
 

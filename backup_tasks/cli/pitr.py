@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from backup_tasks.cli.output import Add, UsageError, emit, progress_logger
+from backup_tasks.cli.output import Add, UsageError, add_as_of, emit, progress_logger
 from backup_tasks.errors import WalMissing
 from backup_tasks.progress import human_size
 from backup_tasks.settings import Settings
@@ -64,7 +64,8 @@ def cmd_wal_fetch(args: argparse.Namespace, settings: Settings) -> int:
             from backup_tasks.wal.prefetch import MAX_DEPTH, fetch_with_prefetch
             from backup_tasks.wal.remote import RemoteWalArchive
 
-            size = fetch_with_prefetch(RemoteWalArchive(args.archive_url, identity_file=identity_file), args.name,
+            size = fetch_with_prefetch(RemoteWalArchive(args.archive_url, identity_file=identity_file,
+                                                        as_of=settings.as_of), args.name,
                                        Path(args.destination), depth=min(args.prefetch, MAX_DEPTH))
         else:
             archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings), identity_file=identity_file)
@@ -123,23 +124,34 @@ def storage_and_keys(settings: Settings) -> tuple[dict[str, Any], list[str]]:
     """For ``check``: each storage location reachable and writable? the encryption keys usable?"""
     from backup_tasks.errors import BackupError
     from backup_tasks.storage.integrity import LocationStatus, probe_all
-    from backup_tasks.storage.locations import open_locations
     from backup_tasks.streams.crypto import key_status
 
     try:
-        statuses = probe_all(open_locations(settings.backup_dir, settings.copy_to))
+        statuses = probe_all(settings.locations())
     except BackupError as exc:
         statuses = [LocationStatus(settings.backup_dir, "primary", False, False, 0.0, str(exc), type(exc).__name__)]
     keys = key_status(settings.encrypt_recipients, settings.decrypt_identity_file)
     storage_ok = all(s.reachable and s.writable for s in statuses)
     lines = ["storage:"]
-    lines += [f"  {s.role} {s.location}: " + ("reachable and writable" if s.reachable and s.writable else
-                                              f"NOT {'WRITABLE' if s.reachable else 'REACHABLE'}: {s.error}")
-              for s in statuses]
+    for s in statuses:
+        lines.append(f"  {s.role} {s.location}: " + ("reachable and writable" if s.reachable and s.writable else
+                                                     f"NOT {'WRITABLE' if s.reachable else 'REACHABLE'}: {s.error}"))
+        if s.versioning is not None or s.object_lock is not None:
+            lines.append(f"    versioning {s.versioning or 'unknown'}; Object Lock "
+                         + ("on" if s.object_lock else "off" if s.object_lock is False else "unknown")
+                         + (f"; each object written is locked {s.lock}" if s.lock else
+                            "; objects written are not locked")
+                         + (f"; the bucket's default retention: {s.default_retention}" if s.default_retention else ""))
+        if s.delete_refused:
+            lines.append(f"    note: deleting here is refused ({s.delete_refused}); prune needs its own credentials "
+                         f"(BACKUP_PRUNE_AWS_PROFILE) or the bucket's lifecycle rules")
+    retention_warnings = settings.lock_outlasts_retention()
+    lines += [f"  warning: {w}" for w in retention_warnings]
     lines.append("encryption: " + (f"to {', '.join(keys.recipients)}" if keys.encrypting else "off")
                  + (f"; identity file {keys.identity_file}" if keys.identity_file else ""))
     lines += [f"  problem: {p}" for p in keys.problems] + [f"  warning: {w}" for w in keys.warnings]
-    return {"storage_ok": storage_ok, "locations": [asdict(s) for s in statuses], "keys": asdict(keys)}, lines
+    return {"storage_ok": storage_ok, "locations": [asdict(s) for s in statuses], "keys": asdict(keys),
+            "retention_warnings": retention_warnings}, lines
 
 
 def cmd_restore_point(args: argparse.Namespace, settings: Settings) -> int:
@@ -187,19 +199,17 @@ def snapshot_verify_requested(args: argparse.Namespace, settings: Settings) -> b
     if not args.backup_id:
         return False
     from backup_tasks.catalog import manifest as catalog
-    from backup_tasks.storage.locations import open_locations
 
-    storage = open_locations(settings.backup_dir, settings.copy_to)
+    storage = settings.locations()
     return storage.exists(catalog.manifest_key(args.backup_id)) and \
         catalog.load(storage, args.backup_id).kind == "snapshot"
 
 
 def cmd_verify_snapshot(args: argparse.Namespace, settings: Settings) -> int:
     from backup_tasks.physical.verify import snapshot_to_verify, verify_snapshot
-    from backup_tasks.storage.locations import open_locations
 
     # Resolve "the newest" before verifying: a snapshot finishing meanwhile must not change the answer.
-    backup_id = snapshot_to_verify(open_locations(settings.backup_dir, settings.copy_to), args.backup_id).id
+    backup_id = snapshot_to_verify(settings.locations(), args.backup_id).id
     result = verify_snapshot(settings, backup_id)
     document = {"ok": result.ok, "backup_id": backup_id, **asdict(result)}
     if result.ok:
@@ -216,12 +226,11 @@ def cmd_verify_snapshot(args: argparse.Namespace, settings: Settings) -> int:
 def snapshot_ranges_document(settings: Settings) -> list[dict[str, Any]]:
     """For ``list --json``: what each snapshot can restore to right now."""
     from backup_tasks.physical.plan import snapshot_ranges
-    from backup_tasks.storage.locations import open_locations
     from backup_tasks.wal.remote import archive_for_reading
 
     try:
         archive = archive_for_reading(settings)  # the bucket's wal/ when BACKUP_DIR is one (disaster recovery)
-        ranges = snapshot_ranges(open_locations(settings.backup_dir, settings.copy_to), archive)
+        ranges = snapshot_ranges(settings.locations(), archive)
     except Exception:  # listing must not fail because the archive is unreadable
         return []
     return [{"backup_id": r.snapshot.id, "restorable_from": r.restorable_from.isoformat(),
@@ -253,6 +262,7 @@ def register(add: Add) -> None:
                                          "downloading the next segments ahead: disaster recovery")
     p.add_argument("--prefetch", type=int, default=DEFAULT_DEPTH,
                    help=f"with --archive-url: segments to download ahead (default {DEFAULT_DEPTH}, 0 = none)")
+    add_as_of(p)
     p = add("check", cmd_check, "check that the server archives WAL correctly (forces a segment switch and waits "
                                 "for it); prints the postgresql.conf lines")
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the segment (default 60)")
@@ -261,6 +271,7 @@ def register(add: Add) -> None:
     p.add_argument("--trading-day", help="the trading day it marks (ISO date), for snapshot verification")
     p.add_argument("--no-switch", action="store_true", help="do not switch WAL segments afterwards")
     p = add("restore-pitr", cmd_restore_pitr, "restore the cluster to a point in time into an empty data directory")
+    add_as_of(p)
     p.add_argument("--data-dir", required=True, help="where to restore (must be empty or not exist)")
     p.add_argument("--target-time", help="any timestamp PostgreSQL accepts (no zone: BACKUP_TIMEZONE)")
     p.add_argument("--target-name", help="a restore point name")

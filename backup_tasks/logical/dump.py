@@ -30,7 +30,6 @@ from backup_tasks.progress import PROGRESS_EVERY, Progress, no_progress
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import ObjectWriter
 from backup_tasks.storage.integrity import HashingWriter
-from backup_tasks.storage.locations import open_locations
 from backup_tasks.streams.codec import CHUNK, compressor
 from backup_tasks.streams.crypto import EncryptingWriter, encryption_info
 
@@ -122,7 +121,7 @@ def run_dump(settings: Settings, *, trading_day: str | None = None, backup_id: s
     conninfo = settings.source()
     with hold(settings, dump_lock_name(conninfo), what=f"a dump of {conninfo.dbname}") as lease:
         if trading_day is not None:
-            existing = existing_for_day(open_locations(settings.backup_dir, settings.copy_to), conninfo.dbname,
+            existing = existing_for_day(settings.locations(), conninfo.dbname,
                                         trading_day)
             if existing is not None:
                 return existing, True
@@ -133,7 +132,7 @@ def run_dump(settings: Settings, *, trading_day: str | None = None, backup_id: s
 def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, trading_day: str | None,
                  backup_id: str | None, progress: Progress) -> Manifest:
     # Every commit confirms the lock first: a run that lost it (stalled past the expiry) publishes nothing.
-    storage = lease.fence(open_locations(settings.backup_dir, settings.copy_to))
+    storage = lease.fence(settings.locations())
     with exported_snapshot(conninfo) as (conn, snapshot):
         started = utcnow()
         version = server_version(conn)

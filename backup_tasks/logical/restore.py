@@ -27,7 +27,6 @@ from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.storage.integrity import first_good
-from backup_tasks.storage.locations import open_locations
 from backup_tasks.streams.codec import decompressed_chunks
 from backup_tasks.streams.crypto import Identities, check_identity, manifest_recipients, open_decrypted
 
@@ -119,7 +118,7 @@ def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *
     if not url:
         raise ConfigError("no restore target: pass --target-database-url or set RESTORE_DATABASE_URL")
     target = ConnInfo.from_url(url, setting="the restore target URL")
-    storage = open_locations(settings.backup_dir, settings.copy_to)
+    storage = settings.locations()
     manifest = catalog.load(storage, backup_id)
     if manifest.kind != "dump":
         raise ConfigError(f"{backup_id} is a {manifest.kind}, not a dump; use restore-pitr for snapshots")

@@ -50,7 +50,6 @@ from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import members
 from backup_tasks.storage.integrity import check_locations, summarize
-from backup_tasks.storage.locations import open_locations
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,7 @@ def server_major_of(manifest: Manifest) -> int:
 def verify_backup(settings: Settings, backup_id: str | None = None, *,
                   progress: Progress = no_progress) -> Verification:
     """Verify one dump (the newest when ``backup_id`` is None); record and return the outcome."""
-    storage = open_locations(settings.backup_dir, settings.copy_to)
+    storage = settings.locations()
     manifest = catalog.load(storage, backup_id) if backup_id else catalog.newest(storage, kind="dump")
     # A missing or unusable identity is the verifier's problem, not the backup's: it propagates.
     identities = identities_for(settings, manifest)
@@ -209,9 +208,12 @@ def verify_backup(settings: Settings, backup_id: str | None = None, *,
         method=method, checked=checked, tables_compared=tables_compared, indexes_checked=indexes_checked,
         problems=problems, server_version=restored_version,
     )
-    try:
-        catalog.record_verification(storage, manifest.id, result)
-    except StorageError as exc:  # a location that cannot take the record must not hide the verdict
-        log.warning("could not record the verification of %s: %s", manifest.id, exc)
+    if settings.as_of is not None:  # a past state of the bucket was read: the verdict is reported, not recorded
+        log.info("verification of %s as of %s is not recorded", manifest.id, settings.as_of.isoformat())
+    else:
+        try:
+            catalog.record_verification(storage, manifest.id, result)
+        except StorageError as exc:  # a location that cannot take the record must not hide the verdict
+            log.warning("could not record the verification of %s: %s", manifest.id, exc)
     log.info("verification of %s: %s", manifest.id, "ok" if result.ok else "; ".join(problems))
     return result

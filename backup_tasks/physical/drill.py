@@ -28,7 +28,6 @@ from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.failures import first_line
 from backup_tasks.postgres.queries import count_rows
 from backup_tasks.settings import Settings
-from backup_tasks.storage.locations import open_locations
 from backup_tasks.wal.setup import prepare_archive
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ class DrillResult:
 
 def pitr_drill(settings: Settings, *, seed: int | None = None, target: datetime | None = None) -> DrillResult:
     """Restore to a random moment in the covered range into a throwaway cluster and prove it opens there."""
-    storage = open_locations(settings.backup_dir, settings.copy_to)
+    storage = settings.locations()
     archive, _notes = prepare_archive(settings)
     ranges = snapshot_ranges(storage, archive)
     moment = target or random_moment(ranges, random.Random(seed))

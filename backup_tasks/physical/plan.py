@@ -20,6 +20,7 @@ import psycopg
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.clock import parse_moment
 from backup_tasks.errors import (
     BackupError,
     BackupNotFound,
@@ -32,7 +33,6 @@ from backup_tasks.postgres.failures import first_line
 from backup_tasks.postgres.tools import find_tool
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
-from backup_tasks.storage.locations import open_locations
 from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.coverage import Coverage, coverages
 from backup_tasks.wal.names import position, segment_number
@@ -60,17 +60,9 @@ class RecoveryTarget:
         return "the latest archived point"
 
 
-_ZONE_WORDS = re.compile(r"\s*(?:UTC|GMT|Z)$", re.IGNORECASE)
-
-
 def parse_target_time(text: str, settings: Settings) -> datetime:
     """Any timestamp PostgreSQL accepts (``now()``'s output included); no zone means ``BACKUP_TIMEZONE``."""
-    raw = text.strip()
-    candidate = _ZONE_WORDS.sub("+00:00", raw) if _ZONE_WORDS.search(raw) else raw
-    try:
-        moment = datetime.fromisoformat(candidate)
-    except ValueError:
-        moment = _parse_with_server(raw, settings)
+    moment = parse_moment(text, settings.tz) or _parse_with_server(text.strip(), settings)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=settings.tz)
     return moment.astimezone(UTC)
@@ -161,7 +153,7 @@ def describe_ranges(ranges: list[SnapshotRange]) -> str:
 
 def plan_restore(settings: Settings, target: RecoveryTarget, *, storage: Storage | None = None,
                  archive: WalArchive | None = None) -> RestorePlan:
-    storage = storage or open_locations(settings.backup_dir, settings.copy_to)
+    storage = storage or settings.locations()
     archive = archive or archive_for_reading(settings)  # a bucket's wal/ when BACKUP_DIR is one (disaster recovery)
     ranges = snapshot_ranges(storage, archive)
     if not ranges:

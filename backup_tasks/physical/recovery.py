@@ -68,7 +68,8 @@ def wal_fetch_command(settings: Settings, archive: WalArchive) -> str:
     need boto3 anyway: this installation must be runnable by the server user (a clear error otherwise).
     """
     if isinstance(archive, RemoteWalArchive):
-        return restore_command_for(server_command(None), archive.url, settings.decrypt_identity_file)
+        return restore_command_for(server_command(None), archive.url, settings.decrypt_identity_file,
+                                   as_of=archive.as_of)
     command = server_command(archive.root / TOOL_DIR)
     return restore_command(command, archive.root, settings.copy_to, settings.decrypt_identity_file)
 

@@ -42,7 +42,6 @@ from backup_tasks.postgres.cluster import SERVER_USER, free_port, server_uid_gid
 from backup_tasks.postgres.servercmd import server_can_reach
 from backup_tasks.postgres.tools import find_tool
 from backup_tasks.settings import Settings
-from backup_tasks.storage.locations import open_locations
 from backup_tasks.wal.prefetch import clear_spools
 from backup_tasks.wal.remote import archive_for_reading
 
@@ -76,7 +75,7 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
     check_empty_target(data_dir)
     if action not in ACTIONS:
         raise ConfigError(f"--target-action must be one of {', '.join(ACTIONS)}")
-    storage = open_locations(settings.backup_dir, settings.copy_to)
+    storage = settings.locations()
     archive = archive_for_reading(settings)  # the bucket's wal/ when BACKUP_DIR is one
     plan = plan_restore(settings, target, storage=storage, archive=archive)
     ids = server_uid_gid()

@@ -40,7 +40,6 @@ from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import ObjectWriter, Storage
 from backup_tasks.storage.integrity import HashingWriter
-from backup_tasks.storage.locations import open_locations
 from backup_tasks.streams.codec import CHUNK
 from backup_tasks.streams.crypto import EncryptingWriter, encryption_info
 from backup_tasks.streams.tar import Unpacker
@@ -147,7 +146,7 @@ def take_snapshot(settings: Settings, *, backup_id: str | None = None, progress:
 def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, backup_id: str | None,
                      progress: Progress) -> Manifest:
     # Every commit confirms the lock first: a run that lost it (stalled past the expiry) publishes nothing.
-    storage = lease.fence(open_locations(settings.backup_dir, settings.copy_to))
+    storage = lease.fence(settings.locations())
     with connect(conninfo) as conn:
         facts = inspect_source(conn)
     started = utcnow()

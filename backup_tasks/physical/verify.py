@@ -63,7 +63,6 @@ from backup_tasks.postgres.tools import find_tool
 from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
-from backup_tasks.storage.locations import open_locations
 from backup_tasks.streams.crypto import Identities
 from backup_tasks.streams.tar import DISK_FULL
 from backup_tasks.wal.archive import WalArchive
@@ -213,7 +212,7 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
     this machine (``StorageFull``/``StorageError``: a full disk, permission denied) is raised and never
     recorded: it is no verdict about the snapshot.
     """
-    storage = open_locations(settings.backup_dir, settings.copy_to)
+    storage = settings.locations()
     snapshot = snapshot_to_verify(storage, backup_id)
     archive: WalArchive | None
     try:
@@ -288,7 +287,8 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
                           duration_seconds=round(time.monotonic() - started, 3), method="throwaway-cluster-pitr",
                           checked=checked, tables_compared=tables, indexes_checked=indexes, problems=problems,
                           server_version=version, details=details)
-    record_result(storage, snapshot.id, verification=result, wal_range=wal_range)
+    if settings.as_of is None:  # as of a past time the bucket is only read: the verdict is reported, not recorded
+        record_result(storage, snapshot.id, verification=result, wal_range=wal_range)
     log.info("verification of snapshot %s: %s", snapshot.id, "ok" if result.ok else "; ".join(problems))
     return result
 

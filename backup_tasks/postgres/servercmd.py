@@ -20,6 +20,7 @@ from pathlib import Path
 
 from backup_tasks.errors import ConfigError
 from backup_tasks.postgres.cluster import SERVER_USER, as_server_user
+from backup_tasks.storage.objectlock import ObjectLock
 
 
 def installed_command() -> list[str]:
@@ -107,15 +108,20 @@ def _option_args(copy_to: str | None, recipients: tuple[str, ...] = (), identity
 
 
 def archive_command(command: list[str], archive_dir: Path, copy_to: str | None = None,
-                    recipients: tuple[str, ...] = ()) -> str:
+                    recipients: tuple[str, ...] = (), lock: ObjectLock | None = None) -> str:
     """The ``archive_command`` value: self-contained, absolute, quoted for the shell PostgreSQL uses.
 
     With ``copy_to`` (BACKUP_COPY_TO) every segment also goes to ``<copy_to>/wal``; the server's OS
     user then needs credentials for it (for a bucket: the standard AWS variables or ~/.aws of that user).
     With ``recipients`` (BACKUP_ENCRYPT_RECIPIENT, public keys only) every segment is age-encrypted.
+    With ``lock`` (BACKUP_OBJECT_LOCK_DAYS/_MODE) and a bucket copy, the line starts with those two
+    variables: the server's environment has none of ours, and an unlocked WAL copy in a locked bucket
+    would be refused.
     """
-    return " ".join([*map(shlex.quote, command), "wal-push", "--archive-dir", shlex.quote(str(archive_dir)),
-                     *_option_args(copy_to, recipients), "%p"])
+    assignments = [f"{name}={shlex.quote(value)}" for name, value in lock.environment().items()] \
+        if lock is not None and copy_to and copy_to.startswith("s3://") else []
+    return " ".join([*assignments, *map(shlex.quote, command), "wal-push", "--archive-dir",
+                     shlex.quote(str(archive_dir)), *_option_args(copy_to, recipients), "%p"])
 
 
 def restore_command(command: list[str], archive_dir: Path, copy_to: str | None = None,

@@ -33,6 +33,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,11 +73,14 @@ MIN_SEGMENT, MAX_SEGMENT = 1 << 20, 1 << 30
 
 
 def restore_command_for(command: list[str], url: str, identity_file: object = None,
-                        depth: int = DEFAULT_DEPTH) -> str:
-    """restore_command reading ``url`` (a bucket's ``wal/``) with read-ahead, quoted for the server's shell."""
+                        depth: int = DEFAULT_DEPTH, as_of: datetime | None = None) -> str:
+    """restore_command reading ``url`` (a bucket's ``wal/``, as of ``as_of``) with read-ahead, quoted for the
+    server's shell."""
     args = [*map(shlex.quote, command), "wal-fetch", OPTION, shlex.quote(url)]
     if identity_file:
         args += ["--identity-file", shlex.quote(str(identity_file))]
+    if as_of is not None:
+        args += ["--as-of", as_of.astimezone(UTC).isoformat()]
     if depth != DEFAULT_DEPTH:
         args += ["--prefetch", str(depth)]
     return " ".join([*args, "%f", "%p"])
@@ -99,9 +103,10 @@ class Spool:
         self.dir = directory
 
     @classmethod
-    def beside(cls, destination: Path, url: str) -> Spool:
-        """The spool next to ``%p`` (``pg_wal``), one per archive URL so two archives never mix."""
-        tag = hashlib.sha256(url.encode()).hexdigest()[:12]
+    def beside(cls, destination: Path, url: str, as_of: datetime | None = None) -> Spool:
+        """The spool next to ``%p`` (``pg_wal``), one per archive URL (and ``--as-of``) so two never mix."""
+        source = url if as_of is None else f"{url}@{as_of.astimezone(UTC).isoformat()}"
+        tag = hashlib.sha256(source.encode()).hexdigest()[:12]
         return cls(destination.absolute().parent / f"{SPOOL_PREFIX}{tag}")
 
     def path(self, name: str) -> Path:
@@ -240,7 +245,7 @@ def prefetcher_alive(spool: Spool) -> bool:
     return False
 
 
-def start_prefetcher(spool: Spool, url: str, depth: int) -> bool:
+def start_prefetcher(spool: Spool, url: str, depth: int, as_of: datetime | None = None) -> bool:
     """Fork the prefetcher unless one is running; True when this call started one."""
     fd = _lock(spool)
     if fd is None:
@@ -258,7 +263,7 @@ def start_prefetcher(spool: Spool, url: str, depth: int) -> bool:
         os.dup2(null, 1)
         if _is_pipe(2):
             os.dup2(null, 2)  # a pipe held open would keep whoever reads it (a test, a shell) waiting
-        run_prefetcher(spool, url, depth)
+        run_prefetcher(spool, url, depth, as_of=as_of)
     except BaseException:  # the child must never return into the caller's code
         pass
     finally:
@@ -292,13 +297,13 @@ def download(storage: Storage, spool: Spool, name: str) -> bool:
 
 
 def run_prefetcher(spool: Spool, url: str, depth: int, *, idle: float = IDLE_SECONDS,
-                   storage: Storage | None = None) -> None:
+                   storage: Storage | None = None, as_of: datetime | None = None) -> None:
     """Keep N+1..N+depth spooled while PostgreSQL keeps asking; stop when idle or the spool is removed."""
     from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
     from backup_tasks.storage.locations import open_storage
 
-    storage = storage or open_storage(url, setting="BACKUP_DIR")
+    storage = storage or open_storage(url, setting="BACKUP_DIR", as_of=as_of)
     getattr(storage, "client", None)  # one client, made before the threads share it
     in_flight: dict[str, Future[bool]] = {}
     retry_at: dict[str, float] = {}
@@ -345,7 +350,7 @@ def fetch_with_prefetch(archive: RemoteWalArchive, name: str, destination: Path,
     """Restore ``name`` to ``destination`` from the spool when it is there (verified), else from the bucket."""
     if not SEGMENT_RE.match(name) or depth <= 0:
         return archive.fetch(name, destination)
-    spool = spool or Spool.beside(destination, archive.url)
+    spool = spool or Spool.beside(destination, archive.url, archive.as_of)
     size = spool.take(name, destination, archive)
     if size is None and _await_prefetched(spool, name, depth):
         size = spool.take(name, destination, archive)
@@ -358,7 +363,7 @@ def fetch_with_prefetch(archive: RemoteWalArchive, name: str, destination: Path,
     if MIN_SEGMENT <= size <= MAX_SEGMENT and size & (size - 1) == 0 and spool.ensure():
         spool.note_wanted(name, size)
         if not prefetcher_alive(spool):
-            start_prefetcher(spool, archive.url, depth)
+            start_prefetcher(spool, archive.url, depth, archive.as_of)
     return size
 
 
@@ -382,18 +387,26 @@ def _await_prefetched(spool: Spool, name: str, depth: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """``wal-fetch --archive-url URL [--identity-file F] [--prefetch K] NAME PATH`` (argv without the command)."""
+    """``wal-fetch --archive-url URL [--identity-file F] [--prefetch K] [--as-of T] NAME PATH`` (argv without
+    the command)."""
     options: dict[str, str] = {}
     rest = list(argv)
-    while len(rest) >= 2 and rest[0] in (OPTION, "--identity-file", "--prefetch") and rest[0] not in options:
+    while len(rest) >= 2 and rest[0] in (OPTION, "--identity-file", "--prefetch", "--as-of") \
+            and rest[0] not in options:
         options[rest[0]] = rest[1]
         rest = rest[2:]
     depth_text = options.get("--prefetch", str(DEFAULT_DEPTH))
-    if OPTION not in options or len(rest) != 2 or any(a.startswith("-") for a in rest) or not depth_text.isdigit():
+    try:
+        as_of = datetime.fromisoformat(options["--as-of"]) if "--as-of" in options else None
+    except ValueError:
+        as_of = None
+        rest = []  # an --as-of that is not an ISO 8601 time with its offset: usage error below
+    if OPTION not in options or len(rest) != 2 or any(a.startswith("-") for a in rest) or not depth_text.isdigit() \
+            or (as_of is not None and as_of.tzinfo is None):
         print(f"backup-tasks wal-fetch: usage: wal-fetch {OPTION} URL [--identity-file FILE] [--prefetch K] "
-              f"NAME PATH", file=sys.stderr)
+              f"[--as-of ISO-TIME-WITH-OFFSET] NAME PATH", file=sys.stderr)
         return 2
-    archive = RemoteWalArchive(options[OPTION], identity_file=options.get("--identity-file"))
+    archive = RemoteWalArchive(options[OPTION], identity_file=options.get("--identity-file"), as_of=as_of)
     try:
         fetch_with_prefetch(archive, rest[0], Path(rest[1]), depth=min(int(depth_text), MAX_DEPTH))
     except WalMissing as exc:

@@ -18,10 +18,11 @@ import io
 import os
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backup_tasks.errors import ObjectMissing, WalArchiveError, WalCorrupt, WalGap, WalMissing
+from backup_tasks.errors import ConfigError, ObjectMissing, WalArchiveError, WalCorrupt, WalGap, WalMissing
 from backup_tasks.wal.archive import (
     COPY_SUBDIR,
     HISTORY_DIR,
@@ -49,23 +50,30 @@ def archive_url(backup_dir: str) -> str:
 
 
 def archive_for_reading(settings: Any) -> WalArchive:
-    """The archive restores read: the bucket's ``wal/`` when ``Settings.wal_archive_url`` says so, else local."""
+    """The archive restores read: the bucket's ``wal/`` when ``Settings.wal_archive_url`` says so, else local.
+
+    With ``--as-of`` (``settings.as_of``) the WAL is read from a bucket as it was then: BACKUP_DIR's
+    ``wal/`` when it is a bucket, else BACKUP_COPY_TO's (a local archive keeps no earlier versions).
+    """
+    as_of = getattr(settings, "as_of", None)
     url = getattr(settings, "wal_archive_url", None)
+    if as_of is not None:
+        bucket = next((u for u in (settings.backup_dir, settings.copy_to) if u and u.startswith("s3://")), None)
+        if bucket is None:
+            raise ConfigError("--as-of needs a versioned s3:// location (BACKUP_DIR or BACKUP_COPY_TO): a local "
+                              "WAL archive keeps no earlier versions")
+        url = archive_url(bucket)
     if url:
-        return RemoteWalArchive(url, identity_file=settings.decrypt_identity_file)
+        return RemoteWalArchive(url, identity_file=settings.decrypt_identity_file, as_of=as_of)
     return WalArchive.for_settings(settings)
 
 
 def read_tail(storage: Storage, key: str, count: int) -> bytes:
-    """The last ``count`` bytes of an object: a ranged GET in a bucket, a seek in a file."""
-    client_owner: Any = storage
-    if hasattr(client_owner, "client") and hasattr(client_owner, "where"):  # S3Storage
-        try:
-            response = client_owner.client.get_object(Bucket=client_owner.where.bucket, Key=client_owner._key(key),
-                                                      Range=f"bytes=-{count}")
-            return bytes(response["Body"].read())
-        except Exception as exc:
-            raise client_owner._translate(exc, "reading the end of", key) from None
+    """The last ``count`` bytes of an object: a ranged GET in a bucket (as of its ``as_of``), a seek in a file."""
+    from backup_tasks.storage.s3 import S3Storage  # the driver's module; boto3 is imported by its client only
+
+    if isinstance(storage, S3Storage):
+        return storage.read_tail(key, count)
     with storage.open(key) as fh:
         if fh.seekable():
             fh.seek(0, io.SEEK_END)
@@ -77,9 +85,11 @@ def read_tail(storage: Storage, key: str, count: int) -> bytes:
 class RemoteWalArchive(WalArchive):
     """A read-only view of ``<url>`` (a ``wal/`` prefix in a bucket, or any storage location) as a WAL archive."""
 
-    def __init__(self, url: str, *, identity_file: str | Path | None = None, storage: Storage | None = None) -> None:
+    def __init__(self, url: str, *, identity_file: str | Path | None = None, storage: Storage | None = None,
+                 as_of: datetime | None = None) -> None:
         super().__init__(NO_LOCAL_ROOT, None, identity_file=identity_file)
         self.url = url.rstrip("/")
+        self.as_of = as_of  # read the bucket as it was then (``--as-of``: a versioned bucket)
         self._storage = storage
         self._listing: dict[str, ObjectInfo] | None = None
         self._trailers: dict[str, Trailer] = {}
@@ -96,7 +106,7 @@ class RemoteWalArchive(WalArchive):
         if self._storage is None:
             from backup_tasks.storage.locations import open_storage  # boto3 on first use only
 
-            self._storage = open_storage(self.url, setting="BACKUP_DIR")
+            self._storage = open_storage(self.url, setting="BACKUP_DIR", as_of=self.as_of)
         return self._storage
 
     def available(self) -> bool:

@@ -107,7 +107,8 @@ def postgresql_conf_lines(settings: Settings, command: list[str] | None = None,
                           archive_timeout: str = DEFAULT_ARCHIVE_TIMEOUT) -> list[str]:
     """The exact lines for the server's postgresql.conf (archive_mode needs a restart)."""
     command = command or installed_command()
-    push = archive_command(command, settings.wal_archive, settings.copy_to, settings.encrypt_recipients)
+    push = archive_command(command, settings.wal_archive, settings.copy_to, settings.encrypt_recipients,
+                           settings.object_lock)
     return ["wal_level = replica",
             "archive_mode = on",
             f"archive_command = '{_conf_escape(push)}'",
@@ -184,6 +185,12 @@ def _check_server(conn: psycopg.Connection, settings: Settings, report: ArchiveC
     # Another form than the printed one (``BACKUP_DIR=... backup-tasks wal-push %p``, a wrapper script) may
     # work perfectly: judged after the forced switch below, by whether the segment arrives.
     other_form = "wal-push" not in command or str(settings.wal_archive) not in command
+    lock = settings.object_lock
+    if lock is not None and settings.copy_to and settings.copy_to.startswith("s3://") and "wal-push" in command \
+            and not all(f"{name}=" in command for name in lock.environment()):
+        report.problems.append(f"BACKUP_OBJECT_LOCK_DAYS is set but archive_command does not pass it to wal-push: "
+                               f"the WAL copy in {settings.copy_to} would be refused; the line with it is printed "
+                               f"below")
     if report.settings["archive_timeout"] in ("0", "0s", ""):
         report.warnings.append("archive_timeout is 0: on a quiet server the newest WAL can stay unarchived "
                                f"indefinitely (unbounded RPO); set archive_timeout = {DEFAULT_ARCHIVE_TIMEOUT}")

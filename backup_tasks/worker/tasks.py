@@ -34,7 +34,6 @@ from backup_tasks.physical.snapshot import take_snapshot
 from backup_tasks.physical.verify import snapshot_to_verify
 from backup_tasks.physical.verify import verify_snapshot as run_verify_snapshot
 from backup_tasks.settings import Settings
-from backup_tasks.storage.locations import open_locations
 from backup_tasks.wal.restore_points import create_restore_point
 from backup_tasks.worker.app import app
 from backup_tasks.worker.config import SHORT_HARD_LIMIT, SHORT_SOFT_LIMIT, retry_policy
@@ -131,7 +130,7 @@ def verify(self: BackupTask, previous: dict[str, Any] | None = None, backup_id: 
         backup_id = previous
     settings = self.settings()
     # "The newest" is resolved first, so the result (and the Sentry tag) names what was verified.
-    backup_id = backup_id or catalog.newest(open_locations(settings.backup_dir, settings.copy_to)).id
+    backup_id = backup_id or catalog.newest(settings.locations()).id
     set_tags(backup_id=backup_id)
     result = verify_backup(settings, backup_id, progress=self.progress)
     if not result.ok:
@@ -204,7 +203,7 @@ def verify_snapshot(self: BackupTask, previous: dict[str, Any] | None = None,
     settings = self.settings()
     # "The newest" is resolved first, so the result (and the Sentry tag) names what was verified, even
     # if a newer snapshot finishes while this one is being restored.
-    backup_id = snapshot_to_verify(open_locations(settings.backup_dir, settings.copy_to), backup_id).id
+    backup_id = snapshot_to_verify(settings.locations(), backup_id).id
     set_tags(backup_id=backup_id)
     result = run_verify_snapshot(settings, backup_id, progress=self.progress)
     if not result.ok:

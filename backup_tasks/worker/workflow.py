@@ -24,7 +24,6 @@ from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.errors import AuthenticationFailed, BackupError, ConfigError, DatabaseMissing, SourceUnavailable
 from backup_tasks.locks import claim, release_claim
 from backup_tasks.settings import Settings
-from backup_tasks.storage.locations import open_locations
 from backup_tasks.wal.restore_points import RestorePoint, restore_point_for_day
 from backup_tasks.worker.client import STEPS
 from backup_tasks.worker.sentry import capture_problem
@@ -51,7 +50,7 @@ def start_post_close(settings: Settings, day: str, *, send: Sender, requested_by
     held = claim(settings, name, value, ttl=ttl)
     try:
         holder: dict[str, Any] | None = json.loads(held) if held is not None else None
-        existing = existing_for_day(open_locations(settings.backup_dir, settings.copy_to), conninfo.dbname, day)
+        existing = existing_for_day(settings.locations(), conninfo.dbname, day)
         if existing is not None:
             if holder is None:
                 release_claim(settings, name, backup_id)  # ours, just made: nothing will run

@@ -15,7 +15,6 @@ from backup_tasks.catalog import manifest as catalog
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import LockLost, StorageError, StorageFull
 from backup_tasks.locks import _scoped
-from backup_tasks.logical import dump as dumping
 from backup_tasks.logical.dump import dump_lock_name, run_dump
 from backup_tasks.postgres.connect import connect
 from backup_tasks.settings import Settings
@@ -94,7 +93,7 @@ def test_a_failing_location_leaves_no_pg_dump_and_no_open_snapshot(big_db: ConnI
                                                                     fault: str) -> None:
     root = tmp_path / "backups"
     failing = FailingStorage(root, at_open=fault == "at_open", fail_after=2 if fault == "mid_stream" else None)
-    monkeypatch.setattr(dumping, "open_locations", lambda *_args, **_kw: failing)
+    monkeypatch.setattr(Settings, "locations", lambda *_args, **_kw: failing)
     settings = Settings(database_url=url_of(big_db), backup_dir=str(root), broker_url="memory://", lock_url=None)
     started = time.monotonic()
     with pytest.raises(StorageError):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -242,8 +243,10 @@ def switch(conninfo: object) -> str:
 @pytest.mark.slow
 def test_restore_pitr_from_the_bucket_alone(s3_env: S3Server) -> None:
     env = PitrEnv(reachable_dir("bt-test-dr-"))
-    copy_to = f"s3://{s3_env.new_bucket()}/prod"
+    bucket = s3_env.new_bucket(versioning=True)
+    copy_to = f"s3://{bucket}/prod"
     data_dir = env.base / "new-host" / "data"
+    second_dir = env.base / "new-host" / "data-as-of"
     try:
         command = archive_command(env.command, env.archive.root, copy_to)
         cluster = ThrowawayCluster(settings={"wal_level": "replica", "max_wal_senders": "4", "archive_mode": "on",
@@ -283,10 +286,28 @@ def test_restore_pitr_from_the_bucket_alone(s3_env: S3Server) -> None:
         assert "--archive-url" in report["recovery_settings"]["restore_command"]
         assert "recovery_target_time" in report["recovery_settings"]
         assert not list((data_dir / "pg_wal").glob(f"{SPOOL_PREFIX}*"))  # the read-ahead spool was cleaned up
+
+        # Worse: someone with the bucket's credentials "deleted" the snapshot's manifest and every archived
+        # segment (delete markers in a versioned bucket). --as-of reads the bucket as it was before that.
+        clean = datetime.now(UTC)
+        time.sleep(1.1)  # S3 keeps whole seconds: the attack lands in a later second than ``clean``
+        client = s3_env.admin_client()
+        for entry in client.list_objects_v2(Bucket=bucket, Prefix="prod/")["Contents"]:
+            if entry["Key"].startswith("prod/wal/") or entry["Key"].endswith(".manifest.json"):
+                client.delete_object(Bucket=bucket, Key=entry["Key"])
+        after = json.loads(run_cli("list", "--json", env=cli_env(fresh)).stdout)
+        assert after["backups"] == [] and "restorable" not in after
+        again = run_cli("restore-pitr", "--json", "--data-dir", str(second_dir), "--target-time", noted, "--start",
+                        "--as-of", clean.isoformat(), env=cli_env(fresh))
+        recovered = json.loads(again.stdout)
+        assert again.returncode == 0 and recovered["ok"], (again.stdout, again.stderr)
+        assert marks(recovered["port"]) == list(range(1, 101))
+        assert "--as-of" in recovered["recovery_settings"]["restore_command"]
     finally:
-        if (data_dir / "postmaster.pid").exists():
-            subprocess.run([*as_server_user(), "/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data_dir), "-m",
-                            "immediate", "stop"], capture_output=True, check=False, cwd="/")
+        for directory in (data_dir, second_dir):
+            if (directory / "postmaster.pid").exists():
+                subprocess.run([*as_server_user(), "/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(directory), "-m",
+                                "immediate", "stop"], capture_output=True, check=False, cwd="/")
         shutil.rmtree(env.base, ignore_errors=True)
 
 
