@@ -121,6 +121,8 @@ class Settings:
     weekly_at: tuple[int, time] = (6, time(3, 0))
     health_at: time = time(9, 0)
     health_max_age_hours: int = 26
+    #: The newest snapshot older than this is unhealthy: the weekly schedule plus a day (the alert's 8 days).
+    health_snapshot_max_age_hours: int = 8 * 24
     task_soft_time_limit: int = 3 * 3600
     task_time_limit: int = 3 * 3600 + 300
     sentry_dsn: str | None = field(default=None, repr=False)
@@ -214,6 +216,7 @@ class Settings:
             weekly_at=parse_weekly(env.get("BACKUP_WEEKLY_AT", "sun 03:00"), "BACKUP_WEEKLY_AT"),
             health_at=parse_clock(env.get("BACKUP_HEALTH_AT", "09:00"), "BACKUP_HEALTH_AT"),
             health_max_age_hours=env_int(env, "BACKUP_HEALTH_MAX_AGE_HOURS", 26, 1),
+            health_snapshot_max_age_hours=env_int(env, "BACKUP_HEALTH_SNAPSHOT_MAX_AGE_HOURS", 8 * 24, 1),
             task_soft_time_limit=soft,
             task_time_limit=hard,
             sentry_dsn=env.get("SENTRY_DSN", "").strip() or None,

@@ -38,8 +38,8 @@ from backup_tasks.wal.names import kind_of, position, segment_name, segment_numb
 #: A dump this young may still be in its verify step: not yet a problem.
 VERIFY_GRACE = timedelta(hours=2)
 
-#: The weekly snapshot (BACKUP_WEEKLY_AT) plus a day's grace: the "no snapshot in 8 days" alert.
-#: Meant to become the setting BACKUP_HEALTH_SNAPSHOT_MAX_AGE_HOURS (default 192).
+#: The weekly snapshot (BACKUP_WEEKLY_AT) plus a day's grace: the "no snapshot in 8 days" alert
+#: (``Settings.health_snapshot_max_age_hours``, BACKUP_HEALTH_SNAPSHOT_MAX_AGE_HOURS).
 SNAPSHOT_MAX_AGE = timedelta(days=8)
 
 #: Without the server's word, a hole below the newest archived segment is in flight while the segment
@@ -495,7 +495,8 @@ def check_health(settings: Settings, *, now: datetime | None = None, storage: St
         archive_error = str(exc)
     where = archive.location if archive is not None else str(settings.wal_archive_dir or settings.backup_dir)
     pitr, why = pitr_configured(snapshots, bool(settings.wal_archive_dir), where, bool(names))
-    snapshot = assess_snapshots(snapshots, now, pitr=pitr, why=why, verify_grace=snapshot_verify_grace(settings))
+    snapshot = assess_snapshots(snapshots, now, pitr=pitr, why=why, verify_grace=snapshot_verify_grace(settings),
+                                max_age=timedelta(hours=settings.health_snapshot_max_age_hours))
     if not pitr:
         return combine(dump, snapshot, WalHealth(checked=False))
     server = ask_server(settings) if settings.database_url else None
