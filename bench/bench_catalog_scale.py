@@ -4,7 +4,15 @@ A synthetic catalog (84 daily dumps and 14 weekly snapshots as manifests with ti
 beside a WAL archive of ``--segments`` (default 100,000) archived segments: tiny objects with valid
 names and checksum trailers (``wal.archive`` format), which is all ``list``/``health``/``prune`` read
 of them. Two catalogs are built the same way, one with the segments and one with an empty archive,
-locally and with a ``BACKUP_COPY_TO`` in a local moto S3 server (``tests.support.s3.start_moto``).
+locally and with a ``BACKUP_COPY_TO`` in a moto S3 server run in this process (``ThreadedMotoServer``),
+whose buckets are filled straight through moto's backend (100,000 PUTs over HTTP take minutes; the
+reads under test go over HTTP as usual). moto lists a prefix by scanning every key of the bucket, so
+its listing time grows with the bucket where S3's does not: the request counts are the figure to
+judge the S3 copy by.
+
+The local archive is read through its index (``wal.index``, cached in ``<archive>/.wal-index.json``):
+the warm-up run writes it, the timed runs find it. ``list (no index)`` times ``list`` with the cache
+file removed before each run (a first read, or a reader who cannot write the archive root).
 
 Timed, in this process, through the CLI's own command functions (``cmd_list``, ``cmd_health``,
 ``cmd_prune --dry-run --json``, stdout discarded): interleaved rounds, medians, ratio full/empty. S3
@@ -31,7 +39,6 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,7 +51,9 @@ from backup_tasks.catalog.manifest import Manifest, isoformat  # noqa: E402
 from backup_tasks.settings import Settings  # noqa: E402
 from backup_tasks.storage.local import LocalStorage  # noqa: E402
 from backup_tasks.wal.archive import _trailer_bytes, object_key  # noqa: E402
-from backup_tasks.wal.names import segment_name  # noqa: E402
+from backup_tasks.wal.index import INDEX_FILE  # noqa: E402
+from backup_tasks.wal.names import segment_name, segment_number  # noqa: E402
+from tests.support.s3 import S3Server, free_port  # noqa: E402
 
 SEGMENT_SIZE = 16 << 20
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -114,27 +123,59 @@ def segment_objects(segments: int) -> dict[str, bytes]:
             b"w" + _trailer_bytes(b"\0" * 32, SEGMENT_SIZE, segment_time(n, segments)) for n in range(segments)}
 
 
-def build_local(root: Path, catalog: dict[str, bytes], wal: dict[str, bytes]) -> None:
+def build_local(root: Path, catalog: dict[str, bytes], wal: dict[str, bytes], segments: int) -> None:
     storage = LocalStorage(root)
     for key, data in catalog.items():
         storage.put_bytes(key, data)
     archive = root / "wal"
     archive.mkdir(parents=True, exist_ok=True)
-    for directory in {key.split("/", 1)[0] for key in wal}:
+    newest: dict[str, str] = {}
+    for key in wal:
+        directory, _, name = key.partition("/")
+        newest[directory] = max(newest.get(directory, ""), name)
+    for directory in newest:
         (archive / directory).mkdir(exist_ok=True)
     for key, data in wal.items():
         (archive / key).write_bytes(data)  # no fsync: a benchmark fixture
+    for directory, name in newest.items():  # dated as on the server: last written when its last segment came
+        when = segment_time(segment_number(name[:24], SEGMENT_SIZE), segments)
+        os.utime(archive / directory, (when, when))
 
 
-def build_s3(client: Any, bucket: str, prefix: str, objects: dict[str, bytes]) -> float:
+def start_moto_here() -> tuple[Any, S3Server, Any]:
+    """moto's S3 server on a thread of this process (no authentication), its address, and its S3 backend."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, S3Server(f"http://127.0.0.1:{port}", "AKIABENCHBENCHBENCH0", "bench-secret"), \
+        s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+
+
+def build_s3(backend: Any, bucket: str, prefix: str, objects: dict[str, bytes]) -> float:
+    """Store ``objects`` under ``prefix`` straight into moto's backend (what a PUT does, without HTTP)."""
     started = time.monotonic()
-
-    def put(item: tuple[str, bytes]) -> None:
-        client.put_object(Bucket=bucket, Key=f"{prefix}{item[0]}", Body=item[1])
-
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(put, objects.items(), chunksize=64))
+    for key, data in objects.items():
+        backend.put_object(bucket, f"{prefix}{key}", data)
     return time.monotonic() - started
+
+
+def bare_listing_seconds(server: S3Server, bucket: str, rounds: int = 5) -> float:
+    """One ListObjectsV2 of the catalog's level (``copy/``, delimiter ``/``) by itself: moto's cost per request.
+
+    moto answers it by scanning every key of the bucket, so this floor grows with the WAL copy (S3's
+    does not): what ``list``/``health``/``prune`` pay per request on top of their own work.
+    """
+    client = server.admin_client()
+    samples = []
+    for _ in range(rounds + 1):
+        started = time.perf_counter()
+        client.list_objects_v2(Bucket=bucket, Prefix="copy/", Delimiter="/")
+        samples.append(time.perf_counter() - started)
+    return round(statistics.median(samples[1:]), 4)
 
 
 def run_quiet(fn: Callable[[], Any]) -> None:
@@ -152,11 +193,32 @@ def operations(settings: Settings) -> dict[str, Callable[[], Any]]:
     }
 
 
+def without_index(settings: Settings, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with the archive's index file removed first (every directory listed again), then put back.
+
+    Put back as it was, so that the other operations keep finding what they cached (prune's sizes).
+    """
+    path = settings.wal_archive / INDEX_FILE
+
+    def run() -> Any:
+        saved = path.read_bytes() if path.exists() else None
+        path.unlink(missing_ok=True)
+        try:
+            return fn()
+        finally:
+            if saved is not None:
+                path.write_bytes(saved)
+
+    return run
+
+
 def time_reads(setups: dict[str, Settings], rounds: int) -> dict[str, dict[str, Any]]:
     """Interleaved rounds over every (setup, operation): median seconds and S3 calls of one run."""
     samples: dict[tuple[str, str], list[float]] = {}
     calls: dict[tuple[str, str], dict[str, int]] = {}
     ops = {name: operations(s) for name, s in setups.items()}
+    for name in ("local empty", "local full"):
+        ops[name]["list (no index)"] = without_index(setups[name], ops[name]["list"])
     for name in setups:  # warm-up: imports, first client
         for fn in ops[name].values():
             run_quiet(fn)
@@ -200,7 +262,7 @@ def time_cli(setups: dict[str, Settings], rounds: int) -> dict[str, dict[str, An
 def ratios_of(reads: dict[str, dict[str, Any]]) -> dict[str, float]:
     ratios = {}
     for where in ("local", "s3 copy"):
-        for op in ("list", "health", "prune --dry-run"):
+        for op in ("list", "health", "prune --dry-run", "list (no index)"):
             full, empty = reads.get(f"{where} full / {op}"), reads.get(f"{where} empty / {op}")
             if full and empty:
                 ratios[f"{where} / {op}"] = round(full["median_s"] / empty["median_s"], 3)
@@ -215,38 +277,31 @@ def main() -> int:
     parser.add_argument("--cli", action="store_true", help="also time the commands as processes")
     args = parser.parse_args()
 
-    from tests.support.s3 import start_moto
-
     count_s3_calls()
     work = Path(tempfile.mkdtemp(prefix="bt-bench-catalog-"))
     result: dict[str, Any] = {"segments": args.segments, "dumps": DUMPS, "snapshots": SNAPSHOTS,
                               "rounds": args.rounds, "started": isoformat(datetime.now(UTC))}
-    proc = None
+    moto = None
     try:
         catalog = catalog_objects(args.segments)
         wal = segment_objects(args.segments)
         started = time.monotonic()
         for name, segs in (("empty", {}), ("full", wal)):
-            build_local(work / name, catalog, segs)
+            build_local(work / name, catalog, segs, args.segments)
         result["build_local_s"] = round(time.monotonic() - started, 1)
         base = Settings(backup_dir="", broker_url="memory://", keep_daily_days=7, keep_weekly=12)
         setups = {f"local {name}": replace(base, backup_dir=str(work / name)) for name in ("empty", "full")}
         if not args.no_s3:
-            proc, server = start_moto(work / "moto.log")
+            moto, server, backend = start_moto_here()
             for key, value in server.env().items():
                 os.environ[key] = value
-            client = server.admin_client()
-            from botocore.config import Config
-            client = __import__("boto3").client("s3", endpoint_url=server.endpoint, region_name="eu-central-1",
-                                                aws_access_key_id=server.access_key_id,
-                                                aws_secret_access_key=server.secret_access_key,
-                                                config=Config(max_pool_connections=32))
             for name, segs in (("empty", {}), ("full", wal)):
                 bucket = server.new_bucket()
                 objects = catalog | {f"wal/{key}": data for key, data in segs.items()}
-                result[f"build_s3_{name}_s"] = round(build_s3(client, bucket, "copy/", objects), 1)
+                result[f"build_s3_{name}_s"] = round(build_s3(backend, bucket, "copy/", objects), 1)
                 setups[f"s3 copy {name}"] = replace(base, backup_dir=str(work / name), copy_to=f"s3://{bucket}/copy")
                 result[f"s3_{name}_bucket"] = bucket
+                result[f"s3_{name}_bare_listing_s"] = bare_listing_seconds(server, bucket)
             print(f"built: {result}", file=sys.stderr)
         result["reads"] = time_reads(setups, args.rounds)
         ratios = ratios_of(result["reads"])
@@ -270,16 +325,13 @@ def main() -> int:
             seconds = time.perf_counter() - started
             real[label] = {"seconds": round(seconds, 3), "backups_deleted": len(report.deleted),
                            "wal_deleted": len(report.wal_deleted), "s3_calls": dict(CALLS)}
-            if label != "local":
-                left = sum(1 for _ in __import__("itertools").chain.from_iterable(
-                    p.get("Contents", []) for p in client.get_paginator("list_objects_v2").paginate(
-                        Bucket=result["s3_full_bucket"], Prefix="copy/wal/")))
-                real[label]["wal_objects_left_in_copy"] = left
+            if label != "local":  # counted in the backend: moto lists 80,000 keys over HTTP in about a minute
+                real[label]["wal_objects_left_in_copy"] = sum(
+                    1 for key in backend.get_bucket(result["s3_full_bucket"]).keys if key.startswith("copy/wal/"))
         result["real_prune"] = real
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=10)
+        if moto is not None:
+            moto.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     out = ROOT / "bench" / "results"
@@ -290,6 +342,9 @@ def main() -> int:
              f"{args.rounds} rounds", "", "| setup / operation | median s | S3 calls |", "|---|---:|---|"]
     lines += [f"| {k} | {v['median_s']:.4f} | {v['s3_calls']} |" for k, v in result["reads"].items()]
     lines += ["", "| ratio full/empty | |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in ratios.items()]
+    if "s3_full_bare_listing_s" in result:
+        lines += ["", f"one bare ListObjectsV2 of the catalog level in moto: {result['s3_empty_bare_listing_s']} s "
+                      f"(empty archive), {result['s3_full_bare_listing_s']} s ({args.segments} WAL objects beside it)"]
     if "cli" in result:
         lines += ["", "| CLI (process) setup / operation | median s |", "|---|---:|"]
         lines += [f"| {k} | {v['median_s']:.4f} |" for k, v in result["cli"].items()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -12,12 +11,13 @@ from pathlib import Path
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.manifest import Manifest, utcnow
-from backup_tasks.catalog.retention import Decision, RetentionPolicy, plan, wal_expiry
-from backup_tasks.errors import ConfigError, StorageError, WalArchiveError
+from backup_tasks.catalog.retention import Decision, RetentionPolicy, WalExpiry, plan, wal_expiry
+from backup_tasks.errors import ConfigError, StorageError
 from backup_tasks.locks import hold
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.storage.locations import open_locations
+from backup_tasks.wal.archive import WalArchive
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,6 @@ def raise_failures(failures: dict[str, str], location: str) -> None:
 
 def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: PruneReport) -> None:
     """Delete archived WAL (and restore point records) older than the oldest kept snapshot needs."""
-    from backup_tasks.wal.archive import WalArchive
     from backup_tasks.wal.names import position
     from backup_tasks.wal.restore_points import delete_restore_point, restore_points
 
@@ -98,13 +97,11 @@ def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: Prune
         return
     if not report.dry_run:  # temporary files of wal-push runs killed more than an hour ago
         archive.clear_incoming(time.time() - 3600)
-    # Where expiry stops is known from the manifests alone: then only the directories that can hold
-    # older WAL are listed (the local archive; the copy is never listed, it mirrors the same keys).
-    keep_from = wal_expiry(kept_snapshots, []).keep_from
-    expiry = wal_expiry(kept_snapshots, expirable_names(archive.root, keep_from) if keep_from else [])
+    expiry = wal_expiry(kept_snapshots, [])  # where expiry stops is known from the manifests alone
+    if expiry.keep_from is not None:
+        expiry, report.wal_freed_bytes = expirable(archive, kept_snapshots, expiry.keep_from)
     report.wal_reason = expiry.reason
     report.wal_deleted = list(expiry.delete)
-    report.wal_freed_bytes = sum(_size(archive.root, name) for name in expiry.delete)
     if expiry.delete and not report.dry_run:
         failures = archive.delete_many(expiry.delete)  # batched in the copy: DeleteObjects, 1,000 keys a request
         if failures:
@@ -118,43 +115,28 @@ def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: Prune
                  expiry.reason)
 
 
-#: A segment directory of the archive: timeline and log id (``wal.archive`` layout).
-_SEGMENT_DIR = re.compile(r"[0-9A-F]{16}")
+def expirable(archive: WalArchive, kept_snapshots: list[Manifest], keep_from: str) -> tuple[WalExpiry, int]:
+    """What ``wal_expiry`` deletes from the local archive (the copy mirrors its keys), and the bytes that frees.
 
-
-def expirable_names(root: Path, keep_from: str) -> list[str]:
-    """The archived WAL file names that may lie before ``keep_from``, sorted: what ``wal_expiry`` needs.
-
-    Only the segment directories of ``keep_from``'s log id or older (every timeline) are listed: a
-    directory holds the 256 segments of one log id, so every later one holds nothing older, and a
-    prune of twelve weeks reads the part of the archive it may delete, not all of it. History files
-    are never expired and not listed. Exactly the names ``WalArchive.names`` gives that could expire.
+    Read from the archive's index (``wal.index``): only the directories that can hold WAL before
+    ``keep_from`` give names (a directory holds one log id, so every later one holds nothing older),
+    and a directory wholly before it is sized by its cached total, not by a stat per file.
     """
-    from backup_tasks.wal.archive import INCOMING_MARK, SUFFIX
     from backup_tasks.wal.names import position
 
     limit = position(keep_from)[:8]
-    found: list[str] = []
-    for directory in _listdir(root):
-        if _SEGMENT_DIR.fullmatch(directory) and directory[8:] <= limit:
-            found += [entry[:-len(SUFFIX)] for entry in _listdir(root / directory)
-                      if entry.endswith(SUFFIX) and INCOMING_MARK not in entry]
-    return sorted(found)
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return os.listdir(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    except OSError as exc:
-        raise WalArchiveError(f"cannot list the WAL archive directory {path}: {exc.strerror}") from None
+    index = archive.index(count_bytes=lambda directory: directory[8:] < limit)
+    dirs = [d for d in index.segment_dirs() if d[8:] <= limit]
+    expiry = wal_expiry(kept_snapshots, index.names(dirs))
+    whole = {d for d in dirs if d[8:] < limit}
+    freed = index.wal_bytes(whole) + sum(_size(archive.root, name) for name in expiry.delete if name[:16] not in whole)
+    return expiry, freed
 
 
 def _size(root: Path, name: str) -> int:
     from backup_tasks.wal.archive import object_key
 
     try:
-        return os.stat(os.path.join(root, object_key(name))).st_size  # a plain stat: 20,000 of them in a prune
+        return os.stat(os.path.join(root, object_key(name))).st_size  # a plain stat: up to a directory's worth
     except FileNotFoundError:
         return 0

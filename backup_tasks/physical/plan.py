@@ -127,13 +127,12 @@ def snapshot_ranges(storage: Storage, archive: WalArchive,
 
     ``snapshots``: the catalog's snapshots when the caller has read it already (the exporter, per scrape).
     """
-    names = archive.segment_names() if archive.available() else []
     ranges = []
     if snapshots is None:
         snapshots = catalog.catalog(storage, kind="snapshot")
     snaps = [snap for snap in snapshots if snap.restorable and snap.restorable_from]
     # One pass over the archive for all of them (12 weekly snapshots over 100,000+ segments), not one each.
-    found = coverages(archive, [(str(s.start_segment), int(s.wal_segment_size or 0)) for s in snaps], names)
+    found = coverages(archive, [(str(s.start_segment), int(s.wal_segment_size or 0)) for s in snaps])
     for snap, cov in zip(snaps, found, strict=True):
         assert snap.restorable_from is not None
         start = datetime.fromisoformat(snap.restorable_from)

@@ -32,7 +32,7 @@ import os
 import re
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -44,6 +44,7 @@ from backup_tasks.storage.base import fsync_dir
 
 if TYPE_CHECKING:
     from backup_tasks.storage.base import Storage
+    from backup_tasks.wal.index import ArchiveIndex, TimelineRuns
 from backup_tasks.wal.names import (
     HISTORY_RE,
     SEGMENT_RE,
@@ -255,21 +256,31 @@ class WalArchive:
         except OSError as exc:
             raise WalArchiveError(f"cannot read {path}: {exc.strerror}") from None
 
+    def index(self, *, count_bytes: Callable[[str], bool] | None = None) -> ArchiveIndex:
+        """The archive's directories summarized (``wal.index``: cached, each directory checked by its mtime)."""
+        from backup_tasks.wal.index import read_index  # readers only: wal-push never lists the archive
+
+        return read_index(self.root, count_bytes=count_bytes)
+
     def segment_names(self) -> list[str]:
-        """Every archived segment (not .partial/.backup/.history), in WAL order then timeline."""
-        names: list[str] = []
-        for directory in self._segment_dirs():
-            names += [entry[:-len(SUFFIX)] for entry in _listdir(directory)
-                      if entry.endswith(SUFFIX) and SEGMENT_RE.match(entry[:-len(SUFFIX)])]
-        return sorted(names, key=lambda n: (position(n), n[:8]))
+        """Every archived segment (not .partial/.backup/.history) where wal-fetch finds it, in WAL order."""
+        return self.index().segment_names()
+
+    def segment_runs(self) -> TimelineRuns:
+        """The archived segments as runs per timeline (what ``wal.coverage`` walks): see ``wal.index``.
+
+        Without a local directory (a bucket seen as an archive, ``wal.remote``) they are worked out from
+        ``segment_names``, whatever lists those.
+        """
+        if not self.root.is_dir():
+            from backup_tasks.wal.index import timeline_runs_of_names
+
+            return timeline_runs_of_names(self.segment_names())
+        return self.index().timeline_runs()
 
     def names(self) -> list[str]:
         """Every archived WAL file of any kind."""
-        found: list[str] = []
-        for directory in [*self._segment_dirs(), self.root / HISTORY_DIR]:
-            found += [entry[:-len(SUFFIX)] for entry in _listdir(directory)
-                      if entry.endswith(SUFFIX) and INCOMING_MARK not in entry]
-        return sorted(found)
+        return self.index().names()
 
     def history_names(self) -> list[str]:
         return sorted(entry[:-len(SUFFIX)] for entry in _listdir(self.root / HISTORY_DIR)

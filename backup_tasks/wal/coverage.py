@@ -7,12 +7,14 @@ present is a *gap*, reported rather than silently treated as the end.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from backup_tasks.errors import WalArchiveError
 from backup_tasks.wal.archive import WalArchive
-from backup_tasks.wal.names import parse_lsn, position, segment_name, segment_number, timeline_of
+from backup_tasks.wal.index import TimelineRuns, timeline_runs_of_names
+from backup_tasks.wal.names import parse_lsn, segment_name, segment_number, segments_per_xlogid, timeline_of
 
 
 @dataclass(frozen=True)
@@ -90,60 +92,92 @@ class Coverage:
         return data
 
 
-#: A walked run: its end segment, its length in segments, and the gap after it.
-_Run = tuple[str | None, int, str | None]
-
-
 def coverage(archive: WalArchive, start_segment: str, segment_size: int,
              names: list[str] | None = None) -> Coverage:
     return coverages(archive, [(start_segment, segment_size)], names)[0]
 
 
 def coverages(archive: WalArchive, starts: list[tuple[str, int]], names: list[str] | None = None) -> list[Coverage]:
-    """``coverage`` of each ``(start_segment, segment_size)``, in one pass over the archive's names.
+    """``coverage`` of each ``(start_segment, segment_size)``: from ``names`` (segment names), else the archive's.
 
-    ``list`` asks this for every snapshot of twelve weeks (100,000+ segments): the names are indexed
-    once per timeline path, and the run of a later start is reused by every earlier start that
-    reaches it (the walk from a segment on does not depend on where it began), so the cost is the
-    archive's size once, not once per snapshot.
+    ``list`` asks this for every snapshot of twelve weeks (100,000+ segments). The archive is read as
+    runs of consecutive segments (``wal.index``: a local archive's cached per-directory summaries),
+    and each start walks runs, not names: a run is crossed in one step, so the cost is the number of
+    runs and of timeline switches, not of segments.
     """
-    names = archive.segment_names() if names is None else names
-    present = set(names)
-    #: (start timeline, segment size) -> timeline path, last archived segment on it, its number, and
-    #: the runs already walked: segment number -> (end segment, segments from there, gap)
-    paths: dict[tuple[int, int], tuple[list[TimelineStep], str | None, int, dict[int, _Run]]] = {}
-    found: dict[int, Coverage] = {}
-    # Latest start first, so an earlier start's walk stops where a later one's run is known.
-    for index in sorted(range(len(starts)), key=lambda i: position(starts[i][0]), reverse=True):
-        start_segment, segment_size = starts[index]
+    runs = timeline_runs_of_names(names) if names is not None else archive.segment_runs()
+    #: (start timeline, segment size) -> timeline path, the archive as segment-number intervals per
+    #: followed timeline, and the newest archived segment on the path (name and number).
+    paths: dict[tuple[int, int], tuple[list[TimelineStep], dict[int, list[tuple[int, int]]], str | None, int]] = {}
+    found = []
+    for start_segment, segment_size in starts:
         key = (timeline_of(start_segment), segment_size)
         if key not in paths:
             steps = timeline_path(archive, key[0], segment_size)
-            followed = {step.timeline for step in steps}
-            on_path = [n for n in names if timeline_of(n) in followed]
-            last = max(on_path, key=position) if on_path else None
-            paths[key] = (steps, last, segment_number(last, segment_size) if last else -1, {})
-        steps, last_archived, last_segno, runs = paths[key]
-        first = segno = segment_number(start_segment, segment_size)
-        end: str | None = None
-        count = 0
-        gap: str | None = None
-        while True:
-            if segno in runs:
-                known_end, known_count, gap = runs[segno]
-                end, count = known_end or end, count + known_count
-                break
-            name = segment_name(timeline_for(steps, segno), segno, segment_size)
-            if name not in present:
-                if segno <= last_segno:
-                    gap = name
-                break
-            end = name
-            count += 1
-            segno += 1
-        runs[first] = (end, count, gap)
+            intervals = {step.timeline: _intervals(runs.get(step.timeline, []), segment_size) for step in steps}
+            paths[key] = (steps, intervals, *_newest(runs, intervals, segment_size))
+        steps, intervals, last_archived, last_segno = paths[key]
+        end, count, gap = _walk(steps, intervals, segment_number(start_segment, segment_size), last_segno,
+                                segment_size)
         completed = archive.trailer(end).completed_at if end else None
-        found[index] = Coverage(start_segment=start_segment, end_segment=end, end_completed_at=completed,
-                                segments=count, gap=gap, last_archived=last_archived,
-                                timelines=[s.timeline for s in steps])
-    return [found[i] for i in range(len(starts))]
+        found.append(Coverage(start_segment=start_segment, end_segment=end, end_completed_at=completed,
+                              segments=count, gap=gap, last_archived=last_archived,
+                              timelines=[s.timeline for s in steps]))
+    return found
+
+
+def _intervals(runs: list[tuple[int, int, int]], segment_size: int) -> list[tuple[int, int]]:
+    """A timeline's runs as merged, sorted intervals of segment numbers (``wal.names.segment_number``).
+
+    A name whose ``name[16:24]`` is past the last segment of a log id at this size (never written by
+    PostgreSQL) is left out: no segment name of this size can match it.
+    """
+    per = segments_per_xlogid(segment_size)
+    intervals: list[tuple[int, int]] = []
+    for log_id, first, last in runs:
+        if first >= per:
+            continue
+        low, high = log_id * per + first, log_id * per + min(last, per - 1)
+        if intervals and low <= intervals[-1][1] + 1:
+            intervals[-1] = (intervals[-1][0], max(high, intervals[-1][1]))
+        else:
+            intervals.append((low, high))
+    return intervals
+
+
+def _newest(runs: TimelineRuns, intervals: dict[int, list[tuple[int, int]]],
+            segment_size: int) -> tuple[str | None, int]:
+    """The newest archived segment on the followed timelines (the lower timeline on a tie), and its number."""
+    best: tuple[int, int, int, int] | None = None  # (log id, seg, -timeline, timeline)
+    for timeline in intervals:
+        if runs.get(timeline):
+            log_id, _first, last = max(runs[timeline], key=lambda run: (run[0], run[2]))
+            candidate = (log_id, last, -timeline, timeline)
+            best = candidate if best is None or candidate > best else best
+    if best is None:
+        return None, -1
+    log_id, seg, _, timeline = best
+    return f"{timeline:08X}{log_id:08X}{seg:08X}", log_id * segments_per_xlogid(segment_size) + seg
+
+
+def _walk(steps: list[TimelineStep], intervals: dict[int, list[tuple[int, int]]], first: int, last_segno: int,
+          segment_size: int) -> tuple[str | None, int, str | None]:
+    """From segment number ``first``: the end of the unbroken run, its length, and the gap after it."""
+    segno, count = first, 0
+    end: str | None = None
+    while True:
+        timeline = timeline_for(steps, segno)
+        switch = min((s.first_segno for s in steps if s.first_segno > segno), default=None)
+        spans = intervals[timeline]
+        at = bisect_right(spans, (segno, _FAR)) - 1
+        if at < 0 or spans[at][1] < segno:
+            gap = segment_name(timeline, segno, segment_size) if segno <= last_segno else None
+            return end, count, gap
+        stop = spans[at][1] if switch is None else min(spans[at][1], switch - 1)
+        count += stop - segno + 1
+        end = segment_name(timeline, stop, segment_size)
+        segno = stop + 1
+
+
+#: Larger than any segment number: ``(n, _FAR)`` sorts after every interval starting at ``n``.
+_FAR = 1 << 64

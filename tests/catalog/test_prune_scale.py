@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,8 @@ from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.memory import MemoryStorage
 from backup_tasks.storage.mirrored import MirroredStorage
 from backup_tasks.wal.archive import object_key
-from backup_tasks.wal.names import segment_name
+from backup_tasks.wal.index import INDEX_FILE
+from backup_tasks.wal.names import position, segment_name
 
 NOW = datetime(2026, 11, 27, 2, 5, tzinfo=UTC)
 SEGMENT_SIZE = 16 << 20
@@ -228,16 +230,16 @@ def test_catalog_reads_never_list_the_wal_archive(settings: Settings, monkeypatc
     prune(settings, dry_run=True, now=NOW, storage=storage)  # type: ignore[arg-type]
     assert storage.lists and all(prefix == "" and not recursive for prefix, recursive in storage.lists)
 
-    # `list` (with its restorable ranges): the catalog at the top level, the local archive listed once.
+    # `list` (with its restorable ranges): the catalog at the top level, the local archive's index read once.
     monkeypatch.setattr(locations, "open_locations", lambda *_args, **_kw: storage)
     passes: list[int] = []
-    original = WalArchive.segment_names
+    original = WalArchive.index
 
-    def segment_names(self: WalArchive) -> list[str]:
+    def index(self: WalArchive, **kwargs: Any) -> Any:
         passes.append(1)
-        return original(self)
+        return original(self, **kwargs)
 
-    monkeypatch.setattr(WalArchive, "segment_names", segment_names)
+    monkeypatch.setattr(WalArchive, "index", index)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert daily.cmd_list(argparse.Namespace(json=True), settings) == 0
@@ -259,3 +261,39 @@ def test_catalog_reads_of_an_s3_copy_are_one_request_whatever_its_wal(
     copy.client.meta.events.register("before-call.s3.ListObjectsV2", lambda **_: pages.append("list"))
     assert len(catalog.catalog(storage)) == 98
     assert pages == ["list"]
+
+
+def test_the_dry_run_reports_the_archive_as_it_is_not_as_it_was_indexed(settings: Settings) -> None:
+    """The index caches each directory's names and size; a change since (a file added, one gone) is reported."""
+    storage = MemoryStorage("catalog")
+    build_catalog(storage, 3_000, 600)  # WAL before segment 600 (log id 2, segment 0x58) expires
+    root = settings.wal_archive
+    keys = build_archive(root, 3_000)
+    for i, key in enumerate(keys[:700]):
+        (root / key).write_bytes(b"w" * (1 + i % 7))  # sizes differ: the freed bytes are checked file by file
+    past = time.time() - 3600
+    for directory in root.iterdir():
+        os.utime(directory, (past, past))  # nobody wrote there lately: the index caches them
+
+    def expected() -> tuple[list[str], int]:
+        limit = position(segment_name(1, 600, SEGMENT_SIZE))
+        names = sorted(p.name[:-4] for p in root.glob("[0-9A-F]*/*.zst") if position(p.name) < limit)
+        return names, sum((root / object_key(n)).stat().st_size for n in names)
+
+    first = prune(settings, dry_run=True, now=NOW, storage=storage)
+    assert (first.wal_deleted, first.wal_freed_bytes) == expected() and len(first.wal_deleted) == 600
+    assert (root / INDEX_FILE).is_file()
+
+    (root / keys[5]).unlink()
+    (root / f"{keys[300]}.new").write_bytes(b"w" * 100)  # replaced by another file, as wal-push would (never
+    os.replace(root / f"{keys[300]}.new", root / keys[300])  # in place: sizes are trusted while the directory is)
+    (root / "0000000100000000" / f"{segment_name(1, 9, SEGMENT_SIZE)}.00000028.backup.zst").write_bytes(b"b" * 13)
+    (root / "0000000100000002" / f"{segment_name(1, 520, SEGMENT_SIZE)}.partial.zst").write_bytes(b"p" * 17)
+    (root / "0000000100000002" / f"{segment_name(1, 610, SEGMENT_SIZE)}.partial.zst").write_bytes(b"p" * 19)
+    second = prune(settings, dry_run=True, now=NOW, storage=storage)
+    assert (second.wal_deleted, second.wal_freed_bytes) == expected() and len(second.wal_deleted) == 601
+
+    real = prune(settings, now=NOW, storage=storage)
+    assert (real.wal_deleted, real.wal_freed_bytes) == (second.wal_deleted, second.wal_freed_bytes)
+    assert expected() == ([], 0)
+    assert prune(settings, dry_run=True, now=NOW, storage=storage).wal_deleted == []
