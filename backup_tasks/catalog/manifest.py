@@ -187,14 +187,16 @@ def parse_record_key(key: str) -> tuple[str, str, str] | None:
     return parts[0], parts[1], parts[2]
 
 
-def add_record(storage: Storage, backup_id: str, kind: str, data: dict[str, Any]) -> str:
+def add_record(storage: Storage, backup_id: str, kind: str, data: dict[str, Any], *,
+               now: datetime | None = None) -> str:
     """Record a later fact about ``backup_id`` beside its manifest (create-only); its key."""
     if kind not in RECORD_KINDS:
         raise ValueError(f"unknown record kind {kind!r}")
-    document = json.dumps({"backup_id": backup_id, "kind": kind, "recorded_at": isoformat(utcnow()),
+    recorded_at = now or utcnow()
+    document = json.dumps({"backup_id": backup_id, "kind": kind, "recorded_at": isoformat(recorded_at),
                            "data": data}, indent=2) + "\n"
     for _ in range(3):
-        key = record_key(backup_id, kind, utcnow())
+        key = record_key(backup_id, kind, recorded_at)
         if storage.put_new(key, document.encode()):
             return key
     raise StorageError(f"could not record the {kind} of {backup_id} in {storage.location}: every new key was taken")

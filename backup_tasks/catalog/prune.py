@@ -1,4 +1,11 @@
-"""Prune: apply the retention plan to the catalog, data before manifest."""
+"""Prune: apply the retention plan to the catalog, data (and records) before manifest.
+
+With ``BACKUP_OBJECT_LOCK_DAYS`` an expired backup whose objects are still locked is not attempted:
+it is reported as *locked until D* (an expected state) and deleted by the first run after D. When
+that lock ends is known from the catalog alone (the latest of its writes, plus the lock's days), so
+a prune of a locked bucket sends no delete it knows S3 will refuse; a refusal it did not foresee
+(a bucket's own default retention, a lock setting changed since) is reported the same way.
+"""
 
 from __future__ import annotations
 
@@ -6,66 +13,127 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.manifest import Manifest, utcnow
+from backup_tasks.catalog.manifest import Manifest, isoformat, parse_record_key, parse_time, utcnow
 from backup_tasks.catalog.retention import Decision, RetentionPolicy, WalExpiry, plan, wal_expiry
-from backup_tasks.errors import ConfigError, StorageError
+from backup_tasks.errors import ConfigError, ObjectLocked, StorageError
 from backup_tasks.locks import hold
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
-from backup_tasks.storage.locations import open_locations
+from backup_tasks.storage.objectlock import ObjectLock
 from backup_tasks.wal.archive import WalArchive
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
+class LockedBackup:
+    """An expired backup an Object Lock still holds: kept (with its manifest) until ``locked_until``."""
+
+    backup_id: str
+    locked_until: str  # ISO 8601, UTC
+
+
+@dataclass
 class PruneReport:
     dry_run: bool
     decisions: list[Decision]
+    #: Expired backups removed (or, with dry_run, that would be); not those in ``locked``.
     deleted: list[str] = field(default_factory=list)
     freed_bytes: int = 0
+    #: Expired, but locked: an expected state, deleted by a run after the date.
+    locked: list[LockedBackup] = field(default_factory=list)
     #: WAL archive expiry (snapshots): files removed (or, with dry_run, that would be) and why.
     wal_deleted: list[str] = field(default_factory=list)
     wal_freed_bytes: int = 0
     wal_reason: str | None = None
+    #: Expired WAL files whose copy is still locked (kept here too, so the next run finds them), and until when.
+    wal_locked: int = 0
+    wal_locked_until: str | None = None
 
 
 def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = None,
           storage: Storage | None = None) -> PruneReport:
-    """Delete what the retention plan expires from ``storage`` (default: the settings' locations), then old WAL."""
+    """Delete what the retention plan expires from ``storage`` (default: the settings' locations), then old WAL.
+
+    Deletes go through prune's own credentials when set (BACKUP_PRUNE_AWS_*): the workers' may only write.
+    """
     if storage is None:
-        storage = open_locations(settings.backup_dir, settings.copy_to)  # deletes from both
+        storage = settings.locations(credentials=settings.prune_credentials)  # deletes from both
+    now = now or utcnow()
     with hold(settings, "prune", what="a prune of this backup directory"):
         manifests = catalog.catalog(storage)
         policy = RetentionPolicy(keep_daily_days=settings.keep_daily_days, keep_weekly=settings.keep_weekly)
-        decisions = plan(manifests, now or utcnow(), policy)
+        decisions = plan(manifests, now, policy)
         report = PruneReport(dry_run=dry_run, decisions=decisions)
         by_id = {m.id: m for m in manifests}
         expired = [by_id[d.backup_id] for d in decisions if not d.keep]
+        lock = bucket_lock(settings)
+        held = {m.id: until for m in expired if (until := locked_until(storage, m, lock, now)) is not None}
+        deletable = [m for m in expired if m.id not in held]
+        failures = {} if dry_run else delete_backups(storage, deletable, {d.backup_id: d.reason for d in decisions})
+        refused = {key: exc for key, exc in failures.items() if isinstance(exc, ObjectLocked)}
+        for manifest in deletable:
+            dates = [refused[key].retain_until for key in [*manifest.stored_keys, manifest.key] if key in refused]
+            if dates:
+                held[manifest.id] = max(dates)
+        failed = {key: exc for key, exc in failures.items() if key not in refused}
         for manifest in expired:
-            report.freed_bytes += manifest.size_bytes
-            report.deleted.append(manifest.id)
-        failures = {} if dry_run else delete_backups(storage, expired, {d.backup_id: d.reason for d in decisions})
+            if manifest.id in held:
+                report.locked.append(LockedBackup(manifest.id, isoformat(held[manifest.id])))
+            elif not any(key in failed for key in [*manifest.stored_keys, manifest.key]):
+                report.deleted.append(manifest.id)
+                report.freed_bytes += manifest.size_bytes
+        for entry in report.locked:
+            log.info("%s expired but is locked until %s: a later prune deletes it", entry.backup_id, entry.locked_until)
         kept = [by_id[d.backup_id] for d in decisions if d.keep and d.kind == "snapshot"]
-        expire_wal(settings, kept, report)
-        if failures:
-            raise_failures(failures, storage.location)
+        expire_wal(settings, kept, report, lock, now)
+        if failed:
+            raise_failures(failed, storage.location)
         return report
 
 
-def delete_backups(storage: Storage, expired: list[Manifest], reasons: dict[str, str]) -> dict[str, str]:
-    """Delete the expired backups in two batched passes: every data object, then the manifests; the failures.
+def bucket_lock(settings: Settings) -> ObjectLock | None:
+    """The Object Lock prune must respect: BACKUP_OBJECT_LOCK_DAYS when a location is a bucket (directories never
+    lock)."""
+    locations = [settings.backup_dir, settings.copy_to or ""]
+    return settings.object_lock if any(url.startswith("s3://") for url in locations) else None
+
+
+def locked_until(storage: Storage, manifest: Manifest, lock: ObjectLock | None, now: datetime) -> datetime | None:
+    """When an expired backup may be deleted, if that is still ahead: from the catalog (``lock_ends``), else from
+    what holds its main object (one request per expired backup: a bucket's own default retention counts too)."""
+    until = lock_ends(manifest, lock)
+    if until is None or until <= now:
+        until = storage.retention(manifest.path)
+    return until if until is not None and until > now else None
+
+
+def lock_ends(manifest: Manifest, lock: ObjectLock | None) -> datetime | None:
+    """When the last lock on a backup's objects ends: its latest write (the backup, or a record beside it) plus
+    the lock's days. Pure: from the catalog alone."""
+    if lock is None:
+        return None
+    written = [parse_time(manifest.finished_at)]
+    for key in manifest.record_keys:
+        parsed = parse_record_key(key)
+        if parsed is not None:
+            written.append(datetime.strptime(parsed[1].split("-")[0], "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC))
+    return max(written) + timedelta(days=lock.days)
+
+
+def delete_backups(storage: Storage, expired: list[Manifest], reasons: dict[str, str]) -> dict[str, StorageError]:
+    """Delete the expired backups in two batched passes: every data object and record, then the manifests; the
+    failures.
 
     Data first: an interruption leaves a manifest without data (pruned again next time), never data
     without a manifest (which prune would never touch again). A backup whose data could not all be
     deleted keeps its manifest for the same reason.
     """
-    data = {manifest.id: [*(k for k in (manifest.files or {}) if k != manifest.path), manifest.path]
-            for manifest in expired}  # a snapshot is several objects
+    data = {manifest.id: manifest.stored_keys for manifest in expired}  # a snapshot is several objects
     failures = storage.delete_many([key for keys in data.values() for key in keys]) if expired else {}
     done = [m for m in expired if not any(key in failures for key in data[m.id])]
     if done:
@@ -76,20 +144,25 @@ def delete_backups(storage: Storage, expired: list[Manifest], reasons: dict[str,
     return failures
 
 
-def raise_failures(failures: dict[str, str], location: str) -> None:
+def raise_failures(failures: dict[str, StorageError], location: str) -> None:
     shown = "; ".join(f"{key}: {reason}" for key, reason in list(failures.items())[:5])
     more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
     raise StorageError(f"prune could not delete {len(failures)} object(s) in {location}: {shown}{more}; what it "
                        f"could delete is gone, run prune again to finish")
 
 
-def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: PruneReport) -> None:
-    """Delete archived WAL (and restore point records) older than the oldest kept snapshot needs."""
+def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: PruneReport,
+               lock: ObjectLock | None = None, now: datetime | None = None) -> None:
+    """Delete archived WAL (and restore point records) older than the oldest kept snapshot needs.
+
+    With a locked bucket copy, a file archived less than the lock's days ago is not attempted (its copy is
+    locked; the local file stays too, so the next run finds it): counted in ``report.wal_locked``.
+    """
     from backup_tasks.wal.names import position
     from backup_tasks.wal.restore_points import delete_restore_point, restore_points
 
-    try:
-        archive = WalArchive(settings.wal_archive, settings.copy_to)  # expires WAL in both
+    try:  # expires WAL in both, the copy with prune's own credentials
+        archive = WalArchive(settings.wal_archive, settings.copy_to, copy_credentials=settings.prune_credentials)
     except ConfigError as exc:
         report.wal_reason = f"WAL archive not pruned: {exc}"
         return
@@ -101,17 +174,42 @@ def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: Prune
     if expiry.keep_from is not None:
         expiry, report.wal_freed_bytes = expirable(archive, kept_snapshots, expiry.keep_from)
     report.wal_reason = expiry.reason
-    report.wal_deleted = list(expiry.delete)
-    if expiry.delete and not report.dry_run:
-        failures = archive.delete_many(expiry.delete)  # batched in the copy: DeleteObjects, 1,000 keys a request
+    names = list(expiry.delete)
+    locked_until: dict[str, float] = {}
+    if lock is not None and archive.copy_to and archive.copy_to.startswith("s3://"):
+        # Archived (so copied) no later than the local file's mtime: its copy's lock ends by mtime + days.
+        horizon = (now or utcnow()).timestamp() - lock.days * 86400
+        for name in names:
+            mtime = _mtime(archive.root, name)
+            if mtime > horizon:
+                locked_until[name] = mtime + lock.days * 86400
+    if locked_until:
+        names = [name for name in names if name not in locked_until]
+        report.wal_freed_bytes -= sum(_size(archive.root, name) for name in locked_until)
+    if names and not report.dry_run:
+        failures = archive.delete_many(names)  # batched in the copy: DeleteObjects, 1,000 keys a request
+        for name, exc in list(failures.items()):
+            if isinstance(exc, ObjectLocked):
+                locked_until[name] = exc.retain_until.timestamp()
+                del failures[name]
+        names = [name for name in names if name not in locked_until and name not in failures]
         if failures:
             raise_failures(failures, f"the WAL archive {archive.root}")
+    report.wal_deleted = names
+    if locked_until:
+        report.wal_locked = len(locked_until)
+        report.wal_locked_until = isoformat(datetime.fromtimestamp(max(locked_until.values()), UTC))
+        log.info("%d expired WAL file(s) are locked in %s until %s at the latest: a later prune deletes them",
+                 report.wal_locked, archive.copy_to, report.wal_locked_until)
     if expiry.keep_from is not None and not report.dry_run:
         for point in restore_points(archive):
             if position(point.segment) < position(expiry.keep_from):
-                delete_restore_point(archive, point)
-    if expiry.delete:
-        log.info("%s %d WAL file(s): %s", "would expire" if report.dry_run else "expired", len(expiry.delete),
+                try:
+                    delete_restore_point(archive, point)
+                except ObjectLocked:
+                    pass  # its copy is locked: the local record stays too, and a later prune deletes both
+    if names:
+        log.info("%s %d WAL file(s): %s", "would expire" if report.dry_run else "expired", len(names),
                  expiry.reason)
 
 
@@ -131,6 +229,15 @@ def expirable(archive: WalArchive, kept_snapshots: list[Manifest], keep_from: st
     whole = {d for d in dirs if d[8:] < limit}
     freed = index.wal_bytes(whole) + sum(_size(archive.root, name) for name in expiry.delete if name[:16] not in whole)
     return expiry, freed
+
+
+def _mtime(root: Path, name: str) -> float:
+    from backup_tasks.wal.archive import object_key
+
+    try:
+        return os.stat(os.path.join(root, object_key(name))).st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _size(root: Path, name: str) -> int:

@@ -57,9 +57,13 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     lines = [f"{'keep  ' if d.keep else 'delete'} {d.backup_id}  ({d.reason})" for d in report.decisions]
     lines.append(f"{verb} {len(report.deleted)} backup(s), {human_size(report.freed_bytes)}")
-    if getattr(report, "wal_deleted", None):
+    lines += [f"locked {entry.backup_id} until {entry.locked_until} (expired; a prune after that date deletes it)"
+              for entry in report.locked]
+    if report.wal_deleted:
         lines.append(f"{verb} {len(report.wal_deleted)} archived WAL file(s), {human_size(report.wal_freed_bytes)}: "
                      f"{report.wal_reason}")
+    if report.wal_locked:
+        lines.append(f"locked {report.wal_locked} expired WAL file(s) until {report.wal_locked_until} at the latest")
     emit(args, asdict(report), "\n".join(lines))
     return 0
 

@@ -39,11 +39,20 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import zstandard
 
-from backup_tasks.errors import BackupError, WalArchiveError, WalConflict, WalCorrupt, WalGap, WalMissing
+from backup_tasks.errors import (
+    BackupError,
+    StorageError,
+    WalArchiveError,
+    WalConflict,
+    WalCorrupt,
+    WalGap,
+    WalMissing,
+)
 from backup_tasks.storage.base import fsync_dir
 
 if TYPE_CHECKING:
     from backup_tasks.storage.base import Storage
+    from backup_tasks.storage.s3 import S3Credentials
     from backup_tasks.wal.index import ArchiveIndex, TimelineRuns
 from backup_tasks.wal.names import (
     HISTORY_RE,
@@ -131,7 +140,7 @@ class WalArchive:
     """A WAL archive in a local (or mounted) directory."""
 
     def __init__(self, root: Path | str, copy_to: str | None = None, *, recipients: tuple[str, ...] = (),
-                 identity_file: str | Path | None = None) -> None:
+                 identity_file: str | Path | None = None, copy_credentials: S3Credentials | None = None) -> None:
         self.root = Path(root)
         #: BACKUP_ENCRYPT_RECIPIENT: pushed files are age-encrypted to these public keys (see ``push``).
         self.recipients = tuple(recipients)
@@ -140,6 +149,8 @@ class WalArchive:
         #: BACKUP_COPY_TO: every archived file is also written to ``<copy_to>/wal/<same key>``, and
         #: fetch falls back to it when a file is missing or damaged here.
         self.copy_to = copy_to.strip() if copy_to and copy_to.strip() else None
+        #: Credentials for the copy other than the ambient ones (``storage.s3.S3Credentials``: prune's own).
+        self.copy_credentials = copy_credentials
         self._copy: Storage | None = None
 
     @classmethod
@@ -165,7 +176,8 @@ class WalArchive:
         if self._copy is None:
             from backup_tasks.storage.locations import open_storage
 
-            self._copy = open_storage(f"{self.copy_to.rstrip('/')}/{COPY_SUBDIR}", setting="BACKUP_COPY_TO")
+            self._copy = open_storage(f"{self.copy_to.rstrip('/')}/{COPY_SUBDIR}", setting="BACKUP_COPY_TO",
+                                      credentials=self.copy_credentials)
         return self._copy
 
     def __repr__(self) -> str:
@@ -553,14 +565,15 @@ class WalArchive:
                         continue
         return removed
 
-    def delete_many(self, names: list[str], *, batch: int = 1000) -> dict[str, str]:
-        """Remove ``names`` from the copy (batched deletes), then here (WAL expiry); ``{name: reason}`` of failures.
+    def delete_many(self, names: list[str], *, batch: int = 1000) -> dict[str, StorageError]:
+        """Remove ``names`` from the copy (batched deletes), then here (WAL expiry); ``{name: error}`` of failures
+        (typed as the storage contract says: ``ObjectLocked`` for a copy an Object Lock still holds).
 
         The copy first, ``batch`` names at a time: an interruption leaves files here whose copy is
         gone, which the next prune lists and deletes again, never copies nobody lists any more. A
         name the copy refused stays here too (so it is listed next time).
         """
-        failures: dict[str, str] = {}
+        failures: dict[str, StorageError] = {}
         copy = self.copy_storage()
         for start in range(0, len(names), batch):
             chunk = names[start:start + batch]
@@ -575,7 +588,7 @@ class WalArchive:
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
-                    failures[name] = f"cannot delete {self.path_for(name)}: {exc.strerror}"
+                    failures[name] = WalArchiveError(f"cannot delete {self.path_for(name)}: {exc.strerror}")
         return failures
 
 

@@ -104,12 +104,13 @@ def restore_points(archive: WalArchive) -> list[RestorePoint]:
 
 
 def delete_restore_point(archive: WalArchive, point: RestorePoint) -> None:
-    """Remove a record from the archive and its copy (prune, with the WAL it points into)."""
-    with contextlib.suppress(FileNotFoundError):
-        (archive.root / restore_point_key(point)).unlink()
+    """Remove a record from the copy, then the archive (prune, with the WAL it points into): a copy that refuses
+    (``ObjectLocked``) leaves the local record listed for the next prune."""
     copy = archive.copy_storage()
     if copy is not None:
         copy.delete(restore_point_key(point))
+    with contextlib.suppress(FileNotFoundError):
+        (archive.root / restore_point_key(point)).unlink()
 
 
 log = logging.getLogger(__name__)

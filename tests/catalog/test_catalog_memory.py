@@ -15,11 +15,12 @@ import pytest
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.health import check_health
-from backup_tasks.catalog.manifest import Manifest, Verification, isoformat
+from backup_tasks.catalog.manifest import Manifest, Verification, isoformat, parse_time
 from backup_tasks.catalog.prune import prune
 from backup_tasks.errors import BackupIdTaken, BackupNotFound, StorageError
 from backup_tasks.settings import Settings
 from backup_tasks.storage.memory import MemoryStorage
+from backup_tasks.storage.objectlock import ObjectLock
 
 NOW = datetime(2026, 11, 27, 2, 5, tzinfo=UTC)
 
@@ -166,6 +167,45 @@ def test_prune_deletes_expired_dumps_dry_run_first(settings: Settings, storage: 
     assert storage.exists("aitrapp_backup_20261101_020000.sql.gz")
     assert report.wal_deleted == [] and report.wal_reason is None  # no WAL archive directory: nothing to do
     assert prune(settings, now=NOW, storage=storage).deleted == []
+
+
+def test_prune_of_a_locked_bucket_reports_what_is_locked_and_deletes_it_once_the_lock_ends(tmp_path: Path) -> None:
+    lock = ObjectLock(days=10)
+    written = [NOW]  # the memory bucket's clock: each object is locked from when it was written
+    storage = MemoryStorage("vault", lock=lock, clock=lambda: written[0])
+    settings = Settings(backup_dir="s3://vault/nightly", wal_archive_dir=str(tmp_path / "wal"), broker_url="memory://",
+                        keep_daily_days=7, keep_weekly=3, object_lock=lock)
+    dumps = []
+    for days in (0, 1, 8, 9, 30):
+        written[0] = NOW - timedelta(days=days) + timedelta(minutes=5)
+        dumps.append(backup(storage, days, verified=True))
+    written[0] = NOW - timedelta(days=8)  # a verdict recorded later than the 9-day-old dump: its lock ends later
+    catalog.add_record(storage, dumps[3].id, "verification", {"ok": True, "verified_at": isoformat(written[0]),
+                                                               "duration_seconds": 1.0, "method": "m", "checked": []},
+                       now=written[0])
+    written[0] = NOW
+    for dry_run in (True, False):
+        report = prune(settings, dry_run=dry_run, now=NOW, storage=storage)
+        assert report.deleted == [dumps[4].id] and report.freed_bytes == 10
+        until = {entry.backup_id: parse_time(entry.locked_until) for entry in report.locked}
+        assert until == {dumps[2].id: NOW - timedelta(days=8) + timedelta(minutes=5) + timedelta(days=10),
+                         dumps[3].id: NOW - timedelta(days=8) + timedelta(days=10)}
+    assert [present(storage, m) for m in dumps] == [True] * 4 + [False]  # nothing refused was even attempted
+    # After the locks end, the next run deletes both, records included.
+    later = NOW + timedelta(days=3)
+    written[0] = later
+    report = prune(settings, now=later, storage=storage)
+    assert set(report.deleted) == {dumps[2].id, dumps[3].id} and report.locked == []
+    assert not [o.key for o in storage.list() if o.key.startswith((dumps[2].id, dumps[3].id))]
+
+
+def test_a_lock_prune_did_not_foresee_is_reported_as_locked_not_as_a_failure(settings: Settings) -> None:
+    storage = MemoryStorage("vault", lock=ObjectLock(days=60), clock=lambda: NOW)  # the bucket's own, longer lock
+    old = backup(storage, 30, verified=True)
+    backup(storage, 0, verified=True)
+    report = prune(settings, now=NOW, storage=storage)  # settings: no lock configured, a local BACKUP_DIR
+    assert report.deleted == [] and [entry.backup_id for entry in report.locked] == [old.id]
+    assert present(storage, old)
 
 
 def test_prune_never_deletes_the_newest_nor_the_newest_verified(settings: Settings, storage: MemoryStorage) -> None:

@@ -26,13 +26,15 @@ import pytest
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.health import check_health
-from backup_tasks.catalog.manifest import Manifest, isoformat
+from backup_tasks.catalog.manifest import Manifest, isoformat, parse_time
 from backup_tasks.catalog.prune import prune
+from backup_tasks.errors import StorageError
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import ObjectInfo, Storage
 from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.memory import MemoryStorage
 from backup_tasks.storage.mirrored import MirroredStorage
+from backup_tasks.storage.objectlock import ObjectLock
 from backup_tasks.wal.archive import object_key
 from backup_tasks.wal.index import INDEX_FILE
 from backup_tasks.wal.names import position, segment_name
@@ -171,7 +173,7 @@ def test_wal_expiry_deletes_from_the_copy_in_batches_too(settings: Settings, tmp
     batches: list[int] = []
     original = LocalStorage.delete_many
 
-    def counted(self: LocalStorage, keys: Iterable[str]) -> dict[str, str]:
+    def counted(self: LocalStorage, keys: Iterable[str]) -> dict[str, StorageError]:
         wanted = list(keys)
         batches.append(len(wanted))
         return original(self, wanted)
@@ -203,7 +205,7 @@ def test_wal_expiry_in_an_s3_copy_is_a_few_delete_objects_requests(
     requests: list[int] = []
     original = S3Storage._delete_batch
 
-    def counted(self: S3Storage, batch: dict[str, str], failures: dict[str, str]) -> None:
+    def counted(self: S3Storage, batch: dict[str, str], failures: dict[str, StorageError]) -> None:
         requests.append(len(batch))
         original(self, batch, failures)
 
@@ -211,6 +213,33 @@ def test_wal_expiry_in_an_s3_copy_is_a_few_delete_objects_requests(
     report = prune(settings, now=NOW, storage=storage)
     assert len(report.wal_deleted) == expired and requests == [1000, 1000, 100]
     assert {o.key for o in copy.list("")} == set(keys[expired:])
+
+
+@pytest.mark.slow
+def test_wal_locked_in_the_copy_is_reported_and_kept_here_until_its_lock_ends(
+        settings: Settings, locked_bucket_url: str, tmp_path: Path) -> None:
+    from backup_tasks.storage.locations import open_storage
+
+    segments, expired = 40, 30
+    settings = replace(settings, copy_to=locked_bucket_url, object_lock=ObjectLock(days=1))
+    storage = MemoryStorage("catalog")
+    build_catalog(storage, segments, expired)
+    keys = build_archive(settings.wal_archive, segments)
+    copy = open_storage(f"{locked_bucket_url}/wal")  # BACKUP_OBJECT_LOCK_DAYS=1 (the fixture): every put locked
+    _put_many(lambda key: copy.put_bytes(key, b"w"), keys)
+    # Archived just now: the copy's lock is known to hold (from each file's mtime), nothing is attempted.
+    report = prune(settings, now=NOW + timedelta(days=3), storage=storage)
+    assert report.wal_deleted == [] and report.wal_locked == expired
+    assert archived(settings.wal_archive) >= set(keys) and {o.key for o in copy.list("")} == set(keys)
+    # Files that look old enough (a lock the mtimes do not foresee): prune tries, S3 refuses each with its
+    # date, and they stay here too, so the next run finds them again.
+    old = (NOW - timedelta(days=3)).timestamp()
+    for key in keys:
+        os.utime(settings.wal_archive / key, (old, old))
+    report = prune(settings, now=NOW + timedelta(days=3), storage=storage)
+    assert report.wal_deleted == [] and report.wal_locked == expired
+    assert parse_time(str(report.wal_locked_until)) > datetime.now(UTC)
+    assert archived(settings.wal_archive) >= set(keys) and {o.key for o in copy.list("")} == set(keys)
 
 
 def test_catalog_reads_never_list_the_wal_archive(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:

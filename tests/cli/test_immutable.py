@@ -10,13 +10,18 @@ import json
 import subprocess
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
+import botocore.exceptions
 import pytest
 
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.manifest import isoformat, parse_time
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.queries import count_rows
+from backup_tasks.storage.locations import open_storage
 from backup_tasks.storage.s3 import S3Location
 from tests.support.paths import BACKUP_TASKS
 from tests.support.postgres import url_of
@@ -79,6 +84,50 @@ def test_as_of_finds_and_restores_backups_deleted_and_overwritten_since(
     assert ok("list", "--as-of", "2000-01-01T00:00:00Z", env=env)["backups"] == []
     future = run("list", "--as-of", "2999-01-01T00:00:00Z", env=env)
     assert future.returncode == 2 and "future" in json.loads(future.stdout)["error"]
+
+
+@pytest.mark.slow
+def test_a_locked_bucket_takes_verifies_and_restores_and_prune_reports_what_is_locked(
+        trading_db: ConnInfo, make_database: Callable[..., ConnInfo], pg_admin: ConnInfo, s3_env: S3Server,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket_url = f"s3://{s3_env.new_bucket(object_lock=True)}/nightly"
+    env = worker_env(DATABASE_URL=url_of(trading_db), BACKUP_DIR=bucket_url, BACKUP_LOCK_URL="",
+                     VERIFY_DATABASE_URL=url_of(pg_admin.with_dbname("postgres")), BACKUP_OBJECT_LOCK_DAYS="1",
+                     BACKUP_KEEP_DAILY_DAYS="2", **s3_env.env())
+    first = ok("dump", "--trading-day", "2026-11-20", env=env)
+    assert ok("verify", first["id"], env=env)["ok"]
+    target = make_database()
+    assert ok("restore", first["id"], "--target-database-url", url_of(target), env=env)["ok"]
+    assert rows(target) == rows(trading_db)
+    where = S3Location.parse(bucket_url)
+    client = s3_env.admin_client()
+    head = client.head_object(Bucket=where.bucket, Key=f"{where.prefix}{first['path']}")
+    assert head["ObjectLockMode"] == "GOVERNANCE" and head["ObjectLockRetainUntilDate"] > datetime.now(UTC)
+    records = [o["Key"] for o in client.list_objects_v2(Bucket=where.bucket)["Contents"]
+               if o["Key"].endswith(".verification.record.json")]
+    assert len(records) == 1  # the verdict: a new (locked) object beside the untouched manifest
+
+    # An older dump (its copy made to look 5 days old, written now: locked for a day) expires with a
+    # 2-day retention. Its manifest says the lock has ended; what S3 says of its object decides: prune (and
+    # its dry run) report it as locked until that date, an expected state, not a failure.
+    monkeypatch.setenv("BACKUP_OBJECT_LOCK_DAYS", "1")  # this process writes the copy: locked too
+    bucket = open_storage(bucket_url)
+    real = catalog.load(bucket, first["id"])
+    old = replace(real, id=real.id.replace("-dump-", "-dump-old"), path=real.path.replace("-dump-", "-dump-old"),
+                  started_at=isoformat(datetime.now(UTC) - timedelta(days=5)),
+                  finished_at=isoformat(datetime.now(UTC) - timedelta(days=5)), record_keys=[])
+    bucket.put_bytes(old.path, bucket.read_bytes(real.path))
+    catalog.save_new(bucket, old)
+    for command in (("prune", "--dry-run"), ("prune",)):
+        report = ok(*command, env=env)
+        locked = {entry["backup_id"]: parse_time(entry["locked_until"]) for entry in report["locked"]}
+        assert old.id not in report["deleted"] and set(locked) == {old.id}
+        assert datetime.now(UTC) < locked[old.id] <= datetime.now(UTC) + timedelta(days=1)
+    assert catalog.load(bucket, old.id).path == old.path and bucket.exists(old.path)  # still there, whole
+    # The server itself refuses to remove a locked version, whoever asks.
+    version = client.list_object_versions(Bucket=where.bucket, Prefix=f"{where.prefix}{old.path}")["Versions"][0]
+    with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+        client.delete_object(Bucket=where.bucket, Key=version["Key"], VersionId=version["VersionId"])
 
 
 def test_as_of_on_a_local_backup_dir_is_a_configuration_error(tmp_path: object) -> None:

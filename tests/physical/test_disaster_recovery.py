@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import botocore.exceptions
 import pytest
 
 from backup_tasks.physical.snapshot import take_snapshot
@@ -26,6 +27,7 @@ from backup_tasks.postgres.cluster import ThrowawayCluster, as_server_user
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.servercmd import archive_command
 from backup_tasks.settings import Settings
+from backup_tasks.storage.objectlock import ObjectLock
 from backup_tasks.storage.s3 import S3Storage
 from backup_tasks.wal.archive import WalArchive, object_key
 from backup_tasks.wal.coverage import coverage
@@ -241,14 +243,18 @@ def switch(conninfo: object) -> str:
 
 
 @pytest.mark.slow
-def test_restore_pitr_from_the_bucket_alone(s3_env: S3Server) -> None:
+def test_restore_pitr_from_the_bucket_alone(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a bucket with Object Lock (issue 13): the snapshot, its manifest and the WAL copy are all locked."""
     env = PitrEnv(reachable_dir("bt-test-dr-"))
-    bucket = s3_env.new_bucket(versioning=True)
+    bucket = s3_env.new_bucket(object_lock=True)
+    lock = ObjectLock(days=1)
+    for name, value in lock.environment().items():  # this process takes the snapshot: it locks what it writes
+        monkeypatch.setenv(name, value)
     copy_to = f"s3://{bucket}/prod"
     data_dir = env.base / "new-host" / "data"
     second_dir = env.base / "new-host" / "data-as-of"
     try:
-        command = archive_command(env.command, env.archive.root, copy_to)
+        command = archive_command(env.command, env.archive.root, copy_to, lock=lock)
         cluster = ThrowawayCluster(settings={"wal_level": "replica", "max_wal_senders": "4", "archive_mode": "on",
                                              "archive_command": shlex.quote(command), "archive_timeout": "0"})
         with cluster as source:
@@ -303,6 +309,13 @@ def test_restore_pitr_from_the_bucket_alone(s3_env: S3Server) -> None:
         assert again.returncode == 0 and recovered["ok"], (again.stdout, again.stderr)
         assert marks(recovered["port"]) == list(range(1, 101))
         assert "--as-of" in recovered["recovery_settings"]["restore_command"]
+        # What the attacker could not do: remove a locked version.
+        version = client.list_object_versions(Bucket=bucket, Prefix="prod/wal/")["Versions"][0]
+        assert version["Key"].startswith("prod/wal/")
+        with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+            client.delete_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])
+        head = client.head_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])
+        assert head["ObjectLockMode"] == "GOVERNANCE" and head["ObjectLockRetainUntilDate"] > datetime.now(UTC)
     finally:
         for directory in (data_dir, second_dir):
             if (directory / "postmaster.pid").exists():
