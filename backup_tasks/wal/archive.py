@@ -54,6 +54,15 @@ if TYPE_CHECKING:
     from backup_tasks.storage.base import Storage
     from backup_tasks.storage.s3 import S3Credentials
     from backup_tasks.wal.index import ArchiveIndex, TimelineRuns
+from backup_tasks.wal.files import (  # noqa: F401 (the layout, also read from here by callers)
+    COPY_SUBDIR,
+    DIR_MODE,
+    FILE_MODE,
+    HISTORY_DIR,
+    INCOMING_MARK,
+    RESTORE_POINT_DIR,
+    SUFFIX,
+)
 from backup_tasks.wal.names import (
     HISTORY_RE,
     SEGMENT_RE,
@@ -64,18 +73,10 @@ from backup_tasks.wal.names import (
 log = logging.getLogger(__name__)
 
 
-DIR_MODE = 0o2770
-FILE_MODE = 0o640
 CHUNK = 1 << 20
 DEFAULT_LEVEL = 1  # WAL compresses as well at level 1 as at 3, twice as fast (measured on trading WAL)
-SUFFIX = ".zst"
 #: The first line of an age-encrypted file (as ``crypto.AGE_MAGIC``; not imported, to keep this module light).
 AGE_MAGIC = b"age-encryption.org/v1\n"
-HISTORY_DIR = "history"
-RESTORE_POINT_DIR = "restore_points"
-INCOMING_MARK = ".incoming-"
-#: Where the WAL archive lives under BACKUP_COPY_TO (as under BACKUP_DIR by default).
-COPY_SUBDIR = "wal"
 
 
 # Trailer: a zstd skippable frame (magic 0x184D2A5B, then payload length) whose payload is our tag,

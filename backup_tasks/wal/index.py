@@ -29,7 +29,6 @@ import logging
 import os
 import stat
 import time
-import uuid
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 from itertools import groupby
@@ -37,6 +36,7 @@ from operator import itemgetter
 from pathlib import Path
 
 from backup_tasks.errors import BackupError, WalArchiveError
+from backup_tasks.wal.files import HISTORY_DIR, INCOMING_MARK, SUFFIX, replace_file
 from backup_tasks.wal.names import SEGMENT_RE, kind_of
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,6 @@ INDEX_FILE = ".wal-index.json"
 FORMAT = 1
 #: A directory whose mtime is this recent is listed on every read, never cached (see above).
 RACY_SECONDS = 5
-#: The archive's layout as ``wal.archive`` defines it (repeated, not imported: that module imports this
-#: one; tests/wal/test_index.py checks they agree).
-SUFFIX = ".zst"
-INCOMING_MARK = ".incoming-"
-HISTORY_DIR = "history"
-FILE_MODE = 0o640
 _HEX = frozenset("0123456789ABCDEF")
 #: ``name[16:24]`` of the segments of one log id at the default 16 MiB (256 of them), ready to append.
 _LOW_HEX = [f"{n:08X}" for n in range(256)]
@@ -304,23 +298,12 @@ def _load(root: Path) -> dict[str, DirectorySummary]:
 
 
 def _store(root: Path, summaries: dict[str, DirectorySummary]) -> None:
-    """Write the cache atomically (temporary file, then rename); silently nothing where this user may not."""
+    """Write the cache atomically; silently nothing where this user may not (no fsync: a cache lost in a crash
+    is rebuilt by the next reader)."""
     body = json.dumps({"format": FORMAT, "directories": {name: s.to_json() for name, s in sorted(summaries.items())}},
                       separators=(",", ":")).encode()
-    temp = root / f"{INDEX_FILE}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        replace_file(root / INDEX_FILE, hashlib.sha256(body).hexdigest().encode() + b"\n" + body,
+                     temp_prefix=f"{INDEX_FILE}.tmp-")
     except OSError as exc:
         log.debug("not caching the WAL archive index in %s: %s", root, exc.strerror)
-        return
-    try:
-        os.fchmod(fd, FILE_MODE)  # readable by the archive's group whoever wrote it (the setgid directory's group)
-        with os.fdopen(fd, "wb") as out:
-            out.write(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-        os.replace(temp, root / INDEX_FILE)  # no fsync: a cache lost in a crash is rebuilt by the next reader
-    except OSError as exc:
-        log.debug("not caching the WAL archive index in %s: %s", root, exc.strerror)
-        try:
-            temp.unlink()
-        except OSError:
-            pass

@@ -25,14 +25,12 @@ import json
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backup_tasks.wal.archive import (
     COPY_SUBDIR,
     DEFAULT_LEVEL,
-    FILE_MODE,
     TRAILER_SIZE,
     PushResult,
     WalArchive,
@@ -40,6 +38,7 @@ from backup_tasks.wal.archive import (
     object_key,
     parse_trailer,
 )
+from backup_tasks.wal.files import replace_file
 from backup_tasks.wal.names import kind_of
 
 if TYPE_CHECKING:
@@ -207,25 +206,13 @@ def _store_ahead(archive: WalArchive, source: Path, level: int, deadline: float)
 
 
 def _write_marker(archive: WalArchive, name: str, content: dict[str, object]) -> None:
-    """Atomically (a temporary file renamed over): a crash leaves no marker or a whole one, never half of one.
+    """Atomically: a crash leaves no marker or a whole one, never half of one.
 
     Not fsynced: a marker lost in a crash only sends its file down the slow path again.
     """
     directory = archive.root / MARKER_DIR
     archive.ensure_subdir(directory)
-    temp = directory / f"{TEMP_MARK}{name}-{uuid.uuid4().hex[:12]}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)  # the server's umask 077 would hide it from root's tools (prune, check)
-        with os.fdopen(fd, "w") as out:
-            json.dump(content, out)
-        os.replace(temp, directory / name)
-    except BaseException:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
+    replace_file(directory / name, json.dumps(content).encode(), temp_prefix=f"{TEMP_MARK}{name}-")
 
 
 def _remove_marker(archive: WalArchive, name: str) -> None:

@@ -25,7 +25,8 @@ from backup_tasks.errors import ConfigError, RestoreRefused, StorageError
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.failures import first_line
 from backup_tasks.settings import Settings
-from backup_tasks.wal.archive import FILE_MODE, RESTORE_POINT_DIR, WalArchive
+from backup_tasks.wal.archive import RESTORE_POINT_DIR, WalArchive
+from backup_tasks.wal.files import replace_file
 from backup_tasks.wal.names import position, timeline_of
 from backup_tasks.wal.remote import RemoteWalArchive
 
@@ -58,14 +59,7 @@ def save_restore_point(archive: WalArchive, point: RestorePoint) -> Path:
     path = archive.root / restore_point_key(point)
     archive.ensure_subdir(path.parent)
     document = json.dumps(asdict(point), indent=2).encode()
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    os.fchmod(fd, FILE_MODE)
-    with os.fdopen(fd, "wb") as out:
-        out.write(document)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)
+    replace_file(path, document, temp_prefix=f".{path.name}.tmp-", fsync=True)
     copy = archive.copy_storage()
     if copy is not None:
         copy.put_bytes(restore_point_key(point), document)

@@ -28,10 +28,10 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from backup_tasks.wal.files import replace_file
 from backup_tasks.wal.names import position
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 STATE_FILE = ".state.json"
 LOCK_FILE = ".state.lock"
 STATE_VERSION = 1
-#: The archive's own file mode (``wal.archive.FILE_MODE``, not imported: that module loads zstandard).
-#: Group-readable so root's exporter reads what the server's OS user wrote.
-FILE_MODE = 0o640
 #: Group-writable: the server's OS user and root (a manual ``wal-push``) both lock it.
 LOCK_MODE = 0o660
 #: How long a pusher waits for another's update before skipping its own (seconds).
@@ -170,18 +167,6 @@ def _lock(root: Path) -> int | None:
 
 
 def _write(root: Path, entries: dict[str, Newest]) -> None:
-    """Atomically (temporary file, rename); not fsynced: a state lost in a crash is rewritten by the next push."""
-    temp = root / f"{TEMP_MARK}{uuid.uuid4().hex[:12]}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)  # the server's umask 077 would hide it from root's exporter
-        with os.fdopen(fd, "w") as out:
-            json.dump({"v": STATE_VERSION, "locations": {name: asdict(e) for name, e in sorted(entries.items())}},
-                      out)
-        os.replace(temp, state_path(root))
-    except BaseException:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
+    """Atomically; not fsynced: a state lost in a crash is rewritten by the next push."""
+    document = {"v": STATE_VERSION, "locations": {name: asdict(e) for name, e in sorted(entries.items())}}
+    replace_file(state_path(root), json.dumps(document).encode(), temp_prefix=TEMP_MARK)

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from backup_tasks.postgres.servercmd import portable_tool
-from backup_tasks.wal import archive as archive_module
 from backup_tasks.wal import index as index_module
 from backup_tasks.wal.archive import WalArchive, _trailer_bytes, object_key
 from backup_tasks.wal.coverage import Coverage, coverages, timeline_for, timeline_path
@@ -90,12 +89,6 @@ def archive(tmp_path: Path) -> WalArchive:
     result = WalArchive(tmp_path / "wal")
     result.ensure()
     return result
-
-
-def test_the_index_repeats_the_archive_layout() -> None:
-    """``wal.index`` cannot import ``wal.archive`` (which imports it): the layout constants must agree."""
-    assert (index_module.SUFFIX, index_module.INCOMING_MARK, index_module.HISTORY_DIR, index_module.FILE_MODE) == (
-        archive_module.SUFFIX, archive_module.INCOMING_MARK, archive_module.HISTORY_DIR, archive_module.FILE_MODE)
 
 
 def test_a_changed_directory_is_listed_again_and_an_unchanged_one_is_not(

@@ -58,7 +58,7 @@ def test_fast_path_wal_push_records_the_newest_segment(archive: WalArchive, tmp_
     assert newest.completed_at == pytest.approx(now - 60, abs=0.01)
     assert now - 5 < newest.stored_at < time.time() + 1
     assert newest.where == str(archive.root)
-    assert stat.S_IMODE(state.state_path(archive.root).stat().st_mode) == state.FILE_MODE
+    assert stat.S_IMODE(state.state_path(archive.root).stat().st_mode) == 0o640  # group-readable: the exporter
 
 
 def test_an_older_segment_pushed_again_never_moves_the_state_back(archive: WalArchive, tmp_path: Path) -> None:
