@@ -317,7 +317,7 @@ def test_pool_process_killed_mid_dump_leaves_no_backup_and_the_task_is_redeliver
     assert backup.id == started["backup_id"] and backup.verification is not None and backup.verification.ok
     # The killed attempt's partial file was cleared by the run that succeeded.
     assert partial_files(backup_dir) == []
-    assert backup_like_files(backup_dir) == sorted([backup.path, backup.key])
+    assert backup_like_files(backup_dir) == sorted([*backup.stored_keys, backup.key])  # data, verdict, manifest
 
 
 @pytest.mark.slow
