@@ -38,6 +38,7 @@ from backup_tasks.logical.restore import check_decryptable, pg_restore_into
 from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect, server_version
 from backup_tasks.postgres.queries import (
+    HeapCheck,
     amcheck_available,
     amcheck_jobs,
     count_jobs,
@@ -133,7 +134,8 @@ def check_connections() -> int:
     return max(1, min(cores, 8))
 
 
-def check_restored(target: ConnInfo, expected: dict[str, int]) -> tuple[str, list[str], int, list[str]]:
+def check_restored(target: ConnInfo, expected: dict[str, int], *,
+                   heap_check: HeapCheck = "one") -> tuple[str, list[str], int, list[str]]:
     """Row counts and amcheck of the restored copy, over ``check_connections()`` connections at once.
 
     Returns (server version, problems with the counts, indexes checked, problems with the indexes). Counting and
@@ -145,7 +147,7 @@ def check_restored(target: ConnInfo, expected: dict[str, int]) -> tuple[str, lis
     with connect(target) as conn:
         version = server_version(conn)
         jobs = count_jobs(conn, restored)
-        checks = amcheck_jobs(conn) if amcheck_available(conn) else []
+        checks = amcheck_jobs(conn, heap_check=heap_check) if amcheck_available(conn) else []
     index_problems = run_parallel(target, jobs + checks, connections=check_connections())
     return version, compare_counts(expected, restored), len(checks), index_problems
 
@@ -189,7 +191,7 @@ def verify_backup(settings: Settings, backup_id: str | None = None, *,
             checked.append("restore")
             progress("comparing", backup_id=manifest.id)
             restored_version, count_problems, indexes_checked, index_problems = check_restored(
-                target, manifest.tables)
+                target, manifest.tables, heap_check=settings.verify_heap_check)
             problems += count_problems
             tables_compared = len(manifest.tables)
             checked.append("row-counts")

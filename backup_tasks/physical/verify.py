@@ -271,7 +271,7 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
                 tables = len(restored_counts)
                 problems += _plausibility(storage, snapshot, restored_counts)
                 checked.append("row-counts")
-                indexes, index_problems = amcheck_indexes(conn)
+                indexes, index_problems = amcheck_indexes(conn, heap_check=settings.verify_heap_check)
                 if indexes:
                     checked.append("amcheck")
                 problems += index_problems

@@ -235,23 +235,33 @@ def test_parallel_checks_give_the_serial_results(restored_tricky: tuple[ConnInfo
     assert indexes_checked == serial_indexes >= 3 and index_problems == serial_problems == []
 
 
-def test_parallel_amcheck_names_a_broken_index(restored_tricky: tuple[ConnInfo, dict]) -> None:
-    target, expected = restored_tricky
+def break_index(target: ConnInfo, table: str, index: str) -> None:
+    """``table`` (id int PRIMARY KEY, v text, index on v) with rows in the heap that ``index`` lacks."""
     with connect(target) as conn:
-        conn.execute("CREATE TABLE broken (id int PRIMARY KEY, v text)")
-        conn.execute("CREATE INDEX broken_v ON broken (v)")
-        conn.execute("INSERT INTO broken SELECT g, 'v' || g FROM generate_series(1, 2000) g")
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
+        conn.execute(f"CREATE INDEX {table}_v ON {table} (v)")
+        conn.execute(f"INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 2000) g")
         # Rows written while the index is not ready are in the heap but not in the index: exactly
         # what heapallindexed exists to find.
-        conn.execute("UPDATE pg_index SET indisready = false WHERE indexrelid = 'broken_v'::regclass")
+        conn.execute("UPDATE pg_index SET indisready = false WHERE indexrelid = %s::regclass", (index,))
     with connect(target) as conn:
-        conn.execute("INSERT INTO broken SELECT g, 'v' || g FROM generate_series(2001, 2100) g")
-        conn.execute("UPDATE pg_index SET indisready = true WHERE indexrelid = 'broken_v'::regclass")
-    with connect(target) as conn:
-        serial_indexes, serial_problems = amcheck_indexes(conn)
-    _version, _counts, indexes_checked, problems = check_restored(target, {**expected, "public.broken": 2100})
-    assert indexes_checked == serial_indexes and len(problems) == 1 == len(serial_problems)
-    assert problems[0].startswith("index broken_v:") and "lacks matching index tuple" in problems[0]
+        conn.execute(f"INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(2001, 2100) g")
+        conn.execute("UPDATE pg_index SET indisready = true WHERE indexrelid = %s::regclass", (index,))
+
+
+def test_parallel_amcheck_names_a_broken_index(restored_tricky: tuple[ConnInfo, dict]) -> None:
+    target, expected = restored_tricky
+    break_index(target, "broken", "broken_pkey")  # the index each table's rows are checked against
+    break_index(target, "broken2", "broken2_v")  # a secondary index: only BACKUP_VERIFY_HEAP_CHECK=all reads it
+    expected = {**expected, "public.broken": 2100, "public.broken2": 2100}
+    for heap_check, broken in (("one", ["broken_pkey"]), ("all", ["broken_pkey", "broken2_v"])):
+        with connect(target) as conn:
+            serial_indexes, serial_problems = amcheck_indexes(conn, heap_check=heap_check)  # type: ignore[arg-type]
+        _version, _counts, indexes_checked, problems = check_restored(target, expected,
+                                                                      heap_check=heap_check)  # type: ignore[arg-type]
+        assert indexes_checked == serial_indexes and sorted(problems) == sorted(serial_problems)
+        assert sorted(p.split(":")[0] for p in problems) == sorted(f"index {name}" for name in broken)
+        assert all("lacks matching index tuple" in p for p in problems)
 
 
 def test_run_parallel_raises_a_failing_job_and_keeps_problems_in_order(
