@@ -745,19 +745,22 @@ class S3Storage:
         self._refuse_if_past("deleting", "objects")
         if self._deletes_versions():
             return self._delete_versions(keys)
-        failures: dict[str, StorageError] = {}
-        batch: dict[str, str] = {}  # full key -> our key
+        wanted, failures = self._full_keys(keys)
+        items = list(wanted.items())
+        for start in range(0, len(items), DELETE_BATCH):
+            self._delete_batch(dict(items[start:start + DELETE_BATCH]), failures)
+        return failures
+
+    def _full_keys(self, keys: Iterable[str]) -> tuple[dict[str, str], dict[str, StorageError]]:
+        """Each key once, in the caller's order, as ``{full key in the bucket: our key}``; the keys refused."""
+        wanted: dict[str, str] = {}
+        refused: dict[str, StorageError] = {}
         for key in dict.fromkeys(keys):
             try:
-                batch[self._key(key)] = key
+                wanted[self._key(key)] = key
             except StorageError as exc:
-                failures[key] = exc
-            if len(batch) == DELETE_BATCH:
-                self._delete_batch(batch, failures)
-                batch = {}
-        if batch:
-            self._delete_batch(batch, failures)
-        return failures
+                refused[key] = exc
+        return wanted, refused
 
     def _delete_batch(self, batch: dict[str, str], failures: dict[str, StorageError]) -> None:
         try:
@@ -788,13 +791,7 @@ class S3Storage:
         Markers go last, and only for keys none of whose versions stayed: removing the marker over a
         version the lock kept would make a deleted backup reappear.
         """
-        failures: dict[str, StorageError] = {}
-        wanted: dict[str, str] = {}  # full key -> our key
-        for key in dict.fromkeys(keys):
-            try:
-                wanted[self._key(key)] = key
-            except StorageError as exc:
-                failures[key] = exc
+        wanted, failures = self._full_keys(keys)
         history = self._histories(wanted)
         objects = [v for versions in history.values() for v in versions if not v.deleted]
         for full_key, (code, detail) in self._delete_version_batches(objects).items():
