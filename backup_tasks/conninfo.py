@@ -67,6 +67,12 @@ class ConnInfo:
     def with_dbname(self, dbname: str) -> ConnInfo:
         return replace(self, dbname=dbname)
 
+    def with_connect_timeout(self, seconds: int) -> ConnInfo:
+        """This connection with ``connect_timeout`` set, unless the URL sets its own: a probe must not hang."""
+        if any(name == "connect_timeout" for name, _ in self.options):
+            return self
+        return replace(self, options=(*self.options, ("connect_timeout", str(seconds))))
+
     def kwargs(self) -> dict[str, str]:
         """Keyword arguments for ``psycopg.connect`` (password included: never log these)."""
         out: dict[str, str] = dict(self.options)

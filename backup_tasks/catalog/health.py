@@ -22,7 +22,7 @@ when the server cannot tell, while the archived segment right after the hole was
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -384,9 +384,7 @@ def ask_server(settings: Settings) -> ServerWal:
     from backup_tasks.postgres.failures import first_line
     from backup_tasks.wal.setup import archiver_stats
 
-    conninfo = settings.source()
-    if "connect_timeout" not in dict(conninfo.options):
-        conninfo = replace(conninfo, options=(*conninfo.options, ("connect_timeout", str(SERVER_CONNECT_TIMEOUT))))
+    conninfo = settings.source().with_connect_timeout(SERVER_CONNECT_TIMEOUT)
     label = conninfo.server_label
     try:
         with connect(conninfo) as conn:
@@ -404,7 +402,7 @@ def ask_server(settings: Settings) -> ServerWal:
     archived = str(stats.get("last_archived_wal") or "")
     failed_at, archived_at = stats.get("last_failed_time"), stats.get("last_archived_time")
     failure = None
-    if failed_at and str(failed_at) > str(archived_at or ""):
+    if stats.get("failing"):
         failure = (f"archive_command failed for {stats.get('last_failed_wal')} at {failed_at} (last success: "
                    f"{archived or 'none'} at {archived_at or 'never'}); see the server log")
     return ServerWal(label, timeline=timeline, current_segment=current, archived_through=_segment_part(archived),

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from backup_tasks.clock import isoformat, parse_time, utcnow  # also the catalog's vocabulary for callers
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".manifest.json"
 RECORD_SUFFIX = ".record.json"
+RECORD_STAMP = "%Y%m%dT%H%M%S%fZ"
+_STAMP = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]+")
 FORMAT_VERSION = 1
 #: What a record may say about a backup, and the manifest field it sets.
 RECORD_KINDS = ("verification", "drill", "coverage")
@@ -173,8 +176,14 @@ def publish(storage: Storage, manifest: Manifest, *, data_keys: list[str]) -> No
 
 def record_key(backup_id: str, kind: str, recorded_at: datetime) -> str:
     # The stamp sorts in time order; the token keeps two records of one microsecond apart.
-    stamp = recorded_at.strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = recorded_at.astimezone(UTC).strftime(RECORD_STAMP)
     return f"{backup_id}.{stamp}-{secrets.token_hex(3)}.{kind}{RECORD_SUFFIX}"
+
+
+def record_time(key: str) -> datetime:
+    """When the record ``key`` (a key ``parse_record_key`` accepts) was written, from its stamp."""
+    stamp = key[: -len(RECORD_SUFFIX)].rsplit(".", 2)[1].split("-")[0]
+    return datetime.strptime(stamp, RECORD_STAMP).replace(tzinfo=UTC)
 
 
 def parse_record_key(key: str) -> tuple[str, str, str] | None:
@@ -182,7 +191,7 @@ def parse_record_key(key: str) -> tuple[str, str, str] | None:
     if not key.endswith(RECORD_SUFFIX) or "/" in key:
         return None
     parts = key[: -len(RECORD_SUFFIX)].rsplit(".", 2)
-    if len(parts) != 3 or parts[2] not in RECORD_KINDS:
+    if len(parts) != 3 or parts[2] not in RECORD_KINDS or not _STAMP.fullmatch(parts[1]):
         return None
     return parts[0], parts[1], parts[2]
 
@@ -213,12 +222,12 @@ def _apply(manifest: Manifest, kind: str, data: dict[str, Any]) -> None:
 
 def _with_records(storage: Storage, manifest: Manifest, record_keys: list[str]) -> Manifest:
     """``manifest`` with its records applied, oldest first (a record that cannot be read is skipped)."""
-    for key in sorted(record_keys, key=lambda k: (parse_record_key(k) or ("", "", ""))[1]):
+    for key in sorted(record_keys, key=record_time):  # keys ``parse_record_key`` accepted
         manifest.record_keys.append(key)
-        parsed = parse_record_key(key)
+        kind = key[: -len(RECORD_SUFFIX)].rsplit(".", 1)[1]
         try:
             document = json.loads(storage.read_bytes(key))
-            _apply(manifest, parsed[2] if parsed else "", dict(document["data"]))
+            _apply(manifest, kind, dict(document["data"]))
         except (ValueError, TypeError, KeyError, StorageError) as exc:
             log.warning("record %s in %s is unreadable, skipped: %s", key, storage.location, exc)
     return manifest
@@ -242,11 +251,8 @@ def _parse(storage: Storage, key: str) -> Manifest:
         raise StorageError(f"manifest {key} in {storage.location} is unreadable: {exc}") from None
 
 
-def catalog(storage: Storage, *, kind: str | None = None, database: str | None = None) -> list[Manifest]:
-    """Every readable manifest with its records applied, oldest first. Unreadable manifests are skipped.
-
-    Only the top level of the location is listed (``recursive=False``): manifests and records live there.
-    """
+def _top_level(storage: Storage) -> tuple[list[str], dict[str, list[str]]]:
+    """The one listing of the catalog: manifest keys, and record keys by backup id."""
     manifest_keys: list[str] = []
     records: dict[str, list[str]] = defaultdict(list)
     for obj in storage.list(recursive=False):
@@ -254,6 +260,15 @@ def catalog(storage: Storage, *, kind: str | None = None, database: str | None =
             manifest_keys.append(obj.key)
         elif parsed := parse_record_key(obj.key):
             records[parsed[0]].append(obj.key)
+    return manifest_keys, records
+
+
+def catalog(storage: Storage, *, kind: str | None = None, database: str | None = None) -> list[Manifest]:
+    """Every readable manifest with its records applied, oldest first. Unreadable manifests are skipped.
+
+    Only the top level of the location is listed (``recursive=False``): manifests and records live there.
+    """
+    manifest_keys, records = _top_level(storage)
     found = []
     for key in manifest_keys:
         try:
@@ -266,15 +281,10 @@ def catalog(storage: Storage, *, kind: str | None = None, database: str | None =
 
 
 def orphan_records(storage: Storage) -> list[str]:
-    """Records whose backup has no manifest any more (left by a prune interrupted between the two)."""
-    manifests: set[str] = set()
-    records: list[tuple[str, str]] = []
-    for obj in storage.list(recursive=False):
-        if obj.key.endswith(MANIFEST_SUFFIX):
-            manifests.add(obj.key[: -len(MANIFEST_SUFFIX)])
-        elif parsed := parse_record_key(obj.key):
-            records.append((parsed[0], obj.key))
-    return [key for backup_id, key in records if backup_id not in manifests]
+    """Records whose backup has no manifest any more (a verdict or drill recorded while prune deleted it)."""
+    manifest_keys, records = _top_level(storage)
+    backups = {key[: -len(MANIFEST_SUFFIX)] for key in manifest_keys}
+    return [key for backup_id, keys in records.items() if backup_id not in backups for key in keys]
 
 
 def newest(storage: Storage, *, kind: str = "dump", database: str | None = None) -> Manifest:

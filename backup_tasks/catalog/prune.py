@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.manifest import Manifest, isoformat, parse_record_key, parse_time, utcnow
+from backup_tasks.catalog.manifest import Manifest, isoformat, parse_time, record_time, utcnow
 from backup_tasks.catalog.retention import Decision, RetentionPolicy, WalExpiry, plan, wal_expiry
 from backup_tasks.errors import ConfigError, ObjectLocked, StorageError
 from backup_tasks.locks import hold
@@ -89,8 +89,11 @@ def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = N
                 report.freed_bytes += manifest.size_bytes
         for entry in report.locked:
             log.info("%s expired but is locked until %s: a later prune deletes it", entry.backup_id, entry.locked_until)
-        kept = [by_id[d.backup_id] for d in decisions if d.keep and d.kind == "snapshot"]
+        # A snapshot the lock still holds stays restorable, so its WAL stays too (health checks from it).
+        kept = [by_id[d.backup_id] for d in decisions if (d.keep or d.backup_id in held) and d.kind == "snapshot"]
         expire_wal(settings, kept, report, lock, now)
+        if not dry_run:
+            delete_orphan_records(storage)
         if failed:
             raise_failures(failed, storage.location)
         return report
@@ -117,11 +120,7 @@ def lock_ends(manifest: Manifest, lock: ObjectLock | None) -> datetime | None:
     the lock's days. Pure: from the catalog alone."""
     if lock is None:
         return None
-    written = [parse_time(manifest.finished_at)]
-    for key in manifest.record_keys:
-        parsed = parse_record_key(key)
-        if parsed is not None:
-            written.append(datetime.strptime(parsed[1].split("-")[0], "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC))
+    written = [parse_time(manifest.finished_at), *(record_time(key) for key in manifest.record_keys)]
     return max(written) + timedelta(days=lock.days)
 
 
@@ -142,6 +141,15 @@ def delete_backups(storage: Storage, expired: list[Manifest], reasons: dict[str,
         if manifest.key not in failures:
             log.info("pruned %s (%s): %s", manifest.id, manifest.path, reasons[manifest.id])
     return failures
+
+
+def delete_orphan_records(storage: Storage) -> None:
+    """Records whose backup is gone (a verdict written while prune deleted its backup): deleted, and whatever
+    cannot be yet (locked) is left for a later run."""
+    orphans = catalog.orphan_records(storage)
+    if orphans:
+        failures = storage.delete_many(orphans)
+        log.info("deleted %d record(s) of backups no longer in the catalog", len(orphans) - len(failures))
 
 
 def raise_failures(failures: dict[str, StorageError], location: str) -> None:
@@ -183,19 +191,20 @@ def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: Prune
             mtime = _mtime(archive.root, name)
             if mtime > horizon:
                 locked_until[name] = mtime + lock.days * 86400
-    if locked_until:
-        names = [name for name in names if name not in locked_until]
-        report.wal_freed_bytes -= sum(_size(archive.root, name) for name in locked_until)
+    names = [name for name in names if name not in locked_until]
+    failures: dict[str, StorageError] = {}
     if names and not report.dry_run:
         failures = archive.delete_many(names)  # batched in the copy: DeleteObjects, 1,000 keys a request
         for name, exc in list(failures.items()):
             if isinstance(exc, ObjectLocked):
                 locked_until[name] = exc.retain_until.timestamp()
                 del failures[name]
-        names = [name for name in names if name not in locked_until and name not in failures]
-        if failures:
-            raise_failures(failures, f"the WAL archive {archive.root}")
-    report.wal_deleted = names
+    kept = locked_until.keys() | failures.keys()
+    report.wal_freed_bytes -= sum(_size(archive.root, name) for name in kept)  # still here: freed nothing
+    report.wal_deleted = [name for name in names if name not in kept]
+    names = report.wal_deleted
+    if failures:
+        raise_failures(failures, f"the WAL archive {archive.root}")
     if locked_until:
         report.wal_locked = len(locked_until)
         report.wal_locked_until = isoformat(datetime.fromtimestamp(max(locked_until.values()), UTC))

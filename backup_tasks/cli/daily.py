@@ -168,7 +168,7 @@ def register(add: Add) -> None:
     add_as_of(p)
     add_as_of(add("list", cmd_list, "show the catalog"))
     add("health", cmd_health, "exit 1 unless the newest dump is recent, non-empty and verified and, with PITR, the "
-                              "newest snapshot too and the WAL unbroken from the oldest kept snapshot")
+                              "newest snapshot too and the WAL unbroken from the earliest restorable snapshot")
     p = add("sample-data", cmd_sample_data, "create the trading schema with generated rows in an empty database")
     p.add_argument("--target-database-url", help="database to fill (default: DATABASE_URL)")
     p.add_argument("--size-mb", type=float, default=10, help="approximate size (default 10 MB)")

@@ -59,6 +59,9 @@ def cmd_wal_fetch(args: argparse.Namespace, settings: Settings) -> int:
     identity_file = getattr(args, "identity_file", None) or settings.decrypt_identity_file
     if args.archive_url and (args.archive_dir or args.copy_to):
         raise UsageError("--archive-url reads the bucket alone: give it without --archive-dir or --copy-to")
+    if settings.as_of is not None and not args.archive_url:
+        raise UsageError("--as-of reads a bucket as it was: give it with --archive-url (a local archive keeps no "
+                         "earlier versions)")
     try:
         if args.archive_url:  # the bucket alone (disaster recovery): the same read-ahead as the fast path
             from backup_tasks.wal.prefetch import MAX_DEPTH, fetch_with_prefetch

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -328,8 +328,7 @@ def _read_server(facts: Facts, settings: Settings) -> None:
     from backup_tasks.wal.setup import archiver_stats
 
     conninfo = settings.source()
-    quick = replace(conninfo, options=(*[o for o in conninfo.options if o[0] != "connect_timeout"],
-                                       ("connect_timeout", str(SERVER_TIMEOUT))))
+    quick = conninfo.with_connect_timeout(SERVER_TIMEOUT)
     try:
         with connect(quick) as conn:
             conn.execute(f"SET statement_timeout = '{SERVER_TIMEOUT}s'")
@@ -349,7 +348,7 @@ def _read_server(facts: Facts, settings: Settings) -> None:
 
 
 def _server_time(text: object) -> datetime | None:
-    """A ``timestamptz::text`` (``2026-11-30 11:20:01.123+00``) as an aware datetime."""
+    """A time of ``archiver_stats`` (UTC ISO 8601, ``2026-11-30T11:20:01.123000Z``) as an aware datetime."""
     if not text:
         return None
     return datetime.fromisoformat(str(text))

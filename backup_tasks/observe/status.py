@@ -37,7 +37,7 @@ def document(facts: Facts, settings: Settings) -> Document:
     newest_snapshot = snapshots[-1] if snapshots else None
     window = next((w for w in facts.windows if newest_snapshot and w.database == newest_snapshot.database),
                   facts.windows[-1] if facts.windows else None)
-    drill = facts.drills[-1] if facts.drills else None
+    drill = max(facts.drills, key=lambda d: d.drilled_at) if facts.drills else None
     copy = facts.source(COPY_SOURCE)
     return {
         "ok": facts.up and all(s.ok for s in facts.sources if s.name == COPY_SOURCE),

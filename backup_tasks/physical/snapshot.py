@@ -44,6 +44,7 @@ from backup_tasks.streams.codec import CHUNK
 from backup_tasks.streams.crypto import EncryptingWriter, encryption_info
 from backup_tasks.streams.tar import Unpacker
 from backup_tasks.wal.names import parse_lsn, segment_of_lsn
+from backup_tasks.wal.setup import archiver_stats
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,10 @@ def inspect_source(conn: psycopg.Connection) -> SourceFacts:
         warnings.append("WAL archiving is off on the server: this snapshot restores only to its own end point "
                         "(no point-in-time recovery); see `backup-tasks check`")
     else:
-        row = conn.execute("SELECT failed_count, last_failed_wal, last_failed_time, last_archived_time "
-                           "FROM pg_stat_archiver").fetchone()
-        if row and row[2] is not None and (row[3] is None or row[2] > row[3]):
-            warnings.append(f"the server's archive_command is failing (last failure for {row[1]} at {row[2]}); "
-                            f"run `backup-tasks check`")
+        stats = archiver_stats(conn)
+        if stats.get("failing"):
+            warnings.append(f"the server's archive_command is failing (last failure for {stats['last_failed_wal']} "
+                            f"at {stats['last_failed_time']}); run `backup-tasks check`")
     config_files: dict[str, str] = {}
     if data_directory:
         for name in ("hba_file", "ident_file"):

@@ -67,6 +67,7 @@ from backup_tasks.streams.crypto import Identities
 from backup_tasks.streams.tar import DISK_FULL
 from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.names import parse_lsn, position, segment_of_lsn
+from backup_tasks.wal.remote import archive_for_reading
 from backup_tasks.wal.restore_points import RestorePoint, restore_points
 from backup_tasks.wal.setup import prepare_archive
 
@@ -216,7 +217,10 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
     snapshot = snapshot_to_verify(storage, backup_id)
     archive: WalArchive | None
     try:
-        archive, _notes = prepare_archive(settings)
+        if settings.as_of is not None or settings.wal_archive_url:
+            archive = archive_for_reading(settings)  # the bucket's wal/ (as of --as-of): read, never prepared
+        else:
+            archive, _notes = prepare_archive(settings)
         archive_problem = None
     except BackupError as exc:
         archive, archive_problem = None, str(exc)

@@ -152,8 +152,8 @@ def amcheck_jobs(conn: psycopg.Connection, *, heap_check: HeapCheck = "one") -> 
     Every index gets the structural check. ``heapallindexed`` (a scan of the whole heap, every tuple
     hashed and looked up in the index) is run, with ``heap_check="one"``, against one index per table:
     its primary key, else a unique index, else its smallest; that reads every row of the table once.
-    With ``"all"``, against every index (a heap scan per index: four times the work on the trading
-    schema). A dump holds no index data: restoring rebuilds every index from the rows, so the rows
+    With ``"all"``, against every index (a heap scan per index: about three times the check time on
+    the trading schema). A dump holds no index data: restoring rebuilds every index from the rows, so the rows
     (and one complete index over them) are what a backup's verification has to prove; ``"all"`` also
     tests the verifier's own index builds.
 

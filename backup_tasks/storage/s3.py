@@ -529,6 +529,10 @@ class S3Storage:
         S3 applies the retention given to CreateMultipartUpload, counted from the upload's start;
         this makes it N days from when the object exists, and locks it on stores that ignore the
         retention of a multipart upload (moto's server among them).
+
+        The object is complete and committed before this: a failure here is a warning, not a failed
+        write (which would leave a stored object no manifest names); it keeps the retention its upload
+        was created with.
         """
         assert self.lock is not None
         version = {"VersionId": version_id} if version_id else {}
@@ -536,7 +540,8 @@ class S3Storage:
             self.client.put_object_retention(Bucket=self.where.bucket, Key=full_key, **version, Retention={
                 "Mode": self.lock.mode, "RetainUntilDate": self.lock.retain_until()})
         except Exception as exc:
-            self._fail(exc, "setting the Object Lock retention of", key)
+            log.warning("%s is stored, but setting its Object Lock retention again failed (%s): it keeps the "
+                        "retention its upload was created with", key, type(exc).__name__)
 
     def _deletes_versions(self) -> bool:
         """In a bucket with Object Lock, a delete must remove versions: a delete marker frees nothing."""
@@ -584,6 +589,16 @@ class S3Storage:
             self._version_ids[full_key] = found.version_id if found else None
         return self._version_ids[full_key]
 
+    def _version_args(self, key: str) -> dict[str, str]:
+        """The request arguments that read ``key`` as of ``as_of`` (none without it); ``ObjectMissing`` when it did
+        not exist then."""
+        if self.as_of is None:
+            return {}
+        version_id = self._version_at(key)
+        if version_id is None:
+            raise self._missing(key)
+        return {"VersionId": version_id}
+
     def _missing(self, key: str) -> ObjectMissing:
         when = f" as of {isoformat(self.as_of)}" if self.as_of is not None else ""
         return ObjectMissing(f"{key} is missing from {self.location}{when}")
@@ -604,12 +619,7 @@ class S3Storage:
 
     def read_tail(self, key: str, count: int) -> bytes:
         """The last ``count`` bytes of ``key`` (a WAL file's trailer) in one ranged GET; as of ``as_of``, if set."""
-        version: dict[str, str] = {}
-        if self.as_of is not None:
-            version_id = self._version_at(key)
-            if version_id is None:
-                raise self._missing(key)
-            version = {"VersionId": version_id}
+        version = self._version_args(key)
         try:
             response = self.client.get_object(Bucket=self.where.bucket, Key=self._key(key), Range=f"bytes=-{count}",
                                               **version)
@@ -657,12 +667,10 @@ class S3Storage:
             return True
 
     def head(self, key: str) -> dict[str, Any] | None:
-        version: dict[str, str] = {}
-        if self.as_of is not None:
-            version_id = self._version_at(key)
-            if version_id is None:
-                return None
-            version = {"VersionId": version_id}
+        try:
+            version = self._version_args(key)
+        except ObjectMissing:
+            return None
         try:
             return self.client.head_object(Bucket=self.where.bucket, Key=self._key(key), **version)  # type: ignore[no-any-return]
         except Exception as exc:
@@ -1064,12 +1072,8 @@ class S3ReadStream(io.RawIOBase):
         self._body: Any = self._get()
 
     def _get(self) -> Any:
-        args: dict[str, Any] = {"Bucket": self.storage.where.bucket, "Key": self.storage._key(self.key)}
-        if self.storage.as_of is not None:
-            version_id = self.storage._version_at(self.key)
-            if version_id is None:
-                raise self.storage._missing(self.key)
-            args["VersionId"] = version_id
+        args: dict[str, Any] = {"Bucket": self.storage.where.bucket, "Key": self.storage._key(self.key),
+                                **self.storage._version_args(self.key)}
         if self._etag is not None:
             args.update(Range=f"bytes={self._pos}-", IfMatch=self._etag)
         try:

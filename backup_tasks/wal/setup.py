@@ -235,8 +235,7 @@ def _force_segment(conn: psycopg.Connection, report: ArchiveCheck, archive: WalA
     if not report.arrived:
         stats = archiver_stats(conn)
         report.archiver = stats
-        failing = bool(stats.get("last_failed_time")) and \
-            str(stats.get("last_failed_time")) > str(stats.get("last_archived_time") or "")
+        failing = bool(stats.get("failing"))
         detail = (f"; the server reports archive_command failing for {stats['last_failed_wal']} at "
                   f"{stats['last_failed_time']} (see the server log)" if failing else "")
         report.problems.append(f"segment {segment} did not arrive in {archive.root} within {timeout:.0f}s{detail}")
@@ -259,9 +258,21 @@ def _force_segment(conn: psycopg.Connection, report: ArchiveCheck, archive: WalA
     return read_back
 
 
+#: pg_stat_archiver with its times in UTC ISO 8601, and whether archive_command is failing now (its last failure
+#: newer than its last success), decided by the server on timestamps, not on text in the session's TimeZone.
+_ARCHIVER_SQL = """
+SELECT archived_count, last_archived_wal,
+       to_char(last_archived_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+       failed_count, last_failed_wal,
+       to_char(last_failed_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+       coalesce(last_failed_time > last_archived_time, last_failed_time IS NOT NULL)
+FROM pg_stat_archiver
+"""
+
+
 def archiver_stats(conn: psycopg.Connection) -> dict[str, Any]:
-    row = conn.execute("SELECT archived_count, last_archived_wal, last_archived_time::text, failed_count, "
-                       "last_failed_wal, last_failed_time::text FROM pg_stat_archiver").fetchone()
+    """``pg_stat_archiver``: counts, last archived and failed file and time (UTC ISO 8601), and ``failing``."""
+    row = conn.execute(_ARCHIVER_SQL).fetchone()
     keys = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
-            "last_failed_time")
+            "last_failed_time", "failing")
     return dict(zip(keys, row, strict=True)) if row else {}

@@ -128,7 +128,8 @@ def test_an_earlier_versions_manifest_with_its_verification_inside_still_reads(s
     assert catalog.catalog(storage)[0].verification == verdict
 
 
-def test_records_of_a_pruned_backup_are_orphans_and_unknown_records_are_ignored(storage: MemoryStorage) -> None:
+def test_records_of_a_pruned_backup_are_orphans_and_unknown_records_are_ignored(
+        settings: Settings, storage: MemoryStorage) -> None:
     kept, gone = backup(storage, 1), backup(storage, 2)
     for manifest in (kept, gone):
         catalog.add_record(storage, manifest.id, "drill", {"ok": True})
@@ -137,6 +138,8 @@ def test_records_of_a_pruned_backup_are_orphans_and_unknown_records_are_ignored(
     storage.put_bytes(f"{kept.id}.20260101T000000000000Z-000001.drill.record.json", b"{broken")
     assert catalog.load(storage, kept.id).pitr_drill == {"ok": True}
     assert [catalog.parse_record_key(k)[0] for k in catalog.orphan_records(storage)] == [gone.id]
+    prune(settings, now=NOW, storage=storage)  # keeps both backups, deletes the orphan
+    assert catalog.orphan_records(storage) == [] and catalog.load(storage, kept.id).pitr_drill == {"ok": True}
 
 
 def test_existing_for_day_finds_only_a_complete_dump_of_that_database_and_day(storage: MemoryStorage) -> None:

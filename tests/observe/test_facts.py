@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backup_tasks.observe.facts import CATALOG, SERVER, SERVER_TIMEOUT, WAL_ARCHIVE, WAL_STATE, collect
+from backup_tasks.postgres.connect import connect
 
 if TYPE_CHECKING:
     from tests.support.observe import Scene
@@ -99,4 +100,6 @@ def test_the_server_answers_with_its_archiver_row(scene: Scene, pg_admin: object
     settings = replace(scene.settings, database_url=url_of(pg_admin))  # type: ignore[arg-type]
     facts = collect(settings, storage=scene.storage, archive=scene.archive, now=scene.now)
     assert facts.read_ok(SERVER), facts.problems()
-    assert facts.archiver is not None and facts.archiver.failed_count >= 0
+    with connect(pg_admin) as conn:  # type: ignore[arg-type]
+        row = conn.execute("SELECT archived_count, failed_count FROM pg_stat_archiver").fetchone()
+    assert facts.archiver is not None and (facts.archiver.archived_count, facts.archiver.failed_count) == row

@@ -8,7 +8,7 @@ import pytest
 from celery import Celery
 from celery.schedules import crontab
 
-from backup_tasks.observe.schedule import next_runs, scheduled_runs
+from backup_tasks.observe.schedule import next_runs
 from backup_tasks.settings import Settings
 from backup_tasks.worker.config import beat_schedule
 
@@ -30,9 +30,7 @@ def celery_next(settings: Settings, entry: crontab, now: datetime) -> datetime:
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["defaults", "london"])
 def test_next_runs_agree_with_celery_beat(settings: Settings) -> None:
-    beat = beat_schedule(settings)
-    assert [run.name for run in scheduled_runs(settings)] == list(beat)
-    assert [run.task for run in scheduled_runs(settings)] == [entry["task"] for entry in beat.values()]
+    beat = beat_schedule(settings)  # built from scheduled_runs: the crontabs are what is compared below
     start = datetime(2026, 11, 23, 0, 7, tzinfo=UTC)
     for hours in range(0, 24 * 9, 5):  # every weekday and hour of the day, roughly
         now = start + timedelta(hours=hours)

@@ -292,6 +292,8 @@ def test_restore_pitr_from_the_bucket_alone(s3_env: S3Server, monkeypatch: pytes
         assert "--archive-url" in report["recovery_settings"]["restore_command"]
         assert "recovery_target_time" in report["recovery_settings"]
         assert not list((data_dir / "pg_wal").glob(f"{SPOOL_PREFIX}*"))  # the read-ahead spool was cleaned up
+        verified = run_cli("verify", "--snapshot", "--json", env=cli_env(fresh) | lock.environment())  # bucket WAL
+        assert verified.returncode == 0 and json.loads(verified.stdout)["ok"], (verified.stdout, verified.stderr)
 
         # Worse: someone with the bucket's credentials "deleted" the snapshot's manifest and every archived
         # segment (delete markers in a versioned bucket). --as-of reads the bucket as it was before that.
