@@ -296,6 +296,24 @@ def test_prune_expires_wal_only_before_the_oldest_kept_snapshot(settings: Settin
         "000000010000000000000002.zst", "000000010000000000000003.zst", "00000002.history.zst"]
 
 
+def test_a_snapshot_the_lock_still_holds_keeps_its_wal(settings: Settings) -> None:
+    written = [NOW]
+    storage = MemoryStorage("vault", lock=ObjectLock(days=30), clock=lambda: written[0])
+    archive = settings.wal_archive
+    for name in ("000000010000000000000001", "000000010000000000000002"):
+        (archive / name[:16]).mkdir(parents=True, exist_ok=True)
+        (archive / name[:16] / f"{name}.zst").write_bytes(b"w")
+    written[0] = NOW - timedelta(days=21)
+    held = backup(storage, 21, kind="snapshot", start_segment="000000010000000000000001")
+    for week in range(3):
+        written[0] = NOW - timedelta(days=7 * week)
+        backup(storage, 7 * week, kind="snapshot", start_segment="000000010000000000000002")
+    report = prune(settings, now=NOW, storage=storage)
+    # Expired, but locked for nine more days: it stays restorable, so the WAL it starts from stays too.
+    assert [entry.backup_id for entry in report.locked] == [held.id] and report.wal_deleted == []
+    assert (archive / "0000000100000000" / "000000010000000000000001.zst").exists()
+
+
 # --- health ------------------------------------------------------------------------------------------
 
 def problems(settings: Settings, storage: MemoryStorage) -> list[str]:
