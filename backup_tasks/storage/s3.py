@@ -725,8 +725,8 @@ class S3Storage:
         """When the last Object Lock retention on ``key``'s versions ends, if still ahead; None when none holds it."""
         if not self._deletes_versions():
             return None  # no Object Lock in this bucket: nothing is ever held
-        full_key = self._key(key)
-        return self._locked_until(self._histories([full_key]).get(full_key, []))[0]
+        full_key = self._key(key)  # listed by its own prefix: one small request, whatever the directory holds
+        return self._locked_until([v for v in self._iter_versions(full_key) if v.key == full_key])[0]
 
     def delete(self, key: str) -> None:
         self._refuse_if_past("deleting", key)
