@@ -112,6 +112,11 @@ class Manifest:
         return parse_time(self.started_at)
 
     @property
+    def duration_seconds(self) -> float:
+        """How long taking the backup took (start to finish, as recorded)."""
+        return max(0.0, (parse_time(self.finished_at) - self.started).total_seconds())
+
+    @property
     def verified_ok(self) -> bool:
         return self.verification is not None and self.verification.ok
 

@@ -111,6 +111,7 @@ class ArchiverStats:
     failed_count: int
     last_failed_wal: str | None
     last_failed_at: datetime | None
+    failing: bool  # the last failure is newer than the last success (decided by the server: ``archiver_stats``)
 
 
 @dataclass
@@ -344,7 +345,7 @@ def _read_server(facts: Facts, settings: Settings) -> None:
         archived_count=int(stats.get("archived_count") or 0), last_archived_wal=stats.get("last_archived_wal"),
         last_archived_at=_server_time(stats.get("last_archived_time")),
         failed_count=int(stats.get("failed_count") or 0), last_failed_wal=stats.get("last_failed_wal"),
-        last_failed_at=_server_time(stats.get("last_failed_time")))
+        last_failed_at=_server_time(stats.get("last_failed_time")), failing=bool(stats.get("failing")))
 
 
 def _server_time(text: object) -> datetime | None:

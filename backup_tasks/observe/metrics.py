@@ -98,7 +98,7 @@ def families(facts: Facts) -> list[Metric]:
         add("backups", s.count, *labels)
         add("last_success_timestamp_seconds", _stamp(s.newest.finished_at), *labels)
         add("last_size_bytes", s.newest.size_bytes, *labels)
-        add("last_duration_seconds", max(0.0, _stamp(s.newest.finished_at) - _stamp(s.newest.started_at)), *labels)
+        add("last_duration_seconds", s.newest.duration_seconds, *labels)
         if s.last_verification is not None:
             add("last_verification_success", 1 if s.last_verification.ok else 0, *labels)
             add("last_verification_timestamp_seconds", _stamp(s.last_verification.verified_at), *labels)

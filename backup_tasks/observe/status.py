@@ -60,7 +60,7 @@ def document(facts: Facts, settings: Settings) -> Document:
                 "failed_count": facts.archiver.failed_count,
                 "last_failed_wal": facts.archiver.last_failed_wal,
                 "last_failed_at": _iso(facts.archiver.last_failed_at),
-                "failing": archiver_failing(facts)},
+                "failing": facts.archiver.failing},
         },
         "copy": None if not facts.copy_to else {
             "location": facts.copy_to,
@@ -77,14 +77,6 @@ def document(facts: Facts, settings: Settings) -> Document:
         "sources": [{"name": s.name, "ok": s.ok, "error": s.error} for s in facts.sources],
         "problems": facts.problems(),
     }
-
-
-def archiver_failing(facts: Facts) -> bool:
-    """Whether the server's last archive_command failure is newer than its last success."""
-    a = facts.archiver
-    if a is None or a.last_failed_at is None:
-        return False
-    return a.last_archived_at is None or a.last_failed_at > a.last_archived_at
 
 
 def copy_wal_behind(facts: Facts) -> float | None:
@@ -105,7 +97,7 @@ def _backup(m: Manifest, now: datetime) -> Document:
     out: Document = {
         "id": m.id, "database": m.database, "finished_at": m.finished_at,
         "age_seconds": round((now - finished).total_seconds(), 3), "size_bytes": m.size_bytes,
-        "duration_seconds": round((finished - parse_time(m.started_at)).total_seconds(), 3),
+        "duration_seconds": round(m.duration_seconds, 3),
         "verification": None if v is None else {"ok": v.ok, "verified_at": v.verified_at,
                                                 "duration_seconds": v.duration_seconds, "problems": v.problems}}
     if m.kind == "snapshot":
