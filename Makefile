@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both set everything up first.
-.PHONY: demo test test-quick lint lint-only bench setup
+.PHONY: demo test test-quick lint lint-only bench setup lock
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -25,3 +25,9 @@ lint-only:
 
 bench: setup
 	@.venv/bin/python bench/run.py $(BENCH_ARGS)
+
+# Refresh requirements.lock to the newest releases pyproject.toml's ranges allow (then `make test`).
+lock: setup
+	@.venv/bin/uv pip compile pyproject.toml --extra test --extra dev --python-version 3.11 \
+		--python-platform x86_64-unknown-linux-gnu --generate-hashes --custom-compile-command "make lock" --quiet -o requirements.lock
+	@bash scripts/bootstrap.sh

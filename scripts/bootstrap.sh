@@ -42,11 +42,16 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
   rm -rf .venv
   "$PY" -m venv .venv
 fi
-stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
+# Everything in .venv comes from requirements.lock (exact versions, hashes checked): a release made
+# between two runs cannot change what the tests run against. `make lock` refreshes it on purpose.
+stamp=.venv/.installed-$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  log "installing backup-tasks and its test dependencies into .venv"
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -e '^WARNING: Location' -e '^$' >&2 || true
-  .venv/bin/python -c 'import backup_tasks.cli, celery, psycopg, zstandard, sentry_sdk, flower' 
+  log "installing the locked dependencies (requirements.lock) and backup-tasks into .venv"
+  .venv/bin/python -m pip install -q --require-hashes --no-deps -r requirements.lock 2>&1 \
+    | grep -v -e '^WARNING: Location' -e '^$' >&2 || true
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 \
+    | grep -v -e '^WARNING: Location' -e '^$' >&2 || true
+  .venv/bin/python -m pip check >&2
+  .venv/bin/python -c 'import backup_tasks.cli, celery, psycopg, zstandard, sentry_sdk, flower'
   rm -f .venv/.installed-* && touch "$stamp"
 fi
