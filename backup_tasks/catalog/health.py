@@ -27,7 +27,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.manifest import Manifest, utcnow
+from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.clock import utcnow
 from backup_tasks.errors import BackupError, StorageError
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage

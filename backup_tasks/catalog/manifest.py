@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from backup_tasks.clock import isoformat, parse_time, utcnow  # also the catalog's vocabulary for callers
+from backup_tasks.clock import isoformat, parse_time, utcnow
 from backup_tasks.errors import BackupError, BackupIdTaken, BackupNotFound, ObjectMissing, StorageError
 from backup_tasks.storage.base import Storage
 

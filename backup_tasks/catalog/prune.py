@@ -17,8 +17,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.manifest import Manifest, isoformat, parse_time, record_time, utcnow
+from backup_tasks.catalog.manifest import Manifest, record_time
 from backup_tasks.catalog.retention import Decision, RetentionPolicy, WalExpiry, plan, wal_expiry
+from backup_tasks.clock import isoformat, parse_time, utcnow
 from backup_tasks.errors import ConfigError, ObjectLocked, StorageError
 from backup_tasks.locks import hold
 from backup_tasks.settings import Settings

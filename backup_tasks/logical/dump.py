@@ -18,7 +18,8 @@ import psycopg
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.ids import backup_id_for, dump_key, id_prefix
-from backup_tasks.catalog.manifest import Manifest, existing_for_day, isoformat, utcnow
+from backup_tasks.catalog.manifest import Manifest, existing_for_day
+from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import DumpFailed
 from backup_tasks.locks import Lease, hold

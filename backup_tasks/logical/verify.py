@@ -31,7 +31,8 @@ from typing import Any, TypeVar
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.compare import compare_counts
 from backup_tasks.catalog.keys import identities_for
-from backup_tasks.catalog.manifest import Manifest, Verification, isoformat, utcnow
+from backup_tasks.catalog.manifest import Manifest, Verification
+from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupCorrupt, RestoreFailed, StorageError
 from backup_tasks.logical.restore import check_decryptable, pg_restore_into

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.manifest import Manifest, Verification, parse_time, utcnow
+from backup_tasks.catalog.manifest import Manifest, Verification
+from backup_tasks.clock import parse_time, utcnow
 from backup_tasks.errors import BackupError, ConfigError
 from backup_tasks.physical.plan import SnapshotRange, snapshot_ranges
 from backup_tasks.settings import Settings

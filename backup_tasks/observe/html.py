@@ -12,7 +12,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from html import escape
 
-from backup_tasks.catalog.manifest import Manifest, parse_time
+from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.clock import parse_time
 from backup_tasks.observe.facts import Facts
 from backup_tasks.observe.status import Document
 from backup_tasks.settings import Settings

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from backup_tasks.catalog.manifest import parse_time
+from backup_tasks.clock import parse_time
 from backup_tasks.errors import ConfigError
 from backup_tasks.observe.facts import OWN_SOURCES, SERVER, Facts
 

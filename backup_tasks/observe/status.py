@@ -20,7 +20,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from backup_tasks.catalog.manifest import Manifest, isoformat, parse_time
+from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.clock import isoformat, parse_time
 from backup_tasks.observe.facts import COPY_SOURCE, Facts
 from backup_tasks.observe.schedule import next_runs
 from backup_tasks.progress import human_size

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from backup_tasks.catalog.manifest import isoformat, utcnow
+from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.errors import BackupError, BackupNotFound, ObjectMissing, RestoreFailed, StorageError
 from backup_tasks.physical.plan import (
     RecoveryTarget,

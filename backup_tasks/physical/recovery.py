@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backup_tasks.catalog.manifest import utcnow
+from backup_tasks.clock import utcnow
 from backup_tasks.errors import (
     ConfigError,
     RestoreFailed,

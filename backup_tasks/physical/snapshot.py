@@ -29,7 +29,8 @@ import zstandard
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.ids import backup_id_for, snapshot_keys
-from backup_tasks.catalog.manifest import Manifest, isoformat, utcnow
+from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupError, SnapshotFailed
 from backup_tasks.locks import Lease, hold

@@ -23,7 +23,8 @@ from typing import Any
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.compare import compare_counts
-from backup_tasks.catalog.manifest import Manifest, Verification, isoformat, utcnow
+from backup_tasks.catalog.manifest import Manifest, Verification
+from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import (
     BackupCorrupt,

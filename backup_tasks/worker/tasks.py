@@ -19,9 +19,10 @@ from celery.utils import uuid
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.health import check_health
-from backup_tasks.catalog.manifest import Manifest, utcnow
+from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.catalog.prune import prune as run_prune
 from backup_tasks.catalog.tradingday import parse_day, session_day
+from backup_tasks.clock import utcnow
 from backup_tasks.errors import (
     HealthCheckFailed,
     VerificationFailed,

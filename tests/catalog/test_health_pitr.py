@@ -25,7 +25,8 @@ from backup_tasks.catalog.health import (
     check_health,
     pitr_configured,
 )
-from backup_tasks.catalog.manifest import Manifest, utcnow
+from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.clock import utcnow
 from backup_tasks.errors import HealthCheckFailed
 from backup_tasks.settings import Settings
 from backup_tasks.storage.local import LocalStorage

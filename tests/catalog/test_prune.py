@@ -10,8 +10,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.manifest import isoformat, parse_time
 from backup_tasks.catalog.prune import prune
+from backup_tasks.clock import isoformat, parse_time
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.logical.dump import run_dump
 from backup_tasks.settings import Settings

@@ -17,7 +17,7 @@ import botocore.exceptions
 import pytest
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.manifest import isoformat, parse_time
+from backup_tasks.clock import isoformat, parse_time
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.queries import count_rows

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from backup_tasks.catalog.manifest import Manifest, parse_time, save_new
+from backup_tasks.catalog.manifest import Manifest, save_new
+from backup_tasks.clock import parse_time
 from backup_tasks.postgres.cluster import free_port
 from backup_tasks.storage.locations import open_storage
 from tests.support.data import NOW, dump

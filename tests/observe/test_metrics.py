@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backup_tasks.catalog.manifest import parse_time
+from backup_tasks.clock import parse_time
 from backup_tasks.observe.facts import collect
 from backup_tasks.observe.metrics import METRIC_NAMES, exposition
 from tests.support.paths import BACKUP_TASKS

@@ -13,7 +13,8 @@ from pathlib import Path
 import zstandard
 
 from backup_tasks.catalog.ids import snapshot_keys
-from backup_tasks.catalog.manifest import Manifest, Verification, isoformat, save_new
+from backup_tasks.catalog.manifest import Manifest, Verification, save_new
+from backup_tasks.clock import isoformat
 from backup_tasks.settings import Settings
 from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.locations import open_storage

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from backup_tasks.catalog.manifest import Manifest, Verification, isoformat, save_new
+from backup_tasks.catalog.manifest import Manifest, Verification, save_new
+from backup_tasks.clock import isoformat
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.storage.local import LocalStorage

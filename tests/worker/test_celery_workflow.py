@@ -23,8 +23,9 @@ import redis
 from celery import Celery
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.manifest import Manifest, utcnow
+from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.catalog.tradingday import session_day
+from backup_tasks.clock import utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.locks import hold
 from backup_tasks.logical.dump import dump_lock_name

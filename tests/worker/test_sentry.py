@@ -26,8 +26,8 @@ import pytest
 import redis
 from celery import Celery
 
-from backup_tasks.catalog.manifest import utcnow
 from backup_tasks.catalog.tradingday import session_day
+from backup_tasks.clock import utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import (
     AuthenticationFailed,
