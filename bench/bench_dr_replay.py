@@ -33,23 +33,24 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from support.machine import host_facts
+from support.measure import rotated
+from support.paths import ROOT, work_directory
+from support.processes import cli_env, stop_server
+from support.results import paired_ratios, stamp, write_results
+from support.s3 import MotoProcess, S3Endpoint, moto_process
 
-from bench.bench_offsite import process_cpu_seconds, start_s3  # noqa: E402  (after the path setup)
-
-BUCKET = "bench-offsite"  # start_s3 creates this one
+BUCKET = "bench-dr"
 PREFIX = "prod"
 
 
-def generate(workdir: Path, env: dict[str, str], batches: int, rows: int) -> dict[str, Any]:
+def generate(workdir: Path, batches: int, rows: int) -> dict[str, Any]:
     """Snapshot, then ``batches`` committing inserts; the archive in ``workdir/backups/wal``; the target time."""
     from backup_tasks.physical.snapshot import take_snapshot
     from backup_tasks.postgres.cluster import ThrowawayCluster
@@ -98,12 +99,9 @@ def generate(workdir: Path, env: dict[str, str], batches: int, rows: int) -> dic
     return {"target": target, "segments": len(segments), "archive": str(archive.root)}
 
 
-def upload_archive(archive_root: Path, env: dict[str, str]) -> int:
+def upload_archive(archive_root: Path, endpoint: S3Endpoint) -> int:
     """The local archive into ``s3://BUCKET/PREFIX/wal/<same key>`` (what wal-push --copy-to would have written)."""
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    s3 = endpoint.client()
     files = [p for p in archive_root.rglob("*.zst") if not p.name.startswith(".")]
 
     def put(path: Path) -> None:
@@ -124,19 +122,17 @@ def replay_seconds(log_text: str) -> float | None:
     return round((last - first).total_seconds(), 2)
 
 
-def restore_once(label: str, workdir: Path, backup_dir: str, target: str, env: dict[str, str],
-                 s3_pid: int, round_number: int) -> dict[str, Any]:
+def restore_once(label: str, workdir: Path, backup_dir: str, target: str, moto: MotoProcess,
+                 round_number: int) -> dict[str, Any]:
     data_dir = workdir / f"restored-{label}-{round_number}"
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "WAL_", "CELERY_"))}
-    run_env.pop("DATABASE_URL", None)
-    run_env.update(env, BACKUP_DIR=backup_dir, CELERY_BROKER_URL="memory://")
-    s3_before = process_cpu_seconds(s3_pid)
+    run_env = cli_env(**moto.endpoint.env(), BACKUP_DIR=backup_dir, CELERY_BROKER_URL="memory://")
+    s3_before = moto.cpu_seconds()
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "backup_tasks.cli", "restore-pitr", "--json", "--data-dir",
                              str(data_dir), "--target-time", target, "--start"], env=run_env, capture_output=True,
                             text=True, cwd=ROOT, check=False, timeout=1800)
     seconds = time.perf_counter() - started
-    s3_cpu = process_cpu_seconds(s3_pid) - s3_before
+    s3_cpu = moto.cpu_seconds() - s3_before
     try:
         report = json.loads(result.stdout)
     except ValueError:
@@ -147,10 +143,7 @@ def restore_once(label: str, workdir: Path, backup_dir: str, target: str, env: d
     replayed = log_text.count("restored log file")
     refetched = log_text.count("prefetched copy of")  # spooled objects discarded (damaged/stale/misplaced)
     replay = replay_seconds(log_text)
-    from backup_tasks.postgres.cluster import as_server_user
-
-    subprocess.run([*as_server_user(), "/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data_dir), "-m", "immediate",
-                    "stop"], capture_output=True, check=False, cwd="/")
+    stop_server(data_dir)
     shutil.rmtree(data_dir, ignore_errors=True)
     return {"seconds": round(seconds, 3), "restore_seconds": report["duration_seconds"], "segments": replayed,
             "segments_per_s": round(replayed / seconds, 1), "s3_server_cpu_seconds": round(s3_cpu, 2),
@@ -167,45 +160,36 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="bt-bench-dr-"))
-    os.chmod(workdir, 0o711)  # the postgres OS user runs wal-push / wal-fetch in here
-    s3_proc, env = start_s3(workdir)
-    os.environ.update(env)
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "rounds": args.rounds,
+    results: dict[str, Any] = {"machine": host_facts(), "rounds": args.rounds,
                                "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
-    try:
-        generated = generate(workdir, env, args.batches, args.rows)
-        uploaded = upload_archive(Path(generated["archive"]), env)
+    # The postgres OS user runs wal-push / wal-fetch in the work directory.
+    with work_directory("bt-bench-dr-", mode=0o711) as workdir, moto_process(workdir) as moto:
+        moto.endpoint.create_bucket(BUCKET)
+        os.environ.update(moto.endpoint.env())  # the snapshot (in this process) is copied to the bucket
+        generated = generate(workdir, args.batches, args.rows)
+        uploaded = upload_archive(Path(generated["archive"]), moto.endpoint)
         results.update(generated=generated, uploaded_objects=uploaded)
         runs: dict[str, list[dict[str, Any]]] = {"local": [], "bucket": []}
         variants = (("local", str(workdir / "backups")), ("bucket", f"s3://{BUCKET}/{PREFIX}"))
         for round_number in range(args.rounds):
-            order = variants if round_number % 2 == 0 else variants[::-1]
-            for label, backup_dir in order:
-                run = restore_once(label, workdir, backup_dir, generated["target"], env, s3_proc.pid, round_number)
+            for label, backup_dir in rotated(variants, round_number):
+                run = restore_once(label, workdir, backup_dir, generated["target"], moto, round_number)
                 runs[label].append(run)
                 print(f"round {round_number} {label:6}: {run['seconds']:6.1f}s, {run['segments']} segments, "
                       f"{run['segments_per_s']} segments/s (replay alone {run['replay_seconds']}s: "
                       f"{run['replay_segments_per_s']} segments/s)", file=sys.stderr)
-        ratios = [b["seconds"] / a["seconds"] for a, b in zip(runs["local"], runs["bucket"], strict=True)]
+        ratio, pairs = paired_ratios([r["seconds"] for r in runs["local"]], [r["seconds"] for r in runs["bucket"]])
         results["runs"] = runs
         results["summary"] = {
             label: {"median_seconds": statistics.median(r["seconds"] for r in rs),
                     "median_segments_per_s": statistics.median(r["segments_per_s"] for r in rs),
                     "median_replay_seconds": statistics.median(r["replay_seconds"] or 0 for r in rs),
                     "segments": rs[0]["segments"]} for label, rs in runs.items()}
-        results["ratio_bucket_over_local"] = round(statistics.median(ratios), 3)
-        results["pair_ratios"] = [round(r, 3) for r in ratios]
+        results["ratio_bucket_over_local"] = round(ratio, 3)
+        results["pair_ratios"] = [round(r, 3) for r in pairs]
         results["goal"] = 1.5
         results["ok"] = results["ratio_bucket_over_local"] <= 1.5
-    finally:
-        s3_proc.terminate()
-        s3_proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (out_dir / f"dr-replay-{stamp}.json").write_text(json.dumps(results, indent=2))
+    write_results(f"dr-replay-{stamp()}", {".json": json.dumps(results, indent=2)})
     if args.json:
         print(json.dumps(results, indent=2))
         return

@@ -1,10 +1,11 @@
 """``backup-tasks metrics`` with 84 dumps, 12 snapshots and 100,000 archived segments: under 1 s? What does it read?
 
-The catalog and the WAL archive are the synthetic ones of ``bench_catalog_scale.py`` (its builders are
-imported: tiny data objects, manifests, segments with valid trailers), less the two oldest snapshots
-(so 12 are kept, as ``BACKUP_KEEP_WEEKLY``), plus the archive's state file as wal-push leaves it. The
-same catalog with an empty archive is the comparison. No server (``DATABASE_URL`` unset): its cost is
-one connection and one row of ``pg_stat_archiver``, the same at any archive size.
+The catalog and the WAL archive are the synthetic ones of ``bench_catalog_scale.py`` (from
+``support/synthetic_catalog.py``: tiny data objects, manifests, segments with valid trailers), less the
+two oldest snapshots (so 12 are kept, as ``BACKUP_KEEP_WEEKLY``), plus the archive's state file as
+wal-push leaves it. The same catalog with an empty archive is the comparison. No server
+(``DATABASE_URL`` unset): its cost is one connection and one row of ``pg_stat_archiver``, the same at
+any archive size.
 
 Timed (interleaved rounds, medians):
 
@@ -23,13 +24,12 @@ Results: ``bench/results/metrics-<stamp>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -37,22 +37,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from support.paths import CLI, work_directory
+from support.processes import cli_env, free_port
+from support.results import markdown_table, stamp, write_results
+from support.synthetic_catalog import DUMPS, build_local, catalog_objects, segment_objects
 
-from bench_catalog_scale import DUMPS, build_local, catalog_objects, segment_objects  # noqa: E402
-
-from backup_tasks.catalog.manifest import MANIFEST_SUFFIX, Manifest  # noqa: E402
-from backup_tasks.observe.facts import collect  # noqa: E402
-from backup_tasks.observe.metrics import exposition  # noqa: E402
-from backup_tasks.settings import Settings  # noqa: E402
-from backup_tasks.wal import state  # noqa: E402
-from backup_tasks.wal.archive import WalArchive  # noqa: E402
-from tests.support.s3 import free_port  # noqa: E402
+from backup_tasks.catalog.manifest import MANIFEST_SUFFIX, Manifest
+from backup_tasks.observe.facts import collect
+from backup_tasks.observe.metrics import exposition
+from backup_tasks.settings import Settings
+from backup_tasks.wal import state
+from backup_tasks.wal.archive import WalArchive
 
 KEPT_SNAPSHOTS = 12
-EXE = str(Path(sys.executable).parent / "backup-tasks")
 
 
 def twelve_snapshots(objects: dict[str, bytes]) -> dict[str, bytes]:
@@ -65,7 +62,7 @@ def twelve_snapshots(objects: dict[str, bytes]) -> dict[str, bytes]:
 
 def record_newest(root: Path) -> None:
     """The state file as wal-push leaves it after its last segment."""
-    archive = WalArchive(root / "wal")
+    archive = WalArchive.in_directory(root / "wal")
     names = archive.segment_names()
     if names:
         state.record(archive.root, names[-1], archive.trailer(names[-1]).completed_at, copy_where=None,
@@ -100,6 +97,11 @@ def reads_of_one_scrape(settings: Settings) -> dict[str, Any]:
     return dict(sorted(kinds.items()))
 
 
+def stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    server.wait(timeout=10)
+
+
 def timed(fn: Any) -> float:
     started = time.perf_counter()
     fn()
@@ -112,25 +114,23 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bt-bench-metrics-"))
     result: dict[str, Any] = {"segments": args.segments, "dumps": DUMPS, "snapshots": KEPT_SNAPSHOTS,
                               "rounds": args.rounds, "started": datetime.now(UTC).isoformat(timespec="seconds")}
-    servers: list[subprocess.Popen[bytes]] = []
-    try:
+    with work_directory("bt-bench-metrics-") as work, contextlib.ExitStack() as servers:
         catalog = twelve_snapshots(catalog_objects(args.segments))
         started = time.monotonic()
         for name, segments in (("empty", {}), ("full", segment_objects(args.segments))):
-            build_local(work / name, catalog, segments)
+            build_local(work / name, catalog, segments, args.segments)
             record_newest(work / name)
         result["build_s"] = round(time.monotonic() - started, 1)
         setups = {name: Settings(backup_dir=str(work / name), broker_url="memory://") for name in ("empty", "full")}
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "WAL_", "DATABASE_URL"))}
         ports = {}
         for name, settings in setups.items():
             port = free_port()
-            servers.append(subprocess.Popen([EXE, "metrics", "--listen", f"127.0.0.1:{port}"],
-                                            env={**env, "BACKUP_DIR": settings.backup_dir},
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            server = subprocess.Popen([str(CLI), "metrics", "--listen", f"127.0.0.1:{port}"],
+                                      env=cli_env(BACKUP_DIR=settings.backup_dir),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            servers.callback(stop, server)
             ports[name] = port
         for port in ports.values():  # wait until both serve
             deadline = time.monotonic() + 30
@@ -145,7 +145,7 @@ def main() -> int:
 
         operations = {
             "collect + exposition": lambda s, _p: exposition(collect(s)),
-            "command": lambda s, _p: subprocess.run([EXE, "metrics"], env={**env, "BACKUP_DIR": s.backup_dir},
+            "command": lambda s, _p: subprocess.run([str(CLI), "metrics"], env=cli_env(BACKUP_DIR=s.backup_dir),
                                                     stdout=subprocess.DEVNULL, check=True),
             "HTTP scrape": lambda _s, p: urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=30).read(),
         }
@@ -166,24 +166,15 @@ def main() -> int:
         sample = exposition(collect(setups["full"]))
         result["exposition_lines"] = len(sample.splitlines())
         result["up"] = "backup_tasks_up 1.0" in sample
-    finally:
-        for proc in servers:
-            proc.terminate()
-            proc.wait(timeout=10)
-        shutil.rmtree(work, ignore_errors=True)
 
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    (out / f"metrics-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# backup-tasks metrics: {args.segments} segments, {DUMPS} dumps, {KEPT_SNAPSHOTS} snapshots, "
-             f"{args.rounds} rounds", "", "| setup / operation | median s |", "|---|---:|"]
-    lines += [f"| {k} | {v['median_s']:.4f} |" for k, v in result["timings"].items()]
-    lines += ["", "| ratio full/empty | |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in result["ratios_full_over_empty"].items()]
+             f"{args.rounds} rounds", ""]
+    lines += markdown_table(("setup / operation", "median s"),
+                            ((k, f"{v['median_s']:.4f}") for k, v in result["timings"].items()), "lr")
+    lines += ["", *markdown_table(("ratio full/empty", ""), result["ratios_full_over_empty"].items(), "lr")]
     for name, reads in result["reads_of_one_scrape"].items():
         lines += ["", f"what one scrape reads ({name} archive):", ""] + [f"- {k}: {v}" for k, v in reads.items()]
-    (out / f"metrics-{stamp}.md").write_text("\n".join(lines) + "\n")
+    write_results(f"metrics-{stamp()}", {".json": json.dumps(result, indent=2) + "\n", ".md": "\n".join(lines) + "\n"})
     print("\n".join(lines))
     return 0
 

@@ -10,11 +10,12 @@
 3. The layers alone on a synthetic compressed stream (``--stream-mb``): throughput of the local
    writer, the S3 writer and the age writer, and peak memory of each.
 
-Every variant runs in its own process, A then B, round after round (round 0 only warms up).
-The headline ratio is the median of the per-round B/A ratios, so load from other work on the
-machine hits both sides of each pair; CPU seconds (the process and its pg_dump, plus the S3
-server's for the bucket) and peak RSS (``wait4``) are reported too. The database is created
-once (``bt_bench_offsite_<MB>``, kept for re-runs unless ``--drop``), or given with ``--database-url``.
+Every variant runs in its own process, A then B, round after round (round 0 only warms up). The
+headline ratio is the median of the per-round B/A ratios, so load from other work on the machine hits
+both sides of each pair; CPU seconds (the process and its pg_dump, plus the S3 server's for the
+bucket) and peak RSS (the child's own ``VmHWM``) are reported too. The database is the bench's
+``bt_bench_<MB>`` (``support/databases.py``: generated once, shared with ``run.py``, kept for re-runs
+unless ``--drop``), or given with ``--database-url``.
 
     .venv/bin/python bench/bench_offsite.py --size-mb 1100 --rounds 3
 """
@@ -25,20 +26,23 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# Only what the children need at the top: their peak RSS is a figure of the report, so the
+# orchestration's modules are imported in main().
+from support import MIB
+from support.measure import rss_bytes
 
-MIB = 1 << 20
+if TYPE_CHECKING:
+    from support.s3 import S3Endpoint
+
 BUCKET = "bench-offsite"
 
 
@@ -112,53 +116,26 @@ def child_main(args: argparse.Namespace) -> None:
         result = pipeline(args.database_url, args.target, recipients)
     else:
         result = synthetic(args.target, args.stream_mb, recipients)
+    # Read here, not from wait4 in the parent: a spawned child's ru_maxrss starts at the parent's RSS
+    # (the address space it ran in until exec); VmHWM counts only this process's own memory.
+    _current, peak = rss_bytes(os.getpid())
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # pg_dump
+    result["peak_rss_mib"] = round(max(peak, children) / MIB, 1)
     print(json.dumps(result))
 
 
 # --- orchestration ------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_s3(workdir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    port = free_port()
-    log = open(workdir / "moto.log", "wb")  # noqa: SIM115  (lives as long as the server)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIABENCHBENCHBENCH0",
-           "AWS_SECRET_ACCESS_KEY": "bench-secret-bench-secret-bench-secret-0", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("moto_server did not start") from None
-            time.sleep(0.1)
-    import boto3
-
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                 aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
-    return proc, env
-
-
 def run_child_measured(kind: str, target: str, env: dict[str, str], args: argparse.Namespace,
                        recipient: str = "") -> dict[str, Any]:
-    """One variant in a fresh process; its own peak RSS comes from wait4 (Popen would reap it unseen)."""
+    """One variant in a fresh process (it reports its own peak RSS); its CPU and its children's come from wait4."""
     argv = [sys.executable, __file__, "--child", kind, "--target", target, "--stream-mb", str(args.stream_mb)]
     if args.database_url:
         argv += ["--database-url", args.database_url]
     if recipient:
         argv += ["--recipient", recipient]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        pid = os.posix_spawn(sys.executable, argv, {**os.environ, **env},
+        pid = os.posix_spawn(sys.executable, argv, env,
                              file_actions=[(os.POSIX_SPAWN_DUP2, out.fileno(), 1),
                                            (os.POSIX_SPAWN_DUP2, err.fileno(), 2)])
         _, status, usage = os.wait4(pid, 0)
@@ -167,69 +144,26 @@ def run_child_measured(kind: str, target: str, env: dict[str, str], args: argpar
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"{kind} -> {target} failed:\n{err.read().decode(errors='replace')[-3000:]}")
         result: dict[str, Any] = json.loads(out.read().decode().strip().splitlines()[-1])
-    result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     # CPU of the process and the children it waited for (pg_dump): steadier than wall time on a busy machine.
     result["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
     return result
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """utime + stime of a running process (the S3 server's work counts against the bucket variant)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def clear_target(target: str, env: dict[str, str]) -> None:
+def clear_target(target: str, endpoint: S3Endpoint) -> None:
     if target.startswith("s3://"):
-        import boto3
-
-        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-            for obj in page.get("Contents", []):
-                s3.delete_object(Bucket=BUCKET, Key=obj["Key"])
+        endpoint.empty_bucket(BUCKET)
     else:
         shutil.rmtree(target, ignore_errors=True)
-
-
-def ensure_database(args: argparse.Namespace) -> str:
-    if args.database_url:
-        return str(args.database_url)
-    from backup_tasks.conninfo import ConnInfo
-    from backup_tasks.postgres.connect import connect
-    from backup_tasks.postgres.queries import create_database, database_exists
-    from backup_tasks.postgres.sampledata import generate
-
-    admin = ConnInfo.from_url(args.admin_url)
-    name = f"bt_bench_offsite_{int(args.size_mb)}"
-    with connect(admin) as conn:
-        exists = database_exists(conn, name)
-        if not exists:
-            create_database(conn, name)
-    target = admin.with_dbname(name)
-    if not exists:
-        print(f"generating {args.size_mb:.0f} MB of trading data in {name} (kept for re-runs; --drop removes it)",
-              file=sys.stderr)
-        started = time.perf_counter()
-        try:
-            generate(target, size_mb=args.size_mb)
-        except BaseException:
-            with connect(admin) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            raise
-        print(f"  generated in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    user = f"{admin.user}@" if admin.user else ""
-    return f"postgresql://{user}{admin.host}:{admin.port or 5432}/{name}"
 
 
 def compare(name: str, a_name: str, a: list[dict[str, Any]], b_name: str, b: list[dict[str, Any]],
             target: float) -> dict[str, Any]:
     """Headline: the median of the per-round ratios (A and B ran back to back, so they saw the same load)."""
+    from support.results import paired_ratios
+
     a_med = statistics.median(r["seconds"] for r in a)
     b_med = statistics.median(r["seconds"] for r in b)
-    pairs = [y["seconds"] / x["seconds"] for x, y in zip(a, b, strict=True)]
-    ratio = statistics.median(pairs)
+    ratio, pairs = paired_ratios([r["seconds"] for r in a], [r["seconds"] for r in b])
     cpu_a = statistics.median(r["cpu_seconds"] + r.get("server_cpu_seconds", 0) for r in a)
     cpu_b = statistics.median(r["cpu_seconds"] + r.get("server_cpu_seconds", 0) for r in b)
     return {"comparison": name, a_name: round(a_med, 2), b_name: round(b_med, 2), "ratio": round(ratio, 3),
@@ -244,12 +178,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=float, default=1100, help="benchmark database size (default 1100)")
     parser.add_argument("--database-url", help="dump this database instead of generating one (read only)")
-    parser.add_argument("--admin-url", default=os.environ.get("BACKUP_TASKS_BENCH_PG_URL",
-                                                              "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--admin-url", default=os.environ.get("BACKUP_TASKS_BENCH_PG_URL"),
+                        help="the server's maintenance database (default: env BACKUP_TASKS_BENCH_PG_URL, else "
+                             "the local server's postgres)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stream-mb", type=int, default=512, help="synthetic stream size (0 skips that part)")
     parser.add_argument("--skip-dump", action="store_true", help="only the synthetic layer measurements")
-    parser.add_argument("--drop", action="store_true", help="drop the generated database at the end")
+    parser.add_argument("--drop", action="store_true", help="drop the bench database (bt_bench_<MB>) at the end")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON document")
     parser.add_argument("--child", choices=["dump", "pipeline", "synthetic"], help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
@@ -260,59 +195,66 @@ def main() -> None:
         return
 
     import pyrage
+    from support.databases import SERVER_URL, database_url, drop_bench_database, ensure_database
+    from support.machine import host_facts
+    from support.paths import work_directory
+    from support.processes import cli_env
+    from support.s3 import moto_process
+
+    from backup_tasks.conninfo import ConnInfo
+    from backup_tasks.postgres.connect import connect
 
     recipient = str(pyrage.x25519.Identity.generate().to_public())
-    given_database = bool(args.database_url)
-    workdir = Path(tempfile.mkdtemp(prefix="bt-bench-offsite-", dir=os.environ.get("BENCH_DIR") or None))
-    s3_proc, env = start_s3(workdir)
-    local = str(workdir / "backups")
-    bucket = f"s3://{BUCKET}/nightly"
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-                               "rounds": args.rounds, "comparisons": []}
-    try:
+    server = ConnInfo.from_url(args.admin_url or SERVER_URL, setting="--admin-url")
+    bench_database: str | None = None  # ours (made or reused): --drop removes it
+    results: dict[str, Any] = {"machine": host_facts(), "rounds": args.rounds, "comparisons": []}
+    with work_directory("bt-bench-offsite-", parent=os.environ.get("BENCH_DIR") or None) as workdir, \
+            moto_process(workdir) as moto:
+        endpoint = moto.endpoint
+        endpoint.create_bucket(BUCKET)
+        env = cli_env(**endpoint.env())
+        local = str(workdir / "backups")
+        bucket = f"s3://{BUCKET}/nightly"
         if args.stream_mb:
             runs: dict[str, list[dict[str, Any]]] = {"local": [], "s3": [], "local+age": []}
             for _ in range(args.rounds):
                 for label, target, rcpt in (("local", local, ""), ("s3", bucket, ""), ("local+age", local, recipient)):
                     runs[label].append(run_child_measured("synthetic", target, env, args, rcpt))
-                    clear_target(target, env)
+                    clear_target(target, endpoint)
             for label, rs in runs.items():
                 secs = statistics.median(r["seconds"] for r in rs)
                 results.setdefault("layers", []).append(
                     {"layer": label, "mib": args.stream_mb, "seconds": round(secs, 2),
                      "mib_per_s": round(args.stream_mb / secs, 1), "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)})
         if not args.skip_dump:
-            args.database_url = ensure_database(args)
+            if not args.database_url:
+                with connect(server) as admin:
+                    bench_database = ensure_database(admin, server, int(args.size_mb),
+                                                     say=lambda text: print(text, file=sys.stderr)).name
+                args.database_url = database_url(server, bench_database)
             dumps: dict[str, list[dict[str, Any]]] = {"local": [], "s3": []}
             pipes: dict[str, list[dict[str, Any]]] = {"plain": [], "age": []}
             for round_number in range(args.rounds + 1):  # round 0 warms caches and the S3 server: not counted
                 for label, target in (("local", local), ("s3", bucket)):
-                    server_before = process_cpu_seconds(s3_proc.pid)
+                    server_before = moto.cpu_seconds()
                     result = run_child_measured("dump", target, env, args)
-                    result["server_cpu_seconds"] = round(process_cpu_seconds(s3_proc.pid) - server_before, 3)
+                    result["server_cpu_seconds"] = round(moto.cpu_seconds() - server_before, 3)
                     if round_number:
                         dumps[label].append(result)
-                    clear_target(target, env)
+                    clear_target(target, endpoint)
                 for label, rcpt in (("plain", ""), ("age", recipient)):
                     result = run_child_measured("pipeline", local, env, args, rcpt)
                     if round_number:
                         pipes[label].append(result)
-                    clear_target(local, env)
+                    clear_target(local, endpoint)
             results["database_url"] = args.database_url
             results["comparisons"].append(compare("dump to bucket (loopback) vs local disk", "local", dumps["local"],
                                                   "s3", dumps["s3"], 1.3))
             results["comparisons"].append(compare("dump pipeline with age encryption vs without", "plain",
                                                   pipes["plain"], "age", pipes["age"], 1.15))
-    finally:
-        s3_proc.terminate()
-        s3_proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
-    if args.drop and not given_database:
-        from backup_tasks.conninfo import ConnInfo
-        from backup_tasks.postgres.connect import connect
-
-        with connect(ConnInfo.from_url(args.admin_url)) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "bt_bench_offsite_{int(args.size_mb)}"')
+    if args.drop and bench_database:
+        with connect(server) as admin:
+            drop_bench_database(admin, bench_database)
     if args.json:
         print(json.dumps(results, indent=2))
         return

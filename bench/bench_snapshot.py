@@ -25,78 +25,45 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT))
+from support import MIB
+from support.machine import host_facts
+from support.measure import CLOCK_TICKS, all_stats, system_busy_seconds, wait_for_quiet
+from support.paths import work_directory
+from support.processes import cli_env, stop_server
+from support.results import markdown_table, stamp, write_results
 
-from backup_tasks.catalog import manifest as catalog  # noqa: E402
-from backup_tasks.postgres.cluster import ThrowawayCluster, as_server_user  # noqa: E402
-from backup_tasks.postgres.connect import connect  # noqa: E402
-from backup_tasks.postgres.sampledata import generate, signals_for_size  # noqa: E402
-from backup_tasks.postgres.servercmd import archive_command, server_command  # noqa: E402
-from backup_tasks.postgres.tools import find_tool  # noqa: E402
-from backup_tasks.settings import Settings  # noqa: E402
-from backup_tasks.storage.locations import open_storage  # noqa: E402
-from backup_tasks.wal.archive import WalArchive  # noqa: E402
-from backup_tasks.wal.setup import prepare_archive  # noqa: E402
+from backup_tasks.catalog import manifest as catalog
+from backup_tasks.postgres.cluster import ThrowawayCluster
+from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.sampledata import generate, signals_for_size
+from backup_tasks.postgres.servercmd import archive_command, server_command
+from backup_tasks.postgres.tools import find_tool
+from backup_tasks.settings import Settings
+from backup_tasks.storage.locations import open_storage
+from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.setup import prepare_archive
 
 TARGET_SNAPSHOT_VS_BASEBACKUP = 1.2
 TARGET_WAL_PUSH_PER_SECOND = 10.0
 QUIET_CORES = 0.25  # a run counts as undisturbed when other processes used at most this many cores during it
-MIB = 1 << 20
 LAST_CPU = [0.0]
-
-
-def busy_cores(window: float = 1.0) -> float:
-    def busy() -> float:
-        with open("/proc/stat") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-        return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-    before = busy()
-    time.sleep(window)
-    return (busy() - before) / window
-
-
-def _stat_ticks(pid: int) -> tuple[int, int]:
-    """(ppid, utime+stime+cutime+cstime) of a process, in clock ticks."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return int(fields[1]), sum(int(v) for v in fields[11:15])
 
 
 def cluster_cpu_seconds(cluster: ThrowawayCluster) -> float:
     """CPU used so far by a cluster's postmaster and its processes, exited ones (reaped: cutime) included."""
     postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
-    total = _stat_ticks(postmaster)[1]
-    for name in os.listdir("/proc"):
-        if name.isdigit() and int(name) != postmaster:
-            try:
-                ppid, ticks = _stat_ticks(int(name))
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == postmaster:
-                total += ticks
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def system_busy_seconds() -> float:
-    with open("/proc/stat") as fh:
-        values = [int(v) for v in fh.readline().split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+    return sum(stat.cpu_ticks + stat.children_ticks for stat in all_stats().values()
+               if postmaster in (stat.pid, stat.ppid)) / CLOCK_TICKS
 
 
 def measured(argv: list[str], cluster: ThrowawayCluster, **kwargs: Any) -> dict[str, float]:
@@ -107,14 +74,6 @@ def measured(argv: list[str], cluster: ThrowawayCluster, **kwargs: Any) -> dict[
     client = LAST_CPU[0]
     return {"wall": round(wall, 3), "client_cpu": round(client, 2), "server_cpu": round(server, 2),
             "foreign_cores": round(max(0.0, busy - client - server) / wall, 2)}
-
-
-def settle(max_cores: float, timeout: float) -> float:
-    """Wait (bounded) for other people's work on this machine to calm down; return the seconds waited."""
-    began = time.monotonic()
-    while time.monotonic() - began < timeout and busy_cores() > max_cores:
-        pass
-    return round(time.monotonic() - began, 1)
 
 
 def client_cpu() -> float:
@@ -136,11 +95,9 @@ def timed(argv: list[str], *, env: dict[str, str] | None = None, stdout: Any = s
     return elapsed
 
 
-def cli_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUP_", "CELERY_", "SENTRY_", "WAL_", "PG"))}
-    env.update({"BACKUP_DIR": settings.backup_dir, "DATABASE_URL": str(settings.database_url),
-                "CELERY_BROKER_URL": "memory://"})
-    return env
+def cli_env_for(settings: Settings) -> dict[str, str]:
+    return cli_env(BACKUP_DIR=settings.backup_dir, DATABASE_URL=str(settings.database_url),
+                   CELERY_BROKER_URL="memory://")
 
 
 def main() -> int:
@@ -153,43 +110,40 @@ def main() -> int:
     parser.add_argument("--skip-seed", action="store_true", help="skip the seed's plain dump + gzip")
     args = parser.parse_args()
 
-    base = Path(tempfile.mkdtemp(prefix="bt-bench-snapshot-"))
-    os.chmod(base, 0o711)
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                           "python": platform.python_version()},
-                               "size_mb_requested": args.size_mb, "rounds": args.rounds}
-    settings = Settings(backup_dir=str(base / "backups"), broker_url="memory://", lock_url=None)
-    archive, _notes = prepare_archive(settings)
-    command = server_command(base / "tool")
-    source = ThrowawayCluster(settings={
-        "wal_level": "replica", "max_wal_senders": "4", "archive_mode": "on", "archive_timeout": "0",
-        "archive_command": shlex.quote(archive_command(command, archive.root)), "max_wal_size": "1GB"})
-    try:
-        source.start()
-        settings = Settings(backup_dir=str(base / "backups"), broker_url="memory://", lock_url=None,
-                            database_url=source.url("aitrapp"))
-        with connect(source.conninfo()) as conn:
-            conn.execute("CREATE DATABASE aitrapp")
-        print(f"generating ~{args.size_mb:.0f} MB of trading data (archived through wal-push as it is written)...",
-              flush=True)
-        began = time.perf_counter()
-        generate(source.conninfo("aitrapp"), signals=signals_for_size(args.size_mb))
-        with connect(source.conninfo("aitrapp")) as conn:
-            conn.execute("CHECKPOINT")
-            db_bytes = int(conn.execute("SELECT pg_database_size('aitrapp')").fetchone()[0])
-            conn.execute("SELECT pg_switch_wal()")
-        results["database_bytes"] = db_bytes
-        results["generate_seconds"] = round(time.perf_counter() - began, 1)
-        wait_for_archive(source, archive)
-        results["snapshot"] = bench_snapshots(args, source, settings, base)
-        results["wal_push"] = bench_wal_push(args, archive, command, base)
-        results["rto"] = bench_rto(args, source, settings, archive, base)
-    finally:
-        source.cleanup()
-        for leftover in base.glob("rto-*"):
-            stop_server(leftover)
-        shutil.rmtree(base, ignore_errors=True)
-    write_results(results)
+    results: dict[str, Any] = {"machine": host_facts(), "size_mb_requested": args.size_mb, "rounds": args.rounds}
+    # The postgres OS user runs wal-push, and the restored server, in the work directory.
+    with work_directory("bt-bench-snapshot-", mode=0o711) as base:
+        settings = Settings(backup_dir=str(base / "backups"), broker_url="memory://", lock_url=None)
+        archive, _notes = prepare_archive(settings)
+        command = server_command(base / "tool")
+        source = ThrowawayCluster(settings={
+            "wal_level": "replica", "max_wal_senders": "4", "archive_mode": "on", "archive_timeout": "0",
+            "archive_command": shlex.quote(archive_command(command, archive.root)), "max_wal_size": "1GB"})
+        try:
+            source.start()
+            settings = Settings(backup_dir=str(base / "backups"), broker_url="memory://", lock_url=None,
+                                database_url=source.url("aitrapp"))
+            with connect(source.conninfo()) as conn:
+                conn.execute("CREATE DATABASE aitrapp")
+            print(f"generating ~{args.size_mb:.0f} MB of trading data (archived through wal-push as it is "
+                  f"written)...", flush=True)
+            began = time.perf_counter()
+            generate(source.conninfo("aitrapp"), signals=signals_for_size(args.size_mb))
+            with connect(source.conninfo("aitrapp")) as conn:
+                conn.execute("CHECKPOINT")
+                db_bytes = int(conn.execute("SELECT pg_database_size('aitrapp')").fetchone()[0])
+                conn.execute("SELECT pg_switch_wal()")
+            results["database_bytes"] = db_bytes
+            results["generate_seconds"] = round(time.perf_counter() - began, 1)
+            wait_for_archive(source, archive)
+            results["snapshot"] = bench_snapshots(args, source, settings, base)
+            results["wal_push"] = bench_wal_push(args, archive, command, base)
+            results["rto"] = bench_rto(args, source, settings, archive, base)
+        finally:
+            source.cleanup()
+            for leftover in base.glob("rto-*"):
+                stop_server(leftover)
+    report(results)
     return 0
 
 
@@ -209,14 +163,14 @@ def bench_snapshots(args: argparse.Namespace, source: ThrowawayCluster, settings
                     base: Path) -> dict[str, Any]:
     pg_basebackup = find_tool("pg_basebackup").path
     cli = [sys.executable, "-m", "backup_tasks.cli", "snapshot", "--json"]
-    env = cli_env(settings)
+    env = cli_env_for(settings)
     storage = open_storage(settings.backup_dir)
     runs: dict[str, list[dict[str, float]]] = {"ours": [], "pg_basebackup": []}
     sizes: dict[str, int] = {}
     for round_number in range(args.rounds):
         order = ("pg_basebackup", "ours") if round_number % 2 == 0 else ("ours", "pg_basebackup")
         for which in order:
-            settle(args.settle_cores, args.settle_timeout)
+            wait_for_quiet(max_cores=args.settle_cores, timeout=args.settle_timeout)
             if which == "pg_basebackup":
                 target = base / f"basebackup-{round_number}"
                 runs[which].append(measured([str(pg_basebackup), "-h", "127.0.0.1", "-p", str(source.port), "-U",
@@ -251,7 +205,7 @@ def bench_snapshots(args: argparse.Namespace, source: ThrowawayCluster, settings
     if not args.skip_seed:
         pg_dump = find_tool("pg_dump").path
         plain = base / "aitrapp_snapshot.sql"
-        settle(args.settle_cores, args.settle_timeout)
+        wait_for_quiet(max_cores=args.settle_cores, timeout=args.settle_timeout)
         seed = timed([f"{shlex.quote(str(pg_dump))} -h 127.0.0.1 -p {source.port} -U postgres "
                       f"--format=plain aitrapp > {shlex.quote(str(plain))} && gzip {shlex.quote(str(plain))}"],
                      shell=True)
@@ -280,7 +234,7 @@ def bench_wal_push(args: argparse.Namespace, archive: WalArchive, command: list[
     for label in labels:
         target = base / f"archive-{label}"
         target.mkdir()
-        settle(args.settle_cores, args.settle_timeout)
+        wait_for_quiet(max_cores=args.settle_cores, timeout=args.settle_timeout)
         began = time.perf_counter()
         for name in names:
             source = str(pg_wal / name)
@@ -319,12 +273,6 @@ def bench_wal_push(args: argparse.Namespace, archive: WalArchive, command: list[
     return result
 
 
-def stop_server(data_dir: Path) -> None:
-    if (data_dir / "postmaster.pid").exists():
-        subprocess.run([*as_server_user(), str(find_tool("pg_ctl").path), "-D", str(data_dir), "-m", "immediate",
-                        "stop"], capture_output=True, check=False, cwd="/")
-
-
 def bench_rto(args: argparse.Namespace, source: ThrowawayCluster, settings: Settings, archive: WalArchive,
               base: Path) -> dict[str, Any]:
     """A day of trading after the newest snapshot, then restore the cluster to a moment within it."""
@@ -337,11 +285,11 @@ def bench_rto(args: argparse.Namespace, source: ThrowawayCluster, settings: Sett
                      "'bench', 'after ' || g FROM generate_series(1, 50000) g")
     wait_for_archive(source, archive)
     data_dir = base / "rto-restored"
-    settle(args.settle_cores, args.settle_timeout)
+    wait_for_quiet(max_cores=args.settle_cores, timeout=args.settle_timeout)
     began = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "backup_tasks.cli", "restore-pitr", "--json", "--target-time",
                              noted, "--data-dir", str(data_dir), "--start"], capture_output=True, text=True,
-                            env=cli_env(settings), check=False)
+                            env=cli_env_for(settings), check=False)
     rto = time.perf_counter() - began
     report = json.loads(result.stdout) if result.stdout.strip() else {"error": result.stderr}
     try:
@@ -361,10 +309,9 @@ def bench_rto(args: argparse.Namespace, source: ThrowawayCluster, settings: Sett
     return out
 
 
-def write_results(results: dict[str, Any]) -> None:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out_dir = BENCH_DIR / "results"
-    out_dir.mkdir(exist_ok=True)
+def report(results: dict[str, Any]) -> None:
+    """The table on stdout, and ``bench/results/snapshot-<stamp>.json`` and ``.md``."""
+    when = stamp()
     snap, wal, rto = results["snapshot"], results["wal_push"], results["rto"]
     rows = [
         ("database size", f"{results['database_bytes'] / MIB:.0f} MiB", ""),
@@ -393,11 +340,11 @@ def write_results(results: dict[str, Any]) -> None:
     width = max(len(r[0]) for r in rows)
     table = "\n".join(f"{a:<{width}}  {b:>18}  {c}" for a, b, c in rows)
     print("\n" + table)
-    markdown = ["| measurement | result | note |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    (out_dir / f"snapshot-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / f"snapshot-{stamp}.md").write_text(
-        f"# Snapshot / WAL / PITR benchmark {stamp}\n\nMachine: {results['machine']}\n\n" + "\n".join(markdown) + "\n")
-    print(f"\nwritten: bench/results/snapshot-{stamp}.json and .md")
+    markdown = [f"# Snapshot / WAL / PITR benchmark {when}", "", f"Machine: {results['machine']}", "",
+                *markdown_table(("measurement", "result", "note"), rows), ""]
+    written = write_results(f"snapshot-{when}", {".json": json.dumps(results, indent=2) + "\n",
+                                                 ".md": "\n".join(markdown)})
+    print(f"\nwritten: {written}.json and .md")
 
 
 if __name__ == "__main__":

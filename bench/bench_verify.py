@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Verify against the restore floor: how much does ``verify_backup`` add to a bare ``pg_restore``?
 
-One dump of a generated trading database (default ``bt_bench_1100``, created with the same helper
-as ``run.py`` when missing) is taken with ``run_dump`` into a temporary BACKUP_DIR. Then, in
+One dump of a generated trading database (default ``bt_bench_1100``, shared with ``run.py`` and made
+when missing: ``support/databases.py``) is taken with ``run_dump`` into a temporary BACKUP_DIR. Then, in
 interleaved rounds (the order alternates, each run starts on a quiet machine):
 
 * ``floor``   a throwaway cluster is started and a database created (not timed), then
@@ -22,32 +22,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-sys.path[:0] = [str(ROOT), str(BENCH_DIR)]
+from support.databases import SERVER_URL, database_url, ensure_database
+from support.measure import wait_for_quiet
+from support.paths import work_directory
 
-from measure import wait_for_quiet  # noqa: E402
-from run import ensure_database  # noqa: E402
-
-from backup_tasks.catalog.manifest import Manifest  # noqa: E402
-from backup_tasks.conninfo import ConnInfo  # noqa: E402
-from backup_tasks.logical.dump import run_dump  # noqa: E402
-from backup_tasks.logical.verify import verify_backup  # noqa: E402
-from backup_tasks.postgres.cluster import ThrowawayCluster  # noqa: E402
-from backup_tasks.postgres.connect import connect  # noqa: E402
-from backup_tasks.postgres.queries import create_database  # noqa: E402
-from backup_tasks.postgres.tools import find_tool, tool_env  # noqa: E402
-from backup_tasks.settings import Settings  # noqa: E402
+from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.conninfo import ConnInfo
+from backup_tasks.logical.dump import run_dump
+from backup_tasks.logical.verify import verify_backup
+from backup_tasks.postgres.cluster import ThrowawayCluster
+from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.queries import create_database
+from backup_tasks.postgres.tools import find_tool, tool_env
+from backup_tasks.settings import Settings
 
 
 def time_floor(archive: Path, work: Path) -> dict[str, Any]:
@@ -91,8 +85,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=1100, help="the bt_bench_<MB> database (default 1100)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--server-url", default=os.environ.get("BENCH_SERVER_URL",
-                                                               "postgresql://postgres@127.0.0.1:5432/postgres"))
+    parser.add_argument("--server-url", default=os.environ.get("BENCH_SERVER_URL", SERVER_URL))
     parser.add_argument("--settle-cores", type=float, default=0.35)
     parser.add_argument("--settle-timeout", type=float, default=30.0)
     parser.add_argument("--json", type=Path, help="write the runs and medians here")
@@ -105,11 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with connect(server) as admin:
         database = ensure_database(admin, server, args.size_mb, regenerate=False, say=print)
     # Under /tmp (not a 0700 pytest-style directory): the throwaway clusters run as the postgres user.
-    work = Path(tempfile.mkdtemp(prefix="bt-bench-verify-", dir="/tmp"))
-    os.chmod(work, 0o755)
-    try:
-        settings = Settings(database_url=f"postgresql://{server.user}@{server.host}:{server.port}/{database.name}",
-                            backup_dir=str(work / "backups"), broker_url="memory://", lock_url=None)
+    with work_directory("bt-bench-verify-", parent="/tmp") as work:
+        settings = Settings(database_url=database_url(server, database.name), backup_dir=str(work / "backups"),
+                            broker_url="memory://", lock_url=None)
         manifest, _ = run_dump(settings)
         archive = Path(settings.backup_dir) / manifest.path
         print(f"{database.name}: {database.size_bytes / 1e6:.0f} MB, archive {manifest.size_bytes / 1e6:.0f} MB")
@@ -130,8 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "archive_bytes": manifest.size_bytes, "runs": runs,
                                              "median_floor": floor, "median_verify": verify,
                                              "ratio": verify / floor}, indent=2))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

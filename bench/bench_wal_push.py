@@ -28,26 +28,21 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = Path(sys.executable).parent / "backup-tasks"
-MIB = 1 << 20
+from support import MIB
+from support.machine import host_facts
+from support.measure import rotated
+from support.paths import CLI, work_directory
+from support.processes import cli_env
+from support.results import paired_ratios, stamp, write_results
+from support.s3 import MotoProcess, moto_process
+
 SEGMENT_BYTES = 16 * MIB
 GOAL = 10.0
-
-sys.path.insert(0, str(ROOT))
-from bench.bench_offsite import BUCKET, start_s3  # noqa: E402  (one moto server start for every bench)
-
-
-def s3_client(env: dict[str, str]) -> Any:
-    import boto3
-
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+BUCKET = "bench-wal"
 
 
 def make_segments(directory: Path, count: int) -> list[str]:
@@ -67,8 +62,8 @@ def make_segments(directory: Path, count: int) -> list[str]:
     return names
 
 
-def one_run(variant: str, names: list[str], template: Path, workdir: Path, env: dict[str, str],
-            s3_proc: subprocess.Popen[bytes] | None, label: str) -> dict[str, Any]:
+def one_run(variant: str, names: list[str], template: Path, workdir: Path, moto: MotoProcess,
+            label: str) -> dict[str, Any]:
     """Push ``names`` as PostgreSQL's archiver would; wall time, and the S3 server's CPU during it."""
     run_dir = workdir / label
     pg_wal = run_dir / "pg_wal"
@@ -80,35 +75,30 @@ def one_run(variant: str, names: list[str], template: Path, workdir: Path, env: 
             (status / f"{name}.ready").touch()
     archive = run_dir / "archive"
     copy_args = ["--copy-to", f"s3://{BUCKET}/{label}"] if variant != "local" else []
-    server_before = process_cpu_seconds(s3_proc.pid) if s3_proc else 0.0
-    run_env = {**os.environ, **env}
+    server_before = moto.cpu_seconds()
+    run_env = cli_env(**moto.endpoint.env())
     began = time.perf_counter()
     slowest = 0.0
     for name in names:
         if variant == "s3-one-by-one":
             (status / f"{name}.ready").touch()
         started = time.perf_counter()
-        result = subprocess.run([str(SCRIPT), "wal-push", "--archive-dir", str(archive), *copy_args,
+        result = subprocess.run([str(CLI), "wal-push", "--archive-dir", str(archive), *copy_args,
                                  str(pg_wal / name)], env=run_env, capture_output=True, text=True, check=False)
         slowest = max(slowest, time.perf_counter() - started)
         if result.returncode != 0:
             raise SystemExit(f"{variant}: wal-push {name} failed ({result.returncode}): {result.stderr}")
         os.rename(status / f"{name}.ready", status / f"{name}.done")
     seconds = time.perf_counter() - began
-    server_cpu = process_cpu_seconds(s3_proc.pid) - server_before if s3_proc else 0.0
+    server_cpu = moto.cpu_seconds() - server_before if variant != "local" else 0.0
     if variant != "local":
-        listed = s3_client(env).list_objects_v2(Bucket=BUCKET, Prefix=f"{label}/wal/").get("KeyCount", 0)
+        listed = moto.endpoint.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{label}/wal/").get("KeyCount", 0)
         if listed != len(names):
             raise SystemExit(f"{variant}: {listed} of {len(names)} segments are in the copy")
     shutil.rmtree(run_dir)
     return {"variant": variant, "segments": len(names), "seconds": round(seconds, 3),
             "segments_per_s": round(len(names) / seconds, 2), "slowest_call_s": round(slowest, 3),
             "s3_server_cpu_s": round(server_cpu, 2)}
-
-
-def process_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -119,40 +109,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="bt-bench-walpush-", dir=os.environ.get("BENCH_DIR") or None))
-    s3_proc, env = start_s3(workdir)
     runs: dict[str, list[dict[str, Any]]] = {"local": [], "s3": [], "s3-one-by-one": []}
-    try:
+    with work_directory("bt-bench-walpush-", parent=os.environ.get("BENCH_DIR") or None) as workdir, \
+            moto_process(workdir) as moto:
+        moto.endpoint.create_bucket(BUCKET)
         names = make_segments(workdir / "template", args.segments)
         variants = ["local", "s3"] + (["s3-one-by-one"] if args.baseline_segments else [])
         for round_number in range(args.rounds + 1):  # round 0 warms the page cache and the S3 server
-            order = variants[round_number % len(variants):] + variants[:round_number % len(variants)]
-            for variant in order:
+            for variant in rotated(variants, round_number):
                 subset = names[:args.baseline_segments] if variant == "s3-one-by-one" else names
-                result = one_run(variant, subset, workdir / "template", workdir, env,
-                                 s3_proc if variant != "local" else None, f"r{round_number}-{variant}")
+                result = one_run(variant, subset, workdir / "template", workdir, moto, f"r{round_number}-{variant}")
                 if round_number:
                     runs[variant].append(result)
                 print(f"round {round_number} {variant:14} {result['segments_per_s']:6.2f} segments/s "
                       f"({result['segments']} in {result['seconds']:.2f}s, slowest call {result['slowest_call_s']}s)"
                       + ("" if round_number else "  [warm-up]"), file=sys.stderr)
-    finally:
-        s3_proc.terminate()
-        s3_proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
-    summary: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    summary: dict[str, Any] = {"machine": host_facts(),
                                "segments": args.segments, "rounds": args.rounds, "goal_s3_segments_per_s": GOAL,
                                "runs": runs, "medians": {}}
     for variant, results in runs.items():
         if results:
             summary["medians"][variant] = statistics.median(r["segments_per_s"] for r in results)
     medians = summary["medians"]
-    pairs = [s["segments_per_s"] / loc["segments_per_s"] for loc, s in zip(runs["local"], runs["s3"], strict=True)]
-    summary["s3_vs_local_ratio"] = round(statistics.median(pairs), 3)
+    local, s3 = ([r["segments_per_s"] for r in runs[variant]] for variant in ("local", "s3"))
+    ratio, _pairs = paired_ratios(local, s3)
+    summary["s3_vs_local_ratio"] = round(ratio, 3)
     summary["goal_met"] = medians["s3"] >= GOAL
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(exist_ok=True)
-    (results_dir / f"wal_push_{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(json.dumps(summary, indent=2))
+    write_results(f"wal_push_{stamp()}", {".json": json.dumps(summary, indent=2)})
     if args.json:
         print(json.dumps(summary, indent=2))
         return

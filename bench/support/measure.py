@@ -15,6 +15,9 @@ Everything comes from ``/proc`` (Linux only), sampled by a background thread:
   sampled, so it can miss the last ``interval`` of a process that exits;
 * system-wide busy time (``/proc/stat``) minus all of the above is "foreign" CPU: other users of
   the machine (and the sampler itself). It tells a clean run from a disturbed one.
+
+Also here: ``wait_for_quiet`` (start a run on a quiet machine), ``rotated`` (the order of a round) and
+``process_cpu_seconds`` (the CPU a running process, e.g. an S3 server, has used so far).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -65,6 +71,14 @@ def all_stats() -> dict[int, ProcStat]:
             if found is not None:
                 stats[found.pid] = found
     return stats
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a running process so far (a server's work, read before and after a run)."""
+    stat = read_stat(pid)
+    if stat is None:
+        raise ProcessLookupError(f"no process {pid}")
+    return stat.cpu_ticks / CLOCK_TICKS
 
 
 def read_cmdline(pid: int) -> str:
@@ -287,11 +301,20 @@ def wait_for_quiet(*, max_cores: float, window: float = 1.0, timeout: float = 30
     """Wait (up to ``timeout``) until the machine's busy CPU over ``window`` seconds is below ``max_cores``.
 
     Other people's work on the same cores distorts timings; starting each run on a quiet machine
-    makes the medians comparable. Returns the seconds waited.
+    makes the medians comparable. Returns the seconds waited; a ``timeout`` of 0 or less does not wait.
     """
+    if timeout <= 0:
+        return 0.0
     started = time.monotonic()
     while True:
         before = system_busy_seconds()
         time.sleep(window)
         if (system_busy_seconds() - before) / window < max_cores or time.monotonic() - started > timeout:
             return time.monotonic() - started
+
+
+def rotated(items: Sequence[T], by: int) -> list[T]:
+    """``items`` starting at ``by`` (modulo their number): round ``by``'s order, so that no variant always
+    runs first (on a cold cache) or right after the same neighbour."""
+    by %= len(items)
+    return [*items[by:], *items[:by]]
