@@ -29,6 +29,7 @@ from backup_tasks.errors import (
     StorageReadOnly,
 )
 from backup_tasks.settings import Settings
+from backup_tasks.storage.base import Features
 from backup_tasks.storage.integrity import PROBE_KEY, probe
 from backup_tasks.storage.locations import open_locations, open_storage
 from backup_tasks.storage.memory import MemoryStorage
@@ -217,9 +218,8 @@ def test_every_locked_write_carries_its_retention_and_a_content_md5(locked_bucke
 
 def test_a_locked_multipart_upload_sends_content_md5_with_every_part_and_ends_locked(
         locked_bucket_url: str, s3_env: S3Server) -> None:
-    storage = open_storage(locked_bucket_url)
-    assert isinstance(storage, S3Storage)
-    storage.options = S3Options(part_size=5 * MIB)
+    # As open_storage opens it (the lock from the environment), with S3's smallest parts.
+    storage = S3Storage.from_url(locked_bucket_url, S3Options(part_size=5 * MIB), lock=object_lock_from_env(os.environ))
     creates = record_headers(storage, "CreateMultipartUpload")
     parts = record_headers(storage, "UploadPart")
     written = datetime.now(UTC)
@@ -374,6 +374,29 @@ def test_as_of_reads_what_was_there_before_delete_markers_and_overwrites(
         assert raised.value.exit_code == 2
 
 
+def test_features_are_asked_of_the_bucket_once_at_first_use_never_when_it_is_opened(
+        locked_bucket_url: str, s3_env: S3Server) -> None:
+    requests: list[str] = []
+
+    def counted(storage: S3Storage) -> S3Storage:
+        storage.client.meta.events.register("before-call.s3", lambda model, **_: requests.append(model.name))
+        return storage
+
+    plain = counted(S3Storage.from_url(f"s3://{s3_env.new_bucket()}/p"))
+    assert requests == []
+    assert plain.features == plain.features == Features(read_only=False, object_lock=False, versioned=False)
+    assert requests == ["GetObjectLockConfiguration", "GetBucketVersioning"]  # each once
+    versioned = S3Storage.from_url(f"s3://{s3_env.new_bucket(versioning=True)}/p")
+    assert versioned.features == Features(versioned=True)
+    requests.clear()
+    locked = open_storage(locked_bucket_url)
+    assert isinstance(locked, S3Storage)
+    assert counted(locked).features == Features(object_lock=True, versioned=True)
+    assert requests == ["GetObjectLockConfiguration"]  # Object Lock is only ever on with versioning
+    then = open_storage(locked_bucket_url, as_of=datetime.now(UTC))
+    assert then.features == Features(read_only=True, object_lock=True, versioned=True)
+
+
 def test_as_of_on_a_bucket_that_never_kept_versions_is_a_config_error(bucket_url: str) -> None:
     open_storage(bucket_url).put_bytes("a.dump.zst", b"a")
     with pytest.raises(ConfigError, match="never had versioning enabled"):
@@ -399,18 +422,17 @@ def use(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
 
 def abandoned_upload(storage: S3Storage, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A multipart upload left by a run that died long ago (its start moved back past LIVE_UPLOAD_SECONDS)."""
-    from backup_tasks.storage import s3 as s3_driver
+    from backup_tasks.storage.s3 import uploads as s3_uploads
 
     writer = storage.writer(key)
     writer.write(os.urandom(6 * MIB))
     for future in list(writer._pending):
         future.result()
-    with s3_driver._live_lock:
-        s3_driver._live_uploads.discard(str(writer._upload_id))
+    s3_uploads.LIVE_UPLOADS.discard(str(writer._upload_id))
     writer._closed = True  # never committed nor aborted, as when the process is killed
     if writer._pool is not None:
         writer._pool.shutdown(wait=True)
-    monkeypatch.setattr(s3_driver, "LIVE_UPLOAD_SECONDS", -1)
+    monkeypatch.setattr(s3_uploads, "LIVE_UPLOAD_SECONDS", -1)
 
 
 def test_append_only_credentials_take_a_backup_and_their_refused_cleanup_is_only_a_warning(
@@ -418,9 +440,8 @@ def test_append_only_credentials_take_a_backup_and_their_refused_cleanup_is_only
         caplog: pytest.LogCaptureFixture) -> None:
     bucket = S3Location.parse(locked_bucket_url).bucket
     use(monkeypatch, s3_env.new_user(bucket, APPEND_ONLY))
-    storage = open_storage(locked_bucket_url)
-    assert isinstance(storage, S3Storage)
-    storage.options = S3Options(part_size=5 * MIB)
+    # As open_storage opens it (the lock from the environment), with S3's smallest parts.
+    storage = S3Storage.from_url(locked_bucket_url, S3Options(part_size=5 * MIB), lock=object_lock_from_env(os.environ))
     abandoned_upload(storage, "aitrapp-dump-old.dump.zst", monkeypatch)
     with caplog.at_level(logging.WARNING):
         # What a dump does: clear what dead runs left, stream the dump, record its manifest create-only.

@@ -17,11 +17,10 @@ import pytest
 
 from backup_tasks.errors import BucketMissing, ConfigError, ObjectMissing, StorageAuthFailed, StorageUnavailable
 from backup_tasks.settings import Settings
-from backup_tasks.storage import s3 as s3_driver
-from backup_tasks.storage import s3 as s3_module
 from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.locations import open_storage
 from backup_tasks.storage.s3 import MIB, S3Location, S3Options, S3Storage
+from backup_tasks.storage.s3 import uploads as s3_uploads
 from tests.support.data import random_chunks
 from tests.support.paths import BACKUP_TASKS, ROOT
 from tests.support.postgres import url_of
@@ -148,9 +147,9 @@ def test_multipart_upload_streams_parts_and_publishes_on_commit(bucket_url: str)
 
 def test_parts_grow_so_long_uploads_never_run_out_of_part_numbers(bucket_url: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from backup_tasks.storage import s3 as storage_s3
+    from backup_tasks.storage.s3 import writer as s3_writer
 
-    monkeypatch.setattr(storage_s3, "PARTS_PER_SIZE_STEP", 2)  # double every 2 parts instead of every 1000
+    monkeypatch.setattr(s3_writer, "PARTS_PER_SIZE_STEP", 2)  # double every 2 parts instead of every 1000
     storage = S3Storage.from_url(bucket_url, SMALL_PARTS)
     data = b"".join(random_chunks(32 * MIB))
     with storage.writer("growing.bin") as writer:
@@ -229,7 +228,7 @@ def test_killed_upload_leaves_nothing_and_the_next_run_aborts_it(bucket_url: str
     # From another process's point of view, an upload that moved seconds ago may still have a live
     # writer (one that stalled past its lock's expiry): it is left alone until it has been quiet a while.
     assert storage.clear_partials("aitrapp") == []
-    monkeypatch.setattr(s3_driver, "LIVE_UPLOAD_SECONDS", 0)
+    monkeypatch.setattr(s3_uploads, "LIVE_UPLOAD_SECONDS", 0)
     assert storage.clear_partials("aitrapp") == ["aitrapp-dump-20261127T020000Z.dump.zst"]
     assert [key for key, _id, _t in storage.unfinished_uploads()] == ["aitrapp-dump-20261128T020000Z.dump.zst"]
     live.commit()
@@ -366,7 +365,8 @@ def test_a_killed_dump_to_a_bucket_is_cleared_by_the_next_run(bucket_url: str, s
         if not uploads:
             return 0
         key, upload_id, _ = uploads[0]
-        listed = storage.client.list_parts(Bucket=storage.where.bucket, Key=storage._key(key), UploadId=upload_id)
+        listed = storage.client.list_parts(Bucket=storage.where.bucket, Key=storage.where.object_key(key),
+                                           UploadId=upload_id)
         return len(listed.get("Parts", []))
 
     try:
@@ -386,7 +386,7 @@ def test_a_killed_dump_to_a_bucket_is_cleared_by_the_next_run(bucket_url: str, s
     # A part moved seconds ago: its writer might be alive elsewhere, so the next run leaves it, and says so...
     assert storage.unfinished_uploads() == [left] and "left the unfinished upload" in done.stderr
     # ...and a run after LIVE_UPLOAD_SECONDS of quiet aborts it.
-    monkeypatch.setattr(s3_module, "LIVE_UPLOAD_SECONDS", 0)
+    monkeypatch.setattr(s3_uploads, "LIVE_UPLOAD_SECONDS", 0)
     assert storage.clear_partials() == [left[0]] and storage.unfinished_uploads() == []
     assert [m.id for m in catalog.catalog(storage)] == [manifest["id"]]
     assert storage.size(manifest["path"]) == manifest["size_bytes"] > 16 * MIB
