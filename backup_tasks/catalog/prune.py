@@ -171,11 +171,12 @@ def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: Prune
     from backup_tasks.wal.restore_points import delete_restore_point, restore_points
 
     try:  # expires WAL in both, the copy with prune's own credentials
-        archive = WalArchive(settings.wal_archive, settings.copy_to, copy_credentials=settings.prune_credentials)
+        archive = WalArchive.in_directory(settings.wal_archive, settings.copy_to,
+                                          copy_credentials=settings.prune_credentials)
     except ConfigError as exc:
         report.wal_reason = f"WAL archive not pruned: {exc}"
         return
-    if not archive.root.is_dir():
+    if archive.root is None or not archive.root.is_dir():
         return
     if not report.dry_run:  # temporary files of wal-push runs killed more than an hour ago
         archive.clear_incoming(time.time() - 3600)
@@ -185,7 +186,7 @@ def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: Prune
     report.wal_reason = expiry.reason
     names = list(expiry.delete)
     locked_until: dict[str, float] = {}
-    if lock is not None and archive.copy_to and archive.copy_to.startswith("s3://"):
+    if lock is not None and archive.copy is not None and archive.copy.features.object_lock:
         # Archived (so copied) no later than the local file's mtime: its copy's lock ends by mtime + days.
         horizon = (now or utcnow()).timestamp() - lock.days * 86400
         for name in names:
@@ -210,7 +211,7 @@ def expire_wal(settings: Settings, kept_snapshots: list[Manifest], report: Prune
         report.wal_locked = len(locked_until)
         report.wal_locked_until = isoformat(datetime.fromtimestamp(max(locked_until.values()), UTC))
         log.info("%d expired WAL file(s) are locked in %s until %s at the latest: a later prune deletes them",
-                 report.wal_locked, archive.copy_to, report.wal_locked_until)
+                 report.wal_locked, archive.copy.location if archive.copy else None, report.wal_locked_until)
     if expiry.keep_from is not None and not report.dry_run:
         for point in restore_points(archive):
             if position(point.segment) < position(expiry.keep_from):

@@ -9,9 +9,7 @@ could not be read, else 0: it reports the state, it does not judge it (that is `
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import uuid
 from pathlib import Path
 
 from backup_tasks.cli.output import Add, emit
@@ -57,13 +55,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def write_page(path: Path, page: str) -> None:
     """Atomically (a temporary name, then rename): a mail job never sends half a page."""
     from backup_tasks.storage.base import storage_error
+    from backup_tasks.storage.files import write_atomically
 
-    temp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        temp.write_text(page, encoding="utf-8")
-        os.replace(temp, path)
+        write_atomically(path, page.encode("utf-8"), mode=None)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
         raise storage_error(exc, "writing", str(path)) from None
 
 

@@ -22,8 +22,7 @@ from backup_tasks.cli.output import Add, UsageError, add_as_of, emit, progress_l
 from backup_tasks.errors import WalMissing
 from backup_tasks.progress import human_size
 from backup_tasks.settings import Settings
-from backup_tasks.wal.command import RECOVERY_FATAL
-from backup_tasks.wal.prefetch import DEFAULT_DEPTH
+from backup_tasks.wal.command import ARGUMENTS, OPTIONS, RECOVERY_FATAL, FetchRequest
 
 
 def _archive_dir(args: argparse.Namespace, settings: Settings) -> Path:
@@ -44,7 +43,7 @@ def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
         from backup_tasks.streams.crypto import parse_recipients
 
         recipients = parse_recipients(args.encrypt_to, setting="--encrypt-to")
-    archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings), recipients=recipients)
+    archive = WalArchive.in_directory(_archive_dir(args, settings), _copy_to(args, settings), recipients=recipients)
     # As the fast path does: push-ahead with a copy, then the state file the exporter reads.
     result = push_and_record(archive, Path(args.path), level=args.level)
     if args.json or args.verbose:
@@ -54,25 +53,21 @@ def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_wal_fetch(args: argparse.Namespace, settings: Settings) -> int:
-    from backup_tasks.wal.archive import WalArchive
+    from backup_tasks.wal.command import fetch
 
-    identity_file = getattr(args, "identity_file", None) or settings.decrypt_identity_file
-    if args.archive_url and (args.archive_dir or args.copy_to):
-        raise UsageError("--archive-url reads the bucket alone: give it without --archive-dir or --copy-to")
-    if settings.as_of is not None and not args.archive_url:
-        raise UsageError("--as-of reads a bucket as it was: give it with --archive-url (a local archive keeps no "
-                         "earlier versions)")
+    # The rules of wal.command, for what was given; then the settings fill in what was not.
+    given = FetchRequest(args.name, Path(args.destination),
+                         archive_dir=Path(args.archive_dir).absolute() if args.archive_dir else None,
+                         archive_url=args.archive_url, copy_to=args.copy_to, identity_file=args.identity_file,
+                         prefetch=args.prefetch, as_of=settings.as_of)
+    problem = given.problem()
+    if problem:
+        raise UsageError(problem)
     try:
-        if args.archive_url:  # the bucket alone (disaster recovery): the same read-ahead as the fast path
-            from backup_tasks.wal.prefetch import MAX_DEPTH, fetch_with_prefetch
-            from backup_tasks.wal.remote import RemoteWalArchive
-
-            size = fetch_with_prefetch(RemoteWalArchive(args.archive_url, identity_file=identity_file,
-                                                        as_of=settings.as_of), args.name,
-                                       Path(args.destination), depth=min(args.prefetch, MAX_DEPTH))
-        else:
-            archive = WalArchive(_archive_dir(args, settings), _copy_to(args, settings), identity_file=identity_file)
-            size = archive.fetch(args.name, Path(args.destination))
+        request = given._replace(identity_file=given.identity_file or settings.decrypt_identity_file)
+        if not request.archive_url:
+            request = request._replace(archive_dir=_archive_dir(args, settings), copy_to=_copy_to(args, settings))
+        size = fetch(request)
     except WalMissing as exc:
         # The normal end of the archive: PostgreSQL asks for the next file until this happens.
         if args.json:
@@ -244,28 +239,16 @@ def snapshot_ranges_document(settings: Settings) -> list[dict[str, Any]]:
 def register(add: Add) -> None:
     p = add("snapshot", cmd_snapshot, "take a physical snapshot (pg_basebackup) of the cluster, verified by "
                                       "pg_verifybackup")
-    p = add("wal-push", cmd_wal_push, "archive one WAL file (PostgreSQL's archive_command: "
-                                      "wal-push --archive-dir DIR <path>)")
-    p.add_argument("path", help="the file to archive (%%p)")
-    p.add_argument("--archive-dir", help="the WAL archive (default: WAL_ARCHIVE_DIR, else BACKUP_DIR/wal)")
-    p.add_argument("--copy-to", help="also write it to COPY_TO/wal (default without --archive-dir: BACKUP_COPY_TO)")
-    p.add_argument("--encrypt-to", help="age public keys, comma-separated (default without --archive-dir: "
-                                           "BACKUP_ENCRYPT_RECIPIENT)")
-    p.add_argument("--level", type=int, default=1, help="zstd level (default 1)")
-    p = add("wal-fetch", cmd_wal_fetch, "restore one WAL file (PostgreSQL's restore_command: "
-                                        "wal-fetch --archive-dir DIR <name> <path>)")
-    p.add_argument("name", help="the WAL file name (%%f)")
-    p.add_argument("destination", help="where to write it (%%p)")
-    p.add_argument("--archive-dir", help="the WAL archive (default: WAL_ARCHIVE_DIR, else BACKUP_DIR/wal)")
-    p.add_argument("--copy-to", help="fall back to COPY_TO/wal when missing or damaged (default without "
-                                        "--archive-dir: BACKUP_COPY_TO)")
-    p.add_argument("--identity-file", help="age identity file for an encrypted archive "
-                                           "(default without --archive-dir: BACKUP_DECRYPT_IDENTITY_FILE)")
-    p.add_argument("--archive-url", help="read the archive from this location alone (s3://bucket/prefix/wal), "
-                                         "downloading the next segments ahead: disaster recovery")
-    p.add_argument("--prefetch", type=int, default=DEFAULT_DEPTH,
-                   help=f"with --archive-url: segments to download ahead (default {DEFAULT_DEPTH}, 0 = none)")
-    add_as_of(p)
+    for command, help_text in (("wal-push", "archive one WAL file (PostgreSQL's archive_command: wal-push "
+                                            "--archive-dir DIR <path>)"),
+                               ("wal-fetch", "restore one WAL file (PostgreSQL's restore_command: wal-fetch "
+                                             "--archive-dir DIR <name> <path>)")):
+        p = add(command, cmd_wal_push if command == "wal-push" else cmd_wal_fetch, help_text)
+        for argument, argument_help in ARGUMENTS[command]:  # the command line of wal.command, nothing else
+            p.add_argument(argument, help=argument_help.replace("%", "%%"))
+        for option in OPTIONS[command]:
+            p.add_argument(option.flag, metavar=option.metavar, type=int if option.integer else str,
+                           default=option.default, help=option.help)
     p = add("check", cmd_check, "check that the server archives WAL correctly (forces a segment switch and waits "
                                 "for it); prints the postgresql.conf lines")
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the segment (default 60)")

@@ -28,8 +28,7 @@ from backup_tasks.postgres.failures import first_line
 from backup_tasks.postgres.servercmd import conf_quote, restore_command, server_command
 from backup_tasks.settings import Settings
 from backup_tasks.wal.archive import WalArchive
-from backup_tasks.wal.prefetch import restore_command_for
-from backup_tasks.wal.remote import RemoteWalArchive
+from backup_tasks.wal.command import restore_command_for
 
 ACTIONS = ("promote", "pause", "shutdown")
 
@@ -61,15 +60,17 @@ def write_recovery_config(data_dir: Path, *, restore_cmd: str, plan: RestorePlan
     return values
 
 
-def wal_fetch_command(settings: Settings, archive: WalArchive) -> str:
+def wal_fetch_command(settings: Settings, archive: WalArchive, *, tool_dir: Path | None = None) -> str:
     """restore_command for a server run by the server user: this install, else a portable copy in the archive.
 
-    From a bucket alone (disaster recovery) there is no archive directory for a portable copy, and it would
-    need boto3 anyway: this installation must be runnable by the server user (a clear error otherwise).
+    An archive that is no directory here (a bucket alone: disaster recovery, read as of ``--as-of``) is read
+    with ``--archive-url``; the portable copy (with boto3) then goes to ``tool_dir``, a directory the
+    server user can reach beside what is being restored; without one, this installation must be
+    runnable by the server user (a clear error otherwise).
     """
-    if isinstance(archive, RemoteWalArchive):
-        return restore_command_for(server_command(None), archive.url, settings.decrypt_identity_file,
-                                   as_of=archive.as_of)
+    if archive.root is None:
+        return restore_command_for(server_command(tool_dir), archive.location, settings.decrypt_identity_file,
+                                   as_of=settings.as_of)
     command = server_command(archive.root / TOOL_DIR)
     return restore_command(command, archive.root, settings.copy_to, settings.decrypt_identity_file)
 

@@ -7,8 +7,14 @@ Keys are ``/``-separated relative paths (``aitrapp-dump-20261127T100500Z.dump.zs
   and are removed by ``clear_partials`` (callers hold the lock that excludes live writers).
 - ``open``, ``read_bytes``, ``size`` raise ``ObjectMissing`` for a key that is not there; other
   failures raise another ``StorageError`` (never "missing" for "unreadable").
+- ``read_tail(key, count)`` is the last ``count`` (at least 1) bytes of an object (all of it when
+  shorter): one ranged read where the location has them (a WAL file's trailer without its body).
+- ``features`` (``Features``) says what the location can do beyond this core: read-only, Object Lock,
+  versioned (readable as of a past time), a directory on this machine (``local_root``). Code outside
+  ``storage/`` asks it, never a driver's class.
 - ``put_bytes`` writes a small object (replacing one); ``put_new`` writes it only when the key is
-  free and returns False, leaving the existing object untouched, when it is not.
+  free and returns False, leaving the existing object untouched, when it is not (and only once that
+  object is durable: a writer killed between publishing and syncing it may have left it unsynced).
 - ``list(prefix, recursive=True)`` lists finished objects whose key starts with ``prefix``; with
   ``recursive=False`` only those in the prefix's own "directory" (no further ``/``), so a catalog
   read never walks the WAL archive beside it.
@@ -29,7 +35,8 @@ Keys are ``/``-separated relative paths (``aitrapp-dump-20261127T100500Z.dump.zs
 A location with Object Lock (``objectlock.ObjectLock``: S3, and the memory driver as its reference)
 refuses to delete what is locked, with ``ObjectLocked``; writes still replace what ``list`` and
 ``open`` show. Reading a location as it was at a past time (``as_of``) is for versioned buckets
-only: ``s3.S3Storage``; such a storage refuses writes with ``StorageReadOnly``.
+only: ``s3.S3Storage``; such a storage refuses writes with ``StorageReadOnly``, as any location opened
+read-only does (``readonly.ReadOnlyStorage``, ``locations.open_storage(..., read_only=True)``).
 
 ``tests/storage/test_contract.py`` runs the same checks against every driver.
 """
@@ -37,7 +44,6 @@ only: ``s3.S3Storage``; such a storage refuses writes with ``StorageReadOnly``.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,10 +56,19 @@ from backup_tasks.errors import StorageError, StorageFull
 PARTIAL_MARK = ".partial-"
 
 
-FILE_MODE = 0o600
+@dataclass(frozen=True)
+class Features:
+    """What a location can do beyond the core every driver meets; callers ask this, never the driver's class."""
 
-
-DIR_MODE = 0o700
+    #: Writes and deletes raise ``StorageReadOnly`` (a bucket opened ``as_of`` a past time, a restore source).
+    read_only: bool = False
+    #: Deletes may be refused with ``ObjectLocked``, and ``retention`` may answer (S3 Object Lock).
+    object_lock: bool = False
+    #: Can be opened as it was at a past time (``open_storage(url, as_of=...)``: a versioned bucket).
+    versioned: bool = False
+    #: The directory whose files the objects are, when the location is one on this machine (``local``);
+    #: what only a directory has (a cached index, a state file, markers beside the objects) lives there.
+    local_root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -73,10 +88,12 @@ class Storage(Protocol):
     """The operations every backup location offers."""
 
     location: str
+    features: Features
 
     def writer(self, key: str) -> ObjectWriter: ...
     def open(self, key: str) -> BinaryIO: ...
     def read_bytes(self, key: str) -> bytes: ...
+    def read_tail(self, key: str, count: int) -> bytes: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def put_new(self, key: str, data: bytes) -> bool: ...
     def exists(self, key: str) -> bool: ...
@@ -118,14 +135,6 @@ def storage_error(exc: OSError, action: str, where: str) -> StorageError:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(f"permission denied while {action} {where}: {exc.strerror}")
     return StorageError(f"{action} {where} failed: {exc.strerror or exc}")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def members(storage: Storage) -> tuple[Storage, ...]:

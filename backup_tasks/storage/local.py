@@ -1,18 +1,20 @@
-"""The local driver: a directory on a local (or mounted) filesystem; files 0600, directories 0700.
+"""The local driver: a directory on a local (or mounted) filesystem, with the modes it is given.
 
-A writer streams into ``.<name>.partial-<uuid>`` and ``commit`` fsyncs, renames into place and
-fsyncs the directory; ``put_new`` links the finished temporary file to its key, which fails when
-the key exists, so it never overwrites. (Only on a filesystem without hard links does it fall back
-to "check, then rename", which a concurrent writer can race.) A key that is not a regular file
+A writer streams into ``.<name>.partial-<random>`` (an ``files.AtomicFile``) and ``commit`` fsyncs,
+renames into place and fsyncs the directory; ``put_new`` links the finished temporary file to its
+key, which fails when the key exists, so it never overwrites (see ``files.link_new``), and answers
+False only once the object already there is durable (a writer killed between its link and its
+fsync). Directories it creates are fsynced into their parents. A key that is not a regular file
 (absent, or a directory) is ``ObjectMissing``, as ``exists`` says.
+
+Modes (``files.Modes``): the catalog's ``PRIVATE_MODES`` by default; the WAL archive opens its
+directory with ``WAL_MODES`` (``LocalStorage(root, modes=...)``, through ``locations``).
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -21,34 +23,15 @@ from typing import BinaryIO
 
 from backup_tasks.errors import ObjectMissing, StorageError
 from backup_tasks.storage.base import (
-    DIR_MODE,
-    FILE_MODE,
     PARTIAL_MARK,
+    Features,
     ObjectInfo,
     delete_each,
-    fsync_dir,
     in_listing,
     is_partial,
     storage_error,
 )
-
-#: ``os.link`` errors meaning "this filesystem has no hard links" (vfat, some FUSE and SMB mounts).
-_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
-
-
-def _link_new(temp: Path, final: Path) -> bool:
-    """Give ``temp``'s file the name ``final`` unless that name is taken: True if it now has it."""
-    try:
-        os.link(temp, final)  # atomic, and fails rather than overwrite
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in _NO_HARD_LINKS:
-            raise
-        if os.path.lexists(final):
-            return False
-        os.rename(temp, final)
-    return True
+from backup_tasks.storage.files import PRIVATE_MODES, AtomicFile, Modes, make_dirs, sync_file
 
 
 def _writer_alive(partial: Path) -> bool:
@@ -69,31 +52,27 @@ def _writer_alive(partial: Path) -> bool:
 
 
 class LocalWriter:
-    """Streams into ``<dir>/.<name>.partial-<uuid>``; ``commit`` fsyncs and renames into place."""
+    """Streams into ``<dir>/.<name>.partial-<random>``; ``commit`` fsyncs and renames into place."""
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, modes: Modes, root: Path) -> None:
         self.final = final
-        self.temp = final.with_name(f".{final.name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-            fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            make_dirs(final.parent, modes.directory, inside=root)
+            self._file: AtomicFile | None = AtomicFile(final, mode=modes.file, mark=PARTIAL_MARK)
         except OSError as exc:
-            raise storage_error(exc, "creating", str(self.temp)) from None
+            raise storage_error(exc, "creating", str(final.parent)) from None
+        self.temp = self._file.temp
         # Held until the file is closed (commit, abort, or this process dying): clear_partials of
         # another run skips a partial whose writer still lives, even if that writer lost its lock.
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.bytes_written = 0
 
     def write(self, data: bytes) -> None:
         assert self._file is not None, "writer already closed"
         try:
-            view = memoryview(data)
-            while view:
-                n = self._file.write(view)
-                view = view[n:]
+            self._file.write(data)
         except OSError as exc:
-            self.abort()
+            self._file = None  # the AtomicFile removed its temporary file
             raise storage_error(exc, "writing", str(self.final)) from None
         self.bytes_written += len(data)
 
@@ -106,34 +85,16 @@ class LocalWriter:
 
     def _publish(self, *, replace: bool) -> bool:
         assert self._file is not None, "writer already closed"
+        out, self._file = self._file, None
         try:
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
-            if replace:
-                os.replace(self.temp, self.final)
-            elif _link_new(self.temp, self.final):
-                self.abort()  # drops the temporary name; the object stays under its key
-            else:
-                self.abort()
-                return False
-            fsync_dir(self.final.parent)
+            return out.publish(replace=replace, fsync=True)
         except OSError as exc:
-            self.abort()
             raise storage_error(exc, "saving", str(self.final)) from None
-        return True
 
     def abort(self) -> None:
         if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
+            self._file.abort()
             self._file = None
-        try:
-            self.temp.unlink()
-        except FileNotFoundError:
-            pass
 
     def __enter__(self) -> LocalWriter:
         return self
@@ -146,9 +107,11 @@ class LocalWriter:
 class LocalStorage:
     """A directory on a local (or mounted) filesystem."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, modes: Modes = PRIVATE_MODES) -> None:
         self.root = root
+        self.modes = modes
         self.location = str(root)
+        self.features = Features(local_root=root)
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
@@ -156,14 +119,16 @@ class LocalStorage:
         return self.root / key
 
     def ensure(self) -> None:
+        """Create the directory (its missing parents as ``mkdir -p`` does) with this location's mode."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            make_dirs(self.root, self.modes.directory)
         except OSError as exc:
             raise storage_error(exc, "creating the backup directory", str(self.root)) from None
 
     def writer(self, key: str) -> LocalWriter:
+        path = self._path(key)
         self.ensure()
-        return LocalWriter(self._path(key))
+        return LocalWriter(path, self.modes, self.root)
 
     def open(self, key: str) -> BinaryIO:
         try:
@@ -175,7 +140,18 @@ class LocalStorage:
 
     def read_bytes(self, key: str) -> bytes:
         with self.open(key) as fh:
-            return fh.read()
+            try:
+                return fh.read()
+            except OSError as exc:
+                raise storage_error(exc, "reading", key) from None
+
+    def read_tail(self, key: str, count: int) -> bytes:
+        with self.open(key) as fh:
+            try:
+                fh.seek(max(0, os.fstat(fh.fileno()).st_size - max(count, 0)))
+                return fh.read(max(count, 0))
+            except OSError as exc:
+                raise storage_error(exc, "reading the end of", key) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
         writer = self.writer(key)
@@ -183,10 +159,31 @@ class LocalStorage:
         writer.commit()
 
     def put_new(self, key: str, data: bytes) -> bool:
-        """Write ``key`` only if it does not exist: True if written, False (existing object untouched) if it did."""
+        """Write ``key`` only if it does not exist: True if written, False (existing object untouched) if it did.
+
+        False only once the object there is on disk, with its directory entry (``files.sync_file``):
+        its writer may have been killed between its link and its fsync, and whoever gets False relies
+        on it as stored (a retried ``wal-push`` acknowledges the segment).
+        """
+        path = self._path(key)
+        if os.path.lexists(path):  # taken: no temporary file written for nothing
+            self._sync_taken(key, path)
+            return False
         writer = self.writer(key)
         writer.write(data)
-        return writer.commit_new()
+        if writer.commit_new():
+            return True
+        self._sync_taken(key, path)
+        return False
+
+    def _sync_taken(self, key: str, path: Path) -> None:
+        try:
+            if S_ISREG(os.stat(path).st_mode):
+                sync_file(path)
+        except FileNotFoundError:
+            pass  # deleted meanwhile: nothing to make durable
+        except OSError as exc:
+            raise storage_error(exc, "syncing", key) from None
 
     def exists(self, key: str) -> bool:
         # Not Path.is_file(): it lets PermissionError escape, and must not say "missing" for "unreadable".

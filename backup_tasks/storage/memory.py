@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.errors import ObjectLocked, ObjectMissing, StorageError
-from backup_tasks.storage.base import PARTIAL_MARK, ObjectInfo, delete_each, in_listing
+from backup_tasks.storage.base import PARTIAL_MARK, Features, ObjectInfo, delete_each, in_listing
 from backup_tasks.storage.objectlock import ObjectLock
 
 
@@ -90,6 +90,7 @@ class MemoryStorage:
         self.location = f"memory://{name or uuid.uuid4().hex[:8]}"
         self.lock = lock
         self.clock = clock
+        self.features = Features(object_lock=lock is not None)
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}
         #: partial key -> the key its writer will publish (what ``clear_partials`` reports).
@@ -151,6 +152,10 @@ class MemoryStorage:
 
     def read_bytes(self, key: str) -> bytes:
         return self._get(key).data
+
+    def read_tail(self, key: str, count: int) -> bytes:
+        data = self._get(key).data
+        return data[len(data) - min(max(count, 0), len(data)):]
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._lock:

@@ -1,57 +1,43 @@
 """``BACKUP_DIR`` plus ``BACKUP_COPY_TO`` as one storage.
 
-Every finished backup, manifest and WAL segment goes to both, in the same relative layout
-(``TeeWriter`` tees one stream into two writers and publishes in both or neither). Reads prefer the
-primary and fall back to the copy when an object is missing or unreadable there; ``list`` is the union.
+Every finished backup, manifest and record goes to both, in the same relative layout, in the order
+the catalog's ``copies.BACKUPS`` policy states (the copy first; taken back when the primary then
+fails): ``TeeWriter`` tees one stream into two writers and publishes in both or neither, ``put_new``
+and ``put_bytes`` go through ``copies.Mirror``. Reads prefer the primary and fall back to the copy
+when an object is missing or unreadable there; ``list`` is the union.
 
-A key is taken when either location holds it (as ``exists`` says). ``put_new`` creates the object
-in the copy first, create-only, so the copy decides a race between two writers; then in the primary,
-create-only too. If the primary already holds the key (or fails), the object just created in the copy
-is deleted again and the answer is False (or the error): no writer overwrites anything, and an object
-is never left in one location only because of ``put_new``.
+A key is taken when either location holds it (as ``exists`` says): ``put_new`` creates it in the
+copy first, create-only, so the copy decides a race between two writers; then in the primary,
+create-only too. If the primary already holds the key (or fails), the object just created in the
+copy is deleted again and the answer is False (or the error): no writer overwrites anything, and an
+object is never left in one location only because of ``put_new``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
-from backup_tasks.errors import ConfigError, ObjectLocked, ObjectMissing, StorageError
-from backup_tasks.storage.base import ObjectInfo, ObjectWriter, Storage
-from backup_tasks.storage.integrity import (
-    holders,
-)
+from backup_tasks.errors import ConfigError, ObjectMissing, StorageError
+from backup_tasks.storage.base import Features, ObjectInfo, ObjectWriter, Storage
+from backup_tasks.storage.copies import BACKUPS, Mirror
+from backup_tasks.storage.integrity import holders
 
 log = logging.getLogger(__name__)
 
-
-def combined(first: StorageError | None, second: StorageError) -> StorageError:
-    """One failure for a key both locations failed to delete: a real failure outranks a lock, a later lock an earlier.
-
-    A lock is an expected state (retry after the date); when one location holds the key for another
-    reason, that reason is what the caller must see.
-    """
-    if first is None:
-        return second
-    if isinstance(first, ObjectLocked) and isinstance(second, ObjectLocked):
-        return first if first.retain_until >= second.retain_until else second
-    if isinstance(first, ObjectLocked):
-        return second
-    if isinstance(second, ObjectLocked):
-        return first
-    return type(first)(f"{first}; {second}")
+T = TypeVar("T")
 
 
 class TeeWriter:
-    """Writes one stream to two locations; commit publishes in both or in neither."""
+    """Writes one stream to two locations; commit publishes in both or in neither (in the mirror's order)."""
 
-    def __init__(self, primary: ObjectWriter, copy: ObjectWriter, *, key: str, copy_location: str) -> None:
+    def __init__(self, primary: ObjectWriter, copy: ObjectWriter, *, key: str, mirror: Mirror) -> None:
         self.primary = primary
         self.copy = copy
         self.key = key
-        self.copy_location = copy_location
+        self.mirror = mirror
         self.bytes_written = 0
         self._closed = False
 
@@ -65,30 +51,24 @@ class TeeWriter:
         self.bytes_written += len(data)
 
     def commit(self) -> None:
-        # The copy first: if the primary then fails, the copy is deleted again; either way no location
-        # keeps an object the other lacks, and a manifest is only written after both succeeded.
+        # In the policy's order (the copy first): if the second then fails, the first is taken back;
+        # either way no location keeps an object the other lacks, and a manifest is only written after both.
+        assert self.mirror.copy is not None
+        first, second = self.mirror.in_order(self.primary, self.copy)
+        first_location, second_location = self.mirror.in_order(self.mirror.primary, self.mirror.copy)
         try:
-            self.copy.commit()
+            first.commit()
         except BaseException:
             self._closed = True
-            self.primary.abort()
+            second.abort()
             raise
         try:
-            self.primary.commit()
+            second.commit()
         except BaseException:
             self._closed = True
-            self._after_primary_failed()
+            self.mirror.take_back(first_location, self.key, f"the write to {second_location.location} failed")
             raise
         self._closed = True
-
-    def _after_primary_failed(self) -> None:
-        delete = getattr(self, "delete_copy", None)
-        if delete is not None:
-            try:
-                delete()
-            except Exception as exc:
-                log.warning("could not remove %s from %s after the primary write failed: %s",
-                            self.key, self.copy_location, exc)
 
     def abort(self) -> None:
         if self._closed:
@@ -123,6 +103,15 @@ class MirroredStorage:
         self.copy = copy
         self.location = primary.location
         self.members: tuple[Storage, ...] = (primary, copy)
+        self.mirror = Mirror(primary, copy, BACKUPS)
+
+    @property
+    def features(self) -> Features:
+        """Read-only when either is (writes go to both), locked when either may refuse a delete."""
+        primary, copy = self.primary.features, self.copy.features
+        return Features(read_only=primary.read_only or copy.read_only,
+                        object_lock=primary.object_lock or copy.object_lock,
+                        versioned=primary.versioned and copy.versioned)
 
     def writer(self, key: str) -> TeeWriter:
         primary = self.primary.writer(key)
@@ -131,52 +120,39 @@ class MirroredStorage:
         except BaseException:
             primary.abort()
             raise
-        tee = TeeWriter(primary, copy, key=key, copy_location=self.copy.location)
-        tee.delete_copy = lambda: self.copy.delete(key)  # type: ignore[attr-defined]
-        return tee
+        return TeeWriter(primary, copy, key=key, mirror=self.mirror)
 
-    def open(self, key: str) -> BinaryIO:
+    def _read(self, key: str, read: Callable[[Storage], T]) -> T:
         # Missing, or the primary location itself broken (a dead disk is what the copy is for).
         try:
-            return self.primary.open(key)
+            return read(self.primary)
         except StorageError as primary_error:
             log.warning("cannot read %s from %s (%s); reading it from %s", key, self.primary.location,
                         primary_error, self.copy.location)
             try:
-                return self.copy.open(key)
+                return read(self.copy)
             except StorageError as copy_error:
                 # "Missing" only when it is missing in both; otherwise say why it cannot be read.
                 if isinstance(primary_error, ObjectMissing) and not isinstance(copy_error, ObjectMissing):
                     raise copy_error from None
                 raise primary_error from None
 
+    def open(self, key: str) -> BinaryIO:
+        return self._read(key, lambda member: member.open(key))
+
     def read_bytes(self, key: str) -> bytes:
         with self.open(key) as fh:
             return fh.read()
 
+    def read_tail(self, key: str, count: int) -> bytes:
+        return self._read(key, lambda member: member.read_tail(key, count))
+
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.copy.put_bytes(key, data)
-        self.primary.put_bytes(key, data)
+        self.mirror.put_bytes(key, data)
 
     def put_new(self, key: str, data: bytes) -> bool:
         """Create ``key`` in both locations unless either holds it (see the module docstring)."""
-        if not self.copy.put_new(key, data):
-            return False
-        try:
-            created = self.primary.put_new(key, data)
-        except BaseException:
-            self._undo_copy(key)
-            raise
-        if not created:
-            self._undo_copy(key)
-        return created
-
-    def _undo_copy(self, key: str) -> None:
-        try:
-            self.copy.delete(key)
-        except Exception as exc:
-            log.warning("could not remove %s from %s after it could not be created in %s: %s", key,
-                        self.copy.location, self.primary.location, exc)
+        return self.mirror.put_new(key, data).stored
 
     def exists(self, key: str) -> bool:
         return self.primary.exists(key) or self.copy.exists(key)
@@ -193,30 +169,12 @@ class MirroredStorage:
         return sorted(seen.values(), key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
-        # Both, even when one fails: then raise what both said (see ``combined``).
-        failure: StorageError | None = None
-        for member in self.members:
-            try:
-                member.delete(key)
-            except StorageError as exc:
-                failure = combined(failure, exc)
-        if failure is not None:
-            raise failure
+        # Both, even when one fails: then raise what both said (see ``copies.combined``).
+        self.mirror.delete(key)
 
     def delete_many(self, keys: Iterable[str]) -> dict[str, StorageError]:
         """Batched deletes in both locations, even when one fails: failures of either, then the first error raised."""
-        wanted = list(dict.fromkeys(keys))
-        failures: dict[str, StorageError] = {}
-        failure: StorageError | None = None
-        for member in self.members:
-            try:
-                for key, error in member.delete_many(wanted).items():
-                    failures[key] = combined(failures.get(key), error)
-            except StorageError as exc:
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-        return failures
+        return self.mirror.delete_many(keys)
 
     def retention(self, key: str) -> datetime | None:
         """The later of the two locations' locks: the key is gone from both only after it."""
@@ -228,5 +186,3 @@ class MirroredStorage:
 
     def holders(self, key: str) -> list[str]:
         return holders(self.members, key)
-
-

@@ -1,81 +1,240 @@
-"""``wal-push`` and ``wal-fetch`` exactly as PostgreSQL runs them (archive_command, restore_command).
+"""``wal-push`` and ``wal-fetch``: their command line, defined and checked here once, and how they run.
 
-PostgreSQL starts one per 16 MiB segment, so these are served with nothing but the archive module:
-no argparse, settings, Celery, Redis, psycopg or Sentry (boto3 only when the copy is a bucket, pyrage
-only when the archive is encrypted). Forms: ``wal-push --archive-dir DIR [--copy-to URL]
-[--encrypt-to KEYS] PATH`` and ``wal-fetch --archive-dir DIR [--copy-to URL] [--identity-file FILE]
-NAME PATH``, and ``wal-fetch --archive-url URL ... NAME PATH`` (a bucket alone, with read-ahead:
-``wal.prefetch``); anything else goes to the full CLI. Every acknowledged segment is recorded in the
-archive's state file (``wal.state``: the newest segment per location, which the exporter reads).
+PostgreSQL starts one per 16 MiB segment (archive_command, restore_command), so the forms it runs
+are served from here with nothing but the archive and the storage layer: no argparse, settings,
+Celery, Redis, psycopg or Sentry (boto3 only when a bucket is used, pyrage only when the archive is
+encrypted). Forms::
 
-Exit codes: 0 ok, 1 failed; wal-fetch exits 1 for "not in the archive" (the normal end of recovery)
-and ``RECOVERY_FATAL`` (200) when the archive is damaged or unreadable, which PostgreSQL treats as
-fatal (any status above 125) instead of quietly ending recovery early.
+    wal-push  --archive-dir DIR [--copy-to URL] [--encrypt-to KEYS] [--level N] PATH
+    wal-fetch --archive-dir DIR [--copy-to URL] [--identity-file FILE] NAME PATH
+    wal-fetch --archive-url URL [--identity-file FILE] [--prefetch K] [--as-of ISO-TIME] NAME PATH
+
+(the last: a bucket alone, with read-ahead, ``wal.prefetch``; ``restore_command_for`` writes it).
+``PUSH_OPTIONS`` and ``FETCH_OPTIONS`` are every option of the two commands; ``parse`` reads the
+forms above (the command, ``--option VALUE`` pairs, each at most once, then the arguments). Any other
+command line (no ``--archive-dir``/``--archive-url``: settings from the environment; ``--json``;
+a mistake) goes to the full CLI, which registers the same options with argparse (``cli.pitr``) and
+asks the same ``FetchRequest`` whether a wal-fetch makes sense: one set of rules for both.
+
+Every acknowledged segment is recorded in the archive's state file (``wal.state``: the newest segment
+per location, which the exporter reads). Exit codes: 0 ok, 1 failed; wal-fetch exits 1 for "not in
+the archive" (the normal end of recovery) and ``RECOVERY_FATAL`` (200) when the archive is damaged
+or unreadable, which PostgreSQL treats as fatal (any status above 125) instead of quietly ending
+recovery early.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    from datetime import datetime
 
     from backup_tasks.wal.archive import PushResult, WalArchive
 
 RECOVERY_FATAL = 200
-SERVER_COMMANDS = ("wal-push", "wal-fetch")
-FAST_OPTIONS = ("--copy-to", "--encrypt-to", "--identity-file")
+#: Segments ``wal-fetch --archive-url`` downloads ahead by default, and at most.
+DEFAULT_DEPTH = 8
+MAX_DEPTH = 64
+
+
+# NamedTuples, not dataclasses: cheaper to define, and this module is loaded once per WAL segment.
+
+class Option(NamedTuple):
+    """One option of wal-push or wal-fetch: ``--flag VALUE``."""
+
+    flag: str
+    help: str
+    metavar: str | None = None
+    integer: bool = False
+    default: int | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag[2:].replace("-", "_")
+
+
+ARCHIVE_DIR = Option("--archive-dir", "the WAL archive (default: WAL_ARCHIVE_DIR, else BACKUP_DIR/wal)")
+PUSH_OPTIONS = (
+    ARCHIVE_DIR,
+    Option("--copy-to", "also write it to COPY_TO/wal (default without --archive-dir: BACKUP_COPY_TO)"),
+    Option("--encrypt-to", "age public keys, comma-separated (default without --archive-dir: "
+                           "BACKUP_ENCRYPT_RECIPIENT)"),
+    Option("--level", "zstd level (default 1)", integer=True, default=1),
+)
+FETCH_OPTIONS = (
+    ARCHIVE_DIR,
+    Option("--copy-to", "fall back to COPY_TO/wal when missing or damaged (default without --archive-dir: "
+                        "BACKUP_COPY_TO)"),
+    Option("--identity-file", "age identity file for an encrypted archive (default without --archive-dir: "
+                              "BACKUP_DECRYPT_IDENTITY_FILE)"),
+    Option("--archive-url", "read the archive from this location alone (s3://bucket/prefix/wal), downloading the "
+                            "next segments ahead: disaster recovery"),
+    Option("--prefetch", f"with --archive-url: segments to download ahead (default {DEFAULT_DEPTH}, 0 = none)",
+           integer=True, default=DEFAULT_DEPTH),
+    Option("--as-of", "with --archive-url: read the bucket as it was at this time (a versioned bucket); no zone "
+                      "means BACKUP_TIMEZONE", metavar="TIME"),
+)
+OPTIONS = {"wal-push": PUSH_OPTIONS, "wal-fetch": FETCH_OPTIONS}
+#: The positional arguments of each command: (name, help).
+ARGUMENTS = {"wal-push": (("path", "the file to archive (%p)"),),
+             "wal-fetch": (("name", "the WAL file name (%f)"), ("destination", "where to write it (%p)"))}
+
+
+class Call(NamedTuple):
+    """A wal-push or wal-fetch command line in the form PostgreSQL runs it."""
+
+    command: str
+    options: dict[str, str]  # by ``Option.dest``
+    arguments: list[str]
+
+
+def parse(argv: list[str]) -> Call | None:
+    """``argv`` as PostgreSQL runs it (an archive location given): the call; None for any other command line."""
+    if not argv or argv[0] not in OPTIONS:
+        return None
+    table = {option.flag: option for option in OPTIONS[argv[0]]}
+    options: dict[str, str] = {}
+    rest = argv[1:]
+    while len(rest) >= 2 and rest[0] in table and table[rest[0]].dest not in options:
+        option = table[rest[0]]
+        if option.integer and not rest[1].isdigit():
+            return None
+        options[option.dest] = rest[1]
+        rest = rest[2:]
+    if len(rest) != len(ARGUMENTS[argv[0]]) or any(a.startswith("-") for a in rest):
+        return None
+    if not (options.get("archive_dir") or options.get("archive_url")):
+        return None
+    return Call(argv[0], options, rest)
+
+
+class FetchRequest(NamedTuple):
+    """What a wal-fetch asks for, however it was given (``parse``, or the full CLI with its settings)."""
+
+    name: str
+    destination: Path
+    archive_dir: Path | None = None
+    archive_url: str | None = None
+    copy_to: str | None = None
+    identity_file: str | None = None
+    prefetch: int = DEFAULT_DEPTH
+    as_of: datetime | None = None
+
+    @classmethod
+    def of(cls, call: Call) -> FetchRequest | None:
+        """The request of a parsed call; None when ``--as-of`` is not an ISO 8601 time with its offset."""
+        from datetime import datetime
+
+        as_of = None
+        if "as_of" in call.options:
+            try:
+                as_of = datetime.fromisoformat(call.options["as_of"])
+            except ValueError:
+                return None
+            if as_of.tzinfo is None:
+                return None
+        archive_dir = call.options.get("archive_dir")
+        return cls(call.arguments[0], Path(call.arguments[1]),
+                   archive_dir=Path(archive_dir).absolute() if archive_dir else None,
+                   archive_url=call.options.get("archive_url"), copy_to=call.options.get("copy_to"),
+                   identity_file=call.options.get("identity_file"),
+                   prefetch=int(call.options.get("prefetch", DEFAULT_DEPTH)), as_of=as_of)
+
+    def problem(self) -> str | None:
+        """Why this request makes no sense (a usage error), or None."""
+        if self.archive_url and (self.archive_dir or self.copy_to):
+            return "--archive-url reads the bucket alone: give it without --archive-dir or --copy-to"
+        if self.as_of is not None and not self.archive_url:
+            return ("--as-of reads a bucket as it was: give it with --archive-url (a local archive keeps no earlier "
+                    "versions)")
+        if self.prefetch < 0:
+            return "--prefetch must be 0 or more"
+        return None
+
+
+def fetch(request: FetchRequest) -> int:
+    """wal-fetch: ``request.name`` restored to ``request.destination``; its size.
+
+    Raises ``WalMissing`` when it is provably not archived; anything else is fatal for recovery.
+    """
+    if request.archive_url:  # the bucket alone (disaster recovery): read-ahead into a spool
+        from backup_tasks.wal.prefetch import fetch_with_prefetch
+
+        return fetch_with_prefetch(request.archive_url, request.name, request.destination,
+                                   identity_file=request.identity_file, as_of=request.as_of,
+                                   depth=min(request.prefetch, MAX_DEPTH))
+    from backup_tasks.errors import ConfigError
+    from backup_tasks.wal.archive import WalArchive
+
+    if request.archive_dir is None:
+        raise ConfigError("wal-fetch needs --archive-dir or --archive-url")
+    archive = WalArchive.in_directory(request.archive_dir, request.copy_to, identity_file=request.identity_file)
+    return archive.fetch(request.name, request.destination)
+
+
+def restore_command_for(command: list[str], url: str, identity_file: object = None, depth: int = DEFAULT_DEPTH,
+                        as_of: datetime | None = None) -> str:
+    """restore_command reading ``url`` (a bucket's ``wal/``, as of ``as_of``) with read-ahead, quoted for the
+    server's shell: the third form above."""
+    import shlex
+    from datetime import UTC
+
+    args = [*map(shlex.quote, command), "wal-fetch", "--archive-url", shlex.quote(url)]
+    if identity_file:
+        args += ["--identity-file", shlex.quote(str(identity_file))]
+    if as_of is not None:
+        args += ["--as-of", as_of.astimezone(UTC).isoformat()]
+    if depth != DEFAULT_DEPTH:
+        args += ["--prefetch", str(depth)]
+    return " ".join([*args, "%f", "%p"])
 
 
 def server_command_fast(argv: list[str]) -> int | None:
     """Run wal-push / wal-fetch given exactly as PostgreSQL runs them; None for anything else."""
-    if len(argv) >= 2 and argv[0] == "wal-fetch" and argv[1] == "--archive-url":
-        from backup_tasks.wal.prefetch import main as fetch_from_bucket  # restoring from the bucket alone
-
-        return fetch_from_bucket(argv[1:])
-    if len(argv) < 4 or argv[0] not in SERVER_COMMANDS or argv[1] != "--archive-dir":
+    call = parse(argv)
+    if call is None:
         return None
-    positional = argv[3:]
-    # BACKUP_COPY_TO, BACKUP_ENCRYPT_RECIPIENT and BACKUP_DECRYPT_IDENTITY_FILE, as archive_command and
-    # restore_command pass them (the server's environment has none of the worker's settings).
-    options: dict[str, str] = {}
-    while len(positional) >= 2 and positional[0] in FAST_OPTIONS and positional[0] not in options:
-        options[positional[0]] = positional[1]
-        positional = positional[2:]
-    if any(a.startswith("-") for a in positional) or len(positional) != (1 if argv[0] == "wal-push" else 2):
-        return None
-    from pathlib import Path
+    if call.command == "wal-push":
+        return _push(call)
+    request = FetchRequest.of(call)
+    if request is None or request.problem() is not None:
+        return None  # the full CLI says what is wrong
+    from backup_tasks.errors import WalMissing
 
-    from backup_tasks.errors import BackupError, WalMissing
-    from backup_tasks.wal.archive import WalArchive
-
-    recipients: tuple[str, ...] = ()
     try:
-        if options.get("--encrypt-to"):
-            from backup_tasks.streams.crypto import parse_recipients
-
-            recipients = parse_recipients(options["--encrypt-to"], setting="--encrypt-to")
-    except BackupError as exc:
-        print(f"backup-tasks {argv[0]}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    archive = WalArchive(Path(argv[2]).absolute(), options.get("--copy-to"), recipients=recipients,
-                         identity_file=options.get("--identity-file"))
-    if argv[0] == "wal-push":
-        try:
-            push_and_record(archive, Path(positional[0]))  # with a copy: pushes the following .ready files ahead
-        except BackupError as exc:
-            print(f"backup-tasks wal-push: error: {exc}", file=sys.stderr)
-            return exc.exit_code
-        return 0
-    try:
-        archive.fetch(positional[0], Path(positional[1]))
+        fetch(request)
     except WalMissing as exc:
         print(f"backup-tasks wal-fetch: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # a gap, damage, an unreadable archive, a bug: anything but "not archived"
         print(f"backup-tasks wal-fetch: FATAL: {exc}", file=sys.stderr)
         return RECOVERY_FATAL
+    return 0
+
+
+def _push(call: Call) -> int | None:
+    if "archive_dir" not in call.options:
+        return None
+    from backup_tasks.errors import BackupError
+    from backup_tasks.wal.archive import WalArchive
+
+    # BACKUP_COPY_TO and BACKUP_ENCRYPT_RECIPIENT, as archive_command passes them (the server's environment
+    # has none of the worker's settings).
+    try:
+        recipients: tuple[str, ...] = ()
+        if call.options.get("encrypt_to"):
+            from backup_tasks.streams.crypto import parse_recipients
+
+            recipients = parse_recipients(call.options["encrypt_to"], setting="--encrypt-to")
+        archive = WalArchive.in_directory(Path(call.options["archive_dir"]).absolute(), call.options.get("copy_to"),
+                                          recipients=recipients)
+        push_and_record(archive, Path(call.arguments[0]), level=int(call.options.get("level", 1)))
+    except BackupError as exc:
+        print(f"backup-tasks wal-push: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 
@@ -88,16 +247,16 @@ def push_and_record(archive: WalArchive, source: Path, *, level: int | None = No
     call this (the fast path above, and the full CLI's ``cmd_wal_push``), so the state misses no segment.
     """
     from backup_tasks.errors import BackupError
-    from backup_tasks.wal.archive import DEFAULT_LEVEL
     from backup_tasks.wal.names import SEGMENT_RE
-    from backup_tasks.wal.pushahead import copy_url, push
+    from backup_tasks.wal.objects import DEFAULT_LEVEL
+    from backup_tasks.wal.pushahead import push
 
-    copy_where = copy_url(archive) if archive.copy_to else None
+    copy_where = archive.copy.location if archive.copy is not None else None
     recorded = bool(SEGMENT_RE.match(source.name))  # history, .partial and .backup files are not "newest WAL"
     try:
         result = push(archive, source, level=DEFAULT_LEVEL if level is None else level)
     except BackupError:
-        if recorded and archive.copy_to:  # stored here before the copy refused it?
+        if recorded and copy_where:  # stored here before the copy refused it?
             _record_state(archive, source.name, copy_where, copy_stored=False)
         raise
     if recorded:
@@ -109,6 +268,8 @@ def _record_state(archive: WalArchive, name: str, copy_where: str | None, *, cop
     from backup_tasks.errors import WalMissing
     from backup_tasks.wal import state
 
+    if archive.root is None:
+        return  # the state file lives beside a local archive
     try:
         completed_at = archive.trailer(name).completed_at
     except WalMissing:

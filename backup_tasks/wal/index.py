@@ -17,8 +17,8 @@ A directory modified within ``RACY_SECONDS`` of the scan is used for this answer
 second change landing in the same timestamp tick as the listing (coarse clocks, filesystems with 1 or
 2 s granularity) would leave its mtime unchanged, and the cached summary must never hide it.
 
-Standard library only: ``wal.archive`` (the wal-push / wal-fetch fast path) imports this lazily, from
-its listing methods, which wal-push never calls.
+Standard library only (and ``storage.files``): ``wal.contents`` reads it, which ``wal.archive`` (the
+wal-push / wal-fetch fast path) imports lazily, from its listing methods, which wal-push never calls.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from operator import itemgetter
 from pathlib import Path
 
 from backup_tasks.errors import BackupError, WalArchiveError
-from backup_tasks.wal.files import HISTORY_DIR, INCOMING_MARK, SUFFIX, replace_file
+from backup_tasks.storage.files import write_atomically
+from backup_tasks.wal.layout import FILE_MODE, HISTORY_DIR, INCOMING_MARK, SUFFIX
 from backup_tasks.wal.names import SEGMENT_RE, kind_of
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,6 @@ def _store(root: Path, summaries: dict[str, DirectorySummary]) -> None:
     body = json.dumps({"format": FORMAT, "directories": {name: s.to_json() for name, s in sorted(summaries.items())}},
                       separators=(",", ":")).encode()
     try:
-        replace_file(root / INDEX_FILE, hashlib.sha256(body).hexdigest().encode() + b"\n" + body,
-                     temp_prefix=f"{INDEX_FILE}.tmp-")
+        write_atomically(root / INDEX_FILE, hashlib.sha256(body).hexdigest().encode() + b"\n" + body, mode=FILE_MODE)
     except OSError as exc:
         log.debug("not caching the WAL archive index in %s: %s", root, exc.strerror)

@@ -15,8 +15,8 @@ archive), not an error. The spool holds at most ``depth`` objects (older and far
 pruned), and is removed when the archive ends (a segment not archived), when the prefetcher has had
 nothing to do for ``IDLE_SECONDS``, and by ``restore-pitr`` when recovery is over.
 
-Form: ``wal-fetch --archive-url URL [--identity-file FILE] [--prefetch K] NAME PATH`` (built by
-``restore_command_for``); exit codes as ``wal.command``: 0, 1 not archived, 200 fatal.
+``fetch_with_prefetch`` serves ``wal-fetch --archive-url URL ... NAME PATH`` (its command line, exit
+codes and ``restore_command_for``: ``wal.command``).
 """
 
 from __future__ import annotations
@@ -26,30 +26,28 @@ import fcntl
 import hashlib
 import logging
 import os
-import shlex
 import shutil
 import struct
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backup_tasks.errors import BackupError, WalCorrupt, WalMissing
-from backup_tasks.wal.archive import TRAILER_SIZE, object_key, parse_trailer
+from backup_tasks.errors import WalCorrupt, WalMissing
+from backup_tasks.storage.files import PRIVATE_MODES, write_atomically
+from backup_tasks.wal.archive import restore_file
+from backup_tasks.wal.layout import object_key
 from backup_tasks.wal.names import SEGMENT_RE, segment_name, segment_number, timeline_of
-from backup_tasks.wal.remote import RemoteWalArchive
+from backup_tasks.wal.objects import TRAILER_SIZE, parse_trailer, verified_chunks
 
 if TYPE_CHECKING:
     from backup_tasks.storage.base import Storage
+    from backup_tasks.wal.archive import WalArchive
 
 log = logging.getLogger(__name__)
 
-OPTION = "--archive-url"
-DEFAULT_DEPTH = 8
-MAX_DEPTH = 64
 SPOOL_PREFIX = ".backup-tasks-prefetch-"
 IDLE_SECONDS = 20.0  # the prefetcher exits (and empties the spool) after this long without a request
 WAIT_SECONDS = 120.0  # a call waits this long for a segment the prefetcher is downloading right now
@@ -62,28 +60,14 @@ MISSING_MARK = ".missing"
 POLL_SECONDS = 0.02
 WANTED_FILE = "wanted"
 LOCK_FILE = "lock"
+#: What a spooled object being written carries in its temporary name (``storage.files.AtomicFile``).
 PART_MARK = ".part-"
-RECOVERY_FATAL = 200  # as wal.command (not imported: it imports this module)
 
 # The long page header at the start of every WAL segment (little-endian, PostgreSQL 9.3+):
 # xlp_magic, xlp_info, xlp_tli, xlp_pageaddr, xlp_rem_len, (padding), xlp_sysid, xlp_seg_size.
 _LONG_HEADER = struct.Struct("<HHIQI4xQI")
 _XLP_LONG_HEADER = 0x0002
 MIN_SEGMENT, MAX_SEGMENT = 1 << 20, 1 << 30
-
-
-def restore_command_for(command: list[str], url: str, identity_file: object = None,
-                        depth: int = DEFAULT_DEPTH, as_of: datetime | None = None) -> str:
-    """restore_command reading ``url`` (a bucket's ``wal/``, as of ``as_of``) with read-ahead, quoted for the
-    server's shell."""
-    args = [*map(shlex.quote, command), "wal-fetch", OPTION, shlex.quote(url)]
-    if identity_file:
-        args += ["--identity-file", shlex.quote(str(identity_file))]
-    if as_of is not None:
-        args += ["--as-of", as_of.astimezone(UTC).isoformat()]
-    if depth != DEFAULT_DEPTH:
-        args += ["--prefetch", str(depth)]
-    return " ".join([*args, "%f", "%p"])
 
 
 def check_segment_header(name: str, first: bytes, size: int) -> None:
@@ -114,7 +98,7 @@ class Spool:
 
     def ensure(self) -> bool:
         try:
-            self.dir.mkdir(mode=0o700, exist_ok=True)
+            self.dir.mkdir(mode=PRIVATE_MODES.directory, exist_ok=True)  # the server user's alone
         except OSError:
             return False
         return True
@@ -129,7 +113,7 @@ class Spool:
         return sorted(e for e in self.entries() if SEGMENT_RE.match(e))
 
     def in_flight(self, name: str) -> bool:
-        return any(e.startswith(f"{name}{PART_MARK}") for e in self.entries())
+        return any(e.startswith(f".{name}{PART_MARK}") for e in self.entries())
 
     def mark_missing(self, name: str, missing: bool = True) -> None:
         """Record that the bucket has no ``name`` (yet), so a call waiting for it stops waiting."""
@@ -143,10 +127,8 @@ class Spool:
         return (self.dir / f"{name}{MISSING_MARK}").exists()
 
     def note_wanted(self, name: str, segment_size: int) -> None:
-        temp = self.dir / f".{WANTED_FILE}-{uuid.uuid4().hex[:8]}"
         with contextlib.suppress(OSError):
-            temp.write_text(f"{name} {segment_size}\n")
-            os.replace(temp, self.dir / WANTED_FILE)
+            write_atomically(self.dir / WANTED_FILE, f"{name} {segment_size}\n".encode(), mode=None)
 
     def wanted(self) -> tuple[str, int] | None:
         try:
@@ -157,14 +139,8 @@ class Spool:
 
     def put(self, name: str, data: bytes) -> None:
         """Publish a downloaded object (a temporary name, then rename: a reader never sees half of one)."""
-        temp = self.dir / f"{name}{PART_MARK}{uuid.uuid4().hex[:8]}"
-        try:
-            temp.write_bytes(data)
-            os.replace(temp, self.path(name))
-            self.mark_missing(name, False)
-        finally:
-            with contextlib.suppress(OSError):
-                temp.unlink()
+        write_atomically(self.path(name), data, mode=None, mark=PART_MARK)
+        self.mark_missing(name, False)
 
     def prune(self, keep: set[str]) -> None:
         """Remove spooled objects (and missing marks) of segments outside ``keep``: the spool stays bounded."""
@@ -174,9 +150,9 @@ class Spool:
                 with contextlib.suppress(OSError):
                     self.path(entry).unlink()
 
-    def take(self, name: str, destination: Path, archive: RemoteWalArchive) -> int | None:
+    def take(self, name: str, destination: Path, identity_file: str | Path | None = None) -> int | None:
         """Hand the spooled ``name`` over to ``destination`` once verified; None when there is no good copy."""
-        claimed = self.dir / f".taking-{name}-{uuid.uuid4().hex[:8]}"
+        claimed = self.dir / f".taking-{name}-{os.urandom(4).hex()}"
         try:
             os.rename(self.path(name), claimed)  # ours alone now: the prefetcher cannot prune it midway
         except OSError:
@@ -187,8 +163,8 @@ class Spool:
                 if time.time() - stat.st_mtime > STALE_SECONDS:
                     log.warning("discarded a stale prefetched copy of %s; fetching it again", name)
                     return None
-                chunks = archive._verified_stream(fh, stat.st_size, name, hashlib.sha256())
-                return archive._write_atomically(name, destination, _checked_segment(name, chunks))
+                chunks = verified_chunks(fh, stat.st_size, name, hashlib.sha256(), identity_file=identity_file)
+                return restore_file(name, destination, _checked_segment(name, chunks))
         except WalCorrupt as exc:
             log.warning("discarded a damaged prefetched copy of %s (%s); fetching it again", name, exc)
             return None
@@ -212,7 +188,7 @@ def _checked_segment(name: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
         yield chunk
     if first:
         raise WalCorrupt(f"the prefetched {name} is empty")
-    check_segment_header(name, header, size)  # before _write_atomically renames it into place
+    check_segment_header(name, header, size)  # before restore_file renames it into place
 
 
 def following(name: str, segment_size: int, depth: int) -> list[str]:
@@ -226,7 +202,7 @@ def following(name: str, segment_size: int, depth: int) -> list[str]:
 def _lock(spool: Spool) -> int | None:
     """The prefetcher's lock held by this process (an fd), or None when another prefetcher holds it."""
     try:
-        fd = os.open(spool.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(spool.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, PRIVATE_MODES.lock_file)
     except OSError:
         return None
     try:
@@ -303,8 +279,7 @@ def run_prefetcher(spool: Spool, url: str, depth: int, *, idle: float = IDLE_SEC
 
     from backup_tasks.storage.locations import open_storage
 
-    storage = storage or open_storage(url, setting="BACKUP_DIR", as_of=as_of)
-    getattr(storage, "client", None)  # one client, made before the threads share it
+    storage = storage or open_storage(url, setting="BACKUP_DIR", as_of=as_of, read_only=True)
     in_flight: dict[str, Future[bool]] = {}
     retry_at: dict[str, float] = {}
     last: tuple[str, int] | None = None
@@ -345,26 +320,34 @@ def run_prefetcher(spool: Spool, url: str, depth: int, *, idle: float = IDLE_SEC
 
 # --- the command -----------------------------------------------------------------------------------------
 
-def fetch_with_prefetch(archive: RemoteWalArchive, name: str, destination: Path, *, depth: int = DEFAULT_DEPTH,
-                        spool: Spool | None = None) -> int:
-    """Restore ``name`` to ``destination`` from the spool when it is there (verified), else from the bucket."""
+def fetch_with_prefetch(url: str, name: str, destination: Path, *, depth: int,
+                        identity_file: str | Path | None = None, as_of: datetime | None = None,
+                        spool: Spool | None = None, archive: WalArchive | None = None) -> int:
+    """Restore ``name`` from the archive at ``url`` (as of ``as_of``) to ``destination``: from the spool when it
+    is there (verified), else from the bucket; then keep the next ``depth`` segments coming."""
     if not SEGMENT_RE.match(name) or depth <= 0:
-        return archive.fetch(name, destination)
-    spool = spool or Spool.beside(destination, archive.url, archive.as_of)
-    size = spool.take(name, destination, archive)
+        return (archive or _archive(url, identity_file, as_of)).fetch(name, destination)
+    spool = spool or Spool.beside(destination, url, as_of)
+    size = spool.take(name, destination, identity_file)
     if size is None and _await_prefetched(spool, name, depth):
-        size = spool.take(name, destination, archive)
-    if size is None:
+        size = spool.take(name, destination, identity_file)
+    if size is None:  # only now is the bucket opened (a spooled segment never imports boto3)
         try:
-            size = archive.fetch(name, destination)
+            size = (archive or _archive(url, identity_file, as_of)).fetch(name, destination)
         except WalMissing:
             spool.clear()  # the end of the archived WAL: recovery is ending, the read-ahead is done
             raise
     if MIN_SEGMENT <= size <= MAX_SEGMENT and size & (size - 1) == 0 and spool.ensure():
         spool.note_wanted(name, size)
         if not prefetcher_alive(spool):
-            start_prefetcher(spool, archive.url, depth, archive.as_of)
+            start_prefetcher(spool, url, depth, as_of)
     return size
+
+
+def _archive(url: str, identity_file: str | Path | None, as_of: datetime | None) -> WalArchive:
+    from backup_tasks.wal.remote import archive_at
+
+    return archive_at(url, identity_file=identity_file, as_of=as_of)
 
 
 def _await_prefetched(spool: Spool, name: str, depth: int) -> bool:
@@ -384,41 +367,6 @@ def _await_prefetched(spool: Spool, name: str, depth: int) -> bool:
             return False
         time.sleep(POLL_SECONDS)
     return False
-
-
-def main(argv: list[str]) -> int:
-    """``wal-fetch --archive-url URL [--identity-file F] [--prefetch K] [--as-of T] NAME PATH`` (argv without
-    the command)."""
-    options: dict[str, str] = {}
-    rest = list(argv)
-    while len(rest) >= 2 and rest[0] in (OPTION, "--identity-file", "--prefetch", "--as-of") \
-            and rest[0] not in options:
-        options[rest[0]] = rest[1]
-        rest = rest[2:]
-    depth_text = options.get("--prefetch", str(DEFAULT_DEPTH))
-    try:
-        as_of = datetime.fromisoformat(options["--as-of"]) if "--as-of" in options else None
-    except ValueError:
-        as_of = None
-        rest = []  # an --as-of that is not an ISO 8601 time with its offset: usage error below
-    if OPTION not in options or len(rest) != 2 or any(a.startswith("-") for a in rest) or not depth_text.isdigit() \
-            or (as_of is not None and as_of.tzinfo is None):
-        print(f"backup-tasks wal-fetch: usage: wal-fetch {OPTION} URL [--identity-file FILE] [--prefetch K] "
-              f"[--as-of ISO-TIME-WITH-OFFSET] NAME PATH", file=sys.stderr)
-        return 2
-    archive = RemoteWalArchive(options[OPTION], identity_file=options.get("--identity-file"), as_of=as_of)
-    try:
-        fetch_with_prefetch(archive, rest[0], Path(rest[1]), depth=min(int(depth_text), MAX_DEPTH))
-    except WalMissing as exc:
-        print(f"backup-tasks wal-fetch: {exc}", file=sys.stderr)
-        return 1
-    except BackupError as exc:
-        print(f"backup-tasks wal-fetch: FATAL: {exc}", file=sys.stderr)
-        return RECOVERY_FATAL
-    except Exception as exc:  # a bug or an unreadable bucket: never "not archived", which would end recovery early
-        print(f"backup-tasks wal-fetch: FATAL: {exc}", file=sys.stderr)
-        return RECOVERY_FATAL
-    return 0
 
 
 def clear_spools(wal_dir: Path) -> None:

@@ -28,18 +28,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backup_tasks.wal.archive import (
-    COPY_SUBDIR,
-    DEFAULT_LEVEL,
-    TRAILER_SIZE,
-    PushResult,
-    WalArchive,
-    file_sha256,
-    object_key,
-    parse_trailer,
-)
-from backup_tasks.wal.files import replace_file
+from backup_tasks.storage.files import TEMP_MARK, is_temporary, make_dirs, write_atomically
+from backup_tasks.wal.archive import PushResult, WalArchive
+from backup_tasks.wal.layout import DIR_MODE, FILE_MODE, object_key
 from backup_tasks.wal.names import kind_of
+from backup_tasks.wal.objects import DEFAULT_LEVEL, TRAILER_SIZE, file_sha256, parse_trailer
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -57,12 +50,14 @@ AHEAD_SECONDS = 30.0
 #: A marker older than this proves nothing (its file takes the slow path) and is swept: it waits only for
 #: its file's own call, seconds or minutes later; a day bounds what WAL expiry or a hand could do meanwhile.
 STALE_MARKER_SECONDS = 86400.0
-TEMP_MARK = ".tmp-"
 
 
 def push(archive: WalArchive, source: Path, *, level: int = DEFAULT_LEVEL) -> PushResult:
-    """``wal-push``: ``source`` stored in the archive and its copy, then its following ``.ready`` files ahead."""
-    if archive.copy_to is None:
+    """``wal-push``: ``source`` stored in the archive and its copy, then its following ``.ready`` files ahead.
+
+    Push-ahead needs the archive in a local directory (its markers live there) and a copy to skip.
+    """
+    if archive.copy is None or archive.root is None:
         return archive.push(source, level=level)
     acknowledged = acknowledge_from_marker(archive, source)
     if acknowledged is not None:
@@ -72,12 +67,17 @@ def push(archive: WalArchive, source: Path, *, level: int = DEFAULT_LEVEL) -> Pu
 
 def copy_url(archive: WalArchive) -> str:
     """The copy location a marker vouches for (a marker for another BACKUP_COPY_TO proves nothing)."""
-    assert archive.copy_to is not None
-    return f"{archive.copy_to.rstrip('/')}/{COPY_SUBDIR}"
+    assert archive.copy is not None
+    return archive.copy.location
+
+
+def marker_dir(archive: WalArchive) -> Path:
+    assert archive.root is not None
+    return archive.root / MARKER_DIR
 
 
 def marker_path(archive: WalArchive, name: str) -> Path:
-    return archive.root / MARKER_DIR / name
+    return marker_dir(archive) / name
 
 
 def acknowledge_from_marker(archive: WalArchive, source: Path) -> PushResult | None:
@@ -115,7 +115,7 @@ def acknowledge_from_marker(archive: WalArchive, source: Path) -> PushResult | N
 
     if digest != trailer.sha256 or size != trailer.size:
         # Checks again and raises WalConflict, explained as for any repeated push with other content.
-        return archive._already_archived(source, name, final)
+        return archive.already_archived(source)
     _remove_marker(archive, name)  # acknowledged: the marker has done its job
     return PushResult(name, object_key(name), "already-archived", size, stat.st_size)
 
@@ -153,7 +153,6 @@ def push_with_ahead(archive: WalArchive, source: Path, *, level: int = DEFAULT_L
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    archive.copy_storage()  # opened once, before the threads share it (boto3 clients are thread-safe)
     deadline = time.monotonic() + AHEAD_SECONDS
     pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="wal-push")
     submitted: set[str] = set()
@@ -191,7 +190,7 @@ def _store_ahead(archive: WalArchive, source: Path, level: int, deadline: float)
     if time.monotonic() > deadline or not source.is_file():
         return
     name = source.name
-    archive._push_local(source, level=level)
+    archive.push(source, level=level, copy=False)
     final = archive.path_for(name)
     with open(final, "rb") as fh:  # the object, and the stat describing it, from one open file
         stat = os.fstat(fh.fileno())
@@ -210,9 +209,9 @@ def _write_marker(archive: WalArchive, name: str, content: dict[str, object]) ->
 
     Not fsynced: a marker lost in a crash only sends its file down the slow path again.
     """
-    directory = archive.root / MARKER_DIR
-    archive.ensure_subdir(directory)
-    replace_file(directory / name, json.dumps(content).encode(), temp_prefix=f"{TEMP_MARK}{name}-")
+    directory = marker_dir(archive)
+    make_dirs(directory, DIR_MODE, inside=archive.root)
+    write_atomically(directory / name, json.dumps(content).encode(), mode=FILE_MODE)
 
 
 def _remove_marker(archive: WalArchive, name: str) -> None:
@@ -238,7 +237,7 @@ def _read_marker(path: Path) -> dict[str, object] | None:
 
 def _sweep_markers(archive: WalArchive) -> None:
     """Remove markers nobody asked for in a week (a timeline switch, a server gone) and stray temporaries."""
-    directory = archive.root / MARKER_DIR
+    directory = marker_dir(archive)
     now = time.time()
     try:
         entries = os.listdir(directory)
@@ -248,7 +247,7 @@ def _sweep_markers(archive: WalArchive) -> None:
         path = directory / entry
         try:
             age = now - path.stat().st_mtime
-            if age > STALE_MARKER_SECONDS or (entry.startswith(TEMP_MARK) and age > 3600):
+            if age > STALE_MARKER_SECONDS or (is_temporary(entry, TEMP_MARK) and age > 3600):
                 path.unlink()
         except OSError:
             continue

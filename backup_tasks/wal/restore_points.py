@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from pathlib import Path
 
 import psycopg
 
@@ -25,10 +23,9 @@ from backup_tasks.errors import ConfigError, RestoreRefused, StorageError
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.failures import first_line
 from backup_tasks.settings import Settings
-from backup_tasks.wal.archive import RESTORE_POINT_DIR, WalArchive
-from backup_tasks.wal.files import replace_file
+from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.layout import RESTORE_POINT_DIR
 from backup_tasks.wal.names import position, timeline_of
-from backup_tasks.wal.remote import RemoteWalArchive
 
 
 @dataclass(frozen=True)
@@ -54,35 +51,21 @@ def restore_point_key(point: RestorePoint) -> str:
     return f"{RESTORE_POINT_DIR}/{point.segment}-{_safe(point.name)}.json"
 
 
-def save_restore_point(archive: WalArchive, point: RestorePoint) -> Path:
-    """Record a restore point in the archive (mode 0640, like the WAL it refers to) and in its copy."""
-    path = archive.root / restore_point_key(point)
-    archive.ensure_subdir(path.parent)
-    document = json.dumps(asdict(point), indent=2).encode()
-    replace_file(path, document, temp_prefix=f".{path.name}.tmp-", fsync=True)
-    copy = archive.copy_storage()
-    if copy is not None:
-        copy.put_bytes(restore_point_key(point), document)
-    return path
+def save_restore_point(archive: WalArchive, point: RestorePoint) -> str:
+    """Record a restore point in the archive (fsynced, mode 0640 like the WAL it refers to), then in its copy;
+    its key."""
+    key = restore_point_key(point)
+    archive.put_record(key, json.dumps(asdict(point), indent=2).encode())
+    return key
 
 
 def _documents(archive: WalArchive) -> Iterator[bytes]:
-    """The stored restore point records: files of a local archive, objects of a bucket-only one."""
-    if isinstance(archive, RemoteWalArchive):
-        for key in sorted(archive.listing()):  # the archive's one cached listing: no extra request
-            if key.startswith(f"{RESTORE_POINT_DIR}/") and key.endswith(".json"):
-                with contextlib.suppress(StorageError):
-                    yield archive.storage.read_bytes(key)
-        return
-    directory = archive.root / RESTORE_POINT_DIR
-    try:
-        entries = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return
-    for entry in entries:
-        if entry.endswith(".json") and not entry.startswith("."):
-            with contextlib.suppress(OSError):
-                yield (directory / entry).read_bytes()
+    """The stored restore point records (unreadable ones skipped): where the archive lists them cheapest
+    (a directory's listing; a bucket's one listing of the whole archive, no extra request)."""
+    for key in archive.contents.keys(f"{RESTORE_POINT_DIR}/"):
+        if key.endswith(".json"):
+            with contextlib.suppress(StorageError):
+                yield archive.primary.read_bytes(key)
 
 
 def restore_points(archive: WalArchive) -> list[RestorePoint]:
@@ -100,11 +83,7 @@ def restore_points(archive: WalArchive) -> list[RestorePoint]:
 def delete_restore_point(archive: WalArchive, point: RestorePoint) -> None:
     """Remove a record from the copy, then the archive (prune, with the WAL it points into): a copy that refuses
     (``ObjectLocked``) leaves the local record listed for the next prune."""
-    copy = archive.copy_storage()
-    if copy is not None:
-        copy.delete(restore_point_key(point))
-    with contextlib.suppress(FileNotFoundError):
-        (archive.root / restore_point_key(point)).unlink()
+    archive.delete_record(restore_point_key(point))
 
 
 log = logging.getLogger(__name__)
@@ -142,7 +121,7 @@ def create_restore_point(settings: Settings, name: str, *, trading_day: str | No
         archive.ensure()
         save_restore_point(archive, point)
     except (OSError, StorageError) as exc:  # the point is in the WAL: PostgreSQL finds it by name without us
-        log.warning("restore point %s created at %s but not recorded in %s: %s", name, lsn, archive.root, exc)
+        log.warning("restore point %s created at %s but not recorded in %s: %s", name, lsn, archive.location, exc)
     return point
 
 

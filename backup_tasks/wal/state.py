@@ -14,8 +14,9 @@ moves only forward (by ``completed_at``, then segment name): a repeated push of 
 crash never makes the state look older than it is. ``copy`` is dropped when a push runs without a copy
 (BACKUP_COPY_TO removed), and kept as it was when the copy failed: it then shows how far the copy is behind.
 
-Part of the per-segment fast path: the standard library only (and ``wal.names``). Writes are atomic (a
-temporary file renamed over) under a short ``flock`` on ``.state.lock``, so concurrent pushers never
+Part of the per-segment fast path: the standard library only (and ``wal.names``, ``storage.files``).
+Writes are atomic (``storage.files.write_atomically``: a temporary file renamed over) under a short
+``flock`` on ``.state.lock``, so concurrent pushers never
 interleave a read-modify-write; one that cannot get the lock within ``LOCK_WAIT`` skips its update
 (the next segment's push records the newer one). ``record`` never raises: the state is advisory and
 must never fail a push; an error is logged (PostgreSQL's log, through stderr) and ignored.
@@ -31,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from backup_tasks.wal.files import replace_file
+from backup_tasks.storage.files import WAL_MODES, write_atomically
 from backup_tasks.wal.names import position
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,14 @@ STATE_FILE = ".state.json"
 LOCK_FILE = ".state.lock"
 STATE_VERSION = 1
 #: Group-writable: the server's OS user and root (a manual ``wal-push``) both lock it.
-LOCK_MODE = 0o660
+LOCK_MODE = WAL_MODES.lock_file
 #: How long a pusher waits for another's update before skipping its own (seconds).
 LOCK_WAIT = 1.0
 #: The two locations a segment is stored in: the local archive and BACKUP_COPY_TO's ``wal/``.
 ARCHIVE = "archive"
 COPY = "copy"
-TEMP_MARK = ".state.json.tmp-"
+#: What the state file's temporary name starts with while it is written (``storage.files.temporary_name``).
+TEMP_MARK = f"{STATE_FILE}.tmp-"
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,14 @@ def state_path(root: Path) -> Path:
     return Path(root) / STATE_FILE
 
 
-def read(root: Path) -> dict[str, Newest]:
-    """The recorded newest segment per location; ``{}`` when nothing was recorded yet.
+def read(root: Path | None) -> dict[str, Newest]:
+    """The recorded newest segment per location; ``{}`` when nothing was recorded yet (or the archive is no
+    local directory, which is where the state file lives).
 
     Raises ``StateUnreadable`` when the file is there but unreadable (permissions, damage).
     """
+    if root is None:
+        return {}
     try:
         raw = state_path(root).read_bytes()
     except FileNotFoundError:
@@ -169,4 +174,4 @@ def _lock(root: Path) -> int | None:
 def _write(root: Path, entries: dict[str, Newest]) -> None:
     """Atomically; not fsynced: a state lost in a crash is rewritten by the next push."""
     document = {"v": STATE_VERSION, "locations": {name: asdict(e) for name, e in sorted(entries.items())}}
-    replace_file(state_path(root), json.dumps(document).encode(), temp_prefix=TEMP_MARK)
+    write_atomically(state_path(root), json.dumps(document).encode(), mode=WAL_MODES.file)

@@ -92,7 +92,7 @@ def test_a_fresh_deployment_archives_its_first_segment_without_check(base: Path)
             segment = str(conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0])
         # Where the worker (BACKUP_DIR on the same volume) looks for WAL.
         worker_archive = Settings.from_env(environment(service(compose, "worker"))).wal_archive
-        archive = WalArchive(volume / worker_archive.relative_to(mount))
+        archive = WalArchive.in_directory(volume / worker_archive.relative_to(mount))
         wait_archived(archive, segment, timeout=30)
         with connect(cluster.conninfo()) as conn:
             failed = conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()[0]

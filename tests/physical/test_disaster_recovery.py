@@ -22,6 +22,7 @@ from pathlib import Path
 import botocore.exceptions
 import pytest
 
+from backup_tasks.errors import StorageReadOnly
 from backup_tasks.physical.snapshot import take_snapshot
 from backup_tasks.postgres.cluster import ThrowawayCluster, as_server_user
 from backup_tasks.postgres.connect import connect
@@ -33,7 +34,7 @@ from backup_tasks.wal.archive import WalArchive, object_key
 from backup_tasks.wal.coverage import coverage
 from backup_tasks.wal.names import segment_name
 from backup_tasks.wal.prefetch import SPOOL_PREFIX, Spool
-from backup_tasks.wal.remote import RemoteWalArchive, archive_for_reading
+from backup_tasks.wal.remote import archive_at, archive_for_reading
 from backup_tasks.wal.restore_points import create_restore_point, restore_points
 from tests.support.crypto import write_identity_file
 from tests.support.paths import BACKUP_TASKS, ROOT
@@ -55,7 +56,7 @@ def fake_segment(segno: int, size: int = MIB) -> bytes:
 def bucket_archive(tmp_path: Path, s3_env: S3Server) -> Iterator[tuple[str, list[str], dict[str, bytes]]]:
     """Twelve 1 MiB segments pushed with BACKUP_COPY_TO to a bucket, the local archive then deleted."""
     copy_to = f"s3://{s3_env.new_bucket()}/prod"
-    archive = WalArchive(tmp_path / "archive", copy_to)
+    archive = WalArchive.in_directory(tmp_path / "archive", copy_to)
     archive.ensure()
     contents: dict[str, bytes] = {}
     for segno in range(1, 13):
@@ -82,20 +83,32 @@ def wait_for(condition: object, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def test_the_bucket_is_read_as_an_archive(bucket_archive: tuple[str, list[str], dict[str, bytes]]) -> None:
+def test_the_bucket_is_read_as_an_archive(bucket_archive: tuple[str, list[str], dict[str, bytes]],
+                                         tmp_path: Path) -> None:
+    """The same ``WalArchive``, over the bucket's ``wal/`` opened read-only: one listing, one ranged GET a trailer."""
     url, names, _contents = bucket_archive
     settings = Settings(backup_dir=url.removesuffix("/wal"))
     archive = archive_for_reading(settings)
-    assert isinstance(archive, RemoteWalArchive) and archive.url == url
+    assert archive.location == url and archive.root is None and archive.copy is None
+    assert archive.features.read_only  # writes are refused before they reach the bucket
     assert settings.wal_archive_url == url
     with pytest.raises(Exception, match="WAL_ARCHIVE_DIR"):
         _ = settings.wal_archive  # writers still need a local archive
+    requests: list[str] = []
+    archive.primary.inner.client.meta.events.register(  # type: ignore[attr-defined]
+        "before-call.s3", lambda model, params, **_: requests.append(
+            f"{model.name}{' range' if 'Range' in params.get('headers', {}) else ''}"))
     assert archive.segment_names() == names and archive.exists(names[3])
     assert not archive.exists("000000010000000000000FFF")
     assert archive.trailer(names[-1]).size == MIB
     cov = coverage(archive, names[0], MIB)
     assert cov.end_segment == names[-1] and cov.segments == 12 and cov.gap is None
-    assert not isinstance(archive_for_reading(Settings(backup_dir="/x")), RemoteWalArchive)
+    assert requests == ["ListObjectsV2", "GetObject range"], "one listing, kept; a trailer is one ranged GET"
+    (tmp_path / names[0]).write_bytes(fake_segment(1))
+    with pytest.raises(StorageReadOnly):
+        archive.push(tmp_path / names[0])
+    local = archive_for_reading(Settings(backup_dir="/x"))
+    assert local.root == Path("/x/wal") and not local.features.read_only
 
 
 def test_wal_fetch_reads_ahead_into_a_verified_spool(
@@ -154,7 +167,7 @@ def test_history_files_gaps_and_unreadable_buckets(
     S3Storage.from_url(url).delete(object_key(names[5]))
     gap = wal_fetch(url, names[5], tmp_path / "RECOVERYXLOG", env)
     assert gap.returncode == 200 and "gap" in gap.stderr  # later segments exist: fatal, not the end of WAL
-    assert coverage(RemoteWalArchive(url), names[0], MIB).gap == names[5]
+    assert coverage(archive_at(url), names[0], MIB).gap == names[5]
     missing = wal_fetch(url, "00000002.history", tmp_path / "RECOVERYHISTORY", env)
     assert missing.returncode == 1 and not (tmp_path / "RECOVERYHISTORY").exists()
     bad = wal_fetch("s3://no-such-bucket-bt/prod/wal", segment_name(1, 1, MIB), tmp_path / "x", env)
@@ -166,7 +179,7 @@ def test_encrypted_wal_is_read_ahead_and_decrypted_on_hand_over(tmp_path: Path, 
     key_file = tmp_path / "wal.key"
     public = write_identity_file(key_file)
     copy_to = f"s3://{s3_env.new_bucket()}/prod"
-    archive = WalArchive(tmp_path / "archive", copy_to, recipients=(public,))
+    archive = WalArchive.in_directory(tmp_path / "archive", copy_to, recipients=(public,))
     archive.ensure()
     names = [segment_name(1, segno, MIB) for segno in range(1, 4)]
     for segno, name in enumerate(names, start=1):
@@ -199,7 +212,7 @@ def test_encrypted_wal_is_read_ahead_and_decrypted_on_hand_over(tmp_path: Path, 
 def test_the_full_cli_reads_the_bucket_alone_too(tmp_path: Path, s3_env: S3Server) -> None:
     """``wal-fetch --json --archive-url`` (not the form PostgreSQL runs) takes the argparse path: same answer."""
     copy_to = f"s3://{s3_env.new_bucket()}/prod"
-    archive = WalArchive(tmp_path / "archive", copy_to)
+    archive = WalArchive.in_directory(tmp_path / "archive", copy_to)
     archive.ensure()
     name = segment_name(1, 1, MIB)
     (tmp_path / name).write_bytes(fake_segment(1))
@@ -279,7 +292,7 @@ def test_restore_pitr_from_the_bucket_alone(s3_env: S3Server, monkeypatch: pytes
         data_dir.parent.chmod(0o711)
         fresh = Settings(backup_dir=copy_to)  # the old BACKUP_COPY_TO; no WAL_ARCHIVE_DIR, no DATABASE_URL
         # The restore point's record went to the bucket too: --target-name works from there alone.
-        assert restore_points(RemoteWalArchive(f"{copy_to}/wal")) == [mark]
+        assert restore_points(archive_at(f"{copy_to}/wal")) == [mark]
         listed = run_cli("list", "--json", env=cli_env(fresh))
         assert listed.returncode == 0, listed.stderr
         restorable = json.loads(listed.stdout)["restorable"]

@@ -120,7 +120,7 @@ def copy_archive(source: WalArchive, destination: Path) -> WalArchive:
         os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE)
         if ids is not None:
             os.chown(path, *ids)
-    return WalArchive(destination)
+    return WalArchive.in_directory(destination)
 
 
 def segments_after_snapshot(scenario: Scenario, archive: WalArchive) -> list[str]:

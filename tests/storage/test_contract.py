@@ -17,13 +17,16 @@ from typing import BinaryIO
 
 import pytest
 
-from backup_tasks.errors import ObjectMissing, StorageAuthFailed, StorageError
-from backup_tasks.storage import s3 as s3_driver
-from backup_tasks.storage.base import ObjectWriter, Storage
+from backup_tasks.errors import ObjectMissing, StorageAuthFailed, StorageError, StorageReadOnly
+from backup_tasks.storage.base import PARTIAL_MARK, Features, ObjectWriter, Storage
+from backup_tasks.storage.copies import BACKUPS, WAL, CopyPolicy, Mirror, Outcome, Written
 from backup_tasks.storage.local import LocalStorage, LocalWriter
 from backup_tasks.storage.memory import MemoryStorage, MemoryWriter
 from backup_tasks.storage.mirrored import MirroredStorage
+from backup_tasks.storage.objectlock import ObjectLock
+from backup_tasks.storage.readonly import ReadOnlyStorage
 from backup_tasks.storage.s3 import MIB, S3Options, S3Storage, S3Writer
+from backup_tasks.storage.s3 import uploads as s3_uploads
 
 DRIVERS = ["memory", "local", "s3", "mirrored"]
 
@@ -33,6 +36,7 @@ class Driver:
     storage: Storage
     #: Enough bytes that an unfinished writer has left something behind (S3: one uploaded part).
     partial_size: int
+    kind: str = ""
 
     def abandon(self, writer: ObjectWriter) -> None:
         """What a killed process leaves: the writer is neither committed nor aborted, and nobody owns it."""
@@ -40,7 +44,8 @@ class Driver:
             if inner is not None:
                 self.abandon(inner)
         if isinstance(writer, LocalWriter) and writer._file is not None:
-            writer._file.close()  # the kernel drops the writer's flock, as when its process dies
+            assert writer._file.file is not None
+            writer._file.file.close()  # the kernel drops the writer's flock, as when its process dies
             writer._file = None
         if isinstance(writer, MemoryWriter):
             writer.storage._writers.pop(writer.partial_key, None)  # the writer object is gone
@@ -49,21 +54,20 @@ class Driver:
                 future.result()
             if writer._pool is not None:
                 writer._pool.shutdown(wait=True)
-            with s3_driver._live_lock:
-                s3_driver._live_uploads.discard(str(writer._upload_id))
+            s3_uploads.LIVE_UPLOADS.discard(str(writer._upload_id))
 
 
 @pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest, tmp_path: Path) -> Driver:
     kind = request.param
     if kind == "memory":
-        return Driver(MemoryStorage(), 100)
+        return Driver(MemoryStorage(), 100, kind)
     if kind == "local":
-        return Driver(LocalStorage(tmp_path / "backups"), 100)
+        return Driver(LocalStorage(tmp_path / "backups"), 100, kind)
     if kind == "mirrored":
-        return Driver(MirroredStorage(LocalStorage(tmp_path / "primary"), MemoryStorage("copy")), 100)
+        return Driver(MirroredStorage(LocalStorage(tmp_path / "primary"), MemoryStorage("copy")), 100, kind)
     bucket_url: str = request.getfixturevalue("bucket_url")
-    return Driver(S3Storage.from_url(bucket_url, S3Options(part_size=5 * MIB)), 6 * MIB)
+    return Driver(S3Storage.from_url(bucket_url, S3Options(part_size=5 * MIB)), 6 * MIB, kind)
 
 
 def payload(size: int, seed: int = 1) -> bytes:
@@ -127,7 +131,7 @@ def test_abort_leaves_nothing(driver: Driver) -> None:
 def test_a_dead_writers_partial_is_invisible_until_clear_partials_removes_it(driver: Driver,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # An upload that moved within LIVE_UPLOAD_SECONDS may have a live writer elsewhere: this one is known dead.
-    monkeypatch.setattr(s3_driver, "LIVE_UPLOAD_SECONDS", 0)
+    monkeypatch.setattr(s3_uploads, "LIVE_UPLOAD_SECONDS", 0)
     storage = driver.storage
     writer = storage.writer("aitrapp-dump-1.dump.zst")
     writer.write(payload(driver.partial_size))
@@ -170,6 +174,55 @@ def test_a_key_outside_the_location_is_refused_not_missing(driver: Driver, key: 
         with pytest.raises(StorageError) as raised:
             call()
         assert not isinstance(raised.value, ObjectMissing)
+
+
+# --- read_tail and features --------------------------------------------------------------------------
+
+def test_read_tail_is_the_end_of_an_object(driver: Driver) -> None:
+    storage = driver.storage
+    data = payload(1000)
+    storage.put_bytes("wal/0000000100000000/000000010000000000000001.zst", data)
+    key = "wal/0000000100000000/000000010000000000000001.zst"
+    assert storage.read_tail(key, 48) == data[-48:]
+    assert storage.read_tail(key, 1000) == data and storage.read_tail(key, 5000) == data  # all of a short one
+    for missing in ("wal/0000000100000000/000000010000000000000002.zst", "nothing.zst"):
+        with pytest.raises(ObjectMissing):
+            storage.read_tail(missing, 48)
+
+
+def test_features_say_what_a_location_can_do(driver: Driver, tmp_path: Path) -> None:
+    features = driver.storage.features
+    assert isinstance(features, Features) and not features.read_only
+    expected_root = {"local": tmp_path / "backups"}.get(driver.kind)
+    assert features.local_root == expected_root  # files on this machine: only a directory
+    assert MemoryStorage(lock=ObjectLock(1)).features.object_lock and not MemoryStorage().features.object_lock
+
+
+def test_any_location_opened_read_only_refuses_writes_and_deletes(driver: Driver) -> None:
+    storage = driver.storage
+    storage.put_bytes("a.dump.zst", b"kept")
+    read_only = ReadOnlyStorage(storage)
+    assert read_only.features.read_only and read_only.location == storage.location
+    assert read_only.read_bytes("a.dump.zst") == b"kept" and read_only.read_tail("a.dump.zst", 2) == b"pt"
+    assert [o.key for o in read_only.list()] == ["a.dump.zst"] and read_only.exists("a.dump.zst")
+    refused: list[Callable[[], object]] = [
+        lambda: read_only.writer("b.dump.zst"), lambda: read_only.put_bytes("a.dump.zst", b"x"),
+        lambda: read_only.put_new("b.dump.zst", b"x"), lambda: read_only.delete("a.dump.zst"),
+        lambda: read_only.delete_many(["a.dump.zst"]), lambda: read_only.clear_partials()]
+    for call in refused:
+        with pytest.raises(StorageReadOnly):
+            call()
+    assert keys(storage) == ["a.dump.zst"] and storage.read_bytes("a.dump.zst") == b"kept"
+
+
+def test_open_storage_read_only(tmp_path: Path) -> None:
+    from backup_tasks.storage.locations import open_storage
+
+    storage = open_storage(str(tmp_path / "backups"), read_only=True)
+    assert storage.features.read_only and storage.features.local_root == tmp_path / "backups"
+    with pytest.raises(StorageReadOnly):
+        storage.put_bytes("a.dump.zst", b"x")
+    assert not (tmp_path / "backups").exists()
 
 
 # --- put_new -----------------------------------------------------------------------------------------
@@ -415,12 +468,111 @@ def test_s3_put_new_retries_a_409_and_answers_false_only_when_an_object_is_there
         def get_object_lock_configuration(self, **kwargs: object) -> dict[str, object]:
             raise ClientError({"Error": {"Code": "ObjectLockConfigurationNotFoundError"}}, "GetObjectLockConfiguration")
 
-    monkeypatch.setattr(s3_driver.time, "sleep", lambda _seconds: None)
+    monkeypatch.setattr(time, "sleep", lambda _seconds: None)
     storage = S3Storage.from_url("s3://bucket/prefix")
-    storage._client = Client(conflicts=2, exists=False)  # type: ignore[assignment]
-    assert storage.put_new("k", b"v") is True and storage._client.puts == 3  # type: ignore[attr-defined]
-    storage._client = Client(conflicts=99, exists=True)  # type: ignore[assignment]
+    storage.clients._client = Client(conflicts=2, exists=False)  # type: ignore[assignment]
+    assert storage.put_new("k", b"v") is True and storage.clients._client.puts == 3  # type: ignore[attr-defined]
+    storage.clients._client = Client(conflicts=99, exists=True)  # type: ignore[assignment]
     assert storage.put_new("k", b"v") is False
-    storage._client = Client(conflicts=99, exists=False)  # type: ignore[assignment]
+    storage.clients._client = Client(conflicts=99, exists=False)  # type: ignore[assignment]
     with pytest.raises(StorageUnavailable):
         storage.put_new("k", b"v")
+
+
+# --- one policy for a primary and its copy: the catalog's order and the WAL's -------------------------
+
+class Recording(MemoryStorage):
+    """A memory location that records its writes in a shared log, and fails the ones it is told to."""
+
+    def __init__(self, name: str, log: list[str], failing: bool = False) -> None:
+        super().__init__(name)
+        self.log, self.failing = log, failing
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        self.log.append(f"{self.location} {key}")
+        if self.failing:
+            raise StorageError(f"{self.location} is down")
+        return super().put_new(key, data)
+
+
+@pytest.mark.parametrize("policy", [BACKUPS, WAL])
+def test_the_copy_policy_states_the_order_and_what_is_taken_back(policy: CopyPolicy) -> None:
+    log: list[str] = []
+    primary, copy = Recording("primary", log), Recording("copy", log)
+    assert Mirror(primary, copy, policy).put_new("a.zst", b"a") == Written(Outcome.CREATED, Outcome.CREATED)
+    first = "memory://copy" if policy.copy_first else "memory://primary"
+    assert log[0] == f"{first} a.zst" and len(log) == 2
+    # The second location fails: the catalog takes the first one's object back, the WAL keeps its primary's.
+    second = primary if policy is BACKUPS else copy
+    second.failing = True
+    with pytest.raises(StorageError):
+        Mirror(primary, copy, policy).put_new("b.zst", b"b")
+    first_location = copy if policy is BACKUPS else primary
+    assert first_location.exists("b.zst") is (policy is WAL)
+
+
+def test_the_wal_policy_deletes_the_copy_first_and_keeps_what_the_copy_refused() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from backup_tasks.errors import ObjectLocked
+
+    until = datetime.now(UTC) + timedelta(days=1)
+
+    class Refusing(MemoryStorage):
+        def delete(self, key: str) -> None:
+            if key == "locked.zst":
+                raise ObjectLocked(f"{key} is locked", until)
+            super().delete(key)
+
+    for policy in (WAL, BACKUPS):
+        primary, copy = MemoryStorage("primary"), Refusing("copy")
+        mirror = Mirror(primary, copy, policy)
+        for key in ("locked.zst", "free.zst"):
+            mirror.put_new(key, b"x")
+        failures = mirror.delete_many(["locked.zst", "free.zst"])
+        assert list(failures) == ["locked.zst"] and isinstance(failures["locked.zst"], ObjectLocked)
+        assert not primary.exists("free.zst") and not copy.exists("free.zst") and copy.exists("locked.zst")
+        # The WAL's expiry lists the primary alone: what the copy refused stays there to be found next time.
+        assert primary.exists("locked.zst") is (policy is WAL)
+
+
+# --- a directory: durable directories, and a taken key made durable before it is relied on -------------
+
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths ``os.fsync`` is called on from now on."""
+    import os
+
+    calls: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def test_a_directory_the_local_driver_creates_is_fsynced_into_its_parent(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = LocalStorage(tmp_path / "backups")
+    calls = fsynced(monkeypatch)
+    storage.put_bytes("wal/0000000100000000/000000010000000000000001.zst", b"x")
+    root = tmp_path / "backups"
+    for parent in (tmp_path, root, root / "wal"):  # the parents of the three new directories
+        assert str(parent) in calls, (parent, calls)
+    assert str(root / "wal" / "0000000100000000") in calls  # the object's own directory, after its rename
+
+
+def test_put_new_finding_the_key_taken_makes_that_object_durable_first(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer killed between its link and its fsync left the object: whoever is told "taken" relies on it."""
+    storage = LocalStorage(tmp_path / "archive")
+    key = "0000000100000000/000000010000000000000001.zst"
+    (tmp_path / "archive" / "0000000100000000").mkdir(parents=True)
+    (tmp_path / "archive" / key).write_bytes(b"linked, never fsynced")
+    calls = fsynced(monkeypatch)
+    assert storage.put_new(key, b"another") is False
+    assert calls == [str(tmp_path / "archive" / key), str(tmp_path / "archive" / "0000000100000000")]
+    assert storage.read_bytes(key) == b"linked, never fsynced"
+    assert not [p for p in (tmp_path / "archive").rglob("*") if PARTIAL_MARK in p.name], "nothing written for it"

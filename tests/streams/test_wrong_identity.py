@@ -64,14 +64,14 @@ def test_wal_fetch_with_the_wrong_identity_and_with_damage(keys: tuple[Path, str
     source = tmp_path / "pg_wal" / SEGMENT
     source.parent.mkdir()
     source.write_bytes(b"wal-like bytes " * 10000)
-    writer = WalArchive(tmp_path / "wal", recipients=(public,))
+    writer = WalArchive.in_directory(tmp_path / "wal", recipients=(public,))
     writer.ensure()
     writer.push(source)
     with pytest.raises(IdentityUnusable) as raised:
-        WalArchive(tmp_path / "wal", identity_file=wrong).fetch(SEGMENT, tmp_path / "out")
+        WalArchive.in_directory(tmp_path / "wal", identity_file=wrong).fetch(SEGMENT, tmp_path / "out")
     assert "wrong identity" in str(raised.value) and wrong_public in str(raised.value)
     assert SEGMENT in str(raised.value) and not (tmp_path / "out").exists()
-    reader = WalArchive(tmp_path / "wal", identity_file=right)
+    reader = WalArchive.in_directory(tmp_path / "wal", identity_file=right)
     assert reader.fetch(SEGMENT, tmp_path / "out") == source.stat().st_size
     stored = reader.path_for(SEGMENT)
     content = bytearray(stored.read_bytes())

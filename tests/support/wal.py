@@ -24,6 +24,6 @@ def fake_segment(directory: Path, name: str = SEGMENT, size: int = 1 << 20, seed
 @pytest.fixture
 def archive(tmp_path: Path) -> WalArchive:
     """An empty local WAL archive in ``tmp_path/wal``."""
-    result = WalArchive(tmp_path / "wal")
+    result = WalArchive.in_directory(tmp_path / "wal")
     result.ensure()
     return result

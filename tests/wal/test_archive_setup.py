@@ -72,7 +72,7 @@ def as_server(argv: list[str], env: dict[str, str] | None = None) -> subprocess.
 
 
 def assert_documented_modes(archive_dir: Path, name: str = SEGMENT) -> None:
-    archive = WalArchive(archive_dir)
+    archive = WalArchive.in_directory(archive_dir)
     stored = archive.path_for(name)
     assert stat.S_IMODE(archive_dir.stat().st_mode) == DIR_MODE == 0o2770, oct(archive_dir.stat().st_mode)
     assert stat.S_IMODE(stored.parent.stat().st_mode) == DIR_MODE
@@ -87,7 +87,7 @@ def test_wal_push_creates_a_missing_archive_directory_in_a_parent_it_owns(base: 
     assert result.returncode == 0, result.stderr
     assert_documented_modes(archive_dir)
     restored = base / "restored"
-    assert WalArchive(archive_dir).fetch(SEGMENT, restored) == segment.stat().st_size
+    assert WalArchive.in_directory(archive_dir).fetch(SEGMENT, restored) == segment.stat().st_size
     assert restored.read_bytes() == segment.read_bytes()
     again = as_server([*command, "wal-push", "--archive-dir", str(archive_dir), str(segment)])
     assert again.returncode == 0, again.stderr  # the archive now exists: the ordinary path

@@ -16,6 +16,7 @@ import pytest
 
 from backup_tasks.errors import WalConflict
 from backup_tasks.storage.base import Storage
+from backup_tasks.storage.files import WAL_MODES
 from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.memory import MemoryStorage
 from backup_tasks.wal.archive import TRAILER_SIZE, WalArchive, object_key
@@ -65,7 +66,7 @@ def segment_file(directory: Path, seed: int, name: str = SEGMENT) -> Path:
 
 def archived_object(tmp_path: Path, label: str, source: Path) -> bytes:
     """What a pusher with its own local archive stores for ``source``."""
-    archive = WalArchive(tmp_path / label)
+    archive = WalArchive.in_directory(tmp_path / label)
     archive.ensure()
     archive.push(source)
     return archive.path_for(source.name).read_bytes()
@@ -76,18 +77,18 @@ def copy(tmp_path: Path) -> LocalStorage:
     return LocalStorage(tmp_path / "copy" / "wal")
 
 
-def pusher(tmp_path: Path, copy: Storage | RivalArrives, monkeypatch: pytest.MonkeyPatch) -> WalArchive:
-    archive = WalArchive(tmp_path / "archive", str(tmp_path / "copy"))
+def pusher(tmp_path: Path, copy: Storage | RivalArrives) -> WalArchive:
+    """A local archive copied to ``copy``: the same ``WalArchive`` over any pair of locations."""
+    archive = WalArchive(LocalStorage(tmp_path / "archive", modes=WAL_MODES), copy)  # type: ignore[arg-type]
     archive.ensure()
-    monkeypatch.setattr(archive, "copy_storage", lambda: copy)
     return archive
 
 
 def test_a_rival_with_different_content_is_a_conflict_and_stays_untouched(
-        tmp_path: Path, copy: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, copy: LocalStorage) -> None:
     rival = archived_object(tmp_path, "rival", segment_file(tmp_path / "rival-pg_wal", seed=2))
     racing = RivalArrives(copy, object_key(SEGMENT), rival)
-    archive = pusher(tmp_path, racing, monkeypatch)
+    archive = pusher(tmp_path, racing)
     with pytest.raises(WalConflict, match="DIFFERENT content"):
         archive.push(segment_file(tmp_path / "pg_wal", seed=1))
     assert racing.arrived
@@ -96,34 +97,33 @@ def test_a_rival_with_different_content_is_a_conflict_and_stays_untouched(
 
 
 def test_a_rival_with_the_same_content_means_already_archived(
-        tmp_path: Path, copy: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, copy: LocalStorage) -> None:
     source = segment_file(tmp_path / "pg_wal", seed=1)
     same = archived_object(tmp_path, "rival", source)
     racing = RivalArrives(copy, object_key(SEGMENT), same)
-    archive = pusher(tmp_path, racing, monkeypatch)
+    archive = pusher(tmp_path, racing)
     assert archive.push(source).status == "archived"
     assert racing.arrived and copy.read_bytes(object_key(SEGMENT)) == same
 
 
 def test_a_damaged_rival_object_is_replaced_by_the_good_one(
-        tmp_path: Path, copy: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, copy: LocalStorage) -> None:
     source = segment_file(tmp_path / "pg_wal", seed=1)
     good = archived_object(tmp_path, "reference", source)
     for damaged in (good[:100], good[:-TRAILER_SIZE] + b"\0" * TRAILER_SIZE):
         copy.delete(object_key(SEGMENT))
         racing = RivalArrives(copy, object_key(SEGMENT), damaged)
-        archive = pusher(tmp_path / f"run-{len(damaged)}", racing, monkeypatch)
+        archive = pusher(tmp_path / f"run-{len(damaged)}", racing)
         archive.push(source)
         assert racing.arrived and copy.read_bytes(object_key(SEGMENT)) == good
 
 
-def test_a_second_host_pushing_other_content_into_the_shared_copy_is_refused(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_second_host_pushing_other_content_into_the_shared_copy_is_refused(tmp_path: Path) -> None:
     shared = MemoryStorage("offsite")
-    first = pusher(tmp_path / "host-a", shared, monkeypatch)
+    first = pusher(tmp_path / "host-a", shared)
     first.push(segment_file(tmp_path / "a-pg_wal", seed=1))
     stored = shared.read_bytes(object_key(SEGMENT))
-    second = pusher(tmp_path / "host-b", shared, monkeypatch)
+    second = pusher(tmp_path / "host-b", shared)
     with pytest.raises(WalConflict):
         second.push(segment_file(tmp_path / "b-pg_wal", seed=2))
     assert shared.read_bytes(object_key(SEGMENT)) == stored

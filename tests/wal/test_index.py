@@ -86,7 +86,7 @@ def walked(archive: WalArchive, names: list[str], start: str, segment_size: int)
 
 @pytest.fixture
 def archive(tmp_path: Path) -> WalArchive:
-    result = WalArchive(tmp_path / "wal")
+    result = WalArchive.in_directory(tmp_path / "wal")
     result.ensure()
     return result
 
@@ -174,10 +174,10 @@ def test_a_damaged_cache_file_is_ignored_and_replaced(archive: WalArchive, damag
 
 
 def test_no_archive_is_an_empty_index_and_wal_push_writes_no_index(tmp_path: Path) -> None:
-    missing = WalArchive(tmp_path / "nowhere")
+    missing = WalArchive.in_directory(tmp_path / "nowhere")
     assert missing.segment_names() == [] and missing.names() == [] and missing.segment_runs() == {}
     assert not (tmp_path / "nowhere").exists(), "reading creates nothing"
-    archive = WalArchive(tmp_path / "wal")
+    archive = WalArchive.in_directory(tmp_path / "wal")
     source = tmp_path / "pg_wal" / segment_name(1, 3, SIZE)
     source.parent.mkdir()
     source.write_bytes(b"\1" * MIB)
@@ -206,7 +206,7 @@ def test_other_files_and_sizes_are_summarized(archive: WalArchive, tmp_path: Pat
 def _as_other_user_code(lib: Path, root: Path, starts: list[tuple[str, int]]) -> str:
     return (f"import sys, json\nsys.path.insert(0, {str(lib)!r})\n"
             "from backup_tasks.wal.archive import WalArchive\nfrom backup_tasks.wal.coverage import coverages\n"
-            f"a = WalArchive({str(root)!r})\n"
+            f"a = WalArchive.in_directory({str(root)!r})\n"
             f"print(json.dumps([a.segment_names(), [c.to_dict() for c in coverages(a, {starts!r})]]))\n")
 
 
@@ -215,7 +215,7 @@ def test_a_reader_who_cannot_write_the_archive_root_still_answers_correctly(tmp_
     base = reachable_dir("bt-test-index-")
     try:
         root = base / "wal"
-        archive = WalArchive(root)
+        archive = WalArchive.in_directory(root)
         for n in [*range(0, 300), *range(310, 600)]:
             put_segment(root, segment_name(1, n, SIZE))
         age(root)
@@ -233,7 +233,7 @@ def test_a_reader_who_cannot_write_the_archive_root_still_answers_correctly(tmp_
                 portable_tool(tool)
                 interpreter = os.path.realpath(sys.executable)
                 result = subprocess.run(["runuser", "-u", "postgres", "--", interpreter, "-I", "-S", "-c",
-                                         _as_other_user_code(tool / "lib", root, starts)],
+                                         _as_other_user_code(next(tool.glob("lib-*")), root, starts)],
                                         capture_output=True, text=True, check=False, cwd="/")
             finally:
                 shutil.rmtree(tool, ignore_errors=True)
@@ -284,7 +284,7 @@ def test_coverage_from_the_index_equals_a_walk_over_the_names(tmp_path: Path) ->
     for seed in range(20):
         rng = random.Random(seed)
         base = tmp_path / f"case{seed}"
-        archive = WalArchive(base / "wal")
+        archive = WalArchive.in_directory(base / "wal")
         archive.ensure()
         _segment_size, starts = random_archive(rng, archive, base)
         for phase in ("cold", "cached", "changed"):

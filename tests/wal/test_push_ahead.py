@@ -22,7 +22,7 @@ import pytest
 from backup_tasks.errors import StorageUnavailable, WalConflict
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.servercmd import archive_command
-from backup_tasks.storage.base import Storage
+from backup_tasks.storage.base import PARTIAL_MARK, Storage
 from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.locations import open_locations
 from backup_tasks.wal.archive import WalArchive, object_key
@@ -101,15 +101,17 @@ class Watched:
 @pytest.fixture
 def local_copy(tmp_path: Path) -> tuple[WalArchive, Path]:
     """An archive with a local BACKUP_COPY_TO (in process: no S3 needed), and a pg_wal behind on archiving."""
-    archive = WalArchive(tmp_path / "archive", str(tmp_path / "copy"))
+    archive = WalArchive.in_directory(tmp_path / "archive", str(tmp_path / "copy"))
     archive.ensure()
     return archive, fake_pg_wal(tmp_path, [*SEGMENTS, HISTORY])
 
 
-def watch(archive: WalArchive, monkeypatch: pytest.MonkeyPatch, failing: set[str] = frozenset()) -> Watched:  # type: ignore[assignment]
-    watched = Watched(LocalStorage(Path(str(archive.copy_to)) / "wal"), archive, failing)
-    monkeypatch.setattr(archive, "copy_storage", lambda: watched)
-    return watched
+def watch(archive: WalArchive, failing: set[str] = frozenset()) -> tuple[WalArchive, Watched]:  # type: ignore[assignment]
+    """The same archive with its copy watched: ``WalArchive`` takes any location as its copy."""
+    assert archive.copy is not None
+    watched = Watched(archive.copy, archive, failing)
+    return WalArchive(archive.primary, watched, recipients=archive.recipients,  # type: ignore[arg-type]
+                      identity_file=archive.identity_file), watched
 
 
 # --- through the console script, against a real S3 server --------------------------------------------------
@@ -118,7 +120,7 @@ def test_push_ahead_stores_the_ready_files_and_their_calls_never_touch_s3(
         tmp_path: Path, bucket_url: str, s3_env: S3Server) -> None:
     names = [*SEGMENTS[:4], HISTORY, BACKUP_LABEL]
     pg_wal = fake_pg_wal(tmp_path, names)
-    archive = WalArchive(tmp_path / "archive", bucket_url)
+    archive = WalArchive.in_directory(tmp_path / "archive", bucket_url)
     archive.ensure()
     copy = open_locations(f"{bucket_url}/wal")
     first = wal_push(archive.root, bucket_url, pg_wal / SEGMENTS[0], worker_env(**s3_env.env()))
@@ -154,7 +156,7 @@ def test_push_ahead_stores_the_ready_files_and_their_calls_never_touch_s3(
 
 def test_copy_down_is_exit_1_and_leaves_no_marker(tmp_path: Path, bucket_url: str, s3_env: S3Server) -> None:
     pg_wal = fake_pg_wal(tmp_path, SEGMENTS[:3])
-    archive = WalArchive(tmp_path / "archive", bucket_url)
+    archive = WalArchive.in_directory(tmp_path / "archive", bucket_url)
     archive.ensure()
     dead = worker_env(**s3_env.env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}"))
     result = wal_push(archive.root, bucket_url, pg_wal / SEGMENTS[0], dead)
@@ -170,10 +172,9 @@ def test_copy_down_is_exit_1_and_leaves_no_marker(tmp_path: Path, bucket_url: st
 
 # --- in process, with a local copy location ------------------------------------------------------------------
 
-def test_markers_are_written_only_after_a_successful_put(
-        local_copy: tuple[WalArchive, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_markers_are_written_only_after_a_successful_put(local_copy: tuple[WalArchive, Path]) -> None:
     archive, pg_wal = local_copy
-    watched = watch(archive, monkeypatch, failing={SEGMENTS[2]})
+    archive, watched = watch(archive, failing={SEGMENTS[2]})
     push(archive, pg_wal / SEGMENTS[0])
     archived(pg_wal, SEGMENTS[0])
     assert set(watched.puts) == {*SEGMENTS, HISTORY}
@@ -191,23 +192,23 @@ def test_markers_are_written_only_after_a_successful_put(
     assert watched.inner.exists(object_key(SEGMENTS[2]))
 
 
-def test_a_file_changed_after_push_ahead_is_a_conflict_never_a_success(
-        local_copy: tuple[WalArchive, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_changed_after_push_ahead_is_a_conflict_never_a_success(local_copy: tuple[WalArchive, Path]) -> None:
     archive, pg_wal = local_copy
-    watch(archive, monkeypatch)
+    copy = archive.copy
+    assert copy is not None
+    archive, _watched = watch(archive)
     push(archive, pg_wal / SEGMENTS[0])
     stored = archive.path_for(SEGMENTS[1]).read_bytes()
     write_file(pg_wal, SEGMENTS[1], seed=2)  # other content under the same name
     with pytest.raises(WalConflict, match="DIFFERENT content"):
         push(archive, pg_wal / SEGMENTS[1])
     assert archive.path_for(SEGMENTS[1]).read_bytes() == stored, "the archived object is untouched"
-    assert LocalStorage(Path(str(archive.copy_to)) / "wal").read_bytes(object_key(SEGMENTS[1])) == stored
+    assert copy.read_bytes(object_key(SEGMENTS[1])) == stored
 
 
-def test_stale_or_damaged_markers_prove_nothing(
-        local_copy: tuple[WalArchive, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stale_or_damaged_markers_prove_nothing(local_copy: tuple[WalArchive, Path]) -> None:
     archive, pg_wal = local_copy
-    watched = watch(archive, monkeypatch)
+    archive, watched = watch(archive)
     push(archive, pg_wal / SEGMENTS[0])
     archived(pg_wal, SEGMENTS[0])
     watched.strict = False
@@ -230,7 +231,7 @@ def test_stale_or_damaged_markers_prove_nothing(
     archived(pg_wal, SEGMENTS[2])
     # 3. The archived object was replaced since the marker was written (deleted and pushed again).
     archive.path_for(SEGMENTS[3]).unlink()
-    archive._push_local(pg_wal / SEGMENTS[3])
+    archive.push(pg_wal / SEGMENTS[3], copy=False)
     copy.delete(object_key(SEGMENTS[3]))
     watched.puts.clear()
     push(archive, pg_wal / SEGMENTS[3])
@@ -251,13 +252,12 @@ def test_stale_or_damaged_markers_prove_nothing(
     assert watched.puts == []
 
 
-def test_history_partial_and_backup_files_go_through_the_same_path(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_history_partial_and_backup_files_go_through_the_same_path(tmp_path: Path) -> None:
     names = [SEGMENTS[0], f"{SEGMENTS[1]}.partial", HISTORY, BACKUP_LABEL, SEGMENTS[2]]
     pg_wal = fake_pg_wal(tmp_path, names)
-    archive = WalArchive(tmp_path / "archive", str(tmp_path / "copy"))
+    archive = WalArchive.in_directory(tmp_path / "archive", str(tmp_path / "copy"))
     archive.ensure()
-    watched = watch(archive, monkeypatch)
+    archive, watched = watch(archive)
     push(archive, pg_wal / SEGMENTS[0])
     assert set(watched.puts) == set(names)
     watched.puts.clear()
@@ -267,13 +267,13 @@ def test_history_partial_and_backup_files_go_through_the_same_path(
     assert watched.puts == []
 
 
-def test_an_encrypted_archive_is_pushed_ahead_the_same_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_encrypted_archive_is_pushed_ahead_the_same_way(tmp_path: Path) -> None:
     public = write_identity_file(tmp_path / "identity.txt")
     pg_wal = fake_pg_wal(tmp_path, SEGMENTS[:3])
-    archive = WalArchive(tmp_path / "archive", str(tmp_path / "copy"), recipients=(public,),
-                         identity_file=tmp_path / "identity.txt")
+    archive = WalArchive.in_directory(tmp_path / "archive", str(tmp_path / "copy"), recipients=(public,),
+                                      identity_file=tmp_path / "identity.txt")
     archive.ensure()
-    watched = watch(archive, monkeypatch)
+    archive, watched = watch(archive)
     push(archive, pg_wal / SEGMENTS[0])
     watched.puts.clear()
     for name in SEGMENTS[1:3]:
@@ -287,10 +287,10 @@ def test_an_encrypted_archive_is_pushed_ahead_the_same_way(tmp_path: Path, monke
 def test_overlapping_pushers_corrupt_nothing(tmp_path: Path) -> None:
     """A manual wal-push beside the server's: both push ahead the same files at once."""
     pg_wal = fake_pg_wal(tmp_path, SEGMENTS)
-    archive = WalArchive(tmp_path / "archive", str(tmp_path / "copy"))
+    archive = WalArchive.in_directory(tmp_path / "archive", str(tmp_path / "copy"))
     archive.ensure()
     env = worker_env()
-    command = [PYTHON, "-c", PROBE, "wal-push", "--archive-dir", str(archive.root), "--copy-to", str(archive.copy_to)]
+    command = [PYTHON, "-c", PROBE, "wal-push", "--archive-dir", str(archive.root), "--copy-to", str(tmp_path / "copy")]
     both = [subprocess.Popen([*command, str(pg_wal / name)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for name in SEGMENTS[:2]]
     for proc in both:
@@ -300,16 +300,17 @@ def test_overlapping_pushers_corrupt_nothing(tmp_path: Path) -> None:
     for name in SEGMENTS:
         assert copy.read_bytes(object_key(name)) == archive.path_for(name).read_bytes()
         assert push(archive, pg_wal / name).status == "already-archived"
-    assert not [p for p in (tmp_path / "archive").rglob("*") if ".incoming-" in p.name or ".tmp-" in p.name]
+    assert not [p for p in (tmp_path / "archive").rglob("*") if ".incoming-" in p.name or ".tmp-" in p.name
+                or PARTIAL_MARK in p.name]
 
 
 def test_a_pusher_killed_mid_way_leaves_no_false_marker(tmp_path: Path) -> None:
     names = [f"0000000100000000000000{n:02X}" for n in range(0x20, 0x38)]
     pg_wal = fake_pg_wal(tmp_path, names)
-    archive = WalArchive(tmp_path / "archive", str(tmp_path / "copy"))
+    archive = WalArchive.in_directory(tmp_path / "archive", str(tmp_path / "copy"))
     archive.ensure()
     proc = subprocess.Popen([PYTHON, "-c", PROBE, "wal-push", "--archive-dir", str(archive.root), "--copy-to",
-                             str(archive.copy_to), str(pg_wal / names[0])], cwd=ROOT, env=worker_env(),
+                             str(tmp_path / "copy"), str(pg_wal / names[0])], cwd=ROOT, env=worker_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while proc.poll() is None and not {m for m in markers(archive) if not m.startswith(".")}:

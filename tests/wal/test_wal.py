@@ -17,6 +17,7 @@ from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.catalog.retention import wal_expiry
 from backup_tasks.errors import WalConflict, WalCorrupt, WalGap, WalMissing
 from backup_tasks.postgres.servercmd import archive_command
+from backup_tasks.storage.base import PARTIAL_MARK
 from backup_tasks.wal.archive import DIR_MODE, FILE_MODE, WalArchive, object_key
 from tests.support.paths import PYTHON, ROOT
 from tests.support.pitr import PitrEnv, reachable_dir, run_cli
@@ -213,3 +214,75 @@ def test_restore_command_tools_are_self_contained(pitr_env: PitrEnv) -> None:
     assert command.endswith(f"wal-push --archive-dir {shlex.quote(str(pitr_env.archive.root))} %p")
     assert Path(shlex.split(command)[0]).is_absolute()
 
+
+
+# --- the fast path: light, and one command line -------------------------------------------------------
+
+HEAVY = ("boto3", "botocore", "celery", "kombu", "redis", "psycopg", "sentry_sdk", "argparse", "backup_tasks.settings",
+         "backup_tasks.storage.s3")
+
+
+def test_the_fast_path_with_a_local_archive_imports_nothing_heavy(archive: WalArchive, tmp_path: Path) -> None:
+    """archive_command and restore_command, once per segment: no boto3, Celery, Redis, psycopg, Sentry or argparse."""
+    source = fake_segment(tmp_path / "pg_wal")
+    probe = ("import sys\nfrom backup_tasks.entry import main\nrc = main(sys.argv[1:])\n"
+             f"heavy = sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in {HEAVY!r}))\n"
+             "print('HEAVY=' + ','.join(heavy))\nsys.exit(rc)\n")
+    for argv in (["wal-push", "--archive-dir", str(archive.root), str(source)],
+                 ["wal-fetch", "--archive-dir", str(archive.root), SEGMENT, str(tmp_path / "RECOVERYXLOG")],
+                 ["wal-fetch", "--archive-dir", str(archive.root), "000000010000000000000009", str(tmp_path / "x")]):
+        result = subprocess.run([PYTHON, "-c", probe, *argv], capture_output=True, text=True, cwd=ROOT, check=False)
+        assert result.returncode == (1 if argv[3].endswith("09") else 0), result.stderr
+        assert "HEAVY=\n" in result.stdout, (argv[0], result.stdout)
+    assert (tmp_path / "RECOVERYXLOG").read_bytes() == source.read_bytes()
+
+
+def test_the_command_line_of_wal_fetch_is_defined_once(tmp_path: Path) -> None:
+    """The fast path's ``parse``, ``restore_command_for`` and the full CLI read the same options and rules."""
+    from datetime import UTC, datetime
+
+    from backup_tasks.cli.main import build_parser
+    from backup_tasks.wal.command import FETCH_OPTIONS, OPTIONS, FetchRequest, parse, restore_command_for
+
+    as_of = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+    line = restore_command_for(["/usr/bin/backup-tasks"], "s3://b/prod/wal", "/etc/key", depth=3, as_of=as_of)
+    argv = shlex.split(line.replace("%f", SEGMENT).replace("%p", "pg_wal/RECOVERYXLOG"))[1:]
+    call = parse(argv)
+    assert call is not None and FetchRequest.of(call) == FetchRequest(
+        SEGMENT, Path("pg_wal/RECOVERYXLOG"), archive_url="s3://b/prod/wal", identity_file="/etc/key", prefetch=3,
+        as_of=as_of)
+    assert parse(["wal-fetch", "--archive-dir", "/a", "--json", SEGMENT, "x"]) is None  # the full CLI's business
+    assert parse(["wal-fetch", SEGMENT, "x"]) is None  # no archive given: settings from the environment
+    assert parse(["wal-push", "--archive-dir", "/a", "--level", "3", "p"]) is not None
+    mixed = FetchRequest(SEGMENT, Path("x"), archive_dir=Path("/a"), archive_url="s3://b/wal")
+    assert mixed.problem() is not None and "without --archive-dir" in str(mixed.problem())
+    # The CLI registers exactly these options for both commands.
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices  # type: ignore[union-attr]
+    for command, options in OPTIONS.items():
+        flags = {flag for action in subcommands[command]._actions for flag in action.option_strings}
+        assert {o.flag for o in options} <= flags and flags - {o.flag for o in options} <= {
+            "-h", "--help", "--json", "-v", "--verbose"}, command
+    assert {o.flag for o in FETCH_OPTIONS} >= {"--archive-dir", "--archive-url", "--prefetch", "--as-of"}
+
+
+def test_prune_clears_what_killed_pushers_left_old_and_new(archive: WalArchive, tmp_path: Path) -> None:
+    """A killed wal-push leaves a partial object (today) or an ``.incoming-`` file (before): both go, live ones stay."""
+    assert archive.root is not None
+    archive.push(fake_segment(tmp_path / "pg_wal"))
+    directory = archive.root / SEGMENT[:16]
+    old = directory / f".{SEGMENT}.zst.incoming-0123456789ab"
+    recent = directory / ".000000010000000000000004.zst.incoming-0123456789ab"
+    dead = directory / f".000000010000000000000005.zst{PARTIAL_MARK}0123456789ab"
+    for path in (old, recent, dead):
+        path.write_bytes(b"half")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    live = archive.primary.writer(object_key("000000010000000000000006"))
+    live.write(b"being written")
+    try:
+        removed = archive.clear_incoming(time.time() - 3600)
+        assert sorted(removed) == sorted([old.name, dead.name])
+        assert recent.exists() and not old.exists() and not dead.exists()
+        assert [p for p in directory.iterdir() if PARTIAL_MARK in p.name], "a live writer's partial is kept"
+    finally:
+        live.abort()
+    assert archive.segment_names() == [SEGMENT]
