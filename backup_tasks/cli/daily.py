@@ -116,7 +116,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
-    from backup_tasks.catalog.health import check_health
+    from backup_tasks.observe.health import check_health
 
     report = check_health(settings)
     if not report.ok:

@@ -18,11 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from backup_tasks.catalog.health import check_health
 from backup_tasks.catalog.manifest import catalog
 from backup_tasks.catalog.tradingday import session_day
 from backup_tasks.clock import utcnow
 from backup_tasks.errors import BackupError
+from backup_tasks.observe.health import check_health
 from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.queries import create_database

@@ -1,4 +1,5 @@
-"""One reading of the backups' state from our own records: what ``metrics``, ``status`` and the page show.
+"""One reading of the backups' state from our own records: what ``metrics``, ``status`` and the page show,
+and what ``health`` judges.
 
 What a reading costs (``collect``), whatever the archive's size:
 
@@ -7,14 +8,21 @@ What a reading costs (``collect``), whatever the archive's size:
 - with snapshots in the catalog, their WAL coverage (``physical.plan.snapshot_ranges``): the local
   archive's segment names and one trailer per distinct end (cheap at 100,000 segments with the index
   of ``wal.coverage``); never a listing of the copy;
-- with ``DATABASE_URL``, one row of ``pg_stat_archiver`` (a short connect timeout: a down server costs
-  ``SERVER_TIMEOUT`` at most).
+- with ``DATABASE_URL``, the server's timeline, current segment and ``pg_stat_archiver`` row
+  (``postgres.archiver.read_server_wal``: a down server costs ``SERVER_TIMEOUT`` at most).
+
+A health check reads the same facts, and a little more (``collect(for_health=True)``): every manifest
+in any state, the size as stored of each database's newest dump, and the WAL continuity survey
+(``continuity``), from the locations a restore reads (BACKUP_DIR with its copy, the bucket's ``wal/``
+when BACKUP_DIR is one) instead of the local archive and its state file. ``health`` judges that one
+reading; nothing it judges is read a second way.
 
 Each source is reported as read or not (``SourceStatus``). The facts of a source that failed are left
 out, never carried over from an earlier reading. ``up`` is whether our own sources were read (catalog,
 WAL archive, state file); the server is a source apart: a database that does not answer loses the
 ``pg_stat_archiver`` facts, not the backup facts (the backups are as they were; the alerts on the
-archive's freshness still see a stalled archive).
+archive's freshness still see a stalled archive). A failed source keeps its exception (``cause``) for
+a caller that must stop on it: ``health`` raises a catalog it could not read, as it always has.
 """
 
 from __future__ import annotations
@@ -30,18 +38,20 @@ from typing import Any
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.manifest import Manifest, Verification
 from backup_tasks.clock import parse_time, utcnow
-from backup_tasks.errors import BackupError, ConfigError
+from backup_tasks.errors import BackupError, ConfigError, StorageError
+from backup_tasks.observe.continuity import WalSurvey, earliest_start, survey_wal
+from backup_tasks.observe.verdict import SeriesVerdict, series_verdict
 from backup_tasks.physical.plan import SnapshotRange, snapshot_ranges
+from backup_tasks.postgres.archiver import ArchiverStats, ServerWal, read_server_wal
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.storage.locations import open_storage
 from backup_tasks.wal import state
 from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.remote import archive_for_reading
 
 log = logging.getLogger(__name__)
 
-#: Seconds to wait for the server's answer (connect and query): a scrape must not hang on a down database.
-SERVER_TIMEOUT = 3
 #: The sources, as ``backup_tasks_source_up{source=...}`` names them.
 CATALOG, WAL_ARCHIVE, WAL_STATE, SERVER = "catalog", "wal_archive", "wal_state", "server"
 #: Not a source: a reading that failed for a reason nobody foresaw (a bug) is reported under this name.
@@ -57,18 +67,30 @@ class SourceStatus:
     name: str
     ok: bool
     error: str | None = None
+    cause: BaseException | None = field(default=None, compare=False, repr=False)  # what failed, when ok is False
 
 
 @dataclass(frozen=True)
 class Series:
-    """The complete backups of one database and kind: how many, the newest, and the latest verification."""
+    """The complete backups of one database and kind: how many, the newest, and the verdict that speaks for them."""
 
     database: str
     kind: str  # "dump" or "snapshot"
     count: int
-    newest: Manifest
-    last_verification: Verification | None  # the latest by verified_at, of any backup of the series
-    last_verified_id: str | None
+    verdict: SeriesVerdict  # the rule health judges by (``observe.verdict``), not the latest verification recorded
+
+    @property
+    def newest(self) -> Manifest:
+        return self.verdict.newest
+
+    @property
+    def last_verification(self) -> Verification | None:
+        """The verification the metrics report: the newest backup's, else the newest verdict before it."""
+        return self.verdict.verification
+
+    @property
+    def last_verified_id(self) -> str | None:
+        return None if self.verdict.judged is None else self.verdict.judged.id
 
 
 @dataclass(frozen=True)
@@ -82,8 +104,12 @@ class RecoveryWindow:
 
 
 @dataclass(frozen=True)
-class WalGap:
-    """A missing segment with later ones archived: PITR from the snapshots before it stops at ``after``."""
+class ArchiveGap:
+    """A missing segment with later ones archived: PITR from the snapshots before it stops at ``after``.
+
+    A fact of the archive as the snapshots' coverage found it (not ``errors.WalGap``, the error wal-fetch
+    raises for such a segment).
+    """
 
     segment: str
     after: datetime
@@ -102,35 +128,30 @@ class Drill:
     problems: list[str]
 
 
-@dataclass(frozen=True)
-class ArchiverStats:
-    """The server's ``pg_stat_archiver`` row."""
-
-    archived_count: int
-    last_archived_wal: str | None
-    last_archived_at: datetime | None
-    failed_count: int
-    last_failed_wal: str | None
-    last_failed_at: datetime | None
-    failing: bool  # the last failure is newer than the last success (decided by the server: ``archiver_stats``)
-
-
 @dataclass
 class Facts:
     collected_at: datetime
     backup_dir: str
     copy_to: str | None
     sources: list[SourceStatus] = field(default_factory=list)
+    manifests: list[Manifest] = field(default_factory=list)  # every readable manifest, any state, oldest first
     backups: list[Manifest] = field(default_factory=list)  # complete backups, oldest first
     series: list[Series] = field(default_factory=list)
     ranges: list[SnapshotRange] = field(default_factory=list)
     windows: list[RecoveryWindow] = field(default_factory=list)
-    gaps: list[WalGap] = field(default_factory=list)
+    gaps: list[ArchiveGap] = field(default_factory=list)
     wal: dict[str, state.Newest] = field(default_factory=dict)  # "archive", "copy" -> newest acknowledged
-    archiver: ArchiverStats | None = None
+    server: ServerWal | None = None  # None: not asked (no DATABASE_URL); its ``error`` when it did not answer
     drills: list[Drill] = field(default_factory=list)
     copy_missing: list[str] | None = None  # ids of backups BACKUP_COPY_TO lacks (``list_copy``), None: not read
+    stored_sizes: dict[str, int | None] = field(default_factory=dict)  # for_health: id -> bytes (None: missing)
+    continuity: WalSurvey | None = None  # for_health: the WAL from the earliest restorable snapshot on
     duration_seconds: float = 0.0
+
+    @property
+    def archiver(self) -> ArchiverStats | None:
+        """The server's ``pg_stat_archiver`` row; None when it was not asked or did not answer."""
+        return None if self.server is None else self.server.archiver
 
     @property
     def up(self) -> bool:
@@ -148,27 +169,39 @@ class Facts:
 
 
 def collect(settings: Settings, *, storage: Storage | None = None, archive: WalArchive | None = None,
-            now: datetime | None = None, read_server: bool = True, list_copy: bool = False) -> Facts:
+            now: datetime | None = None, read_server: bool = True, list_copy: bool = False,
+            for_health: bool = False) -> Facts:
     """Read every source once; a source that fails is recorded as such and its facts left out.
 
     ``storage`` defaults to ``BACKUP_DIR`` alone (the catalog; the copy is not listed), ``archive`` to the
     local WAL archive of the settings (none when ``BACKUP_DIR`` is a URL and ``WAL_ARCHIVE_DIR`` unset).
     ``list_copy`` (``status``): also list the top of ``BACKUP_COPY_TO`` to find backups missing there.
+    ``for_health`` (``health``): what a restore reads instead (``Settings.locations()``, the archive of
+    ``wal.remote.archive_for_reading``), the newest dumps' stored sizes and the WAL ``continuity``.
     """
     started = time.monotonic()
     facts = Facts(collected_at=now or utcnow(), backup_dir=settings.backup_dir, copy_to=settings.copy_to)
     try:
-        storage = _read_catalog(facts, settings, storage)
+        storage = _read_catalog(facts, settings, storage, for_health=for_health)
+        if for_health and storage is not None:
+            _read_stored_sizes(facts, storage)
         if archive is None:
-            archive = local_archive(settings)
-        _read_wal(facts, archive, storage)
+            archive = _archive_for_health(facts, settings) if for_health else local_archive(settings)
+        _read_wal(facts, archive, storage, read_state=not for_health)
+        if for_health and archive is not None:
+            snapshots = [m for m in facts.manifests if m.kind == "snapshot"]
+            earliest = earliest_start(snapshots)
+            known = next((r.coverage for r in facts.ranges if earliest and r.snapshot.id == earliest.id), None)
+            facts.continuity = survey_wal(archive, earliest, known=known,
+                                          list_names=not snapshots and not settings.wal_archive_dir)
         if read_server and settings.database_url:
-            _read_server(facts, settings)
+            facts.server = read_server_wal(settings.source())
+            facts.sources.append(SourceStatus(SERVER, facts.server.error is None, facts.server.error))
         if list_copy and settings.copy_to:
             _read_copy(facts, settings.copy_to)
     except Exception as exc:  # a bug must show as a failed reading (up 0), never as a scrape serving nothing
         log.exception("reading the backup state failed")
-        facts.sources.append(SourceStatus(INTERNAL, False, f"{type(exc).__name__}: {exc}"))
+        facts.sources.append(SourceStatus(INTERNAL, False, f"{type(exc).__name__}: {exc}", exc))
     facts.duration_seconds = time.monotonic() - started
     return facts
 
@@ -181,12 +214,25 @@ def local_archive(settings: Settings) -> WalArchive | None:
         return None
 
 
+def _archive_for_health(facts: Facts, settings: Settings) -> WalArchive | None:
+    """The archive a restore reads (the bucket's ``wal/`` when BACKUP_DIR is one); None, recorded, if it cannot be."""
+    try:
+        return archive_for_reading(settings)
+    except BackupError as exc:
+        facts.sources.append(SourceStatus(WAL_ARCHIVE, False, str(exc), exc))
+        facts.continuity = WalSurvey(archive=str(settings.wal_archive_dir or settings.backup_dir), error=str(exc))
+        return None
+
+
 # --- the catalog ------------------------------------------------------------------------------------
 
-def _read_catalog(facts: Facts, settings: Settings, storage: Storage | None) -> Storage | None:
+def _read_catalog(facts: Facts, settings: Settings, storage: Storage | None, *,
+                  for_health: bool) -> Storage | None:
     """The catalog's facts; returns the storage read (None when it could not be)."""
     try:
-        if storage is None:
+        if storage is None and for_health:
+            storage = settings.locations()  # BACKUP_DIR, mirrored to BACKUP_COPY_TO when that is set
+        elif storage is None:
             if "://" not in settings.backup_dir and not Path(settings.backup_dir).is_dir():
                 # Listing a missing directory finds nothing: an unmounted volume must not look like "no backups".
                 facts.sources.append(SourceStatus(CATALOG, False, f"BACKUP_DIR {settings.backup_dir} does not "
@@ -195,13 +241,24 @@ def _read_catalog(facts: Facts, settings: Settings, storage: Storage | None) -> 
             storage = open_storage(settings.backup_dir)
         manifests = catalog.catalog(storage)
     except (BackupError, OSError) as exc:  # OSError: a path this user may not even look at
-        facts.sources.append(SourceStatus(CATALOG, False, _reason(exc, settings.backup_dir)))
+        facts.sources.append(SourceStatus(CATALOG, False, _reason(exc, settings.backup_dir), exc))
         return None
     facts.sources.append(SourceStatus(CATALOG, True))
+    facts.manifests = manifests
     facts.backups = [m for m in manifests if m.state == "complete"]
     facts.series = series_of(facts.backups)
     facts.drills = latest_drills(facts.backups)
     return storage
+
+
+def _read_stored_sizes(facts: Facts, storage: Storage) -> None:
+    """The size as stored of each database's newest dump (any state): an empty or missing file is a problem."""
+    newest = {m.database: m for m in facts.manifests if m.kind == "dump"}  # oldest first: the last one wins
+    for m in newest.values():
+        try:
+            facts.stored_sizes[m.id] = storage.size(m.path)
+        except StorageError:
+            facts.stored_sizes[m.id] = None
 
 
 def series_of(backups: list[Manifest]) -> list[Series]:
@@ -209,13 +266,8 @@ def series_of(backups: list[Manifest]) -> list[Series]:
     groups: dict[tuple[str, str], list[Manifest]] = defaultdict(list)
     for m in backups:
         groups[(m.database, m.kind)].append(m)
-    found = []
-    for (database, kind), group in sorted(groups.items()):
-        verified = [(parse_time(m.verification.verified_at), m.id, m.verification)
-                    for m in group if m.verification is not None]
-        _at, last_id, last = max(verified, key=lambda v: v[0]) if verified else (None, None, None)
-        found.append(Series(database, kind, len(group), group[-1], last, last_id))
-    return found
+    return [Series(database, kind, len(group), series_verdict(group))
+            for (database, kind), group in sorted(groups.items())]
 
 
 def latest_drills(backups: list[Manifest]) -> list[Drill]:
@@ -262,12 +314,13 @@ def _reason(exc: BackupError | OSError, where: str) -> str:
     return str(exc)
 
 
-def _read_wal(facts: Facts, archive: WalArchive | None, storage: Storage | None) -> None:
+def _read_wal(facts: Facts, archive: WalArchive | None, storage: Storage | None, *, read_state: bool) -> None:
     snapshots = [m for m in facts.backups if m.kind == "snapshot"]
     try:
         available = archive is not None and archive.available()
-    except OSError as exc:
-        facts.sources.append(SourceStatus(WAL_ARCHIVE, False, _reason(exc, str(archive.root if archive else ""))))
+    except (BackupError, OSError) as exc:
+        where = archive.location if archive else ""
+        facts.sources.append(SourceStatus(WAL_ARCHIVE, False, _reason(exc, where), exc))
         return
     if archive is None or not available:
         if snapshots and archive is not None:
@@ -275,21 +328,22 @@ def _read_wal(facts: Facts, archive: WalArchive | None, storage: Storage | None)
             facts.sources.append(SourceStatus(WAL_ARCHIVE, False, f"the WAL archive {archive.location} does not "
                                                                   f"exist or cannot be entered"))
         return
-    try:
-        facts.wal = state.read(archive.root)
-        facts.sources.append(SourceStatus(WAL_STATE, True))
-    except state.StateUnreadable as exc:
-        facts.sources.append(SourceStatus(WAL_STATE, False, str(exc)))
+    if read_state:  # the exporter's word on the archive's freshness; a health check reads the archive itself
+        try:
+            facts.wal = state.read(archive.root)
+            facts.sources.append(SourceStatus(WAL_STATE, True))
+        except state.StateUnreadable as exc:
+            facts.sources.append(SourceStatus(WAL_STATE, False, str(exc), exc))
     if not snapshots or storage is None:  # snapshots are known only from a catalog that was read
         return
     try:
         facts.ranges = snapshot_ranges(storage, archive, snapshots)
     except (BackupError, OSError) as exc:
-        facts.sources.append(SourceStatus(WAL_ARCHIVE, False, _reason(exc, archive.location)))
+        facts.sources.append(SourceStatus(WAL_ARCHIVE, False, _reason(exc, archive.location), exc))
         return
     facts.sources.append(SourceStatus(WAL_ARCHIVE, True))
     facts.windows = recovery_windows(facts.ranges)
-    facts.gaps = wal_gaps(facts.ranges)
+    facts.gaps = archive_gaps(facts.ranges)
 
 
 def recovery_windows(ranges: list[SnapshotRange]) -> list[RecoveryWindow]:
@@ -314,43 +368,8 @@ def recovery_windows(ranges: list[SnapshotRange]) -> list[RecoveryWindow]:
     return windows
 
 
-def wal_gaps(ranges: list[SnapshotRange]) -> list[WalGap]:
+def archive_gaps(ranges: list[SnapshotRange]) -> list[ArchiveGap]:
     """Each distinct WAL gap the snapshots' coverage ran into, oldest first."""
     found = {r.coverage.gap: r.restorable_until for r in ranges if r.coverage.gap}
-    return sorted((WalGap(segment, after) for segment, after in found.items()), key=lambda g: g.after)
+    return sorted((ArchiveGap(segment, after) for segment, after in found.items()), key=lambda g: g.after)
 
-
-# --- the server -------------------------------------------------------------------------------------
-
-def _read_server(facts: Facts, settings: Settings) -> None:
-    import psycopg
-
-    from backup_tasks.postgres.connect import connect
-    from backup_tasks.postgres.failures import first_line
-    from backup_tasks.wal.setup import archiver_stats
-
-    conninfo = settings.source()
-    quick = conninfo.with_connect_timeout(SERVER_TIMEOUT)
-    try:
-        with connect(quick) as conn:
-            conn.execute(f"SET statement_timeout = '{SERVER_TIMEOUT}s'")
-            stats = archiver_stats(conn)
-    except BackupError as exc:
-        facts.sources.append(SourceStatus(SERVER, False, str(exc)))
-        return
-    except psycopg.Error as exc:
-        facts.sources.append(SourceStatus(SERVER, False, f"{conninfo.server_label}: {first_line(str(exc))}"))
-        return
-    facts.sources.append(SourceStatus(SERVER, True))
-    facts.archiver = ArchiverStats(
-        archived_count=int(stats.get("archived_count") or 0), last_archived_wal=stats.get("last_archived_wal"),
-        last_archived_at=_server_time(stats.get("last_archived_time")),
-        failed_count=int(stats.get("failed_count") or 0), last_failed_wal=stats.get("last_failed_wal"),
-        last_failed_at=_server_time(stats.get("last_failed_time")), failing=bool(stats.get("failing")))
-
-
-def _server_time(text: object) -> datetime | None:
-    """A time of ``archiver_stats`` (UTC ISO 8601, ``2026-11-30T11:20:01.123000Z``) as an aware datetime."""
-    if not text:
-        return None
-    return datetime.fromisoformat(str(text))

@@ -4,7 +4,9 @@ The page is the ``status`` text and a timeline picture of the last ``TIMELINE_DA
 SVG (``<svg id="timeline">``): the recovery window (``rect.window``), every WAL gap (``line.gap``),
 snapshots (``path.snapshot``) and dumps (``circle.dump``) each classed ``verified``, ``failed`` or
 ``unverified``, midnight grid lines in the exchange's timezone and a ``now`` line. Every mark carries a
-``<title>`` (the tooltip: id, time, verdict). Colours are in the page's own ``<style>``.
+``<title>`` (the tooltip: id, time, verdict). Colours are in the page's own ``<style>``. A failed
+verification that speaks for the newest dump or snapshot (``status``'s ``series_verdict``, the rule health
+judges by) is a red line at the top until a newer backup passes.
 """
 
 from __future__ import annotations
@@ -128,12 +130,25 @@ LEGEND = ('<p class="legend"><span><i style="background:#90caf9"></i>recovery wi
           '<span><i style="background:#c62828;height:3px"></i>WAL gap</span></p>')
 
 
+def failed_verdicts(doc: Document) -> list[str]:
+    """A line for the newest dump and snapshot whose series' verdict is a failure (see ``observe.verdict``)."""
+    found = []
+    for kind in ("dump", "snapshot"):
+        newest = doc[f"newest_{kind}"]
+        verdict = newest and newest["series_verdict"]
+        if verdict and not verdict["ok"]:
+            since = "" if verdict["backup_id"] == newest["id"] else f" and no newer {kind} has passed since"
+            found.append(f"{kind} {verdict['backup_id']} failed verification{since}: "
+                         + "; ".join(verdict["problems"][:2]))
+    return found
+
+
 def render_page(facts: Facts, doc: Document, text: str, settings: Settings) -> str:
     """The whole page: headline, problems, the timeline, its legend, the status text and the recent backups."""
     generated = _when(facts.collected_at, settings)
     lines = text.splitlines()
     headline = next((line for line in lines if line.startswith(("restorable", "point-in-time"))), "")
-    problems = "".join(f'<p class="problem">{escape(p)}</p>' for p in doc["problems"])
+    problems = "".join(f'<p class="problem">{escape(p)}</p>' for p in [*doc["problems"], *failed_verdicts(doc)])
     axis = Timeline(facts.collected_at)
     rows = "".join(
         f"<tr><td>{escape(m.id)}</td><td>{escape(m.kind)}</td><td>{_when(parse_time(m.finished_at), settings)}</td>"

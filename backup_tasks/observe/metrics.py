@@ -5,6 +5,10 @@ scrape that cannot read a source reports ``backup_tasks_up 0`` (and ``backup_tas
 which) and leaves that source's values out instead of serving old ones. Task outcomes (started,
 succeeded, failed, retried) are Celery events: Flower's ``/metrics`` serves them, not this exporter.
 
+The verification values follow ``observe.verdict``, the rule ``health`` judges by: the newest backup's
+verdict of each series (while it has none yet, the newest verdict before it), never the latest verdict
+recorded for any backup, so an older backup verified again cannot turn a failed newest one green.
+
 Labels: ``database`` and ``kind`` (``dump`` or ``snapshot``) on the per-backup series; ``database`` on
 the recovery window and the drill; ``location`` (``archive``: the local WAL archive, ``copy``:
 ``<BACKUP_COPY_TO>/wal``) on the WAL's newest segment; ``source`` (``catalog``, ``wal_archive``,
@@ -52,11 +56,11 @@ METRICS = (
                BACKUP_LABELS),
     MetricSpec("last_size_bytes", "size of the newest complete backup as stored", BACKUP_LABELS),
     MetricSpec("last_duration_seconds", "how long the newest complete backup took", BACKUP_LABELS),
-    MetricSpec("last_verification_success", "1 when the latest verification passed, 0 when it failed",
+    MetricSpec("last_verification_success", "1 when the verification of the newest backup passed, 0 when it "
+                                            "failed (while the newest awaits its own: the newest verdict before it)",
                BACKUP_LABELS),
-    MetricSpec("last_verification_timestamp_seconds", "when the latest verification ran (unix time)",
-               BACKUP_LABELS),
-    MetricSpec("last_verification_duration_seconds", "how long the latest verification took", BACKUP_LABELS),
+    MetricSpec("last_verification_timestamp_seconds", "when that verification ran (unix time)", BACKUP_LABELS),
+    MetricSpec("last_verification_duration_seconds", "how long that verification took", BACKUP_LABELS),
     MetricSpec("wal_last_archived_timestamp_seconds",
                "completion time of the newest WAL segment acknowledged as stored in the location (unix time)",
                ("location",)),

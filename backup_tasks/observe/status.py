@@ -6,7 +6,11 @@ The document's keys (``status --json``) are a public contract::
     generated_at        this reading (UTC, ISO 8601); timezone: the exchange's (BACKUP_TIMEZONE)
     recovery_window     {database, start, end, end_age_seconds, snapshot_id} or null: PITR reaches any moment in it
     newest_dump         {id, database, finished_at, age_seconds, size_bytes, duration_seconds,
-    newest_snapshot      verification: {ok, verified_at, duration_seconds, problems} or null} or null
+    newest_snapshot      verification: {ok, verified_at, duration_seconds, problems} or null,
+                         series_verdict: {backup_id, ok, verified_at, duration_seconds, problems} or null} or null
+                        ``verification`` is this backup's own; ``series_verdict`` the one health and the
+                        metrics go by (``observe.verdict``): this backup's, or while it has none yet the
+                        newest verdict before it, so a failure shows until a newer backup passes
     wal                 {archive, copy: {segment, completed_at, stored_at, lag_seconds, where} or null,
                          gaps: [{segment, after}], archiver: pg_stat_archiver's row (+ failing) or null}
     copy                {location, reachable, error, backups_missing: [ids], wal_behind_seconds} or null
@@ -20,10 +24,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.catalog.manifest import Manifest, Verification
 from backup_tasks.clock import isoformat, parse_time
 from backup_tasks.observe.facts import COPY_SOURCE, Facts
 from backup_tasks.observe.schedule import next_runs
+from backup_tasks.observe.verdict import SeriesVerdict
 from backup_tasks.progress import human_size
 from backup_tasks.settings import Settings
 from backup_tasks.wal.state import ARCHIVE, COPY, Newest
@@ -48,8 +53,8 @@ def document(facts: Facts, settings: Settings) -> Document:
         "recovery_window": None if window is None else {
             "database": window.database, "start": _iso(window.start), "end": _iso(window.end),
             "end_age_seconds": round((now - window.end).total_seconds(), 3), "snapshot_id": window.snapshot_id},
-        "newest_dump": _backup(dumps[-1], now) if dumps else None,
-        "newest_snapshot": _backup(newest_snapshot, now) if newest_snapshot else None,
+        "newest_dump": _backup(dumps[-1], now, _verdict(facts, dumps[-1])) if dumps else None,
+        "newest_snapshot": _backup(newest_snapshot, now, _verdict(facts, newest_snapshot)) if newest_snapshot else None,
         "wal": {
             "archive": _newest(facts.wal.get(ARCHIVE), now),
             "copy": _newest(facts.wal.get(COPY), now),
@@ -92,15 +97,25 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
 
 
-def _backup(m: Manifest, now: datetime) -> Document:
-    v = m.verification
+def _verdict(facts: Facts, newest: Manifest) -> SeriesVerdict:
+    """The verdict of ``newest``'s series, as ``facts.series`` computed it for the metrics."""
+    return next(s.verdict for s in facts.series if (s.database, s.kind) == (newest.database, newest.kind))
+
+
+def _verification(v: Verification | None) -> Document | None:
+    return None if v is None else {"ok": v.ok, "verified_at": v.verified_at, "duration_seconds": v.duration_seconds,
+                                   "problems": v.problems}
+
+
+def _backup(m: Manifest, now: datetime, verdict: SeriesVerdict) -> Document:
     finished = parse_time(m.finished_at)
+    standing = _verification(verdict.verification)
     out: Document = {
         "id": m.id, "database": m.database, "finished_at": m.finished_at,
         "age_seconds": round((now - finished).total_seconds(), 3), "size_bytes": m.size_bytes,
-        "duration_seconds": round(m.duration_seconds, 3),
-        "verification": None if v is None else {"ok": v.ok, "verified_at": v.verified_at,
-                                                "duration_seconds": v.duration_seconds, "problems": v.problems}}
+        "duration_seconds": round(m.duration_seconds, 3), "verification": _verification(m.verification),
+        "series_verdict": None if standing is None or verdict.judged is None else
+        {"backup_id": verdict.judged.id, **standing}}
     if m.kind == "snapshot":
         out["restorable_from"] = m.restorable_from
     return out
@@ -162,10 +177,13 @@ def _local_at(text: str, settings: Settings) -> str:
 def _backup_line(b: Document | None, settings: Settings) -> str:
     if b is None:
         return "none"
-    v = b["verification"]
+    v, standing = b["verification"], b["series_verdict"]
     verdict = ("NOT VERIFIED" if v is None else
                f"verified ok {local(v['verified_at'], settings)}" if v["ok"] else
                "VERIFICATION FAILED: " + "; ".join(v["problems"][:2]))
+    if v is None and standing is not None and not standing["ok"]:  # a failure stands until a newer backup passes
+        verdict += (f", and {standing['backup_id']} before it FAILED VERIFICATION: "
+                    + "; ".join(standing["problems"][:2]))
     return (f"{local(b['finished_at'], settings)} ({ago(b['age_seconds'])} ago), {human_size(b['size_bytes'])} in "
             f"{ago(b['duration_seconds'])}, {verdict}  [{b['id']}]")
 

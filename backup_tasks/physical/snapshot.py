@@ -34,6 +34,7 @@ from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupError, SnapshotFailed
 from backup_tasks.locks import Lease, hold
+from backup_tasks.postgres.archiver import archiver_stats
 from backup_tasks.postgres.connect import connect, server_major, server_version
 from backup_tasks.postgres.failures import classify
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
@@ -45,7 +46,6 @@ from backup_tasks.streams.codec import CHUNK
 from backup_tasks.streams.crypto import EncryptingWriter, encryption_info
 from backup_tasks.streams.tar import Unpacker
 from backup_tasks.wal.names import parse_lsn, segment_of_lsn
-from backup_tasks.wal.setup import archiver_stats
 
 log = logging.getLogger(__name__)
 

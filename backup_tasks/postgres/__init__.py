@@ -2,7 +2,8 @@
 
 ``connect`` (connections), ``failures`` (the one classifier of server and tool errors),
 ``tools`` (finding pg_dump & co., their environment without passwords on argv), ``queries``
-(catalog queries, row counts, amcheck), ``cluster`` (throwaway clusters), ``template`` (their
+(catalog queries, row counts, amcheck), ``archiver`` (``pg_stat_archiver``, one query, and the
+server's WAL position within one timeout), ``cluster`` (throwaway clusters), ``template`` (their
 cached initdb output), ``servercmd`` (the command PostgreSQL's OS user runs), ``controldata``
 (pg_controldata), ``sampledata``.
 

@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 
 from backup_tasks.errors import BackupError, ConfigError, IdentityUnusable, WalArchiveError
+from backup_tasks.postgres.archiver import archiver_stats
 from backup_tasks.postgres.cluster import SERVER_USER, server_uid_gid
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.failures import first_line
@@ -39,7 +40,9 @@ from backup_tasks.postgres.servercmd import (
     server_can_reach,
 )
 from backup_tasks.settings import Settings
-from backup_tasks.wal.archive import COPY_SUBDIR, DIR_MODE, WalArchive
+from backup_tasks.storage.files import PRIVATE_MODES
+from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.layout import COPY_SUBDIR, DIR_MODE
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +71,9 @@ def _prepare_wal_dir(root: Path, backup_dir: Path | None, notes: list[str], sett
     inside_backup_dir = backup_dir is not None and backup_dir in root.parents
     try:
         if inside_backup_dir and backup_dir is not None and not backup_dir.exists():
-            backup_dir.mkdir(parents=True, mode=0o700)
+            backup_dir.mkdir(parents=True, mode=PRIVATE_MODES.directory)
         if not root.exists():
-            root.mkdir(parents=True, mode=0o700)
+            root.mkdir(parents=True, mode=PRIVATE_MODES.directory)  # 2770 below, once it is the server user's
             notes.append(f"created {what} directory {root}")  # ``what`` brings its article: "the WAL archive"
         ids = server_uid_gid()
         if ids is not None:
@@ -154,9 +157,6 @@ def check_archiving(settings: Settings, *, timeout: float = 60.0) -> ArchiveChec
     except BackupError as exc:
         report.problems.append(str(exc))
     report.command_runnable_by_server = runnable_by_server(command)
-    if not report.command_runnable_by_server:
-        report.problems.append(f"the {SERVER_USER} OS user cannot run {command[0]}; install backup-tasks where it "
-                               f"can (e.g. /usr/bin/python3 -m venv /opt/backup-tasks; see the README)")
     conninfo = settings.source()
     report.server = conninfo.server_label
     try:
@@ -164,6 +164,17 @@ def check_archiving(settings: Settings, *, timeout: float = 60.0) -> ArchiveChec
             _check_server(conn, settings, report, archive, timeout)
     except psycopg.Error as exc:
         report.problems.append(f"querying the server failed: {first_line(str(exc))}")
+    if not report.command_runnable_by_server:
+        # What the server runs is judged by whether its segment arrived; this install only matters to it
+        # when its archive_command names it (or names nothing yet). A wrapper or a copy of the tool that
+        # the server user can run archives fine: then only the printed lines below are unusable as they are.
+        unusable = f"the {SERVER_USER} OS user cannot run {command[0]}"
+        remedy = "install backup-tasks where it can (e.g. /usr/bin/python3 -m venv /opt/backup-tasks; see the README)"
+        if command[0] in report.settings.get("archive_command", command[0]) or not report.arrived:
+            report.problems.append(f"{unusable}; {remedy}")
+        else:
+            report.warnings.append(f"{unusable}, so the archive_command and restore_command printed here would "
+                                   f"fail as they are (the server's own archive_command works); {remedy}")
     report.ok = not report.problems
     return report
 
@@ -256,23 +267,3 @@ def _force_segment(conn: psycopg.Connection, report: ArchiveCheck, archive: WalA
         report.problems.append(f"segment {segment} arrived but does not read back: {exc}")
     report.archiver = archiver_stats(conn)
     return read_back
-
-
-#: pg_stat_archiver with its times in UTC ISO 8601, and whether archive_command is failing now (its last failure
-#: newer than its last success), decided by the server on timestamps, not on text in the session's TimeZone.
-_ARCHIVER_SQL = """
-SELECT archived_count, last_archived_wal,
-       to_char(last_archived_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-       failed_count, last_failed_wal,
-       to_char(last_failed_time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-       coalesce(last_failed_time > last_archived_time, last_failed_time IS NOT NULL)
-FROM pg_stat_archiver
-"""
-
-
-def archiver_stats(conn: psycopg.Connection) -> dict[str, Any]:
-    """``pg_stat_archiver``: counts, last archived and failed file and time (UTC ISO 8601), and ``failing``."""
-    row = conn.execute(_ARCHIVER_SQL).fetchone()
-    keys = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
-            "last_failed_time", "failing")
-    return dict(zip(keys, row, strict=True)) if row else {}

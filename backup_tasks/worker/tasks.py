@@ -18,7 +18,6 @@ from celery import Task, chain
 from celery.utils import uuid
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.health import check_health
 from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.catalog.prune import prune as run_prune
 from backup_tasks.catalog.tradingday import parse_day, session_day
@@ -30,6 +29,7 @@ from backup_tasks.errors import (
 )
 from backup_tasks.logical import dump as dumping
 from backup_tasks.logical.verify import verify_backup
+from backup_tasks.observe.health import check_health
 from backup_tasks.physical.drill import pitr_drill as run_pitr_drill
 from backup_tasks.physical.snapshot import take_snapshot
 from backup_tasks.physical.verify import snapshot_to_verify

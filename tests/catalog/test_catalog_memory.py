@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.health import check_health
 from backup_tasks.catalog.manifest import Manifest, Verification
 from backup_tasks.catalog.prune import prune
 from backup_tasks.clock import isoformat, parse_time
 from backup_tasks.errors import BackupIdTaken, BackupNotFound, StorageError
+from backup_tasks.observe.health import check_health
 from backup_tasks.settings import Settings
 from backup_tasks.storage.memory import MemoryStorage
 from backup_tasks.storage.objectlock import ObjectLock

@@ -9,7 +9,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backup_tasks.observe.facts import CATALOG, SERVER, SERVER_TIMEOUT, WAL_ARCHIVE, WAL_STATE, collect
+from backup_tasks.observe.facts import CATALOG, SERVER, WAL_ARCHIVE, WAL_STATE, collect
+from backup_tasks.postgres.archiver import SERVER_TIMEOUT
 from backup_tasks.postgres.connect import connect
 
 if TYPE_CHECKING:
@@ -102,4 +103,8 @@ def test_the_server_answers_with_its_archiver_row(scene: Scene, pg_admin: object
     assert facts.read_ok(SERVER), facts.problems()
     with connect(pg_admin) as conn:  # type: ignore[arg-type]
         row = conn.execute("SELECT archived_count, failed_count FROM pg_stat_archiver").fetchone()
+        current = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0]
     assert facts.archiver is not None and (facts.archiver.archived_count, facts.archiver.failed_count) == row
+    # The same reading tells health which segment the server writes and on which timeline.
+    assert facts.server is not None and facts.server.current_segment is not None
+    assert facts.server.current_segment <= current and facts.server.timeline == int(current[:8], 16)

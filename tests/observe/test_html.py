@@ -9,7 +9,6 @@ under CI (``CI`` set), where it fails.
 
 from __future__ import annotations
 
-import os
 import shutil
 import struct
 import subprocess
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.pitr import cli_env, run_cli
+from tests.support.require import tool
 
 if TYPE_CHECKING:
     from tests.support.observe import Scene
@@ -32,13 +32,7 @@ WINDOW, VERIFIED, FAILED, UNVERIFIED = (0x90, 0xCA, 0xF9), (0x2E, 0x7D, 0x32), (
 
 
 def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        reason = "chromium is not installed (Debian's `chromium` package; scripts/bootstrap.sh installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}: CI must run this test")
-        pytest.skip(reason)
-    return path
+    return tool("chromium", "chromium", "chromium-browser")
 
 
 @pytest.fixture

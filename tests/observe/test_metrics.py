@@ -100,12 +100,12 @@ def test_the_command_prints_the_exposition_with_up_0_when_backup_dir_is_gone(
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to run the exporter as another user")
-def test_an_unreadable_backup_dir_is_up_0(disk_scene: Callable[..., Scene]) -> None:
+def test_an_unreadable_backup_dir_is_up_0(disk_scene: Callable[..., Scene], server_user_cli: list[str]) -> None:
     base = reachable_dir("bt-test-observe-")
     try:
         scene = disk_scene(base)
         Path(scene.settings.backup_dir).chmod(0o700)  # root's: the postgres user may enter its parent, not list it
-        as_postgres = ["runuser", "-u", "postgres", "--", BACKUP_TASKS, "metrics"]
+        as_postgres = ["runuser", "-u", "postgres", "--", *server_user_cli, "metrics"]
         result = subprocess.run(as_postgres, env=cli_env(scene.settings), capture_output=True, text=True,
                                 check=False, cwd="/")
         why = subprocess.run([*as_postgres, "--json"], env=cli_env(scene.settings), capture_output=True, text=True,

@@ -109,7 +109,7 @@ def build(storage: Storage, archive_root: Path, settings: Settings) -> Scene:
     for m in [*dumps, *snapshots]:
         save_new(storage, m)
         storage.put_bytes(m.path, b"data")
-    archive = WalArchive(archive_root)
+    archive = WalArchive.in_directory(archive_root)
     archive.ensure()
     pg_wal = archive_root.parent / "pg_wal"
     pg_wal.mkdir(exist_ok=True)

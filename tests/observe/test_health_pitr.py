@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -15,24 +17,17 @@ from pathlib import Path
 import pytest
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.health import (
-    IN_FLIGHT_GRACE,
-    Hole,
-    ServerWal,
-    WalSurvey,
-    assess_snapshots,
-    assess_wal,
-    check_health,
-    pitr_configured,
-)
 from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.clock import utcnow
-from backup_tasks.errors import HealthCheckFailed
+from backup_tasks.errors import HealthCheckFailed, StorageError
+from backup_tasks.observe.continuity import Hole, WalSurvey
+from backup_tasks.observe.health import IN_FLIGHT_GRACE, assess_snapshots, assess_wal, check_health, pitr_configured
+from backup_tasks.postgres.archiver import SERVER_TIMEOUT, ArchiverStats, ServerWal
 from backup_tasks.settings import Settings
 from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.memory import MemoryStorage
 from backup_tasks.wal.archive import WalArchive
-from backup_tasks.wal.coverage import TimelineStep
+from backup_tasks.wal.coverage import TimelineStep, coverages
 from backup_tasks.wal.names import segment_name
 from tests.support.data import NOW, dump
 
@@ -44,9 +39,11 @@ def seg(number: int, timeline: int = 1) -> str:
     return segment_name(timeline, number, SIZE)
 
 
-def snapshot(days_ago: float, *, verified: bool | None = None, start: int = 2) -> Manifest:
-    return replace(dump(days_ago, verified=verified, kind="snapshot"), start_segment=seg(start),
-                   stop_segment=seg(start), wal_segment_size=SIZE, timeline=1, format="pg_basebackup-tar")
+def snapshot(days_ago: float, *, verified: bool | None = None, start: int = 2, window: bool = False) -> Manifest:
+    """A snapshot starting at segment ``start``; ``window``: it records ``restorable_from`` (the recovery window's)."""
+    taken = dump(days_ago, verified=verified, kind="snapshot")
+    return replace(taken, start_segment=seg(start), stop_segment=seg(start), wal_segment_size=SIZE, timeline=1,
+                   format="pg_basebackup-tar", restorable_from=taken.finished_at if window else None)
 
 
 def judge(snapshots: list[Manifest]) -> list[str]:
@@ -61,6 +58,13 @@ def survey(last: int, holes: list[Hole] | None = None, **values: object) -> WalS
 
 def ago(span: timedelta) -> float:
     return (NOW - span).timestamp()
+
+
+def archiver(last_archived: str | None, *, failing: bool = False) -> ArchiverStats:
+    """A ``pg_stat_archiver`` row that archived up to ``last_archived`` (and failed an hour ago when ``failing``)."""
+    return ArchiverStats(archived_count=9, last_archived_wal=last_archived, last_archived_at=NOW - timedelta(hours=2),
+                         failed_count=1 if failing else 0, last_failed_wal=seg(10) if failing else None,
+                         last_failed_at=NOW - timedelta(hours=1) if failing else None, failing=failing)
 
 
 # --- snapshots (pure) ----------------------------------------------------------------------------------
@@ -108,13 +112,14 @@ def test_pitr_is_configured_by_a_snapshot_an_archive_setting_or_archived_wal() -
 # --- WAL continuity (pure) -----------------------------------------------------------------------------
 
 def test_an_unbroken_archive_is_healthy() -> None:
-    health = assess_wal(survey(9), NOW)
+    health = assess_wal(survey(9), None, NOW)
     assert health.problems == [] and (health.found, health.missing_in_flight, health.lost) == (8, 0, [])
     assert health.to_dict()["from"] == seg(2) and health.to_dict()["to"] == seg(9)
 
 
 def test_a_lost_segment_in_the_middle_is_named() -> None:
-    health = assess_wal(survey(9, [Hole(5, 5, ago(timedelta(hours=3))), Hole(7, 8, ago(timedelta(hours=2)))]), NOW)
+    health = assess_wal(survey(9, [Hole(5, 5, ago(timedelta(hours=3))), Hole(7, 8, ago(timedelta(hours=2)))]), None,
+                        NOW)
     assert [r.to_dict() for r in health.lost] == [{"from": seg(5), "to": seg(5), "segments": 1},
                                                   {"from": seg(7), "to": seg(8), "segments": 2}]
     assert health.found == 5 and health.missing_in_flight == 0
@@ -125,49 +130,58 @@ def test_a_lost_segment_in_the_middle_is_named() -> None:
 def test_missing_segments_at_the_end_are_in_flight_not_lost() -> None:
     # A hole whose next segment was completed a minute ago may still be archiving (push-ahead stored that one).
     recent = Hole(8, 8, ago(timedelta(minutes=1)))
-    health = assess_wal(survey(9, [recent]), NOW)
+    health = assess_wal(survey(9, [recent]), None, NOW)
     assert health.problems == [] and health.missing_in_flight == 1 and health.lost == []
     # After the grace it is lost.
-    later = assess_wal(survey(9, [recent]), NOW + IN_FLIGHT_GRACE + timedelta(minutes=1))
+    later = assess_wal(survey(9, [recent]), None, NOW + IN_FLIGHT_GRACE + timedelta(minutes=1))
     assert [r.first for r in later.lost] == [seg(8)] and later.problems
     # Beyond the newest archived segment nothing is a gap; what the server completed since is in flight.
     server = ServerWal("db:5432", timeline=1, current_segment=seg(13))
-    tail = assess_wal(survey(9, server=server), NOW)
+    tail = assess_wal(survey(9), server, NOW)
     assert tail.problems == [] and tail.missing_in_flight == 3
     assert [r.to_dict() for r in tail.in_flight] == [{"from": seg(10), "to": seg(12), "segments": 3}]
 
 
 def test_the_servers_archiver_decides_what_is_in_flight() -> None:
     holes = [Hole(4, 4, ago(timedelta(seconds=5))), Hole(8, 8, ago(timedelta(hours=1)))]
-    server = ServerWal("db:5432", timeline=1, current_segment=seg(10), archived_through=seg(6))
-    health = assess_wal(survey(9, holes, server=server), NOW)
+    server = ServerWal("db:5432", timeline=1, current_segment=seg(10), archiver=archiver(seg(6)))
+    health = assess_wal(survey(9, holes), server, NOW)
     # 4 is below what PostgreSQL says it archived: lost however recent; 8 it has not archived yet.
     assert [r.first for r in health.lost] == [seg(4)] and [r.first for r in health.in_flight] == [seg(8)]
     assert health.missing_in_flight == 1 and len(health.problems) == 1
     # A hole across that point: lost up to it, in flight after it.
-    split = assess_wal(survey(9, [Hole(5, 8, ago(timedelta(hours=1)))], server=server), NOW)
+    split = assess_wal(survey(9, [Hole(5, 8, ago(timedelta(hours=1)))]), server, NOW)
     assert [r.to_dict() for r in split.lost] == [{"from": seg(5), "to": seg(6), "segments": 2}]
     assert [r.to_dict() for r in split.in_flight] == [{"from": seg(7), "to": seg(8), "segments": 2}]
 
 
 def test_a_timeline_mismatch_is_named() -> None:
-    ahead = assess_wal(survey(9, server=ServerWal("db:5432", timeline=2, current_segment=seg(12, 2))), NOW)
+    ahead = assess_wal(survey(9), ServerWal("db:5432", timeline=2, current_segment=seg(12, 2)), NOW)
     assert ahead.server_timeline == 2 and ahead.timeline == 1
     assert len(ahead.problems) == 1 and "timeline 2" in ahead.problems[0] and "not being archived" in ahead.problems[0]
-    behind = assess_wal(survey(9, newest_timeline=3, server=ServerWal("db:5432", timeline=1,
-                                                                        current_segment=seg(10))), NOW)
+    behind = assess_wal(survey(9, newest_timeline=3), ServerWal("db:5432", timeline=1, current_segment=seg(10)), NOW)
     assert len(behind.problems) == 1 and "another server archived into it" in behind.problems[0]
 
 
 def test_a_server_that_does_not_answer_is_reported() -> None:
-    health = assess_wal(survey(9, server=ServerWal("db:5432", error="connection refused")), NOW)
+    health = assess_wal(survey(9), ServerWal("db:5432", error="connection refused"), NOW)
     assert health.server_error == "connection refused"
     assert len(health.problems) == 1 and "did not answer (connection refused)" in health.problems[0]
 
 
 def test_an_archive_that_is_missing_or_unreadable_is_named() -> None:
-    assert "does not exist" in assess_wal(WalSurvey(archive="/wal", available=False), NOW).problems[0]
-    assert "could not be read: boom" in assess_wal(WalSurvey(archive="/wal", error="boom"), NOW).problems[0]
+    assert "does not exist" in assess_wal(WalSurvey(archive="/wal", available=False), None, NOW).problems[0]
+    assert "could not be read: boom" in assess_wal(WalSurvey(archive="/wal", error="boom"), None, NOW).problems[0]
+
+
+def test_a_failing_archive_command_is_named_as_the_server_reported_it() -> None:
+    """The archiver row the metrics expose (``failing`` decided by the server) is the one health judges."""
+    server = ServerWal("db:5432", timeline=1, current_segment=seg(10), archiver=archiver(seg(9), failing=True))
+    [problem] = assess_wal(survey(9), server, NOW).problems
+    assert problem == (f"the server db:5432 fails to archive WAL: archive_command failed for {seg(10)} at "
+                       f"2026-11-27T01:05:00.000000Z (last success: {seg(9)} at 2026-11-27T00:05:00.000000Z); "
+                       f"see the server log")
+    assert assess_wal(survey(9), replace(server, archiver=archiver(seg(9))), NOW).problems == []
 
 
 # --- check_health: the memory catalog and a real archive directory ---------------------------------------
@@ -198,7 +212,7 @@ def push(archive: WalArchive, spool: Path, name: str, completed_ago: timedelta, 
 
 
 def archive_of(tmp_path: Path, numbers: list[int]) -> WalArchive:
-    archive = WalArchive(tmp_path / "wal")
+    archive = WalArchive.in_directory(tmp_path / "wal")
     for number in numbers:
         push(archive, tmp_path / "spool", seg(number), timedelta(hours=20 - number))
     return archive
@@ -206,19 +220,27 @@ def archive_of(tmp_path: Path, numbers: list[int]) -> WalArchive:
 
 def test_a_dump_only_deployment_stays_healthy(settings: Settings, storage: MemoryStorage, tmp_path: Path) -> None:
     newest = store(storage, dump(0.1, verified=True))
-    report = check_health(settings, now=NOW, storage=storage, archive=WalArchive(tmp_path / "no-archive"))
+    report = check_health(settings, now=NOW, storage=storage, archive=WalArchive.in_directory(tmp_path / "no-archive"))
     assert report.ok and report.problems == [] and report.newest_backup == newest.id
     assert report.snapshot["pitr"] is False and "dump-only" in report.snapshot["why"]
     assert report.wal["checked"] is False
 
 
+@pytest.mark.parametrize("window", [True, False], ids=["recovery-window", "no-restorable-from"])
 def test_check_health_names_a_lost_segment_of_a_real_archive(settings: Settings, storage: MemoryStorage,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             window: bool) -> None:
+    from backup_tasks.observe import continuity
+
     store(storage, dump(0.1, verified=True))
-    store(storage, snapshot(13, verified=True, start=2))
-    store(storage, snapshot(6, verified=True, start=7))
+    store(storage, snapshot(13, verified=True, start=2, window=window))
+    store(storage, snapshot(6, verified=True, start=7, window=window))
     archive = archive_of(tmp_path, [2, 3, 4, 6, 7, 8, 9])  # 5 is gone: recovery from the older snapshot stops
+    walks: list[object] = []
+    monkeypatch.setattr(continuity, "coverages", lambda *a: walks.append(a) or coverages(*a))
     report = check_health(settings, now=NOW, storage=storage, archive=archive)
+    # With a recovery window the survey starts from the coverage the window was computed from: no second walk.
+    assert len(walks) == (0 if window else 1)
     assert not report.ok and report.snapshot["pitr"] is True
     wal = report.wal
     assert (wal["from"], wal["to"], wal["found"], wal["missing_in_flight"]) == (seg(2), seg(9), 7, 0)
@@ -261,7 +283,7 @@ def test_the_health_task_raises_with_each_problem(tmp_path: Path, monkeypatch: p
     for manifest in (dump(0.1 - behind, verified=True), snapshot(2 - behind, verified=True, start=2)):
         local.put_bytes(manifest.path, b"x" * manifest.size_bytes)
         catalog.save_new(local, manifest)
-    archive = WalArchive(backups / "wal")  # the default <BACKUP_DIR>/wal
+    archive = WalArchive.in_directory(backups / "wal")  # the default <BACKUP_DIR>/wal
     for number in (2, 4):
         push(archive, tmp_path / "spool", seg(number), timedelta(hours=10))
     with pytest.raises(HealthCheckFailed) as failed:
@@ -270,3 +292,58 @@ def test_the_health_task_raises_with_each_problem(tmp_path: Path, monkeypatch: p
     push(archive, tmp_path / "spool", seg(3), timedelta(hours=10))
     result = tasks.health()  # healthy: the task's result is plain JSON
     assert json.loads(json.dumps(result))["wal"]["found"] == 3
+
+
+def test_a_catalog_that_cannot_be_read_fails_the_check(settings: Settings, storage: MemoryStorage,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a problem line: the error itself, with its exit code and retry rule, as before the one reading."""
+    def refuse(*_args: object, **_kwargs: object) -> list[object]:
+        raise StorageError("memory://catalog: listing refused")
+
+    monkeypatch.setattr(storage, "list", refuse)
+    with pytest.raises(StorageError, match="listing refused"):
+        check_health(settings, now=NOW, storage=storage)
+
+
+def test_health_judges_the_reading_the_metrics_expose(settings: Settings, storage: MemoryStorage, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """One reading of the server (``read_server_wal``) feeds both the archiver metrics and health's verdict."""
+    from backup_tasks.observe import facts as observed
+    from backup_tasks.observe.health import judge
+    from backup_tasks.observe.metrics import families
+
+    store(storage, dump(0.1, verified=True))
+    store(storage, snapshot(3, verified=True, start=2))
+    archive = archive_of(tmp_path, [2, 3, 4])
+    reads: list[object] = []
+    answer = ServerWal("db:5432", timeline=1, current_segment=seg(5), archiver=archiver(seg(4), failing=True))
+    monkeypatch.setattr(observed, "read_server_wal", lambda conninfo: reads.append(conninfo) or answer)
+    with_server = replace(settings, database_url="postgresql://postgres@db:5432/aitrapp")
+    reading = observed.collect(with_server, storage=storage, archive=archive, now=NOW, for_health=True)
+    report = judge(reading, with_server, "aitrapp")
+    assert len(reads) == 1
+    assert [p for p in report.problems if "fails to archive WAL" in p] == [
+        f"the server db:5432 fails to archive WAL: archive_command failed for {seg(10)} at "
+        f"2026-11-27T01:05:00.000000Z (last success: {seg(4)} at 2026-11-27T00:05:00.000000Z); see the server log"]
+    exposed = {f.name: f.samples[0].value for f in families(reading) if f.name.startswith("backup_tasks_archiver")}
+    assert exposed["backup_tasks_archiver_last_failed_timestamp_seconds"] == (NOW - timedelta(hours=1)).timestamp()
+    assert report.wal["server_timeline"] == 1 and report.wal["missing_in_flight"] == 0
+
+
+def test_a_server_that_never_answers_costs_health_seconds(settings: Settings, storage: MemoryStorage,
+                                                           tmp_path: Path) -> None:
+    """The one timeout of ``postgres.archiver`` bounds health too; the silent server is named, the rest judged."""
+    store(storage, dump(0.1, verified=True))
+    store(storage, snapshot(3, verified=True, start=2))
+    archive = archive_of(tmp_path, [2, 3, 4])
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        quiet = replace(settings, database_url=f"postgresql://postgres@127.0.0.1:{port}/aitrapp")
+        started = time.monotonic()
+        report = check_health(quiet, now=NOW, storage=storage, archive=archive)
+        elapsed = time.monotonic() - started
+    assert elapsed < SERVER_TIMEOUT + 3, f"health waited {elapsed:.1f}s on a silent server"
+    assert "127.0.0.1" in report.wal["server_error"] and report.wal["found"] == 3
+    assert [p for p in report.problems if "did not answer" in p] == report.problems and len(report.problems) == 1

@@ -1,9 +1,20 @@
 """Health of everything the backups promise: the newest dump, the weekly snapshots, WAL continuity.
 
-The decisions are pure (``assess_dumps``, ``assess_snapshots``, ``assess_wal``: manifests, a WAL
-survey and a clock in, named problems out); ``check_health`` gathers their inputs (one catalog
-listing, the archive's coverage, a listing of its names only to describe a gap, a few trailers, one
-short query to the server) and combines them.
+One reading, one judge. ``check_health`` reads the facts once, the reading the exporter and
+``status`` take (``facts.collect``; ``for_health`` adds every manifest in any state, the newest dumps'
+sizes as stored and the WAL ``continuity`` survey), and ``judge`` turns that reading into named
+problems. The decisions are pure (``assess_dumps``, ``assess_snapshots``, ``assess_wal``: manifests,
+a survey, the server's word and a clock in, named problems out). The server's archiver is read once,
+by ``postgres.archiver.read_server_wal``: its ``failing`` is the one the metrics expose. A backup's
+verification is judged by ``observe.verdict``, the rule the verification metrics and ``status`` follow:
+the newest backup's verdict, and while it has none yet the newest verdict before it (a failure stands
+until a newer backup passes; an older backup verified again does not clear it).
+
+Why in ``observe`` and not ``catalog`` (where it was): the verdicts cover the catalog, the WAL
+archive and the server together, and are computed from the facts ``observe.facts`` gathers, which
+needs ``physical.plan`` for the recovery window, a layer above ``catalog``. In ``catalog`` health had
+to gather the same things a second way (its own catalog listing, its own query of the server with
+its own timeout), so the metrics and the verdicts could disagree.
 
 Point-in-time recovery is judged only where it is configured: when the catalog holds a snapshot,
 ``WAL_ARCHIVE_DIR`` is set, or the WAL archive (``WAL_ARCHIVE_DIR``, else ``<BACKUP_DIR>/wal``) holds a
@@ -26,15 +37,18 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.manifest import Manifest
-from backup_tasks.clock import utcnow
-from backup_tasks.errors import BackupError, StorageError
+from backup_tasks.clock import parse_time
+from backup_tasks.errors import BackupError
+from backup_tasks.observe.continuity import WalSurvey, earliest_start
+from backup_tasks.observe.facts import CATALOG, INTERNAL, Facts, collect
+from backup_tasks.observe.verdict import of_same_series, series_verdict
+from backup_tasks.postgres.archiver import UTC_TEXT, ArchiverStats, ServerWal
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.wal.archive import WalArchive
-from backup_tasks.wal.coverage import TimelineStep, coverages, timeline_for, timeline_path
-from backup_tasks.wal.names import kind_of, position, segment_name, segment_number, timeline_of
+from backup_tasks.wal.coverage import timeline_for
+from backup_tasks.wal.names import kind_of, segment_name, segment_number, timeline_of
 
 #: A dump this young may still be in its verify step: not yet a problem.
 VERIFY_GRACE = timedelta(hours=2)
@@ -47,14 +61,8 @@ SNAPSHOT_MAX_AGE = timedelta(days=8)
 #: archived after it was completed less than this long ago (archive_command retries every minute).
 IN_FLIGHT_GRACE = timedelta(minutes=10)
 
-#: Seconds to wait for the server's answer (unless DATABASE_URL sets connect_timeout): health must not hang.
-SERVER_CONNECT_TIMEOUT = 3
-
 #: Lost ranges named one per problem line; the rest are counted in one more line (all are in the JSON).
 PROBLEM_RANGES = 10
-
-#: Holes whose following segment's trailer is read for its completion time, newest first.
-TRAILERS_READ = 50
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -151,12 +159,24 @@ def _hours(span: timedelta) -> float:
     return span.total_seconds() / 3600
 
 
-def _verification_problem(what: str, manifest: Manifest, age: timedelta, grace: timedelta) -> str | None:
-    if manifest.verification is None:
-        return f"{what} {manifest.id} has never been verified" if age > grace else None
-    if not manifest.verification.ok:
-        return f"{what} {manifest.id} failed verification: " + "; ".join(manifest.verification.problems)
-    return None
+def _verification_problems(noun: str, backups: list[Manifest], age: timedelta, grace: timedelta) -> list[str]:
+    """The newest of ``backups`` (oldest first) judged by the rule the metrics and status follow (``verdict``).
+
+    A failure stands until a newer backup passes: while the newest has no verdict yet, the newest
+    verdict before it speaks (and the newest is also named once its verify task is overdue).
+    """
+    verdict = series_verdict(of_same_series(backups, backups[-1]))
+    newest, found = verdict.newest, []
+    if verdict.pending and age > grace:
+        found.append(f"newest {noun} {newest.id} has never been verified")
+    if verdict.failed and verdict.judged is not None and verdict.verification is not None:
+        problems = "; ".join(verdict.verification.problems)
+        if verdict.judged is newest:
+            found.append(f"newest {noun} {newest.id} failed verification: {problems}")
+        else:
+            found.append(f"{noun} {verdict.judged.id} failed verification and no newer {noun} has passed since "
+                         f"(the newest, {newest.id}, is not verified yet): {problems}")
+    return found
 
 
 def assess_dumps(dumps: list[Manifest], stored_sizes: dict[str, int | None], now: datetime,
@@ -169,7 +189,7 @@ def assess_dumps(dumps: list[Manifest], stored_sizes: dict[str, int | None], now
                         stored_bytes=stored_sizes.get(newest.id),
                         verified=None if newest.verification is None else newest.verification.ok)
     problems = health.problems
-    age = now - catalog.parse_time(newest.finished_at)
+    age = now - parse_time(newest.finished_at)
     if age > max_age:
         problems.append(f"newest backup {newest.id} is {_hours(age):.1f} hours old "
                         f"(expected one every {_hours(max_age):.0f} hours)")
@@ -180,19 +200,11 @@ def assess_dumps(dumps: list[Manifest], stored_sizes: dict[str, int | None], now
         problems.append(f"newest backup {newest.id} is empty (0 bytes)")
     elif stored != newest.size_bytes:
         problems.append(f"newest backup {newest.id} is {stored} bytes, its manifest says {newest.size_bytes}")
-    unverified = _verification_problem("newest backup", newest, age, VERIFY_GRACE)
-    if unverified:
-        problems.append(unverified)
+    problems.extend(_verification_problems("backup", dumps, age, VERIFY_GRACE))
     return health
 
 
 # --- snapshots -------------------------------------------------------------------------------------
-
-def earliest_start(snapshots: list[Manifest]) -> Manifest | None:
-    """The restorable snapshot whose WAL starts first: continuity is checked from there (as prune keeps WAL)."""
-    candidates = [m for m in snapshots if m.restorable]
-    return min(candidates, key=lambda m: position(str(m.start_segment))) if candidates else None
-
 
 def pitr_configured(snapshots: list[Manifest], archive_dir_set: bool, archive: str,
                     archive_has_segments: bool) -> tuple[bool, str]:
@@ -222,16 +234,14 @@ def assess_snapshots(snapshots: list[Manifest], now: datetime, *, pitr: bool, wh
     newest = snapshots[-1]
     health.newest, health.finished_at = newest.id, newest.finished_at
     health.verified = None if newest.verification is None else newest.verification.ok
-    age = now - catalog.parse_time(newest.finished_at)
+    age = now - parse_time(newest.finished_at)
     if age > max_age:
         health.problems.append(f"newest snapshot {newest.id} is {age.total_seconds() / 86400:.1f} days old "
                                f"(expected one a week, at most {max_age.total_seconds() / 86400:.0f} days apart)")
     if not newest.restorable:
         health.problems.append(f"newest snapshot {newest.id} cannot be restored (state {newest.state}, WAL start "
                                f"{newest.start_segment or 'not recorded'})")
-    unverified = _verification_problem("newest snapshot", newest, age, verify_grace)
-    if unverified:
-        health.problems.append(unverified)
+    health.problems.extend(_verification_problems("snapshot", snapshots, age, verify_grace))
     return health
 
 
@@ -242,68 +252,13 @@ def snapshot_verify_grace(settings: Settings) -> timedelta:
 
 # --- WAL continuity --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Hole:
-    """Missing segments (numbers) below the newest archived one, and when the segment after them was completed."""
-
-    first_segno: int
-    last_segno: int
-    next_completed_at: float | None  # unix time; None: not read or unreadable
-
-
-@dataclass(frozen=True)
-class ServerWal:
-    """What the server says about its WAL, or why it said nothing."""
-
-    label: str
-    timeline: int | None = None
-    current_segment: str | None = None  # being written (None on a standby)
-    archived_through: str | None = None  # pg_stat_archiver.last_archived_wal, when it names a segment
-    archiver_failure: str | None = None  # the newest failure, when it is newer than the newest success
-    error: str | None = None
-
-
-@dataclass
-class WalSurvey:
-    """The inputs of ``assess_wal``, gathered from the archive and the server."""
-
-    archive: str
-    available: bool = True
-    error: str | None = None  # the archive could not be read
-    start_segment: str | None = None
-    segment_size: int = 16 << 20
-    steps: list[TimelineStep] = field(default_factory=list)
-    last_archived: str | None = None
-    unbroken_to: str | None = None
-    holes: list[Hole] = field(default_factory=list)
-    newest_timeline: int | None = None
-    server: ServerWal | None = None
-
-
-def missing_runs(names: set[str], steps: list[TimelineStep], first: int, last: int,
-                 segment_size: int) -> list[tuple[int, int]]:
-    """Pure: the runs of segment numbers in ``first..last`` missing from ``names`` on the timeline path."""
-    runs: list[tuple[int, int]] = []
-    run_start: int | None = None
-    for segno in range(first, last + 1):
-        if segment_name(timeline_for(steps, segno), segno, segment_size) in names:
-            if run_start is not None:
-                runs.append((run_start, segno - 1))
-                run_start = None
-        elif run_start is None:
-            run_start = segno
-    if run_start is not None:
-        runs.append((run_start, last))
-    return runs
-
-
-def assess_wal(survey: WalSurvey, now: datetime, grace: timedelta = IN_FLIGHT_GRACE) -> WalHealth:
+def assess_wal(survey: WalSurvey, server: ServerWal | None, now: datetime,
+               grace: timedelta = IN_FLIGHT_GRACE) -> WalHealth:
     """Pure: classify every segment from the survey's start to its newest archived one; compare timelines."""
     size, steps = survey.segment_size, survey.steps
     health = WalHealth(checked=True, archive=survey.archive, from_segment=survey.start_segment,
                        to_segment=survey.last_archived, unbroken_to=survey.unbroken_to,
                        timelines=[s.timeline for s in steps], timeline=survey.newest_timeline)
-    server = survey.server
     if server is not None:
         health.server_timeline, health.server_segment, health.server_error = \
             server.timeline, server.current_segment, server.error
@@ -324,7 +279,7 @@ def assess_wal(survey: WalSurvey, now: datetime, grace: timedelta = IN_FLIGHT_GR
     if survey.start_segment and steps:
         first = segment_number(survey.start_segment, size)
         last = segment_number(survey.last_archived, size) if survey.last_archived else first - 1
-        through = server.archived_through if server else None
+        through = archived_through(server)
         for hole in survey.holes:
             if through is not None:  # PostgreSQL archives in order: up to here it said "done", past it it has not
                 done = min(hole.last_segno, segment_number(through, size))
@@ -362,8 +317,8 @@ def _server_problems(server: ServerWal | None, archive_timeline: int | None) -> 
         return [f"the server {server.label} did not answer ({server.error}): its timeline was not compared with "
                 f"the WAL archive's"]
     found = []
-    if server.archiver_failure:
-        found.append(f"the server {server.label} fails to archive WAL: {server.archiver_failure}")
+    if server.archiver is not None and server.archiver.failing:
+        found.append(f"the server {server.label} fails to archive WAL: {_archiver_failure(server.archiver)}")
     if server.timeline is not None and archive_timeline is not None and server.timeline != archive_timeline:
         if server.timeline > archive_timeline:
             found.append(f"the server {server.label} is on timeline {server.timeline} but the WAL archive's newest is "
@@ -375,132 +330,53 @@ def _server_problems(server: ServerWal | None, archive_timeline: int | None) -> 
     return found
 
 
-# --- gathering -------------------------------------------------------------------------------------
+def _archiver_failure(archiver: ArchiverStats) -> str:
+    def text(moment: datetime | None) -> str | None:  # as the server gave it (``archiver_stats``)
+        return None if moment is None else moment.strftime(UTC_TEXT)
 
-def ask_server(settings: Settings) -> ServerWal:
-    """The server's timeline, current segment and archiver state; an unreachable server is an answer, not a crash."""
-    import psycopg
+    return (f"archive_command failed for {archiver.last_failed_wal} at {text(archiver.last_failed_at)} (last "
+            f"success: {archiver.last_archived_wal or 'none'} at {text(archiver.last_archived_at) or 'never'}); "
+            f"see the server log")
 
-    from backup_tasks.postgres.connect import connect
-    from backup_tasks.postgres.failures import first_line
-    from backup_tasks.wal.setup import archiver_stats
 
-    conninfo = settings.source().with_connect_timeout(SERVER_CONNECT_TIMEOUT)
-    label = conninfo.server_label
+def archived_through(server: ServerWal | None) -> str | None:
+    """The segment up to which the server says it archived (a .partial or .backup file: its segment)."""
+    name = server.archiver.last_archived_wal if server and server.archiver else None
     try:
-        with connect(conninfo) as conn:
-            if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                current = None
-                timeline = int(conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0])
-            else:
-                current = str(conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()[0])
-                timeline = timeline_of(current)
-            stats = archiver_stats(conn)
-    except BackupError as exc:
-        return ServerWal(label, error=str(exc))
-    except psycopg.Error as exc:
-        return ServerWal(label, error=first_line(str(exc)))
-    archived = str(stats.get("last_archived_wal") or "")
-    failed_at, archived_at = stats.get("last_failed_time"), stats.get("last_archived_time")
-    failure = None
-    if stats.get("failing"):
-        failure = (f"archive_command failed for {stats.get('last_failed_wal')} at {failed_at} (last success: "
-                   f"{archived or 'none'} at {archived_at or 'never'}); see the server log")
-    return ServerWal(label, timeline=timeline, current_segment=current, archived_through=_segment_part(archived),
-                     archiver_failure=failure)
-
-
-def _segment_part(name: str) -> str | None:
-    """The segment a file archived by the server belongs to (a .partial or .backup file: its segment)."""
-    try:
-        return name[:24] if kind_of(name) in ("segment", "partial", "backup") else None
+        return name[:24] if name and kind_of(name) in ("segment", "partial", "backup") else None
     except BackupError:
         return None
 
 
-def survey_wal(archive: WalArchive, earliest: Manifest | None, server: ServerWal | None,
-               names: list[str] | None = None) -> WalSurvey:
-    """Read what ``assess_wal`` needs: the path from ``earliest``'s start segment, the holes, the newest timeline.
+# --- one reading, one judge -------------------------------------------------------------------------
 
-    The archive's names (``names``, else a listing) are read only when there is a gap to describe:
-    a healthy archive costs what ``coverages`` costs (the archive's index, not a walk of every name).
+def judge(facts: Facts, settings: Settings, database: str | None) -> HealthReport:
+    """The verdicts on one reading (``collect(for_health=True)``); ``database``: judge that database's dumps only.
+
+    A catalog that could not be read, or a reading that failed unforeseen, is raised as it was met: the
+    command and the task fail with that error's exit code and retry rule, as they always have.
     """
-    survey = WalSurvey(archive=archive.location, available=archive.available(), server=server)
-    if not survey.available:
-        return survey
-    try:
-        # The archive's newest timeline: every timeline after the first has a history file, archived first.
-        timelines = [int(h[:8], 16) for h in archive.history_names()] + [timeline_of(n) for n in names or []]
-        if earliest is not None:
-            start, size = str(earliest.start_segment), int(earliest.wal_segment_size or 0)
-            survey.start_segment, survey.segment_size = start, size
-            survey.steps = timeline_path(archive, timeline_of(start), size)
-            cover = coverages(archive, [(start, size)], names)[0]
-            survey.last_archived, survey.unbroken_to = cover.last_archived, cover.end_segment
-            if cover.last_archived:
-                timelines.append(timeline_of(cover.last_archived))
-            if cover.last_archived and cover.gap:
-                present = set(archive.segment_names() if names is None else names)
-                runs = missing_runs(present, survey.steps, segment_number(start, size),
-                                    segment_number(cover.last_archived, size), size)
-                for index, (first, last) in enumerate(reversed(runs)):
-                    after = segment_name(timeline_for(survey.steps, last + 1), last + 1, size)
-                    completed = _completed_at(archive, after) if index < TRAILERS_READ else None
-                    survey.holes.insert(0, Hole(first, last, completed))
-        survey.newest_timeline = max(timelines, default=None)
-    except BackupError as exc:
-        survey.error = str(exc)
-    return survey
-
-
-def _completed_at(archive: WalArchive, name: str) -> float | None:
-    try:
-        return archive.trailer(name).completed_at
-    except BackupError:
-        return None
-
-
-def _open_archive(settings: Settings) -> WalArchive:
-    from backup_tasks.wal.remote import archive_for_reading  # the bucket's wal/ when BACKUP_DIR is one
-
-    return archive_for_reading(settings)
-
-
-def check_health(settings: Settings, *, now: datetime | None = None, storage: Storage | None = None,
-                 archive: WalArchive | None = None) -> HealthReport:
-    """Judge the catalog in ``storage`` and the WAL archive ``archive`` (defaults: the settings' locations)."""
-    now = now or utcnow()
-    if storage is None:
-        storage = settings.locations()
-    database = settings.source().dbname if settings.database_url else None
-    manifests = catalog.catalog(storage)  # one listing for dumps and snapshots
-    dumps = [m for m in manifests if m.kind == "dump" and (database is None or m.database == database)]
-    snapshots = [m for m in manifests if m.kind == "snapshot"]
-    sizes: dict[str, int | None] = {}
-    if dumps:
-        try:
-            sizes[dumps[-1].id] = storage.size(dumps[-1].path)
-        except StorageError:
-            sizes[dumps[-1].id] = None
-    dump = assess_dumps(dumps, sizes, now, timedelta(hours=settings.health_max_age_hours))
-
-    names: list[str] | None = None  # listed only to tell whether WAL is archived at all, when nothing else says
-    archive_error: str | None = None
-    try:
-        archive = archive or _open_archive(settings)
-        if not snapshots and not settings.wal_archive_dir and archive.available():
-            names = archive.segment_names()
-    except BackupError as exc:
-        archive_error = str(exc)
-    where = archive.location if archive is not None else str(settings.wal_archive_dir or settings.backup_dir)
-    pitr, why = pitr_configured(snapshots, bool(settings.wal_archive_dir), where, bool(names))
+    for source in facts.sources:
+        if source.name in (CATALOG, INTERNAL) and not source.ok and source.cause is not None:
+            raise source.cause
+    if facts.continuity is None:
+        raise ValueError("judge() needs the facts of collect(for_health=True)")
+    now = facts.collected_at
+    dumps = [m for m in facts.manifests if m.kind == "dump" and (database is None or m.database == database)]
+    snapshots = [m for m in facts.manifests if m.kind == "snapshot"]
+    dump = assess_dumps(dumps, facts.stored_sizes, now, timedelta(hours=settings.health_max_age_hours))
+    survey = facts.continuity
+    pitr, why = pitr_configured(snapshots, bool(settings.wal_archive_dir), survey.archive, survey.holds_segments)
     snapshot = assess_snapshots(snapshots, now, pitr=pitr, why=why, verify_grace=snapshot_verify_grace(settings),
                                 max_age=timedelta(hours=settings.health_snapshot_max_age_hours))
     if not pitr:
         return combine(dump, snapshot, WalHealth(checked=False))
-    server = ask_server(settings) if settings.database_url else None
-    if archive is None or archive_error:
-        survey = WalSurvey(archive=where, error=archive_error, server=server)
-    else:
-        survey = survey_wal(archive, earliest_start(snapshots), server, names)
-    return combine(dump, snapshot, assess_wal(survey, now))
+    return combine(dump, snapshot, assess_wal(survey, facts.server, now))
+
+
+def check_health(settings: Settings, *, now: datetime | None = None, storage: Storage | None = None,
+                 archive: WalArchive | None = None) -> HealthReport:
+    """Judge the catalog in ``storage`` and the WAL archive ``archive`` (defaults: the locations a restore reads)."""
+    database = settings.source().dbname if settings.database_url else None  # a bad DATABASE_URL stops here
+    facts = collect(settings, storage=storage, archive=archive, now=now, for_health=True)
+    return judge(facts, settings, database)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from backup_tasks.catalog.health import assess_dumps
+from backup_tasks.observe.health import assess_dumps
 from tests.support.data import NOW, dump
 
 DAY = timedelta(hours=26)
