@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up everything the project needs on a fresh machine, idempotently:
-# PostgreSQL client/server binaries, a virtualenv in .venv with the package and its test extras.
+# Set up everything the project needs on a fresh machine, idempotently: from Debian, PostgreSQL's
+# client and server binaries, Redis and the tools the tests drive (zstd, age, Prometheus, Chromium);
+# a virtualenv in .venv with exactly what requirements.lock names.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,8 @@ log() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }
 need_apt=()
 command -v pg_dump >/dev/null 2>&1 || [ -x /usr/lib/postgresql/15/bin/pg_dump ] || need_apt+=(postgresql postgresql-contrib)
 command -v zstd >/dev/null 2>&1 || need_apt+=(zstd)
+# The broker of the Celery tests, the locks and fencing: scripts/services.sh starts it (never the package).
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v age >/dev/null 2>&1 || need_apt+=(age)  # only for the interoperability test of encrypted backups
 # promtool checks and unit-tests deploy/prometheus's alert rules; the server runs in one test, on a free port.
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)

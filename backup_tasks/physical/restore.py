@@ -24,6 +24,7 @@ from backup_tasks.physical.plan import (
 )
 from backup_tasks.physical.recovery import (
     ACTIONS,
+    TOOL_DIR,
     RecoveryOutcome,
     explain_failure,
     start_server,
@@ -82,7 +83,7 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
     if ids is not None and start and not server_can_reach(data_dir.parent):
         raise RestoreRefused(f"the {SERVER_USER} OS user cannot reach {data_dir.parent}; choose a data directory it "
                              f"can get to (the restored server runs as {SERVER_USER}; nothing was changed)")
-    restore_cmd = wal_fetch_command(settings, archive)
+    restore_cmd = wal_fetch_command(settings, archive, tool_dir=data_dir.parent / TOOL_DIR)
     identities = snapshot_identities(settings, storage, plan.snapshot)  # before the data directory is touched
     created = not data_dir.exists()
     try:

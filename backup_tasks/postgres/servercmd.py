@@ -4,18 +4,22 @@
 runs the worker or the CLI. They must name an executable that user can run, with the archive
 location embedded (the server's environment has none of our settings). When this installation is
 not runnable by that user (a virtualenv under ``/root``), ``portable_tool`` builds a
-self-contained copy (the package, zstandard and a wrapper pinned to the real interpreter) in a
+self-contained copy (the package, what wal-push and wal-fetch import: zstandard, pyrage, boto3, and a
+wrapper pinned to the real interpreter) in a
 directory the server user can read: that is what throwaway restores use, and what a user can
 install under ``/usr/local`` (see the README).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+from importlib.metadata import Distribution, PackageNotFoundError, distribution
 from pathlib import Path
 
 from backup_tasks.errors import ConfigError
@@ -55,29 +59,79 @@ def server_can_reach(path: Path, *, write: bool = False) -> bool:
         return False
 
 
-def portable_tool(destination: Path) -> list[str]:
-    """Copy this package and zstandard into ``destination`` with a wrapper the server user can run.
+#: What the server-side commands (wal-push, wal-fetch) import beyond the standard library: zstandard
+#: always, pyrage for an encrypted archive, boto3 (with what it requires) for a copy in a bucket or a
+#: restore from the bucket alone.
+SERVER_SIDE_DISTRIBUTIONS = ("zstandard", "pyrage", "boto3")
+
+
+def _requirement_closure(names: tuple[str, ...]) -> list[Distribution]:
+    """The installed distributions ``names`` and everything they require (extras aside), each once."""
+    found: dict[str, Distribution] = {}
+    pending = list(names)
+    while pending:
+        name = pending.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in found:
+            continue
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue  # optional here (an install without pyrage), or a requirement for another Python
+        found[key] = dist
+        for requirement in dist.requires or ():
+            if "extra ==" not in requirement:
+                pending.append(re.split(r"[\s;<>=!~\[(]", requirement.strip(), maxsplit=1)[0])
+    return list(found.values())
+
+
+def _copy_distribution(dist: Distribution, lib: Path) -> None:
+    """The files ``dist`` installed into site-packages, hard-linked into ``lib`` where the filesystem allows."""
+    site = Path(str(dist.locate_file(""))).resolve()
+    for entry in dist.files or ():
+        source = Path(str(dist.locate_file(entry))).resolve()
+        if site not in source.parents or "__pycache__" in source.parts or not source.is_file():
+            continue  # console scripts in bin/, byte code: the wrapper needs neither
+        target = lib / source.relative_to(site)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            continue
+        try:
+            os.link(source, target)  # same inode, same 0644: cheap, and readable as the original is
+        except OSError:
+            shutil.copy2(source, target)
+
+
+def portable_tool(destination: Path, distributions: tuple[str, ...] = SERVER_SIDE_DISTRIBUTIONS) -> list[str]:
+    """Copy this package and ``distributions`` (with their requirements) into ``destination``, with a wrapper.
+
+    By default what the server-side commands import; ``("backup-tasks",)`` copies every runtime
+    dependency, for running any command as the server user.
 
     The wrapper runs the real interpreter behind this virtualenv (``-I -S``: isolated, no site import,
     so it starts fast and ignores the caller's environment). Raises ``ConfigError`` when even that
     interpreter is out of the server user's reach.
     """
-    import zstandard
-
     interpreter = Path(os.path.realpath(sys.executable))
-    lib = destination / "lib"
+    closure = _requirement_closure(distributions)
+    # One lib directory per set of versions: an upgraded install gets a fresh one, never old files mixed
+    # with new, and a server still recovering with the previous wrapper keeps what it runs.
+    versions = sorted(f"{d.metadata['Name']}=={d.version}" for d in closure)
+    lib = destination / f"lib-{hashlib.sha256(' '.join(versions).encode()).hexdigest()[:12]}"
     package = Path(__file__).resolve().parents[1]  # backup_tasks/, this file being postgres/servercmd.py
     shutil.copytree(package, lib / "backup_tasks", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
                     dirs_exist_ok=True)
-    zstd_package = Path(zstandard.__file__).resolve().parent
-    shutil.copytree(zstd_package, lib / zstd_package.name, ignore=shutil.ignore_patterns("__pycache__"),
-                    dirs_exist_ok=True)
+    for dist in closure:
+        _copy_distribution(dist, lib)
     wrapper = destination / "backup-tasks"
     wrapper.write_text(f"#!{interpreter} -IS\n"
                        f"import sys\nsys.path.insert(0, {str(lib)!r})\n"
                        f"from backup_tasks.entry import main\nsys.exit(main())\n")
     for path in (destination, *destination.rglob("*")):
-        os.chmod(path, 0o755 if path.is_dir() or path == wrapper else 0o644)
+        if path.is_dir() or path == wrapper:
+            os.chmod(path, 0o755)
+        elif not path.stat().st_nlink > 1:
+            os.chmod(path, 0o644)  # a hard link shares the original's inode and mode: leave it as installed
     command = [str(wrapper)]
     if not runnable_by_server(command):
         raise ConfigError(f"the {SERVER_USER} OS user cannot run {interpreter} (the interpreter behind "

@@ -29,6 +29,7 @@ from backup_tasks.storage.locations import open_storage
 from tests.support.paths import BACKUP_TASKS
 from tests.support.postgres import PASSWORD_SERVER_PASSWORD, url_of
 from tests.support.processes import worker_env
+from tests.support.require import unavailable
 
 TRICKY_COUNTS = {
     '"Trading Desk"."MixedCase Table"': 150,
@@ -217,7 +218,7 @@ def test_disk_full_removes_the_partial_file(make_database: Callable[..., ConnInf
     mountpoint.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],
                       capture_output=True, check=False).returncode != 0:
-        pytest.skip("cannot mount tmpfs here")
+        unavailable("cannot mount a tmpfs here", "run the tests as root on a machine that allows mounts")
     try:
         settings = Settings(database_url=url_of(source), backup_dir=str(mountpoint), lock_url=None,
                             broker_url="memory://")

@@ -29,6 +29,7 @@ from backup_tasks.wal.archive import DIR_MODE
 from backup_tasks.wal.setup import prepare_archive
 from tests.support.crypto import write_identity_file
 from tests.support.pitr import PitrEnv, Scenario, cli_env, insert, marks, reachable_dir, run_cli, switch_and_wait
+from tests.support.require import unavailable
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -138,7 +139,8 @@ def test_a_local_copy_location_gets_a_wal_directory_the_server_user_can_write() 
         assert any(str(copy_wal) in note for note in notes), notes
         ids = server_uid_gid()
         if ids is None:
-            pytest.skip("no server OS user here: nothing to hand the directory to")
+            unavailable("no postgres OS user here: nothing to hand the directory to",
+                        "apt-get install postgresql (scripts/bootstrap.sh installs it)")
         info = copy_wal.stat()
         assert (info.st_uid, info.st_gid) == ids and stat.S_IMODE(info.st_mode) == DIR_MODE
         assert info.st_mode & stat.S_ISGID, "setgid: files below inherit the server user's group"

@@ -36,6 +36,7 @@ from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.locations import open_locations
 from tests.support.data import base_tar, store_snapshot
 from tests.support.pitr import Scenario, cli_env, run_cli
+from tests.support.require import unavailable
 
 
 def damage(backup_dir: Path, manifest: Manifest) -> None:
@@ -56,7 +57,8 @@ def small_disk() -> Iterator[Path]:
                              capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
         mount_point.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs here: {mounted.stderr.strip()}",
+                    "run the tests as root on a machine that allows mounts")
     try:
         yield mount_point
     finally:

@@ -26,7 +26,13 @@ from backup_tasks.conninfo import ConnInfo
 from backup_tasks.physical.snapshot import take_snapshot
 from backup_tasks.postgres.cluster import SERVER_USER, ThrowawayCluster, as_server_user
 from backup_tasks.postgres.connect import connect
-from backup_tasks.postgres.servercmd import archive_command, server_command
+from backup_tasks.postgres.servercmd import (
+    archive_command,
+    installed_command,
+    portable_tool,
+    runnable_by_server,
+    server_command,
+)
 from backup_tasks.settings import Settings
 from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.restore_points import create_restore_point
@@ -40,6 +46,24 @@ def reachable_dir(prefix: str) -> Path:
     base = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(base, 0o711)
     return base
+
+
+@pytest.fixture(scope="session")
+def server_user_cli() -> Iterator[list[str]]:
+    """``backup-tasks`` with all its runtime dependencies, runnable by the postgres OS user from any checkout.
+
+    This installation when that user can run it; else (a checkout under a 0700 directory, as /root or a
+    ``mktemp -d``) a portable copy with every runtime dependency, in a directory that user can enter.
+    """
+    command = installed_command()
+    if runnable_by_server(command):
+        yield command
+        return
+    base = reachable_dir("bt-test-cli-")
+    try:
+        yield portable_tool(base / "tool", ("backup-tasks",))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:

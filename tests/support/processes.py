@@ -1,8 +1,10 @@
 """Redis and real worker processes (a pytest plugin: ``redis_url`` is available by name everywhere).
 
 Redis, in order of preference: ``BACKUP_TASKS_TEST_REDIS_URL``; testcontainers where a Docker engine
-answers; the local server, on a DB number of its own (``BACKUP_TASKS_TEST_REDIS_DB``, default 13)
-which is flushed before and after. Worker, beat and Flower processes run from the project root in a
+answers; the local server, on a DB number of its own (``BACKUP_TASKS_TEST_REDIS_DB``, else the first
+of 13, 12, ... 1 that no other live test session holds), flushed before and after. Two test sessions
+on one machine (CI beside a developer's run) must not share a DB: each would flush the other's
+queued tasks, claims and results mid-test. Worker, beat and Flower processes run from the project root in a
 session of their own, so a test can stop them with their children.
 """
 
@@ -21,11 +23,11 @@ import pytest
 
 from tests.support.paths import CELERY, ROOT
 from tests.support.postgres import docker_available
+from tests.support.require import unavailable
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    import redis
 
     if os.environ.get("BACKUP_TASKS_TEST_REDIS_URL"):
         url = os.environ["BACKUP_TASKS_TEST_REDIS_URL"]
@@ -37,16 +39,60 @@ def redis_url() -> Iterator[str]:
             yield f"redis://{host}:{port}/0"
         return
     else:
-        url = f"redis://127.0.0.1:6379/{os.environ.get('BACKUP_TASKS_TEST_REDIS_DB', '13')}"
+        with _leased_db() as db:
+            yield from _flushed(f"redis://127.0.0.1:6379/{db}")
+        return
+    yield from _flushed(url)
+
+
+def _flushed(url: str) -> Iterator[str]:
+    import redis
+
     client = redis.Redis.from_url(url)
     try:
         client.ping()
     except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {url}: {exc}")
+        unavailable(f"no Redis at {url}: {exc}", "apt-get install redis-server, then scripts/services.sh starts it")
     client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+#: DB 0 holds the leases: ``backup-tasks-test:db:<n>`` names the session using DB ``n``.
+LEASE_KEY = "backup-tasks-test:db:{}"
+LEASE_SECONDS = 3 * 3600  # longer than any suite; a killed session's DB is free again after it
+
+
+@contextlib.contextmanager
+def _leased_db() -> Iterator[int]:
+    """A DB number of the local Redis that no other live test session uses, held until the session ends."""
+    import redis
+
+    pinned = os.environ.get("BACKUP_TASKS_TEST_REDIS_DB")
+    if pinned:
+        yield int(pinned)
+        return
+    client = redis.Redis(host="127.0.0.1", port=6379, db=0, socket_connect_timeout=5)
+    owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        db = next((n for n in range(13, 0, -1)
+                   if client.set(LEASE_KEY.format(n), owner, nx=True, ex=LEASE_SECONDS)), None)
+    except redis.RedisError as exc:
+        unavailable(f"no Redis at 127.0.0.1:6379: {exc}",
+                    "apt-get install redis-server, then scripts/services.sh starts it")
+    if db is None:
+        unavailable("every Redis DB from 1 to 13 is leased by another test session",
+                    f"wait for them, or delete the {LEASE_KEY.format('*')} keys in DB 0 of stale ones")
+    try:
+        yield db
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            if client.get(LEASE_KEY.format(db)) == owner.encode():
+                client.delete(LEASE_KEY.format(db))
+        client.close()
 
 
 def worker_env(**extra: str) -> dict[str, str]:

@@ -7,12 +7,8 @@ shipped tested if the tests ran.
 
 from __future__ import annotations
 
-import os
-import shutil
-
-import pytest
-
 from tests.support.paths import ROOT
+from tests.support.require import tool
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "backup-tasks.rules.yml"
@@ -32,11 +28,5 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "backup-tasks.json"
 
 
 def prometheus_tool(name: str) -> str:
-    """The path of ``promtool`` or ``prometheus``; skip the test when missing, unless under CI."""
-    path = shutil.which(name)
-    if path is None:
-        reason = f"{name} is not installed (Debian's `prometheus` package; scripts/bootstrap.sh installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}: CI must run this test")
-        pytest.skip(reason)
-    return path
+    """The path of ``promtool`` or ``prometheus`` (Debian's ``prometheus`` package): ``require.tool``."""
+    return tool(name, "prometheus")
