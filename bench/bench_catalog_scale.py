@@ -49,7 +49,7 @@ from support.results import markdown_table, stamp, write_results
 from support.s3 import S3Endpoint, moto_thread
 from support.synthetic_catalog import DUMPS, SNAPSHOTS, build_local, catalog_objects, segment_objects
 
-from backup_tasks.catalog.manifest import isoformat
+from backup_tasks.clock import isoformat
 from backup_tasks.settings import Settings
 from backup_tasks.wal.index import INDEX_FILE
 

@@ -243,7 +243,7 @@ def expirable(archive: WalArchive, kept_snapshots: list[Manifest], keep_from: st
 
 
 def _mtime(root: Path, name: str) -> float:
-    from backup_tasks.wal.archive import object_key
+    from backup_tasks.wal.layout import object_key
 
     try:
         return os.stat(os.path.join(root, object_key(name))).st_mtime
@@ -252,7 +252,7 @@ def _mtime(root: Path, name: str) -> float:
 
 
 def _size(root: Path, name: str) -> int:
-    from backup_tasks.wal.archive import object_key
+    from backup_tasks.wal.layout import object_key
 
     try:
         return os.stat(os.path.join(root, object_key(name))).st_size  # a plain stat: up to a directory's worth

@@ -10,7 +10,7 @@ it without being handed ``Settings``: the workers and the CLI, and ``wal-push``,
 runs with its own environment; there the assignments go in front of the command in
 archive_command (``ObjectLock.environment`` gives them). A process that forgets them cannot write
 unlocked objects by accident: ``S3Storage`` refuses to write to a bucket that has Object Lock
-enabled but no default retention unless it was given a lock (see ``S3Storage`` "write guard").
+enabled but no default retention unless it was given a lock (``s3.protection.BucketGuard.before_write``).
 ``Settings.from_env`` validates the same variables with ``object_lock_from_env`` (exit 2 at start).
 """
 

@@ -50,28 +50,23 @@ from backup_tasks.errors import (
 from backup_tasks.storage.copies import WAL, Mirror, Outcome, Settle
 from backup_tasks.storage.files import WAL_MODES, fsync_dir, make_dirs, write_atomically
 from backup_tasks.storage.locations import open_storage
-from backup_tasks.wal.layout import (  # noqa: F401 (the layout, also read from here by callers)
+from backup_tasks.wal.layout import (
     COPY_SUBDIR,
     DIR_MODE,
-    FILE_MODE,
     HISTORY_DIR,
     INCOMING_MARK,
-    RESTORE_POINT_DIR,
-    SUFFIX,
     object_key,
 )
 from backup_tasks.wal.names import kind_of
-from backup_tasks.wal.objects import (  # noqa: F401 (the object format, also read from here by callers)
+from backup_tasks.wal.objects import (
     DEFAULT_LEVEL,
     TRAILER_SIZE,
-    StoredObject,
     Trailer,
     file_sha256,
     parse_trailer,
     stored_object,
     verified_chunks,
 )
-from backup_tasks.wal.objects import trailer_bytes as _trailer_bytes  # noqa: F401 (tests and bench build objects)
 
 if TYPE_CHECKING:
     from backup_tasks.storage.base import Features, Storage

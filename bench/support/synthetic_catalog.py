@@ -12,10 +12,12 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from backup_tasks.catalog.manifest import Manifest, isoformat
+from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.clock import isoformat
 from backup_tasks.storage.locations import open_storage
-from backup_tasks.wal.archive import _trailer_bytes, object_key
+from backup_tasks.wal.layout import object_key
 from backup_tasks.wal.names import segment_name, segment_number
+from backup_tasks.wal.objects import trailer_bytes
 
 SEGMENT_SIZE = 16 << 20
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -67,7 +69,7 @@ def catalog_objects(segments: int) -> dict[str, bytes]:
 def segment_objects(segments: int) -> dict[str, bytes]:
     """``object_key`` -> a tiny archived object: a few bytes, then a valid trailer (size, sha256, completion)."""
     return {object_key(segment_name(1, n, SEGMENT_SIZE)):
-            b"w" + _trailer_bytes(b"\0" * 32, SEGMENT_SIZE, segment_time(n, segments)) for n in range(segments)}
+            b"w" + trailer_bytes(b"\0" * 32, SEGMENT_SIZE, segment_time(n, segments)) for n in range(segments)}
 
 
 def build_local(root: Path, catalog: dict[str, bytes], wal: dict[str, bytes], segments: int) -> None:

@@ -36,8 +36,8 @@ from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.memory import MemoryStorage
 from backup_tasks.storage.mirrored import MirroredStorage
 from backup_tasks.storage.objectlock import ObjectLock
-from backup_tasks.wal.archive import object_key
 from backup_tasks.wal.index import INDEX_FILE
+from backup_tasks.wal.layout import object_key
 from backup_tasks.wal.names import position, segment_name
 
 NOW = datetime(2026, 11, 27, 2, 5, tzinfo=UTC)

@@ -26,7 +26,8 @@ from backup_tasks.postgres.cluster import SERVER_USER, ThrowawayCluster
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.servercmd import server_command
 from backup_tasks.settings import Settings
-from backup_tasks.wal.archive import DIR_MODE, FILE_MODE, WalArchive
+from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.layout import DIR_MODE, FILE_MODE
 from tests.support.compose import COMPOSE, DOCKERFILE, command, environment, mounts, service
 from tests.support.pitr import reachable_dir, wait_archived
 

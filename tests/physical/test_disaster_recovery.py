@@ -30,8 +30,9 @@ from backup_tasks.postgres.servercmd import archive_command
 from backup_tasks.settings import Settings
 from backup_tasks.storage.objectlock import ObjectLock
 from backup_tasks.storage.s3 import S3Storage
-from backup_tasks.wal.archive import WalArchive, object_key
+from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.coverage import coverage
+from backup_tasks.wal.layout import object_key
 from backup_tasks.wal.names import segment_name
 from backup_tasks.wal.prefetch import SPOOL_PREFIX, Spool
 from backup_tasks.wal.remote import archive_at, archive_for_reading

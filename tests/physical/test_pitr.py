@@ -22,7 +22,8 @@ from backup_tasks.physical.plan import parse_target_time, snapshot_ranges
 from backup_tasks.postgres.cluster import SERVER_USER, as_server_user, server_uid_gid
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_storage
-from backup_tasks.wal.archive import DIR_MODE, FILE_MODE, WalArchive
+from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.layout import DIR_MODE, FILE_MODE
 from backup_tasks.wal.names import position
 from backup_tasks.wal.restore_points import restore_point_for_day, restore_points
 from tests.support.pitr import Scenario, cli_env, marks, run_cli

@@ -25,7 +25,7 @@ from backup_tasks.postgres.connect import connect
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_storage
 from backup_tasks.streams.crypto import AGE_MAGIC
-from backup_tasks.wal.archive import DIR_MODE
+from backup_tasks.wal.layout import DIR_MODE
 from backup_tasks.wal.setup import prepare_archive
 from tests.support.crypto import write_identity_file
 from tests.support.pitr import PitrEnv, Scenario, cli_env, insert, marks, reachable_dir, run_cli, switch_and_wait

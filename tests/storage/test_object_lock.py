@@ -37,7 +37,7 @@ from backup_tasks.storage.mirrored import MirroredStorage
 from backup_tasks.storage.objectlock import BucketProtection, ObjectLock, object_lock_from_env
 from backup_tasks.storage.s3 import MIB, S3Credentials, S3Location, S3Options, S3Storage
 from backup_tasks.storage.versions import ObjectVersion, current_at
-from backup_tasks.wal.archive import object_key
+from backup_tasks.wal.layout import object_key
 from tests.support.paths import BACKUP_TASKS
 from tests.support.s3 import S3Server
 

@@ -237,7 +237,7 @@ def test_wal_push_copies_each_segment_and_wal_fetch_falls_back(
         copy_kind: str, tmp_path: Path, s3_env: S3Server) -> None:
     import os
 
-    from backup_tasks.wal.archive import object_key
+    from backup_tasks.wal.layout import object_key
 
     copy_to = f"s3://{s3_env.new_bucket()}/offsite" if copy_kind == "bucket" else str(tmp_path / "copy")
     copy = open_locations(f"{copy_to}/wal")
@@ -286,7 +286,7 @@ def test_wal_push_copies_each_segment_and_wal_fetch_falls_back(
 def test_wal_segments_are_encrypted_when_recipients_are_given(tmp_path: Path, s3_env: S3Server) -> None:
     import os
 
-    from backup_tasks.wal.archive import object_key
+    from backup_tasks.wal.layout import object_key
 
     key_file = tmp_path / "wal.key"
     public = write_identity_file(key_file)

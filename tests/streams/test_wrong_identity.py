@@ -10,7 +10,8 @@ import pytest
 
 from backup_tasks.errors import BackupCorrupt, IdentityUnusable, WalCorrupt
 from backup_tasks.streams.crypto import decrypt_bytes, is_wrong_identity, load_identities
-from backup_tasks.wal.archive import TRAILER_SIZE, WalArchive
+from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.objects import TRAILER_SIZE
 from tests.support.crypto import write_identity_file
 
 SEGMENT = "000000010000000000000003"

@@ -21,7 +21,8 @@ import pytest
 from backup_tasks.postgres.cluster import SERVER_USER, ThrowawayCluster, as_server_user
 from backup_tasks.postgres.servercmd import server_command
 from backup_tasks.settings import Settings
-from backup_tasks.wal.archive import DIR_MODE, FILE_MODE, WalArchive
+from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.layout import DIR_MODE, FILE_MODE
 from tests.support.pitr import cli_env, reachable_dir, run_cli
 from tests.support.wal import SEGMENT, fake_segment
 

@@ -19,7 +19,9 @@ from backup_tasks.storage.base import Storage
 from backup_tasks.storage.files import WAL_MODES
 from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.memory import MemoryStorage
-from backup_tasks.wal.archive import TRAILER_SIZE, WalArchive, object_key
+from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.layout import object_key
+from backup_tasks.wal.objects import TRAILER_SIZE
 
 SEGMENT = "000000010000000000000007"
 

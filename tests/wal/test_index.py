@@ -21,10 +21,12 @@ import pytest
 
 from backup_tasks.postgres.servercmd import portable_tool
 from backup_tasks.wal import index as index_module
-from backup_tasks.wal.archive import WalArchive, _trailer_bytes, object_key
+from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.coverage import Coverage, coverages, timeline_for, timeline_path
 from backup_tasks.wal.index import INDEX_FILE, RACY_SECONDS, read_index
+from backup_tasks.wal.layout import object_key
 from backup_tasks.wal.names import position, segment_name, segment_number, timeline_of
+from backup_tasks.wal.objects import trailer_bytes
 from tests.support.pitr import reachable_dir
 
 MIB = 1 << 20
@@ -36,7 +38,7 @@ def put_segment(root: Path, name: str) -> None:
     """A tiny archived segment: one byte, then a valid trailer whose completion time is its segment number."""
     path = root / object_key(name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"w" + _trailer_bytes(b"\0" * 32, SIZE, float(int(name[8:], 16))))
+    path.write_bytes(b"w" + trailer_bytes(b"\0" * 32, SIZE, float(int(name[8:], 16))))
 
 
 def put_history(archive: WalArchive, tmp: Path, timeline: int, entries: list[tuple[int, int]]) -> None:

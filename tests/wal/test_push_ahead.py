@@ -25,7 +25,8 @@ from backup_tasks.postgres.servercmd import archive_command
 from backup_tasks.storage.base import PARTIAL_MARK, Storage
 from backup_tasks.storage.local import LocalStorage
 from backup_tasks.storage.locations import open_locations
-from backup_tasks.wal.archive import WalArchive, object_key
+from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.layout import object_key
 from backup_tasks.wal.pushahead import MARKER_DIR, marker_path, push
 from tests.support.crypto import write_identity_file
 from tests.support.paths import PYTHON, ROOT

@@ -18,7 +18,8 @@ from backup_tasks.catalog.retention import wal_expiry
 from backup_tasks.errors import WalConflict, WalCorrupt, WalGap, WalMissing
 from backup_tasks.postgres.servercmd import archive_command
 from backup_tasks.storage.base import PARTIAL_MARK
-from backup_tasks.wal.archive import DIR_MODE, FILE_MODE, WalArchive, object_key
+from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.layout import DIR_MODE, FILE_MODE, object_key
 from tests.support.paths import PYTHON, ROOT
 from tests.support.pitr import PitrEnv, reachable_dir, run_cli
 from tests.support.wal import SEGMENT, fake_segment
