@@ -3,7 +3,7 @@
 An id is ``<database>-<kind>-<UTC stamp>`` (``aitrapp-dump-20261127T100500Z``); a dump is
 ``<id>.dump.zst[.age]``, a snapshot ``<id>.base.tar.zst``, ``<id>.pg_wal.tar.zst``,
 ``<id>.backup_manifest`` and ``<id>.config.json`` (each ``.age`` when encrypted); the manifest is
-``<id>.manifest.json`` (``manifest.manifest_key``).
+``<id>.manifest.json`` (``manifest.manifest_key``). ``backup_id_of`` reads the id back from a data object's key.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 import re
 
 from backup_tasks.streams.codec import SUFFIX
+
+#: The UTC stamp that ends every id ``backup_id_for`` makes.
+_STAMP = re.compile(r"\d{8}T\d{6}Z")
 
 
 def id_prefix(database: str, kind: str) -> str:
@@ -32,3 +35,31 @@ def snapshot_keys(backup_id: str, *, encrypted: bool = False) -> dict[str, str]:
     suffix = ".age" if encrypted else ""
     return {"base": f"{backup_id}.base.tar.zst{suffix}", "wal": f"{backup_id}.pg_wal.tar.zst{suffix}",
             "backup_manifest": f"{backup_id}.backup_manifest{suffix}", "config": f"{backup_id}.config.json{suffix}"}
+
+
+def stored_suffixes(kind: str) -> tuple[str, ...]:
+    """What follows the id in the key of every data object a backup of ``kind`` may store (any compression,
+    encrypted or not): the manifest and records aside, everything ``dump_key``/``snapshot_keys`` name."""
+    if kind == "dump":
+        return tuple(dump_key("", compression, encrypted=encrypted) for compression in SUFFIX
+                     for encrypted in (False, True))
+    if kind == "snapshot":
+        return tuple(key for encrypted in (False, True) for key in snapshot_keys("", encrypted=encrypted).values())
+    raise ValueError(f"no stored objects are known for backups of kind {kind!r}")
+
+
+def backup_id_of(key: str, kind: str, *, database: str | None = None) -> str | None:
+    """The id of the backup of ``kind`` (of ``database``, when given) whose data object ``key`` is, else None.
+
+    Only ids ``backup_id_for`` makes count (prefix, then the stamp and nothing else): with ``database``,
+    a database whose name merely starts like this one's id prefix (``db-dump-x`` for ``db``) is not matched.
+    """
+    for suffix in stored_suffixes(kind):
+        if not key.endswith(suffix) or "/" in key:
+            continue
+        backup_id = key[: -len(suffix)]
+        if database is not None:
+            prefix = id_prefix(database, kind)
+            return backup_id if backup_id.startswith(prefix) and _STAMP.fullmatch(backup_id[len(prefix):]) else None
+        return backup_id if re.search(rf".-{kind}-{_STAMP.pattern}$", backup_id) else None
+    return None

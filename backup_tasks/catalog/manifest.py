@@ -216,6 +216,18 @@ def add_record(storage: Storage, backup_id: str, kind: str, data: dict[str, Any]
     raise StorageError(f"could not record the {kind} of {backup_id} in {storage.location}: every new key was taken")
 
 
+def clear_partial_records(storage: Storage, backup_id: str) -> None:
+    """Remove what killed writers left under ``backup_id`` (a record half-written): a live writer's is never touched
+    (``Storage.clear_partials``). Failing to look is only logged: it must not keep a verdict from being recorded."""
+    try:
+        removed = storage.clear_partials(prefix=f"{backup_id}.")
+    except StorageError as exc:
+        log.warning("could not look for partial records of %s: %s", backup_id, exc)
+        return
+    if removed:
+        log.info("removed %d partial object(s) of %s left by an interrupted run", len(removed), backup_id)
+
+
 def _apply(manifest: Manifest, kind: str, data: dict[str, Any]) -> None:
     if kind == "verification":
         manifest.verification = Verification.from_dict(data)

@@ -4,7 +4,8 @@ One pass, constant memory: pg_dump writes an uncompressed custom-format archive 
 read it in 1 MiB chunks, compress (zstd worker threads, no GIL), hash the compressed bytes and
 write them to a temporary object that is fsynced and renamed only when pg_dump succeeded. The
 row counts come from the very snapshot pg_dump uses (``--snapshot``), so verification can demand
-exact equality.
+exact equality. What a killed run left (its partial object, or its dump stored without a manifest) is
+removed by the next one, under the same lock (``catalog.leftovers.clear_interrupted``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import psycopg
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.ids import backup_id_for, dump_key, id_prefix
+from backup_tasks.catalog.ids import backup_id_for, dump_key
+from backup_tasks.catalog.leftovers import clear_interrupted
 from backup_tasks.catalog.manifest import Manifest, existing_for_day
 from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
@@ -142,9 +144,7 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, tradin
         key = dump_key(backup_id, settings.compression, encrypted=bool(settings.encrypt_recipients))
         if storage.exists(catalog.manifest_key(backup_id)):
             raise DumpFailed(f"a backup named {backup_id} already exists; not overwriting it")
-        removed = storage.clear_partials(prefix=id_prefix(conninfo.dbname, "dump"))
-        if removed:
-            log.info("removed %d partial file(s) left by an interrupted run", len(removed))
+        clear_interrupted(storage, conninfo.dbname, "dump")  # a killed run's partial, or its dump without a manifest
         progress("dumping", backup_id=backup_id, bytes_written=0, tables_done=0)
         # The writer before any child process: a location that cannot take the dump (permission, full
         # disk, bucket gone) fails here, with no pg_dump to leave behind. The manifest's size and

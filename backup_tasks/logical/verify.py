@@ -214,6 +214,7 @@ def verify_backup(settings: Settings, backup_id: str | None = None, *,
     if settings.as_of is not None:  # a past state of the bucket was read: the verdict is reported, not recorded
         log.info("verification of %s as of %s is not recorded", manifest.id, settings.as_of.isoformat())
     else:
+        catalog.clear_partial_records(storage, manifest.id)  # a verdict a killed verify left half-written
         try:
             catalog.record_verification(storage, manifest.id, result)
         except StorageError as exc:  # a location that cannot take the record must not hide the verdict

@@ -8,6 +8,11 @@ backup manifest (every file's size and CRC32C, and that the WAL from start to st
 then is the catalog manifest written: until that moment the snapshot does not exist for list,
 restore or prune. The WAL needed to make the snapshot consistent is inside it (``-X stream``), so
 it is complete as soon as it is verified; later WAL comes from the archive.
+
+A run killed outright cleans up nothing; the next one, under the same lock, does: the partial
+objects it was writing and the objects it had stored without the manifest that would have made them
+a snapshot (``catalog.leftovers.clear_interrupted``), and its staging tree (``postgres.leftovers.sweep``,
+which also stops a ``pg_basebackup`` still writing into it).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import zstandard
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.ids import backup_id_for, snapshot_keys
+from backup_tasks.catalog.leftovers import clear_interrupted
 from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
@@ -37,6 +43,7 @@ from backup_tasks.locks import Lease, hold
 from backup_tasks.postgres.archiver import archiver_stats
 from backup_tasks.postgres.connect import connect, server_major, server_version
 from backup_tasks.postgres.failures import classify
+from backup_tasks.postgres.leftovers import owned_tempdir, sweep
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
@@ -60,9 +67,6 @@ POLL = 0.02
 
 
 SHM = "/dev/shm"
-
-
-OWNER_FILE = "owner.pid"
 
 
 @dataclass
@@ -161,9 +165,9 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
     pg_basebackup = find_tool("pg_basebackup", min_major=facts.major, bin_dir=settings.pg_bin_dir)
     pg_verifybackup = find_tool("pg_verifybackup", min_major=min(facts.major, 13), bin_dir=settings.pg_bin_dir)
     keys = snapshot_keys(backup_id, encrypted=bool(settings.encrypt_recipients))
+    clear_interrupted(storage, conninfo.dbname, "snapshot")
     clear_stale_staging()
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=verify_area(facts.estimated_bytes)))
-    (staging / OWNER_FILE).write_text(str(os.getpid()))
+    staging = owned_tempdir(STAGING_PREFIX, verify_area(facts.estimated_bytes))
     published: list[str] = []
     try:
         progress("basebackup", backup_id=backup_id, bytes_written=0)
@@ -216,22 +220,8 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
 
 
 def clear_stale_staging() -> list[Path]:
-    """Remove staging trees whose snapshot process is gone (killed runs), in /dev/shm and TMPDIR alike."""
-    removed = []
-    for parent in {Path(SHM), Path(tempfile.gettempdir())}:
-        for candidate in parent.glob(f"{STAGING_PREFIX}*"):
-            try:
-                owner = int((candidate / OWNER_FILE).read_text())
-                os.kill(owner, 0)
-                continue  # a live snapshot (of another server) is using it
-            except ProcessLookupError:
-                pass
-            except (OSError, ValueError):
-                if time.time() - candidate.stat().st_mtime < 3600:
-                    continue  # no owner file yet: being created right now
-            discard(candidate)
-            removed.append(candidate)
-    return removed
+    """Remove staging trees of killed snapshot runs, in /dev/shm and TMPDIR alike (``leftovers.sweep``)."""
+    return [path for parent in {Path(SHM), Path(tempfile.gettempdir())} for path in sweep(parent, STAGING_PREFIX)]
 
 
 def discard(directory: Path) -> None:

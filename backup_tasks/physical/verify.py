@@ -59,6 +59,7 @@ from backup_tasks.physical.unpack import (
 from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect, server_version
 from backup_tasks.postgres.controldata import control_limits
+from backup_tasks.postgres.leftovers import owned_tempdir, sweep
 from backup_tasks.postgres.queries import amcheck_indexes, count_rows
 from backup_tasks.postgres.tools import find_tool
 from backup_tasks.progress import Progress, no_progress
@@ -76,6 +77,9 @@ log = logging.getLogger(__name__)
 
 
 TRUST_HBA = "local all all trust\nhost all all 127.0.0.1/32 trust\n"
+
+#: The scratch directory in TMPDIR where a snapshot is unpacked before its throwaway cluster starts.
+SCRATCH_PREFIX = "backup-tasks-pitr-"
 
 
 def _verifybackup(settings: Settings, storage: Storage, snapshot: Manifest, data_dir: Path, scratch: Path,
@@ -116,7 +120,9 @@ def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive |
     restore_cmd = wal_fetch_command(settings, archive) if archive is not None else None
     identities = snapshot_identities(settings, storage, snapshot)  # IdentityUnusable propagates: not the backup's fault
     try:
-        scratch = Path(tempfile.mkdtemp(prefix="backup-tasks-pitr-"))
+        # Unpacked snapshots of killed runs go first: each may be as large as the one about to be unpacked.
+        sweep(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
+        scratch = owned_tempdir(SCRATCH_PREFIX)
     except OSError as exc:
         raise local_os_error(exc, doing=f"making a scratch directory in TMPDIR for snapshot {snapshot.id}") from exc
     try:
@@ -338,8 +344,12 @@ def _plausibility(storage: Storage, snapshot: Manifest, restored: dict[str, int]
 
 def record_result(storage: Storage, backup_id: str, *, verification: Verification | None = None,
                   wal_range: SnapshotRange | None = None, drill: dict[str, Any] | None = None) -> Manifest:
-    """Record what was learnt about a snapshot as records beside its manifest (never rewriting it)."""
+    """Record what was learnt about a snapshot as records beside its manifest (never rewriting it).
+
+    Records of this snapshot that a killed verify or drill left half-written go first.
+    """
     catalog.load(storage, backup_id)  # the snapshot must still exist
+    catalog.clear_partial_records(storage, backup_id)
     if verification is not None:
         catalog.add_record(storage, backup_id, "verification", asdict(verification))
     if drill is not None:

@@ -1,10 +1,17 @@
 """Throwaway PostgreSQL clusters built from the local server binaries.
 
 Used to verify backups without touching production, for the demo and for tests. A cluster
-lives in a fresh temporary directory, listens only on 127.0.0.1 at a free port (and a private
-socket directory), runs with durability switched off for speed, and is stopped and deleted when
-the ``with`` block ends, on errors and Ctrl-C included. PostgreSQL refuses to run as root, so
-when we are root the server runs as the ``postgres`` OS user via ``runuser``.
+lives in a fresh temporary directory, listens only on 127.0.0.1 at a free port (no Unix socket:
+one under TMPDIR could pass the 107-byte limit on its path), runs with durability switched off for
+speed, and is stopped and deleted when the ``with`` block ends, on errors and Ctrl-C included.
+PostgreSQL refuses to run as root, so when we are root the server runs as the ``postgres`` OS user
+via ``runuser``.
+
+A run killed outright (SIGKILL, OOM) cleans up nothing, and its postmaster, in a session of its own,
+survives it. So the directory is an ``owned_tempdir`` (its name and an ``owner.pid`` file say which
+process made it), and every start first sweeps its parent directory: clusters whose owner is dead
+are stopped (immediate shutdown) and deleted (``leftovers.sweep``; why nothing better is possible
+is said there).
 
 ``TemplateCache`` (opt-in, ``template_cache=``; verify uses it) keeps the output of one initdb and
 copies it for the next cluster instead of running initdb again. On the 2-core ext4 test machine the
@@ -30,7 +37,8 @@ from types import TracebackType
 
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import ClusterError
-from backup_tasks.postgres.template import TemplateCache, TemplateError, process_alive
+from backup_tasks.postgres.leftovers import owned_tempdir, process_alive, sweep
+from backup_tasks.postgres.template import TemplateCache, TemplateError
 from backup_tasks.postgres.tools import find_tool
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,7 @@ FAST_SETTINGS = {
     "listen_addresses": "127.0.0.1",
     "max_connections": "30",
     "logging_collector": "off",
+    "unix_socket_directories": "''",  # none (the shell pg_ctl runs makes '' empty): TCP on 127.0.0.1 only
 }
 
 
@@ -118,11 +127,6 @@ class ThrowawayCluster:
         assert self.root is not None
         return self.root / "data"
 
-    @property
-    def socket_dir(self) -> Path:
-        assert self.root is not None
-        return self.root / "sock"
-
     def conninfo(self, dbname: str = "postgres") -> ConnInfo:
         return ConnInfo(host="127.0.0.1", port=self.port, dbname=dbname, user=SERVER_USER)
 
@@ -141,7 +145,8 @@ class ThrowawayCluster:
 
     def start(self) -> ThrowawayCluster:
         parent = self.parent_dir or Path(tempfile.gettempdir())
-        self.root = Path(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=parent))
+        sweep(parent, DIR_PREFIX)  # the clusters of runs that were killed: stopped and deleted
+        self.root = owned_tempdir(DIR_PREFIX, parent)
         try:
             self._create(parent)
             try:
@@ -180,10 +185,8 @@ class ThrowawayCluster:
 
     def _create(self, parent: Path) -> None:
         ids = server_uid_gid()
-        self.socket_dir.mkdir()
         if ids is not None:
-            for path in (self.root, self.socket_dir):
-                os.chown(path, *ids)
+            os.chown(self.root, *ids)
             probe = subprocess.run([*as_server_user(), "test", "-w", str(self.root)], check=False)
             if probe.returncode != 0:
                 raise ClusterError(f"the {SERVER_USER} user cannot reach {parent}; set TMPDIR to a directory "
@@ -233,7 +236,7 @@ class ThrowawayCluster:
     def _start_argv(self) -> list[str]:
         options = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
         return [str(self.pg_ctl), "-D", str(self.data_dir), "-l", str(self.root / "server.log"),
-                "-w", "-t", "120", "-o", f"-p {self.port} -k {self.socket_dir} {options}", "start"]
+                "-w", "-t", "120", "-o", f"-p {self.port} {options}", "start"]
 
     def restart(self) -> None:
         """Stop (fast shutdown) and start again on the same port: picks up edited configuration files."""

@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from backup_tasks.postgres.leftovers import OWNER_FILE, owned_tempdir, sweep
+
 log = logging.getLogger(__name__)
 
 
@@ -57,9 +59,10 @@ class TemplateCache:
     ``root/<key>/template.json`` (every directory and file with its mode, size and sha256).
 
     * An entry is built in a private ``root/.build-<random>`` and published with one ``rename``: a
-      reader sees a complete entry or none (a crashed build leaves only a ``.build-`` directory,
-      removed by a later build once it is an hour old). Two verifies that miss at once both build;
-      the second ``rename`` fails and that build is thrown away.
+      reader sees a complete entry or none. A build killed half-way leaves only its ``.build-``
+      directory (an ``owned_tempdir``), which the next use of the cache removes once its builder
+      is dead (``leftovers.sweep``). Two verifies that miss at once both build; the second
+      ``rename`` fails and that build is thrown away.
     * A reader copies file by file, hashing what it reads; any difference from ``template.json``
       (a truncated, edited or missing file, an extra one) or any error makes the copy fail with
       ``TemplateError``. The cluster then runs initdb as before and replaces the entry: renamed
@@ -100,6 +103,7 @@ class TemplateCache:
 
     def fill(self, key: str, dest: Path) -> None:
         """Copy entry ``key`` into ``dest`` (must not exist), checking every byte; ``TemplateError`` otherwise."""
+        self.clear_abandoned()
         entry = self.root / key
         try:
             manifest = json.loads((entry / MANIFEST_NAME).read_text())
@@ -128,11 +132,11 @@ class TemplateCache:
 
     def store(self, key: str, data_dir: Path) -> None:
         """Publish a copy of ``data_dir`` (fresh initdb output, never started) as entry ``key``."""
-        self._remove_stale_builds()
-        build = self.root / f".build-{uuid.uuid4().hex}"
+        self.clear_abandoned()
+        build: Path | None = None
         published = False
         try:
-            os.mkdir(build, 0o700)
+            build = owned_tempdir(".build-", self.root)  # 0700, and says whose it is
             dirs, files = _walk(data_dir)
             manifest: dict[str, dict] = {"dirs": {}, "files": {}}
             for rel in sorted(dirs, key=len):
@@ -144,12 +148,13 @@ class TemplateCache:
                 size, digest = _copy_hashed(data_dir / rel, build / "data" / rel, mode)
                 manifest["files"][rel] = [mode, size, digest]
             (build / MANIFEST_NAME).write_text(json.dumps(manifest))
+            (build / OWNER_FILE).unlink()  # not part of the entry (a build killed from here on: judged by its name)
             os.rename(build, self.root / key)  # atomic; fails when a concurrent build published first
             published = True
         except OSError as exc:
             log.debug("initdb template not stored: %s", exc)
         finally:
-            if not published:
+            if not published and build is not None:
                 shutil.rmtree(build, ignore_errors=True)
         self._expire_entries(keep=key)
 
@@ -166,32 +171,17 @@ class TemplateCache:
 
     def discard(self, key: str) -> None:
         """Take a bad entry out of use: rename it aside (atomic), then delete it."""
-        aside = self.root / f".bad-{uuid.uuid4().hex}"
+        aside = self.root / f".bad-{uuid.uuid4().hex}.{os.getpid()}"  # a discard killed half-way: see clear_abandoned
         try:
             os.rename(self.root / key, aside)
         except OSError:
             return  # already gone (another reader discarded it)
         shutil.rmtree(aside, ignore_errors=True)
 
-    def _remove_stale_builds(self) -> None:
-        try:
-            for path in self.root.iterdir():
-                if path.name.startswith((".build-", ".bad-")) and time.time() - path.lstat().st_mtime > 3600:
-                    shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie waiting for a parent that is not us counts as gone)."""
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except ProcessLookupError:
-        return False
-    except (OSError, IndexError):
-        return True  # no /proc (not Linux), or unreadable: os.kill said it exists
+    def clear_abandoned(self) -> None:
+        """Remove what killed runs left: builds and entries set aside, whose process is gone (``leftovers``)."""
+        sweep(self.root, ".build-")
+        sweep(self.root, ".bad-")
 
 
 def _file_fingerprint(path: Path) -> list[object]:
