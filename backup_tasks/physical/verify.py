@@ -11,6 +11,7 @@ amcheck. The verdict goes into the snapshot's manifest.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -41,6 +42,7 @@ from backup_tasks.physical.plan import (
     snapshot_ranges,
 )
 from backup_tasks.physical.recovery import (
+    TOOL_DIR,
     RecoveryOutcome,
     explain_failure,
     wait_for_recovery,
@@ -117,7 +119,6 @@ def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive |
     checked = [] if checked is None else checked
     major = int(snapshot.server_version.split(".")[0])
     bin_dir = find_tool("pg_ctl", min_major=major, bin_dir=settings.pg_bin_dir).path.parent
-    restore_cmd = wal_fetch_command(settings, archive) if archive is not None else None
     identities = snapshot_identities(settings, storage, snapshot)  # IdentityUnusable propagates: not the backup's fault
     try:
         # Unpacked snapshots of killed runs go first: each may be as large as the one about to be unpacked.
@@ -126,6 +127,12 @@ def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive |
     except OSError as exc:
         raise local_os_error(exc, doing=f"making a scratch directory in TMPDIR for snapshot {snapshot.id}") from exc
     try:
+        restore_cmd = None
+        if archive is not None:
+            # Where a portable wal-fetch goes when the server user cannot run this install and the archive
+            # is a bucket alone (no archive directory to keep it in): the scratch lives as long as the cluster.
+            os.chmod(scratch, 0o711)
+            restore_cmd = wal_fetch_command(settings, archive, tool_dir=scratch / TOOL_DIR)
         staged = scratch / "data"
         unpack_snapshot(storage, snapshot, staged, identities)  # StorageFull/StorageError: this machine failed
         checked.append("sha256")
