@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -76,8 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args, settings))
     except BackupError as exc:
         return fail(exc, command=args.command, as_json=args.json)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        # A command that can keep something when interrupted (restore) says what is where, and SIGTERM
+        # exits 143 as a shell expects; the others keep nothing partial.
+        detail = str(exc)
         if args.json:
-            print(json.dumps({"ok": False, "error": "interrupted", "error_type": "KeyboardInterrupt"}))
-        print(f"backup-tasks {args.command}: interrupted; nothing partial was kept", file=sys.stderr)
-        return 130
+            document = {"ok": False, "error": "interrupted", "error_type": "KeyboardInterrupt"}
+            print(json.dumps({**document, "detail": detail} if detail else document))
+        print(f"backup-tasks {args.command}: interrupted; {detail or 'nothing partial was kept'}", file=sys.stderr)
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))

@@ -1,18 +1,14 @@
 """Restoring a dump: stream it decompressed into ``pg_restore``; the user-facing ``restore`` command.
 
-The archive is checked against its manifest's checksum before a single row is written, and the
-restored database is compared with the manifest's row counts afterwards.
+The archive is checked against its manifest's checksum before a single row is written; the restored
+copy is compared with the manifest's row counts before it takes the target's name (``logical.swap``).
 """
 
 from __future__ import annotations
 
-import logging
+import signal
 import subprocess
-import uuid
 from dataclasses import dataclass, field
-
-import psycopg
-from psycopg import sql
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.compare import compare_counts
@@ -20,17 +16,16 @@ from backup_tasks.catalog.keys import identities_for
 from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupCorrupt, ConfigError, RestoreFailed, RestoreRefused
+from backup_tasks.logical.swap import Interrupted, SignalGuard, StagingDatabase, refuse_if_in_use
 from backup_tasks.postgres.connect import connect
-from backup_tasks.postgres.failures import classify, first_line
-from backup_tasks.postgres.queries import count_rows, create_database, database_exists, database_is_empty, drop_database
+from backup_tasks.postgres.failures import classify
+from backup_tasks.postgres.queries import count_rows, database_is_empty
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.storage.integrity import first_good
 from backup_tasks.streams.codec import decompressed_chunks
 from backup_tasks.streams.crypto import Identities, check_identity, manifest_recipients, open_decrypted
-
-log = logging.getLogger(__name__)
 
 
 def check_checksum(storage: Storage, manifest: Manifest) -> Storage:
@@ -113,11 +108,41 @@ class RestoreResult:
 
 def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *, replace: bool = False,
                    no_owner: bool = False) -> RestoreResult:
-    """Restore dump ``backup_id`` into the database named by ``target_url`` (created when missing)."""
+    """Restore dump ``backup_id`` into the database named by ``target_url`` (created when missing).
+
+    The dump goes into a staging database that takes the target's name only once ``pg_restore``
+    succeeded and its row counts match the manifest (``logical.swap``). Whatever stops it (an error,
+    SIGINT, SIGTERM), the target holds its old or the new data, or the message names the database
+    holding the old data; the staging copy never outlives the run.
+    """
     url = target_url or settings.restore_database_url
     if not url:
         raise ConfigError("no restore target: pass --target-database-url or set RESTORE_DATABASE_URL")
     target = ConnInfo.from_url(url, setting="the restore target URL")
+    guard = SignalGuard()
+    staging: StagingDatabase | None = None
+    with guard.installed():  # from here SIGTERM, like SIGINT, raises Interrupted (or waits for a safe moment)
+        try:
+            manifest, storage, identities = _checked_backup(settings, backup_id, target, replace=replace)
+            staging = StagingDatabase(target.with_dbname("postgres"), target.dbname, guard, backup_id=backup_id)
+            with staging.session():
+                try:
+                    return _restore_staged(staging, settings, manifest, storage, identities, target,
+                                           replace=replace, no_owner=no_owner)
+                except BaseException as exc:
+                    raise staging.failure(exc, what=f"restore of {backup_id} into {target.redacted()}") from None
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted) and str(exc):
+                raise  # it already says what is where
+            # Taken outside the session (connecting, closing): the server still says what is where.
+            outcome = (staging.settle() if staging is not None
+                       else f"{target.dbname!r} was left as it was; nothing was created")
+            raise Interrupted(getattr(exc, "signum", signal.SIGINT), outcome) from None
+
+
+def _checked_backup(settings: Settings, backup_id: str, target: ConnInfo, *,
+                    replace: bool) -> tuple[Manifest, Storage, Identities | None]:
+    """The manifest, a location with a good copy, and the identities: all checked before the server is touched."""
     storage = settings.locations()
     manifest = catalog.load(storage, backup_id)
     if manifest.kind != "dump":
@@ -130,84 +155,37 @@ def restore_backup(settings: Settings, backup_id: str, target_url: str | None, *
     identities = identities_for(settings, manifest)
     storage = check_checksum(storage, manifest)  # the first location with a good copy
     check_decryptable(storage, manifest, identities)
-    maintenance = target.with_dbname("postgres")
-    # Restore into a staging database and swap it in only once pg_restore succeeded: a failed
-    # restore leaves the target exactly as it was (with --replace too).
-    staging = f"{target.dbname[:40]}__restoring_{uuid.uuid4().hex[:8]}"
-    replaced = False  # whether a non-empty target is being dropped for the restored copy
-    try:
-        with connect(maintenance) as admin:
-            major = int(admin.info.server_version) // 10000
-            exists = database_exists(admin, target.dbname)
-            if exists:
-                with connect(target) as conn:
-                    replaced = not database_is_empty(conn)
-                if replaced and not replace:
-                    raise RestoreRefused(f"database {target.dbname!r} on {target.server_label} is not empty; "
-                                         f"restore into a new name, or pass --replace to drop and recreate it")
-            create_database(admin, staging)
-        extra = ("--no-owner", "--no-privileges") if no_owner else ()
-        try:
-            pg_restore_into(storage, manifest, target.with_dbname(staging), min_major=major, settings=settings,
-                            extra_args=extra, identities=identities)
-        except BaseException:
-            with connect(maintenance) as admin:
-                drop_database(admin, staging, force=True)
-            raise
-        notes = swap_in(maintenance, staging, target.dbname, replace_existing=exists)
-    except OSError as exc:
-        raise RestoreFailed(f"restore of {backup_id} failed: {first_line(str(exc))}") from None
-    except psycopg.Error as exc:  # CREATE/DROP/RENAME DATABASE: privileges, or clients still connected
-        raise RestoreRefused(f"restore of {backup_id} into {target.redacted()} refused by the server: "
-                             f"{first_line(str(exc))} (needs CREATEDB, and no one connected to the target)") from None
-    with connect(target) as conn:
+    return manifest, storage, identities
+
+
+def _restore_staged(staging: StagingDatabase, settings: Settings, manifest: Manifest, storage: Storage,
+                    identities: Identities | None, target: ConnInfo, *, replace: bool,
+                    no_owner: bool) -> RestoreResult:
+    """Restore into the staging database, compare its row counts, and swap it in only when they match."""
+    notes = staging.clear_dead_runs()
+    major = int(staging.admin.info.server_version) // 10000
+    replaced = False  # whether a non-empty target is dropped for the restored copy
+    if staging.find_target():
+        with connect(target) as conn:
+            replaced = not database_is_empty(conn)
+        if replaced and not replace:
+            raise RestoreRefused(f"database {target.dbname!r} on {target.server_label} is not empty; "
+                                 f"restore into a new name, or pass --replace to drop and recreate it")
+        refuse_if_in_use(staging.admin, target.dbname, server=target.server_label)
+    staging.create()
+    extra = ("--no-owner", "--no-privileges") if no_owner else ()
+    pg_restore_into(storage, manifest, target.with_dbname(staging.name), min_major=major, settings=settings,
+                    extra_args=extra, identities=identities)
+    with connect(target.with_dbname(staging.name)) as conn:
         restored = count_rows(conn)
     problems = compare_counts(manifest.tables, restored)
-    return RestoreResult(backup_id=backup_id, target=target.redacted(), tables=len(restored),
+    if problems:  # compared before anything is swapped: the target keeps what it held
+        staging.discard()
+        kept = "was left as it was" if staging.old_oid is not None else "was not created"
+        notes.append(f"nothing was swapped in: {target.dbname!r} {kept}, and the restored copy was removed")
+        replaced = False
+    else:
+        notes += staging.swap_in()
+    return RestoreResult(backup_id=manifest.id, target=target.redacted(), tables=len(restored),
                          rows=sum(restored.values()), replaced=replaced, ok=not problems, problems=problems,
                          notes=notes)
-
-
-def rename_database(admin: psycopg.Connection, old: str, new: str) -> None:
-    admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
-
-
-def swap_in(maintenance: ConnInfo, staging: str, target: str, *, replace_existing: bool) -> list[str]:
-    """Give the restored ``staging`` database the name ``target``; never lose both copies.
-
-    The old target is renamed aside first, the restored copy renamed in, and the old copy dropped last.
-    Whatever stops this half-way (an error, Ctrl-C), ``target`` names the old or the new data, or the
-    error names the database that holds the old data. Returns notes for the user (a kept old copy).
-    """
-    aside = f"{target[:40]}__replaced_{uuid.uuid4().hex[:8]}"
-    with connect(maintenance) as admin:
-        if not replace_existing:
-            try:
-                rename_database(admin, staging, target)
-            except BaseException:
-                drop_database(admin, staging, force=True)
-                raise
-            return []
-        rename_database(admin, target, aside)  # fails (nothing changed) while clients are connected
-        try:
-            rename_database(admin, staging, target)
-        except BaseException as exc:
-            try:
-                rename_database(admin, aside, target)  # the old data goes back under its name
-            except BaseException:
-                raise RestoreFailed(f"the restore was interrupted while swapping databases ({exc!r}); the previous "
-                                    f"{target!r} is kept as {aside!r} and the restored copy as {staging!r}: rename "
-                                    f"one of them to {target!r}") from None
-            drop_database(admin, staging, force=True)
-            raise
-        try:
-            drop_database(admin, aside)
-        except BaseException as exc:
-            # The restore itself is done: the new data is under the target's name.
-            note = (f"the previous {target!r} is kept as {aside!r} ({type(exc).__name__}: "
-                    f"{first_line(str(exc)) or 'interrupted'}); drop it when you no longer need it")
-            log.warning("%s", note)
-            if not isinstance(exc, Exception):
-                raise RestoreFailed(f"interrupted after the restore was swapped in: {note}") from None
-            return [note]
-    return []
