@@ -9,6 +9,7 @@ An id is ``<database>-<kind>-<UTC stamp>`` (``aitrapp-dump-20261127T100500Z``); 
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 
 from backup_tasks.streams.codec import SUFFIX
 
@@ -25,6 +26,19 @@ def id_prefix(database: str, kind: str) -> str:
 def backup_id_for(database: str, kind: str, moment_utc: str) -> str:
     stamp = moment_utc.replace("-", "").replace(":", "")  # 2026-11-27T10:05:00Z -> 20261127T100500Z
     return id_prefix(database, kind) + stamp
+
+
+def later_backup_id(backup_id: str) -> str | None:
+    """The id one second after ``backup_id`` (same prefix), or None for an id that does not end in a stamp.
+
+    Ids have one-second resolution, so two backups of one database can want the same one (two trading
+    days signalled at once, a manual dump right after a scheduled one): the later takes the next free second.
+    """
+    stamp = backup_id[-len("YYYYMMDDTHHMMSSZ"):]
+    if not _STAMP.fullmatch(stamp):
+        return None
+    moment = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ") + timedelta(seconds=1)
+    return backup_id[: -len(stamp)] + moment.strftime("%Y%m%dT%H%M%SZ")
 
 
 def dump_key(backup_id: str, compression: str, *, encrypted: bool = False) -> str:

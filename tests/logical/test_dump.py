@@ -17,6 +17,7 @@ import pytest
 import zstandard
 
 from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.ids import backup_id_for, later_backup_id
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import AuthenticationFailed, LockBusy, SourceUnavailable, StorageFull, ToolMissing
 from backup_tasks.locks import hold
@@ -143,6 +144,19 @@ def test_trading_day_is_recorded_and_a_second_run_for_it_skips(
     assert (skipped_first, skipped_second) == (False, True)
     assert second.id == first.id and first.trading_day == "2026-11-27"
     assert len(catalog.catalog(open_storage(settings.backup_dir))) == 1
+
+
+def test_two_days_wanting_one_id_get_two_backups(trading_db: ConnInfo,
+                                                settings_for: Callable[..., Settings]) -> None:
+    """Two trading days signalled in the same second want the same id (ids have one-second resolution)."""
+    settings = settings_for(trading_db)
+    wanted = backup_id_for(trading_db.dbname, "dump", "2026-01-05T10:00:59Z")
+    first, _ = run_dump(settings, trading_day="2026-01-05", backup_id=wanted)
+    second, skipped = run_dump(settings, trading_day="2026-01-06", backup_id=wanted)
+    assert not skipped and first.id == wanted
+    assert second.id == backup_id_for(trading_db.dbname, "dump", "2026-01-05T10:01:00Z")
+    assert {m.trading_day for m in catalog.catalog(settings.locations(), kind="dump")} == {"2026-01-05", "2026-01-06"}
+    assert later_backup_id("aitrapp-dump-by-hand") is None
 
 
 def test_wrong_password_fails_clearly_and_leaves_nothing(password_server: ConnInfo, tmp_path: Path) -> None:
