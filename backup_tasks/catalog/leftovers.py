@@ -36,7 +36,7 @@ def clear_interrupted(storage: Storage, database: str, kind: str) -> None:
         log.warning("could not look for what interrupted %ss left in %s: %s", kind, storage.location, exc)
         return
     if partials:
-        log.info("removed %d partial object(s) left by an interrupted %s", len(partials), kind)
+        log.info("removed %d partial file(s) left by an interrupted run (%s)", len(partials), kind)  # wording as before
     orphans = [obj.key for obj in stored_here if (backup_id := backup_id_of(obj.key, kind, database=database))
                and manifest_key(backup_id) not in stored]
     if not orphans:
