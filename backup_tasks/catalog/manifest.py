@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
+from backup_tasks.catalog.ids import later_backup_id
 from backup_tasks.clock import isoformat, parse_time, utcnow
 from backup_tasks.errors import BackupError, BackupIdTaken, BackupNotFound, ObjectMissing, StorageError
 from backup_tasks.storage.base import Storage
@@ -214,6 +215,22 @@ def add_record(storage: Storage, backup_id: str, kind: str, data: dict[str, Any]
         if storage.put_new(key, document.encode()):
             return key
     raise StorageError(f"could not record the {kind} of {backup_id} in {storage.location}: every new key was taken")
+
+
+def free_backup_id(storage: Storage, wanted: str) -> str:
+    """``wanted``, or the next second whose id no backup in ``storage`` has (``ids.later_backup_id``).
+
+    Ids have one-second resolution: a day's dump can want the id of another day's dump or a manual one
+    taken in the same second. The manifest is written create-only all the same (``BackupIdTaken``).
+    """
+    candidate: str | None = wanted
+    for _ in range(60):
+        if candidate is None:
+            break
+        if not storage.exists(manifest_key(candidate)):
+            return candidate
+        candidate = later_backup_id(candidate)
+    raise BackupIdTaken(f"a backup named {wanted} already exists; not overwriting it")
 
 
 def clear_partial_records(storage: Storage, backup_id: str) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import psycopg
 
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.ids import backup_id_for, dump_key, later_backup_id
+from backup_tasks.catalog.ids import backup_id_for, dump_key
 from backup_tasks.catalog.leftovers import clear_interrupted
 from backup_tasks.catalog.manifest import Manifest, existing_for_day
 from backup_tasks.clock import isoformat, utcnow
@@ -31,7 +31,7 @@ from backup_tasks.postgres.queries import count_rows, exported_snapshot
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.progress import PROGRESS_EVERY, Progress, no_progress
 from backup_tasks.settings import Settings
-from backup_tasks.storage.base import ObjectWriter, Storage
+from backup_tasks.storage.base import ObjectWriter
 from backup_tasks.storage.integrity import HashingWriter
 from backup_tasks.streams.codec import CHUNK, compressor
 from backup_tasks.streams.crypto import EncryptingWriter, encryption_info
@@ -132,23 +132,6 @@ def run_dump(settings: Settings, *, trading_day: str | None = None, backup_id: s
                             progress=progress), False
 
 
-def _free_id(storage: Storage, wanted: str) -> str:
-    """``wanted``, or the next second whose id no backup has yet.
-
-    The same trading day's backup was returned before this (``existing_for_day``), so a taken id is
-    another day's or a manual dump's from the same second. Decided under the dump lock: no other dump
-    of this database picks meanwhile, and the manifest is written create-only all the same.
-    """
-    candidate: str | None = wanted
-    for _ in range(60):
-        if candidate is None:
-            break
-        if not storage.exists(catalog.manifest_key(candidate)):
-            return candidate
-        candidate = later_backup_id(candidate)
-    raise DumpFailed(f"a backup named {wanted} already exists; not overwriting it")
-
-
 def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, trading_day: str | None,
                  backup_id: str | None, progress: Progress) -> Manifest:
     # Every commit confirms the lock first: a run that lost it (stalled past the expiry) publishes nothing.
@@ -157,7 +140,9 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, tradin
         started = utcnow()
         version = server_version(conn)
         pg_dump = find_tool("pg_dump", min_major=server_major(conn), bin_dir=settings.pg_bin_dir)
-        backup_id = _free_id(storage, backup_id or backup_id_for(conninfo.dbname, "dump", isoformat(started)))
+        # Under the dump lock: no other dump of this database picks an id meanwhile.
+        wanted = backup_id or backup_id_for(conninfo.dbname, "dump", isoformat(started))
+        backup_id = catalog.free_backup_id(storage, wanted)
         key = dump_key(backup_id, settings.compression, encrypted=bool(settings.encrypt_recipients))
         clear_interrupted(storage, conninfo.dbname, "dump")  # a killed run's partial, or its dump without a manifest
         progress("dumping", backup_id=backup_id, bytes_written=0, tables_done=0)

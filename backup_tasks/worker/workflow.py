@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from backup_tasks.catalog.ids import backup_id_for
-from backup_tasks.catalog.manifest import Manifest, existing_for_day
+from backup_tasks.catalog.manifest import Manifest, existing_for_day, free_backup_id
 from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.errors import AuthenticationFailed, BackupError, ConfigError, DatabaseMissing, SourceUnavailable
 from backup_tasks.locks import claim, release_claim
@@ -43,7 +43,9 @@ def start_post_close(settings: Settings, day: str, *, send: Sender, requested_by
     """Dump, verify and prune the trading day ``day`` as three tasks, unless it is done or in flight."""
     conninfo = settings.source()
     name = claim_name(settings, day)
-    backup_id = backup_id_for(conninfo.dbname, "dump", isoformat(utcnow()))
+    # Free now, so the id this answer names is the dump's; two days claimed in the same second still
+    # want one id, and the dump (under its lock) then takes the next free second.
+    backup_id = free_backup_id(settings.locations(), backup_id_for(conninfo.dbname, "dump", isoformat(utcnow())))
     ids = {step: str(uuid.uuid4()) for step in STEPS}
     ttl = settings.task_time_limit * 2 + 600
     value = json.dumps({"backup_id": backup_id, "tasks": ids, "by": requested_by}, sort_keys=True)
