@@ -8,7 +8,7 @@ callers pass redacted URLs only.
 One base per subsystem, so a caller can catch a whole family::
 
     BackupError
-      ConfigError                  settings and usage (exit 2)
+      ConfigError                  settings and usage (exit 2): SystemMismatch, ClockAhead
       PostgresError                the server and its tools: SourceUnavailable (retry), AuthenticationFailed,
                                    DatabaseMissing, ToolMissing, ClusterError
       StorageError                 where backups live: StorageFull, StorageUnavailable (retry), StorageAuthFailed,
@@ -62,6 +62,14 @@ class ConfigError(BackupError):
     """A setting is missing or malformed (bad URL, unknown compression, bad schedule)."""
 
     exit_code = 2
+
+
+class SystemMismatch(ConfigError):
+    """A catalog or WAL archive belongs to another PostgreSQL system (another system identifier): nothing written."""
+
+
+class ClockAhead(ConfigError):
+    """This host's clock is implausibly ahead of what a backup location itself timestamped: prune deletes nothing."""
 
 
 # --- PostgreSQL and its tools ----------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Owns the manifest (``<id>.manifest.json`` beside every backup), the names and keys of every object
 in a backup location (``ids``), the retention policy as a pure function of manifests and a clock
 (``retention``), ``prune`` (which applies it, WAL expiry included), the trading-day rules
-(``tradingday``), row-count comparison, which key opens an encrypted backup, and clearing what killed
-runs left in the catalog (``leftovers``). Health is judged in ``observe.health``, from the one
-reading of catalog, WAL archive and server that the metrics show.
+(``tradingday``), row-count comparison, which key opens an encrypted backup, clearing what killed
+runs left in the catalog (``leftovers``), and which PostgreSQL system the catalog belongs to
+(``system``). Health is judged in ``observe.health``, from the one reading of catalog, WAL archive and
+server that the metrics show.
 
 Imports: core, infrastructure (storage, streams, postgres, locks) and ``wal`` (names and the
 archive, for WAL expiry). Must not import logical, physical, worker or cli.

@@ -14,6 +14,14 @@ the WAL archive now reaches) is a *record*, a new create-only object beside the 
 order they were written, so ``Manifest.verification``, ``pitr_drill`` and ``restorable_until`` are the
 latest known; manifests of earlier versions (verification written into the manifest) read unchanged.
 The records come from the same top-level listing as the manifests: no extra request to find them.
+
+"The order they were written" is not the writers' clocks (a host whose clock runs ahead would let
+its older verdict override a later one): each record carries a ``sequence``, one above the highest
+of the backup's records its writer read (a Lamport counter), and readers apply records by sequence,
+then by the stamp in the key, then by the key. Records of earlier versions carry none (sequence 0):
+among themselves they sort by their stamps as before, and every newer record follows them. A record
+also carries the ``system_identifier`` of its backup; one naming another system (another deployment's,
+through a shared copy prefix) is not applied (see ``catalog.system``).
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from backup_tasks.catalog.ids import later_backup_id
+from backup_tasks.catalog.system import catalog_system, claim_catalog, is_foreign
 from backup_tasks.clock import isoformat, parse_time, utcnow
 from backup_tasks.errors import BackupError, BackupIdTaken, BackupNotFound, ObjectMissing, StorageError
 from backup_tasks.storage.base import Storage
+from backup_tasks.wal.system import IDENTITY_KEY
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +113,8 @@ class Manifest:
     pitr_drill: dict[str, Any] | None = None  # the last point-in-time drill from this snapshot
     #: The keys of the records applied to this manifest (read state: never written into the manifest).
     record_keys: list[str] = field(default_factory=list, compare=False, repr=False)
+    #: The highest ``sequence`` of those records (read state): the next record of this backup takes one more.
+    record_sequence: int = field(default=0, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -134,7 +146,8 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        del data["record_keys"]
+        for name in READ_STATE:
+            del data[name]
         return data
 
     def to_json(self) -> str:
@@ -142,11 +155,15 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        known = {f.name for f in fields(cls)} - {"record_keys"}
+        known = {f.name for f in fields(cls)} - set(READ_STATE)
         values = {k: v for k, v in data.items() if k in known}
         if values.get("verification") is not None:
             values["verification"] = Verification.from_dict(values["verification"])
         return cls(**values)
+
+
+#: Fields of ``Manifest`` that describe how it was read, never written.
+READ_STATE = ("record_keys", "record_sequence")
 
 
 def manifest_key(backup_id: str) -> str:
@@ -165,8 +182,11 @@ def save_new(storage: Storage, manifest: Manifest) -> None:
 
 def publish(storage: Storage, manifest: Manifest, *, data_keys: list[str]) -> None:
     """Record a finished backup (create-only; fenced when ``storage`` is a lease's); on failure neither its
-    data nor a manifest remains."""
+    data nor a manifest remains. The catalog records the backup's system first, or refuses another's
+    (``catalog.system``: the first backup's system is the catalog's)."""
     try:
+        if manifest.system_identifier:
+            claim_catalog(storage, manifest.system_identifier, backup=f"backup {manifest.id}")
         save_new(storage, manifest)
     except BackupIdTaken:
         raise  # that manifest (and whatever is under the key) belongs to another run: touch nothing
@@ -203,12 +223,25 @@ def parse_record_key(key: str) -> tuple[str, str, str] | None:
 
 
 def add_record(storage: Storage, backup_id: str, kind: str, data: dict[str, Any], *,
-               now: datetime | None = None) -> str:
-    """Record a later fact about ``backup_id`` beside its manifest (create-only); its key."""
+               now: datetime | None = None, seen: Manifest | None = None) -> str:
+    """Record a later fact about ``backup_id`` beside its manifest (create-only); its key.
+
+    Its ``sequence`` is one above the highest of the backup's records as read here (or in ``seen``, the
+    backup as the caller just loaded it), so it is applied after every record its writer knew of,
+    whatever the clocks say. A backup no longer in the catalog (pruned meanwhile) gets an orphan record,
+    which the next prune removes.
+    """
     if kind not in RECORD_KINDS:
         raise ValueError(f"unknown record kind {kind!r}")
+    if seen is None:
+        try:
+            seen = load(storage, backup_id)
+        except BackupNotFound:
+            pass
     recorded_at = now or utcnow()
     document = json.dumps({"backup_id": backup_id, "kind": kind, "recorded_at": isoformat(recorded_at),
+                           "sequence": (seen.record_sequence if seen else 0) + 1,
+                           "system_identifier": seen.system_identifier if seen else None,
                            "data": data}, indent=2) + "\n"
     for _ in range(3):
         key = record_key(backup_id, kind, recorded_at)
@@ -255,14 +288,32 @@ def _apply(manifest: Manifest, kind: str, data: dict[str, Any]) -> None:
 
 
 def _with_records(storage: Storage, manifest: Manifest, record_keys: list[str]) -> Manifest:
-    """``manifest`` with its records applied, oldest first (a record that cannot be read is skipped)."""
-    for key in sorted(record_keys, key=record_time):  # keys ``parse_record_key`` accepted
-        manifest.record_keys.append(key)
-        kind = key[: -len(RECORD_SUFFIX)].rsplit(".", 1)[1]
+    """``manifest`` with its records applied in the order they were written (see the module docstring).
+
+    A record that cannot be read is skipped (its key still belongs to the backup: prune deletes it with
+    it); one about another system's backup of the same id is neither applied nor the backup's.
+    """
+    readable: list[tuple[int, datetime, str, dict[str, Any]]] = []
+    for key in record_keys:  # keys ``parse_record_key`` accepted
         try:
             document = json.loads(storage.read_bytes(key))
-            _apply(manifest, kind, dict(document["data"]))
-        except (ValueError, TypeError, KeyError, StorageError) as exc:
+            entry = (int(document.get("sequence") or 0), record_time(key), key, dict(document["data"]))
+            system = document.get("system_identifier")
+        except (ValueError, TypeError, KeyError, AttributeError, StorageError) as exc:
+            log.warning("record %s in %s is unreadable, skipped: %s", key, storage.location, exc)
+            manifest.record_keys.append(key)
+            continue
+        if system and manifest.system_identifier and system != manifest.system_identifier:
+            log.warning("record %s in %s is about a backup of system %s, not %s: not applied", key, storage.location,
+                        system, manifest.system_identifier)
+            continue
+        readable.append(entry)
+    for sequence, _written, key, data in sorted(readable, key=lambda entry: entry[:3]):
+        manifest.record_keys.append(key)
+        manifest.record_sequence = max(manifest.record_sequence, sequence)
+        try:
+            _apply(manifest, key[: -len(RECORD_SUFFIX)].rsplit(".", 1)[1], data)
+        except (ValueError, TypeError, KeyError) as exc:
             log.warning("record %s in %s is unreadable, skipped: %s", key, storage.location, exc)
     return manifest
 
@@ -285,38 +336,57 @@ def _parse(storage: Storage, key: str) -> Manifest:
         raise StorageError(f"manifest {key} in {storage.location} is unreadable: {exc}") from None
 
 
-def _top_level(storage: Storage) -> tuple[list[str], dict[str, list[str]]]:
-    """The one listing of the catalog: manifest keys, and record keys by backup id."""
+def _top_level(storage: Storage) -> tuple[list[str], dict[str, list[str]], bool]:
+    """The one listing of the catalog: manifest keys, record keys by backup id, and whether the catalog records its
+    system (``catalog.system``)."""
     manifest_keys: list[str] = []
     records: dict[str, list[str]] = defaultdict(list)
+    identified = False
     for obj in storage.list(recursive=False):
         if obj.key.endswith(MANIFEST_SUFFIX):
             manifest_keys.append(obj.key)
         elif parsed := parse_record_key(obj.key):
             records[parsed[0]].append(obj.key)
-    return manifest_keys, records
+        elif obj.key == IDENTITY_KEY:
+            identified = True
+    return manifest_keys, records, identified
 
 
-def catalog(storage: Storage, *, kind: str | None = None, database: str | None = None) -> list[Manifest]:
+def catalog(storage: Storage, *, kind: str | None = None, database: str | None = None,
+            every_system: bool = False) -> list[Manifest]:
     """Every readable manifest with its records applied, oldest first. Unreadable manifests are skipped.
 
     Only the top level of the location is listed (``recursive=False``): manifests and records live there.
+    Backups of another PostgreSQL system than the catalog's (``catalog.system``: a copy prefix another
+    deployment shares) are left out unless ``every_system``: no reader lists, judges, verifies or
+    restores from them. A catalog that records no system costs no extra request.
     """
-    manifest_keys, records = _top_level(storage)
+    manifest_keys, records, identified = _top_level(storage)
+    system = catalog_system(storage) if identified and not every_system else None
     found = []
     for key in manifest_keys:
         try:
             manifest = _parse(storage, key)
         except StorageError:
             continue
-        if (kind is None or manifest.kind == kind) and (database is None or manifest.database == database):
+        if (kind is None or manifest.kind == kind) and (database is None or manifest.database == database) \
+                and not is_foreign(manifest.system_identifier, system):
             found.append(_with_records(storage, manifest, records.get(manifest.id, [])))
     return sorted(found, key=lambda m: (m.started_at, m.id))
 
 
+def record_system(storage: Storage, key: str) -> str | None:
+    """The system identifier the record ``key`` names (records of earlier versions, and unreadable ones: None)."""
+    try:
+        system = json.loads(storage.read_bytes(key)).get("system_identifier")
+    except (ValueError, TypeError, AttributeError, StorageError):
+        return None
+    return system if isinstance(system, str) else None
+
+
 def orphan_records(storage: Storage) -> list[str]:
     """Records whose backup has no manifest any more (a verdict or drill recorded while prune deleted it)."""
-    manifest_keys, records = _top_level(storage)
+    manifest_keys, records, _identified = _top_level(storage)
     backups = {key[: -len(MANIFEST_SUFFIX)] for key in manifest_keys}
     return [key for backup_id, keys in records.items() if backup_id not in backups for key in keys]
 
@@ -330,8 +400,8 @@ def newest(storage: Storage, *, kind: str = "dump", database: str | None = None)
 
 def record_verification(storage: Storage, backup_id: str, verification: Verification) -> Manifest:
     """Record a verification verdict beside the manifest; the manifest as readers now see it."""
-    load(storage, backup_id)  # the backup must exist: a verdict about nothing is not recorded
-    add_record(storage, backup_id, "verification", asdict(verification))
+    seen = load(storage, backup_id)  # the backup must exist: a verdict about nothing is not recorded
+    add_record(storage, backup_id, "verification", asdict(verification), seen=seen)
     return load(storage, backup_id)
 
 

@@ -5,6 +5,12 @@ it is reported as *locked until D* (an expected state) and deleted by the first 
 that lock ends is known from the catalog alone (the latest of its writes, plus the lock's days), so
 a prune of a locked bucket sends no delete it knows S3 will refuse; a refusal it did not foresee
 (a bucket's own default retention, a lock setting changed since) is reported the same way.
+
+Prune plans and deletes this catalog's backups only (``catalog.system``): a backup or record of another
+PostgreSQL system (another deployment's, in a shared BACKUP_COPY_TO prefix) is left alone and
+reported. And it trusts this host's clock only as far as the locations confirm it
+(``retention.clock_doubt``): a clock implausibly ahead refuses the run (``ClockAhead``) before anything is
+deleted; ``--dry-run`` reports it (``clock_refusal``) with the plan.
 """
 
 from __future__ import annotations
@@ -12,18 +18,27 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.manifest import Manifest, record_time
-from backup_tasks.catalog.retention import Decision, RetentionPolicy, WalExpiry, plan, wal_expiry
+from backup_tasks.catalog.retention import (
+    ClockDoubt,
+    Decision,
+    RetentionPolicy,
+    WalExpiry,
+    clock_doubt,
+    plan,
+    wal_expiry,
+)
+from backup_tasks.catalog.system import catalog_system, is_foreign
 from backup_tasks.clock import isoformat, parse_time, utcnow
-from backup_tasks.errors import ConfigError, ObjectLocked, StorageError
+from backup_tasks.errors import ClockAhead, ConfigError, ObjectLocked, StorageError
 from backup_tasks.locks import hold
 from backup_tasks.settings import Settings
-from backup_tasks.storage.base import Storage
+from backup_tasks.storage.base import Storage, members
 from backup_tasks.storage.objectlock import ObjectLock
 from backup_tasks.wal.archive import WalArchive
 
@@ -54,6 +69,10 @@ class PruneReport:
     #: Expired WAL files whose copy is still locked (kept here too, so the next run finds them), and until when.
     wal_locked: int = 0
     wal_locked_until: str | None = None
+    #: Backups of another PostgreSQL system than this catalog's (a shared copy prefix): left alone.
+    other_systems: list[str] = field(default_factory=list)
+    #: Why a real run would delete nothing (a dry run only: a real one raises ``ClockAhead``).
+    clock_refusal: str | None = None
 
 
 def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = None,
@@ -66,10 +85,22 @@ def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = N
         storage = settings.locations(credentials=settings.prune_credentials)  # deletes from both
     now = now or utcnow()
     with hold(settings, "prune", what="a prune of this backup directory"):
-        manifests = catalog.catalog(storage)
-        policy = RetentionPolicy(keep_daily_days=settings.keep_daily_days, keep_weekly=settings.keep_weekly)
+        system = catalog_system(storage)
+        everything = catalog.catalog(storage, every_system=True)
+        manifests = [m for m in everything if not is_foreign(m.system_identifier, system)]
+        foreign = [m for m in everything if is_foreign(m.system_identifier, system)]
+        policy = retention_policy(settings)
         decisions = plan(manifests, now, policy)
-        report = PruneReport(dry_run=dry_run, decisions=decisions)
+        report = PruneReport(dry_run=dry_run, decisions=decisions, other_systems=[m.id for m in foreign])
+        if foreign:
+            log.info("left alone %d backup(s) of other systems than this catalog's (%s): %s", len(foreign), system,
+                     ", ".join(f"{m.id} (system {m.system_identifier})" for m in foreign))
+        # Only a plan that deletes something asks the locations for their stamps (one listing each).
+        doubt = None if all(d.keep for d in decisions) else clock_doubt(manifests, now, policy, newest_stamped(storage))
+        if doubt is not None:
+            if not dry_run:
+                raise ClockAhead(f"prune refused: {doubt.message}")
+            return refused_preview(report, doubt)
         by_id = {m.id: m for m in manifests}
         expired = [by_id[d.backup_id] for d in decisions if not d.keep]
         lock = bucket_lock(settings)
@@ -94,10 +125,37 @@ def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = N
         kept = [by_id[d.backup_id] for d in decisions if (d.keep or d.backup_id in held) and d.kind == "snapshot"]
         expire_wal(settings, kept, report, lock, now)
         if not dry_run:
-            delete_orphan_records(storage)
+            delete_orphan_records(storage, system)
         if failed:
             raise_failures(failed, storage.location)
         return report
+
+
+def refused_preview(report: PruneReport, doubt: ClockDoubt) -> PruneReport:
+    """The dry run of a prune the clock stops: the plan, the deletions only the clock decides marked, none done."""
+    report.clock_refusal = doubt.message
+    report.decisions = [replace(d, reason=f"{d.reason}; but only this host's clock makes it that old: a real run "
+                                          f"refuses") if d.backup_id in doubt.on_clock_only else d
+                        for d in report.decisions]
+    report.wal_reason = "WAL not pruned: this host's clock is in doubt"
+    return report
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    """The retention settings as a policy (BACKUP_CLOCK_TOLERANCE_MINUTES included)."""
+    return RetentionPolicy(keep_daily_days=settings.keep_daily_days, keep_weekly=settings.keep_weekly,
+                           clock_tolerance=timedelta(minutes=settings.clock_tolerance_minutes))
+
+
+def newest_stamped(storage: Storage) -> dict[str, datetime]:
+    """When each location of the catalog stamped its newest object (S3's LastModified, a file's mtime): the top level
+    only, one listing per location; a location holding nothing is left out."""
+    found = {}
+    for member in members(storage):
+        stamps = [obj.mtime for obj in member.list(recursive=False)]
+        if stamps:
+            found[member.location] = datetime.fromtimestamp(max(stamps), UTC)
+    return found
 
 
 def bucket_lock(settings: Settings) -> ObjectLock | None:
@@ -144,10 +202,11 @@ def delete_backups(storage: Storage, expired: list[Manifest], reasons: dict[str,
     return failures
 
 
-def delete_orphan_records(storage: Storage) -> None:
+def delete_orphan_records(storage: Storage, system: str | None) -> None:
     """Records whose backup is gone (a verdict written while prune deleted its backup): deleted, and whatever
-    cannot be yet (locked) is left for a later run."""
-    orphans = catalog.orphan_records(storage)
+    cannot be yet (locked) is left for a later run. A record of another ``system``'s backup is left alone."""
+    orphans = [key for key in catalog.orphan_records(storage)
+               if not is_foreign(catalog.record_system(storage, key), system)]
     if orphans:
         failures = storage.delete_many(orphans)
         log.info("deleted %d record(s) of backups no longer in the catalog", len(orphans) - len(failures))

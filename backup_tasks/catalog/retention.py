@@ -5,6 +5,12 @@ No I/O here: ``prune`` applies the answer, ``--dry-run`` prints it. Rules, per d
 - snapshots: keep the newest ``keep_weekly`` complete ones;
 - always keep the newest backup and the newest verified backup, whatever their age, so the last
   good backup is never expired before its replacement has been proven.
+
+Ages come from a clock, and a host's clock can be days ahead. ``clock_doubt`` compares it with the
+newest object each location stamped itself (S3's LastModified, a file's mtime): when the clock is
+further ahead of one than ``clock_tolerance`` *and* the plan would delete a backup that only the clock
+makes old enough (kept by the plan as of that stamp plus the tolerance), prune refuses. A quiet
+catalog whose deletions do not depend on the clock is pruned as usual.
 """
 
 from __future__ import annotations
@@ -14,13 +20,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.clock import isoformat
 from backup_tasks.errors import BackupError
+
+#: How far this host's clock may run ahead of the newest object a location stamped before prune doubts it.
+CLOCK_TOLERANCE = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
 class RetentionPolicy:
     keep_daily_days: int = 7
     keep_weekly: int = 12
+    clock_tolerance: timedelta = CLOCK_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,54 @@ def _decide(manifest: Manifest, kind: str, now: datetime, policy: RetentionPolic
     if age < timedelta(days=policy.keep_daily_days):
         return decision(True, f"within {policy.keep_daily_days} days")
     return decision(False, f"{age.days} days old, retention is {policy.keep_daily_days} days")
+
+
+@dataclass(frozen=True)
+class ClockDoubt:
+    """This host's clock is further ahead of what ``location`` stamped last than the tolerance, and the plan would
+    delete backups (``on_clock_only``) that only that clock makes old enough."""
+
+    location: str
+    newest_stamped: datetime
+    now: datetime
+    tolerance: timedelta
+    on_clock_only: list[str]
+
+    @property
+    def message(self) -> str:
+        ahead = self.now - self.newest_stamped
+        return (f"this host's clock says {isoformat(self.now)}, but the newest object in {self.location} was stamped "
+                f"{isoformat(self.newest_stamped)} by the location itself: {_duration(ahead)} earlier, more than the "
+                f"{_duration(self.tolerance)} allowed. Only this clock makes {', '.join(self.on_clock_only)} old "
+                f"enough to delete, so prune deletes nothing. Check the clock (timedatectl, NTP); if it is right and "
+                f"nothing was written for that long, take a backup (`backup-tasks dump`) and prune after it")
+
+
+def clock_doubt(manifests: list[Manifest], now: datetime, policy: RetentionPolicy,
+                newest_stamped: dict[str, datetime]) -> ClockDoubt | None:
+    """Pure: whether the plan at ``now`` depends on a clock implausibly ahead of what the locations stamped.
+
+    ``newest_stamped``: each location's newest object, by the location's own timestamp (locations holding
+    nothing left out). The location that stamped least recently is the judge: with a copy in a bucket,
+    a clock that was ahead all along (so are the mtimes of the files it wrote) still shows against S3's.
+    """
+    if not newest_stamped:
+        return None
+    location, newest = min(newest_stamped.items(), key=lambda item: item[1])
+    if now - newest <= policy.clock_tolerance:
+        return None
+    plausible = newest + policy.clock_tolerance  # the latest moment the location vouches for, and the tolerance
+    kept_then = {d.backup_id for d in plan(manifests, plausible, policy) if d.keep}
+    on_clock_only = [d.backup_id for d in plan(manifests, now, policy) if not d.keep and d.backup_id in kept_then]
+    if not on_clock_only:
+        return None
+    return ClockDoubt(location, newest, now, policy.clock_tolerance, on_clock_only)
+
+
+def _duration(span: timedelta) -> str:
+    hours = span.total_seconds() / 3600
+    return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} hours" if hours >= 1 else \
+        f"{span.total_seconds() / 60:.0f} minutes"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ read it in 1 MiB chunks, compress (zstd worker threads, no GIL), hash the compre
 write them to a temporary object that is fsynced and renamed only when pg_dump succeeded. The
 row counts come from the very snapshot pg_dump uses (``--snapshot``), so verification can demand
 exact equality. What a killed run left (its partial object, or its dump stored without a manifest) is
-removed by the next one, under the same lock (``catalog.leftovers.clear_interrupted``).
+removed by the next one, under the same lock (``catalog.leftovers.clear_interrupted``). A catalog holds
+one cluster's backups: the server's system identifier is checked against the catalog's before anything
+is written (``catalog.system``) and recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.ids import backup_id_for, dump_key
 from backup_tasks.catalog.leftovers import clear_interrupted
 from backup_tasks.catalog.manifest import Manifest, existing_for_day
+from backup_tasks.catalog.system import claim_catalog
 from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import DumpFailed
 from backup_tasks.locks import Lease, hold
 from backup_tasks.postgres.connect import server_major, server_version
 from backup_tasks.postgres.failures import classify, first_line
-from backup_tasks.postgres.queries import count_rows, exported_snapshot
+from backup_tasks.postgres.queries import count_rows, exported_snapshot, system_identifier
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.progress import PROGRESS_EVERY, Progress, no_progress
 from backup_tasks.settings import Settings
@@ -139,9 +142,11 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, tradin
     with exported_snapshot(conninfo) as (conn, snapshot):
         started = utcnow()
         version = server_version(conn)
+        system = system_identifier(conn)
         pg_dump = find_tool("pg_dump", min_major=server_major(conn), bin_dir=settings.pg_bin_dir)
         # Under the dump lock: no other dump of this database picks an id meanwhile.
         wanted = backup_id or backup_id_for(conninfo.dbname, "dump", isoformat(started))
+        claim_catalog(storage, system, backup=f"a dump of {conninfo.dbname} on {conninfo.server_label}", record=False)
         backup_id = catalog.free_backup_id(storage, wanted)
         key = dump_key(backup_id, settings.compression, encrypted=bool(settings.encrypt_recipients))
         clear_interrupted(storage, conninfo.dbname, "dump")  # a killed run's partial, or its dump without a manifest
@@ -204,6 +209,7 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, tradin
         path=key, size_bytes=stored.bytes_written, sha256=stored.hexdigest(),
         compression=settings.compression, tables=counter.result or {}, trading_day=trading_day,
         pg_dump_version=str(pg_dump.major), encryption=encryption_info(settings.encrypt_recipients),
+        system_identifier=system,
     )
     catalog.publish(storage, result, data_keys=[key])
     log.info("dump %s complete: %d bytes, %d tables", backup_id, result.size_bytes, len(result.tables))

@@ -12,7 +12,8 @@ it is complete as soon as it is verified; later WAL comes from the archive.
 A run killed outright cleans up nothing; the next one, under the same lock, does: the partial
 objects it was writing and the objects it had stored without the manifest that would have made them
 a snapshot (``catalog.leftovers.clear_interrupted``), and its staging tree (``postgres.leftovers.sweep``,
-which also stops a ``pg_basebackup`` still writing into it).
+which also stops a ``pg_basebackup`` still writing into it). A snapshot of another cluster than the one
+the catalog holds is refused before anything is written (``catalog.system``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.ids import backup_id_for, snapshot_keys
 from backup_tasks.catalog.leftovers import clear_interrupted
 from backup_tasks.catalog.manifest import Manifest
+from backup_tasks.catalog.system import claim_catalog
 from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupError, SnapshotFailed
@@ -44,6 +46,7 @@ from backup_tasks.postgres.archiver import archiver_stats
 from backup_tasks.postgres.connect import connect, server_major, server_version
 from backup_tasks.postgres.failures import classify
 from backup_tasks.postgres.leftovers import owned_tempdir, sweep
+from backup_tasks.postgres.queries import system_identifier
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
@@ -99,7 +102,7 @@ def _setting(conn: psycopg.Connection, name: str) -> str | None:
 
 def inspect_source(conn: psycopg.Connection) -> SourceFacts:
     warnings: list[str] = []
-    sysid = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0]
+    sysid = system_identifier(conn)
     segment_size = int(conn.execute("SELECT bytes_per_wal_segment FROM pg_control_init()").fetchone()[0])
     superuser = conn.execute("SELECT rolname FROM pg_roles WHERE oid = 10").fetchone()[0]
     wal_level = _setting(conn, "wal_level") or "unknown"
@@ -165,6 +168,7 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
     pg_basebackup = find_tool("pg_basebackup", min_major=facts.major, bin_dir=settings.pg_bin_dir)
     pg_verifybackup = find_tool("pg_verifybackup", min_major=min(facts.major, 13), bin_dir=settings.pg_bin_dir)
     keys = snapshot_keys(backup_id, encrypted=bool(settings.encrypt_recipients))
+    claim_catalog(storage, facts.system_identifier, backup=f"a snapshot of {conninfo.server_label}", record=False)
     clear_interrupted(storage, conninfo.dbname, "snapshot")
     clear_stale_staging()
     staging = owned_tempdir(STAGING_PREFIX, verify_area(facts.estimated_bytes))

@@ -1,4 +1,5 @@
-"""Queries on a connected server: user tables and exact row counts, exported snapshots, databases, amcheck.
+"""Queries on a connected server: user tables and exact row counts, exported snapshots, databases, amcheck, the
+system identifier.
 
 ``run_parallel`` spreads independent read-only jobs (``count_jobs``, ``amcheck_jobs``) over several
 connections, longest first: verify's checks of a restored copy are CPU-bound in the backends.
@@ -82,6 +83,11 @@ def exported_snapshot(conninfo: ConnInfo) -> Iterator[tuple[psycopg.Connection, 
             conn.rollback()
         finally:
             conn.close()
+
+
+def system_identifier(conn: psycopg.Connection) -> str:
+    """The cluster's system identifier (``pg_control_system()``, which any role may call), as decimal text."""
+    return str(conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0])
 
 
 def database_is_empty(conn: psycopg.Connection) -> bool:

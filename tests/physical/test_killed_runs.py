@@ -37,6 +37,7 @@ from backup_tasks.storage.base import PARTIAL_MARK
 from backup_tasks.storage.locations import open_storage
 from backup_tasks.storage.memory import MemoryStorage
 from backup_tasks.storage.mirrored import MirroredStorage
+from backup_tasks.wal.system import IDENTITY_KEY
 from tests.support.paths import PYTHON, ROOT
 from tests.support.pitr import PitrEnv, cli_env, reachable_dir, switch_and_wait
 
@@ -258,7 +259,7 @@ def test_the_next_dump_removes_a_dump_stored_without_its_manifest(
     time.sleep(1.05)  # ids have second resolution
     manifest, _ = run_dump(settings)
     assert not storage.exists(interrupted.path)
-    assert sorted(obj.key for obj in storage.list()) == sorted([manifest.path, manifest.key])
+    assert sorted(obj.key for obj in storage.list()) == sorted([manifest.path, manifest.key, IDENTITY_KEY])
 
 
 # --- each leftover of the issue, caught in the act ----------------------------------------------------------

@@ -33,6 +33,7 @@ from backup_tasks.postgres.connect import connect
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import PARTIAL_MARK
 from backup_tasks.storage.locations import open_storage
+from backup_tasks.wal.system import IDENTITY_KEY
 from backup_tasks.worker.config import QUEUE, SHORT_HARD_LIMIT, build_config, visibility_timeout
 from tests.support.paths import BACKUP_TASKS
 from tests.support.postgres import url_of
@@ -66,7 +67,8 @@ def backup_like_files(backup_dir: Path) -> list[str]:
     """Every file a user (or `list`, `verify`, `restore`) could take for a backup: all but in-progress partials."""
     if not backup_dir.exists():
         return []
-    return sorted(p.name for p in backup_dir.rglob("*") if p.is_file() and PARTIAL_MARK not in p.name)
+    return sorted(p.name for p in backup_dir.rglob("*")
+                  if p.is_file() and PARTIAL_MARK not in p.name and p.name != IDENTITY_KEY)  # the catalog's system
 
 
 def partial_files(backup_dir: Path) -> list[str]:
