@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backup_tasks.cli.output import Add, UsageError, add_as_of, emit, progress_logger
 from backup_tasks.progress import human_size
 from backup_tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from backup_tasks.storage.base import Storage
 
 
 def cmd_dump(args: argparse.Namespace, settings: Settings) -> int:
@@ -64,6 +67,11 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
                      f"{report.wal_reason}")
     if report.wal_locked:
         lines.append(f"locked {report.wal_locked} expired WAL file(s) until {report.wal_locked_until} at the latest")
+    if report.other_systems:
+        lines.append(f"left alone {len(report.other_systems)} backup(s) of another PostgreSQL system (a shared "
+                     f"BACKUP_COPY_TO prefix?): {', '.join(report.other_systems)}")
+    if report.clock_refusal:
+        lines.append(f"a real run would delete nothing: {report.clock_refusal}")
     emit(args, asdict(report), "\n".join(lines))
     return 0
 
@@ -105,14 +113,24 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     document: dict[str, Any] = {"backup_dir": settings.backup_dir, "copy_to": settings.copy_to,
                                 "backups": [m.to_dict() | {"locations": locations(m)} for m in manifests]}
     if any(m.kind == "snapshot" for m in manifests):
-        from backup_tasks.cli.pitr import snapshot_ranges_document
-
-        document["restorable"] = snapshot_ranges_document(settings)  # live: what the WAL archive covers now
+        document["restorable"] = _restorable(settings, storage)  # live: what the WAL archive covers now
         lines += [f"snapshot {r['backup_id']} restores to any moment from {r['restorable_from']} to "
-                  f"{r['restorable_until']}" + (f" (WAL gap at {r['wal_gap']})" if r["wal_gap"] else "")
-                  for r in document["restorable"]]
+                  f"{r['restorable_until']} on timeline {r['timeline']}"
+                  + (f" (WAL gap at {r['wal_gap']})" if r["wal_gap"] else "") for r in document["restorable"]]
     emit(args, document, "\n".join(lines))
     return 0
+
+
+def _restorable(settings: Settings, storage: Storage) -> list[dict[str, Any]]:
+    """For ``list``: what each snapshot can restore to right now, one entry per timeline it restores onto."""
+    from backup_tasks.physical.ranges import restorable_ranges
+    from backup_tasks.wal.remote import archive_for_reading
+
+    try:
+        archive = archive_for_reading(settings)  # the bucket's wal/ when BACKUP_DIR is one (disaster recovery)
+        return [r.to_dict() for r in restorable_ranges(storage, archive)]
+    except Exception:  # listing must not fail because the archive is unreadable
+        return []
 
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:

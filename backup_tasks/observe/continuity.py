@@ -1,7 +1,8 @@
 """WAL continuity as health judges it: the holes from the earliest restorable snapshot to the newest segment.
 
 ``survey_wal`` reads what ``health.assess_wal`` needs, the way WAL-G's ``wal-verify`` looks: the path
-of timelines recovery follows from that snapshot's start segment, the unbroken run from there
+of timelines recovery follows from that snapshot's start segment (to the newest timeline whose history
+holds the snapshot: ``wal.timelines``; another branch's segments are not holes), the unbroken run from there
 (``wal.coverage``, the coverage the recovery window was computed from when ``facts`` has it), every
 missing run below the newest archived segment, and when the segment after each hole was completed
 (its trailer: the clock tells a hole still being archived from a lost one). It is part of the facts
@@ -94,8 +95,9 @@ def survey_wal(archive: WalArchive, earliest: Manifest | None, *, list_names: bo
         if earliest is not None:
             start, size = str(earliest.start_segment), int(earliest.wal_segment_size or 0)
             survey.start_segment, survey.segment_size = start, size
-            survey.steps = timeline_path(archive, timeline_of(start), size)
             cover = known or coverages(archive, [(start, size)], names)[0]
+            survey.steps = timeline_path(archive, timeline_of(start), size, start_segno=segment_number(start, size),
+                                         target=cover.timeline)
             survey.last_archived, survey.unbroken_to = cover.last_archived, cover.end_segment
             if cover.last_archived:
                 timelines.append(timeline_of(cover.last_archived))

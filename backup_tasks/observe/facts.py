@@ -5,9 +5,10 @@ What a reading costs (``collect``), whatever the archive's size:
 
 - the catalog: one top-level listing of ``BACKUP_DIR`` and its manifests (the number of backups);
 - the WAL archive's state file (``wal.state``): one small file, the newest segment per location;
-- with snapshots in the catalog, their WAL coverage (``physical.plan.snapshot_ranges``): the local
-  archive's segment names and one trailer per distinct end (cheap at 100,000 segments with the index
-  of ``wal.coverage``); never a listing of the copy;
+- with snapshots in the catalog, their WAL coverage on every timeline each restores onto
+  (``physical.ranges.restorable_ranges``): the local archive's segment runs, its history files and one
+  trailer per distinct end (cheap at 100,000 segments with the index of ``wal.coverage``); never a
+  listing of the copy;
 - with ``DATABASE_URL``, the server's timeline, current segment and ``pg_stat_archiver`` row
   (``postgres.archiver.read_server_wal``: a down server costs ``SERVER_TIMEOUT`` at most).
 
@@ -41,7 +42,7 @@ from backup_tasks.clock import parse_time, utcnow
 from backup_tasks.errors import BackupError, ConfigError, StorageError
 from backup_tasks.observe.continuity import WalSurvey, earliest_start, survey_wal
 from backup_tasks.observe.verdict import SeriesVerdict, series_verdict
-from backup_tasks.physical.plan import SnapshotRange, snapshot_ranges
+from backup_tasks.physical.ranges import SnapshotRange, newest_per_snapshot, restorable_ranges
 from backup_tasks.postgres.archiver import ArchiverStats, ServerWal, read_server_wal
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
@@ -95,12 +96,13 @@ class Series:
 
 @dataclass(frozen=True)
 class RecoveryWindow:
-    """The one unbroken span PITR can reach now that ends at the newest reachable moment."""
+    """On one timeline, the one unbroken span PITR can reach now that ends at the newest reachable moment."""
 
     database: str
     start: datetime
     end: datetime
     snapshot_id: str  # the snapshot a restore to ``start`` uses
+    timeline: int = 1  # the recovery target timeline of the span
 
 
 @dataclass(frozen=True)
@@ -137,8 +139,11 @@ class Facts:
     manifests: list[Manifest] = field(default_factory=list)  # every readable manifest, any state, oldest first
     backups: list[Manifest] = field(default_factory=list)  # complete backups, oldest first
     series: list[Series] = field(default_factory=list)
-    ranges: list[SnapshotRange] = field(default_factory=list)
+    ranges: list[SnapshotRange] = field(default_factory=list)  # every snapshot on every timeline it restores onto
+    #: Per database, the window on the newest timeline its snapshots restore onto (what a restore to the
+    #: latest point follows): one per database, as the metrics label them.
     windows: list[RecoveryWindow] = field(default_factory=list)
+    timeline_windows: list[RecoveryWindow] = field(default_factory=list)  # per database and timeline
     gaps: list[ArchiveGap] = field(default_factory=list)
     wal: dict[str, state.Newest] = field(default_factory=dict)  # "archive", "copy" -> newest acknowledged
     server: ServerWal | None = None  # None: not asked (no DATABASE_URL); its ``error`` when it did not answer
@@ -191,7 +196,8 @@ def collect(settings: Settings, *, storage: Storage | None = None, archive: WalA
         if for_health and archive is not None:
             snapshots = [m for m in facts.manifests if m.kind == "snapshot"]
             earliest = earliest_start(snapshots)
-            known = next((r.coverage for r in facts.ranges if earliest and r.snapshot.id == earliest.id), None)
+            known = next((r.coverage for r in newest_per_snapshot(facts.ranges)
+                          if earliest and r.snapshot.id == earliest.id), None)
             facts.continuity = survey_wal(archive, earliest, known=known,
                                           list_names=not snapshots and not settings.wal_archive_dir)
         if read_server and settings.database_url:
@@ -209,7 +215,8 @@ def collect(settings: Settings, *, storage: Storage | None = None, archive: WalA
 def local_archive(settings: Settings) -> WalArchive | None:
     """The local WAL archive wal-push writes (and its state file); None when there is none to read."""
     try:
-        return WalArchive.for_settings(settings)
+        # Our own state: a scrape never lists the copy.
+        return WalArchive.for_settings(settings, read_copy=False)
     except ConfigError:  # BACKUP_DIR is a URL and WAL_ARCHIVE_DIR unset: no local archive on this host
         return None
 
@@ -337,35 +344,42 @@ def _read_wal(facts: Facts, archive: WalArchive | None, storage: Storage | None,
     if not snapshots or storage is None:  # snapshots are known only from a catalog that was read
         return
     try:
-        facts.ranges = snapshot_ranges(storage, archive, snapshots)
+        facts.ranges = restorable_ranges(storage, archive, snapshots)
     except (BackupError, OSError) as exc:
         facts.sources.append(SourceStatus(WAL_ARCHIVE, False, _reason(exc, archive.location), exc))
         return
     facts.sources.append(SourceStatus(WAL_ARCHIVE, True))
-    facts.windows = recovery_windows(facts.ranges)
+    facts.timeline_windows = recovery_windows(facts.ranges)
+    facts.windows = newest_windows(facts.timeline_windows)
     facts.gaps = archive_gaps(facts.ranges)
 
 
 def recovery_windows(ranges: list[SnapshotRange]) -> list[RecoveryWindow]:
-    """Per database, the unbroken span of restorable moments that ends at the newest one.
+    """Per database and timeline, the unbroken span of restorable moments that ends at the newest one.
 
-    Each snapshot reaches from its consistency point to the end of the WAL run unbroken from its start;
-    overlapping or touching spans join. A WAL gap splits them: the window then starts at the first
-    snapshot after the gap, since no moment between the gap and that snapshot can be reached.
+    Each snapshot reaches from its consistency point to the end of the WAL run unbroken from its start
+    along the timeline's path; overlapping or touching spans join. A WAL gap splits them: the window then
+    starts at the first snapshot after the gap, since no moment between the gap and that snapshot can be
+    reached. Spans of different timelines never join: the same moment on two branches is two states.
     """
-    by_database: dict[str, list[SnapshotRange]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[SnapshotRange]] = defaultdict(list)
     for r in ranges:
-        by_database[r.snapshot.database].append(r)
+        groups[(r.snapshot.database, r.timeline)].append(r)
     windows = []
-    for database, group in sorted(by_database.items()):
+    for (database, timeline), group in sorted(groups.items()):
         group = sorted(group, key=lambda r: r.restorable_from)
         start, end, snapshot_id = group[0].restorable_from, group[0].restorable_until, group[0].snapshot.id
         for r in group[1:]:
             if r.restorable_from > end:  # a hole: the window starts again here
                 start, snapshot_id = r.restorable_from, r.snapshot.id
             end = max(end, r.restorable_until)
-        windows.append(RecoveryWindow(database, start, end, snapshot_id))
+        windows.append(RecoveryWindow(database, start, end, snapshot_id, timeline))
     return windows
+
+
+def newest_windows(windows: list[RecoveryWindow]) -> list[RecoveryWindow]:
+    """Per database, the window on the newest timeline (``windows``: by database, then ascending timeline)."""
+    return list({w.database: w for w in windows}.values())
 
 
 def archive_gaps(ranges: list[SnapshotRange]) -> list[ArchiveGap]:

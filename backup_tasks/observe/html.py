@@ -1,7 +1,8 @@
 """``status --html FILE``: one self-contained page for a daily report (no script, no external asset).
 
 The page is the ``status`` text and a timeline picture of the last ``TIMELINE_DAYS`` days, an inline
-SVG (``<svg id="timeline">``): the recovery window (``rect.window``), every WAL gap (``line.gap``),
+SVG (``<svg id="timeline">``): the recovery window (``rect.window``; after a fork one per timeline, the
+newest on top, each titled with its timeline), every WAL gap (``line.gap``),
 snapshots (``path.snapshot``) and dumps (``circle.dump``) each classed ``verified``, ``failed`` or
 ``unverified``, midnight grid lines in the exchange's timezone and a ``now`` line. Every mark carries a
 ``<title>`` (the tooltip: id, time, verdict). Colours are in the page's own ``<style>``. A failed
@@ -24,6 +25,7 @@ TIMELINE_DAYS = 28
 WIDTH, HEIGHT = 1000, 200
 LEFT, RIGHT = 130, 20
 TOP, WINDOW_Y, SNAPSHOT_Y, DUMP_Y, AXIS_Y = 20, 32, 98, 140, 170
+WINDOW_BAND = 20  # the height of one timeline's window when several are shown
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
@@ -85,16 +87,22 @@ def timeline_svg(facts: Facts, settings: Settings) -> str:
         midnight += timedelta(days=1)  # wall-clock arithmetic in the zone: the next local midnight
     for label, y in (("recovery window", WINDOW_Y + 15), ("snapshots", SNAPSHOT_Y + 4), ("dumps", DUMP_Y + 4)):
         parts.append(f'<text class="row" x="8" y="{y}">{label}</text>')
-    for window in facts.windows:
+    windows = facts.timeline_windows or facts.windows
+    many = len({w.timeline for w in windows}) > 1
+    for window in windows:
         if window.end < axis.start:
             continue
+        # The newest timeline of a database on top, each older one a band lower (the row has room for three).
+        below = sum(1 for w in windows if w.database == window.database and w.timeline > window.timeline)
+        y, height = WINDOW_Y + below * WINDOW_BAND, 22 if not many else WINDOW_BAND - 3
         x1, x2 = axis.x(window.start), axis.x(window.end)
-        parts.append(f'<rect class="window" x="{x1}" y="{WINDOW_Y}" width="{max(x2 - x1, 2)}" height="22">'
-                     f'<title>{escape(window.database)}: restorable to any moment from {_when(window.start, settings)} '
-                     f'to {_when(window.end, settings)}</title></rect>')
+        on = f" on timeline {window.timeline}" if many else ""
+        parts.append(f'<rect class="window" x="{x1}" y="{y}" width="{max(x2 - x1, 2)}" height="{height}">'
+                     f'<title>{escape(window.database)}: restorable to any moment{on} from '
+                     f'{_when(window.start, settings)} to {_when(window.end, settings)}</title></rect>')
         if window.start < axis.start:  # begins before the picture: say since when
-            parts.append(f'<text class="since" x="{x1 + 6}" y="{WINDOW_Y + 15}">\u2190 since '
-                         f'{window.start.astimezone(zone):%a %d %b %H:%M}</text>')
+            parts.append(f'<text class="since" x="{x1 + 6}" y="{y + 15}">\u2190 since '
+                         f'{window.start.astimezone(zone):%a %d %b %H:%M}{on}</text>')
     for gap in facts.gaps:
         if axis.shows(gap.after):
             x = axis.x(gap.after)

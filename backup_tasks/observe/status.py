@@ -4,7 +4,11 @@ The document's keys (``status --json``) are a public contract::
 
     ok                  every source was read (the server excepted: see ``facts``)
     generated_at        this reading (UTC, ISO 8601); timezone: the exchange's (BACKUP_TIMEZONE)
-    recovery_window     {database, start, end, end_age_seconds, snapshot_id} or null: PITR reaches any moment in it
+    recovery_window     {database, timeline, start, end, end_age_seconds, snapshot_id, timelines} or null: PITR to
+                        the latest point follows ``timeline`` (the newest its snapshots restore onto) and reaches any
+                        moment in it; ``timelines``: [{timeline, start, end, end_age_seconds, snapshot_id}], the
+                        window on every timeline the database's snapshots restore onto (after a fork a moment can
+                        be on several: ``restore-pitr --timeline N`` picks one)
     newest_dump         {id, database, finished_at, age_seconds, size_bytes, duration_seconds,
     newest_snapshot      verification: {ok, verified_at, duration_seconds, problems} or null,
                          series_verdict: {backup_id, ok, verified_at, duration_seconds, problems} or null} or null
@@ -26,7 +30,7 @@ from typing import Any
 
 from backup_tasks.catalog.manifest import Manifest, Verification
 from backup_tasks.clock import isoformat, parse_time
-from backup_tasks.observe.facts import COPY_SOURCE, Facts
+from backup_tasks.observe.facts import COPY_SOURCE, Facts, RecoveryWindow
 from backup_tasks.observe.schedule import next_runs
 from backup_tasks.observe.verdict import SeriesVerdict
 from backup_tasks.progress import human_size
@@ -51,8 +55,8 @@ def document(facts: Facts, settings: Settings) -> Document:
         "timezone": settings.timezone,
         "backup_dir": facts.backup_dir,
         "recovery_window": None if window is None else {
-            "database": window.database, "start": _iso(window.start), "end": _iso(window.end),
-            "end_age_seconds": round((now - window.end).total_seconds(), 3), "snapshot_id": window.snapshot_id},
+            "database": window.database, **_window(window, now),
+            "timelines": [_window(w, now) for w in facts.timeline_windows if w.database == window.database]},
         "newest_dump": _backup(dumps[-1], now, _verdict(facts, dumps[-1])) if dumps else None,
         "newest_snapshot": _backup(newest_snapshot, now, _verdict(facts, newest_snapshot)) if newest_snapshot else None,
         "wal": {
@@ -83,6 +87,11 @@ def document(facts: Facts, settings: Settings) -> Document:
         "sources": [{"name": s.name, "ok": s.ok, "error": s.error} for s in facts.sources],
         "problems": facts.problems(),
     }
+
+
+def _window(window: RecoveryWindow, now: datetime) -> Document:
+    return {"timeline": window.timeline, "start": _iso(window.start), "end": _iso(window.end),
+            "end_age_seconds": round((now - window.end).total_seconds(), 3), "snapshot_id": window.snapshot_id}
 
 
 def copy_wal_behind(facts: Facts) -> float | None:
@@ -154,9 +163,14 @@ def render_text(doc: Document, settings: Settings) -> str:
     """The few lines of ``status``."""
     lines = [f"PROBLEM {p}" for p in doc["problems"]]
     window = doc["recovery_window"]
+    others = [w for w in window.get("timelines") or [] if w["timeline"] != window["timeline"]] if window else []
     if window:
+        on = f" on timeline {window['timeline']}" if others else ""
         lines.append(f"restorable to any moment from {local(window['start'], settings)} to "
-                     f"{local(window['end'], settings, seconds=True)} ({ago(window['end_age_seconds'])} ago)")
+                     f"{local(window['end'], settings, seconds=True)} ({ago(window['end_age_seconds'])} ago){on}")
+        lines += [f"  and on timeline {w['timeline']} from {local(w['start'], settings)} to "
+                  f"{local(w['end'], settings, seconds=True)} (restore-pitr --timeline {w['timeline']})"
+                  for w in others]
     else:
         lines.append("point-in-time recovery: no snapshot with its WAL (dumps only)")
     rows = [("newest dump", _backup_line(doc["newest_dump"], settings)),

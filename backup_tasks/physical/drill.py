@@ -1,4 +1,10 @@
-"""The PITR drill: restore to a random moment in the covered range and prove the copy opens there."""
+"""The PITR drill: restore to a random moment in the covered range and prove the copy opens there.
+
+The moment is drawn from the ranges of the snapshots planning may use (a snapshot whose latest
+verification failed is skipped, as ``restore-pitr`` skips it), on any timeline; the plan then picks the
+timeline as ``restore-pitr`` would. The copy must have reached the moment: not stopped short of it
+(``recovery.recovery_problems``), and with no transaction replayed after it.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +21,11 @@ from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.errors import BackupError, BackupNotFound, ObjectMissing, RestoreFailed, StorageError
 from backup_tasks.physical.plan import (
     RecoveryTarget,
+    failed_verification,
     plan_restore,
-    random_moment,
-    snapshot_ranges,
 )
+from backup_tasks.physical.ranges import random_moment, restorable_ranges
+from backup_tasks.physical.recovery import recovery_problems
 from backup_tasks.physical.verify import (
     local_restore_failure,
     record_result,
@@ -53,11 +60,12 @@ def pitr_drill(settings: Settings, *, seed: int | None = None, target: datetime 
     """Restore to a random moment in the covered range into a throwaway cluster and prove it opens there."""
     storage = settings.locations()
     archive, _notes = prepare_archive(settings)
-    ranges = snapshot_ranges(storage, archive)
+    ranges = [r for r in restorable_ranges(storage, archive) if not failed_verification(r.snapshot)]
     moment = target or random_moment(ranges, random.Random(seed))
     if moment is None:
-        raise BackupNotFound("nothing to drill: no snapshot with archived WAL after it (take a snapshot, and check "
-                             "that archiving works with `backup-tasks check`)")
+        raise BackupNotFound("nothing to drill: no snapshot with archived WAL after it that did not fail its latest "
+                             "verification (take a snapshot, and check that archiving works with "
+                             "`backup-tasks check`)")
     started = time.monotonic()
     plan = plan_restore(settings, RecoveryTarget("time", time=moment), storage=storage, archive=archive)
     result = DrillResult(ok=False, snapshot_id=plan.snapshot.id, target_time=moment.isoformat(),
@@ -65,15 +73,15 @@ def pitr_drill(settings: Settings, *, seed: int | None = None, target: datetime 
     try:
         with restored_cluster(settings, storage, archive, plan.snapshot, plan) as restored:
             with connect(restored.conninfo) as conn:
-                last = conn.execute("SELECT pg_last_xact_replay_timestamp()").fetchone()[0]
+                last, lsn = conn.execute("SELECT pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()").fetchone()
                 counts = count_rows(conn)
             result.reached = {"stop_reason": restored.outcome.stop_reason,
                               "last_transaction_at": last.isoformat() if last else None,
+                              "lsn": str(lsn) if lsn else None, "timeline": plan.timeline,
                               "to_end_of_archive": plan.to_end_of_archive}
             result.tables, result.rows = len(counts), sum(counts.values())
-            if last is not None and last.astimezone(UTC) > moment:
-                result.problems.append(f"the copy replayed a transaction from {last.isoformat()}, after the target "
-                                       f"{moment.isoformat()}")
+            result.problems += recovery_problems(plan, restored.outcome, reached_lsn=str(lsn) if lsn else None,
+                                                 last_commit=last.astimezone(UTC) if last else None)
     except ObjectMissing as exc:  # a stored object of the snapshot is gone: that is a verdict on the backup
         result.problems.append(first_line(str(exc)))
     except StorageError:

@@ -1,8 +1,17 @@
 """Running recovery: the settings that make a data directory recover, and judging how it ended.
 
-``write_recovery_config`` appends ``restore_command`` (through ``wal-fetch``), the target and
-``recovery.signal``; a restored copy never archives into the production archive unless asked.
-``wait_for_recovery`` judges the outcome from the server log and pg_controldata, without a connection.
+``write_recovery_config`` appends ``restore_command`` (through ``wal-fetch``), the target, its
+timeline (the plan's: ``physical.plan``) and ``recovery.signal``; a restored copy never archives into
+the production archive unless asked. ``wait_for_recovery`` judges the outcome from the server log and
+pg_controldata, without a connection.
+
+``recovery_problems`` compares the point reached with the target (restore-pitr, the drill and
+``verify --snapshot`` all ask it). PostgreSQL itself refuses to promote short of a time or restore
+point target it was given, but not when it was given none: a restore to the latest point, or to a
+time with no commit after it in the archive, ends wherever ``restore_command`` first answers "not
+archived". So when the log names no stop at the target, the point reached (the replay LSN, or "redo
+done at" in the log) must lie in the newest segment the plan saw on the target's path; and nothing
+replayed may be later than a time target.
 """
 
 from __future__ import annotations
@@ -11,10 +20,11 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from backup_tasks.clock import utcnow
+from backup_tasks.clock import parse_moment, utcnow
 from backup_tasks.errors import (
     ConfigError,
     RestoreFailed,
@@ -22,6 +32,7 @@ from backup_tasks.errors import (
 from backup_tasks.physical.plan import (
     RestorePlan,
 )
+from backup_tasks.physical.ranges import format_moment
 from backup_tasks.postgres.cluster import as_server_user
 from backup_tasks.postgres.controldata import controldata_state, postmaster_running
 from backup_tasks.postgres.failures import first_line
@@ -29,6 +40,8 @@ from backup_tasks.postgres.servercmd import conf_quote, restore_command, server_
 from backup_tasks.settings import Settings
 from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.command import restore_command_for
+from backup_tasks.wal.names import parse_lsn, segment_name, segment_number
+from backup_tasks.wal.timelines import timeline_for
 
 ACTIONS = ("promote", "pause", "shutdown")
 
@@ -163,6 +176,57 @@ def explain_failure(outcome: RecoveryOutcome) -> str:
         return ("recovery failed: the archived WAL ends before the recovery target (the target is later than "
                 "anything archived, or a restore point of that name is not in the WAL after the snapshot)")
     return f"recovery failed: {text}"
+
+
+def recovery_problems(plan: RestorePlan, outcome: RecoveryOutcome, *, reached_lsn: str | None = None,
+                      last_commit: datetime | None = None) -> list[str]:
+    """What is wrong with the point recovery reached for ``plan``: stopped short of it, or went past it.
+
+    ``reached_lsn``: ``pg_last_wal_replay_lsn()`` (the end of the last record replayed), when the caller
+    could connect; else the start of that record from the log ("redo done at"). ``last_commit``: the
+    last replayed commit's time (``pg_last_xact_replay_timestamp()``), else the log's.
+    """
+    target, problems = plan.target, []
+    last = last_commit or _log_time(outcome.last_transaction_at)
+    if target.kind == "time" and target.time is not None and last is not None and last > target.time:
+        problems.append(f"recovery replayed a transaction committed at {format_moment(last)}, after the target "
+                        f"{format_moment(target.time)}")
+    stopped_at_target = outcome.stop_reason is not None and (
+        "recovery_target_time" in plan.recovery_settings() or "recovery_target_name" in plan.recovery_settings())
+    if stopped_at_target:
+        return problems  # replay is sequential: PostgreSQL passed everything before the target to stop there
+    short = _short_of_end(plan, outcome, reached_lsn)
+    return problems + ([short] if short else [])
+
+
+def _short_of_end(plan: RestorePlan, outcome: RecoveryOutcome, reached_lsn: str | None) -> str | None:
+    """Why recovery ended before the newest segment the plan saw on its path; None when it did not."""
+    size, end = int(plan.snapshot.wal_segment_size or 0), plan.range.coverage.end_segment
+    if not size or end is None:
+        return None  # nothing archived after the snapshot: it recovers from its own WAL
+    if reached_lsn:
+        reached, last_byte = reached_lsn, max(parse_lsn(reached_lsn) - 1, 0)
+    elif outcome.redo_done_at:
+        reached, last_byte = outcome.redo_done_at, parse_lsn(outcome.redo_done_at)
+    else:
+        return (f"could not tell how far recovery went for {plan.target.describe()} (no replay position, and no "
+                f"\"redo done at\" in the server log): do not rely on this copy until its point is checked")
+    segno = last_byte // size
+    if segno >= segment_number(end, size):
+        return None
+    missing = segment_name(timeline_for(plan.range.steps, segno + 1), segno + 1, size)
+    since = f", last transaction {outcome.last_transaction_at}" if outcome.last_transaction_at else ""
+    return (f"recovery stopped SHORT of {plan.target.describe()}: it replayed WAL up to {reached} (segment "
+            f"{segment_name(timeline_for(plan.range.steps, segno), segno, size)}{since}), but the archive held WAL "
+            f"up to segment {end} on timeline {plan.timeline} ({format_moment(plan.range.restorable_until)}) when "
+            f"the restore was planned: segment {missing} could not be fetched. Everything after that point is "
+            f"missing from this copy: do not use it. Make segment {missing} readable again (put it back into the "
+            f"WAL archive, or let BACKUP_COPY_TO answer) and run again (restore-pitr into an empty directory), or "
+            f"choose a --target-time before the point reached")
+
+
+def _log_time(text: str | None) -> datetime | None:
+    return parse_moment(text, UTC) if text else None
 
 
 def start_server(bin_dir: Path, data_dir: Path, port: int, log_file: Path) -> None:

@@ -1,12 +1,17 @@
 """``restore-pitr``: a snapshot restored into an empty data directory, configured to recover to a target.
 
 Refuses a non-empty directory and an uncovered target before touching anything; unpacks, writes the
-recovery settings and, with ``start``, runs the server until recovery is over and reports where it stopped.
+recovery settings (the target's timeline included: ``physical.plan``) and, with ``start``, runs the
+server until recovery is over and reports where it stopped. A recovery that stopped short of the target
+(``recovery.recovery_problems``) is a failure: the report says what is missing, and the server is
+stopped so that nothing goes on writing into a copy that is not the state asked for.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,15 +23,15 @@ from backup_tasks.errors import (
 )
 from backup_tasks.physical.plan import (
     RecoveryTarget,
-    describe_ranges,
     plan_restore,
-    snapshot_ranges,
 )
+from backup_tasks.physical.ranges import describe_ranges, restorable_ranges
 from backup_tasks.physical.recovery import (
     ACTIONS,
     TOOL_DIR,
     RecoveryOutcome,
     explain_failure,
+    recovery_problems,
     start_server,
     wait_for_recovery,
     wal_fetch_command,
@@ -39,12 +44,14 @@ from backup_tasks.physical.unpack import (
     snapshot_identities,
     unpack_with_fallback,
 )
-from backup_tasks.postgres.cluster import SERVER_USER, free_port, server_uid_gid
+from backup_tasks.postgres.cluster import SERVER_USER, as_server_user, free_port, server_uid_gid
 from backup_tasks.postgres.servercmd import server_can_reach
 from backup_tasks.postgres.tools import find_tool
 from backup_tasks.settings import Settings
 from backup_tasks.wal.prefetch import clear_spools
 from backup_tasks.wal.remote import archive_for_reading
+
+log = logging.getLogger(__name__)
 
 RESTORE_LOG = "backup-tasks-restore.log"
 
@@ -57,7 +64,10 @@ class RestoreReport:
     target: str
     recovery_settings: dict[str, str]
     available: str
+    timeline: int | None = None  # the recovery target timeline
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skipped_snapshots: list[dict[str, str]] = field(default_factory=list)  # {backup_id, reason}: failed verify
     started: bool = False
     port: int | None = None
     log_file: str | None = None
@@ -70,7 +80,7 @@ class RestoreReport:
 
 def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, start: bool = False,
                  port: int | None = None, action: str = "promote", keep_archiving: bool = False,
-                 timeout: float = 6 * 3600) -> RestoreReport:
+                 timeout: float = 6 * 3600, snapshot_id: str | None = None) -> RestoreReport:
     began = time.monotonic()
     data_dir = data_dir.absolute()
     check_empty_target(data_dir)
@@ -78,7 +88,9 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
         raise ConfigError(f"--target-action must be one of {', '.join(ACTIONS)}")
     storage = settings.locations()
     archive = archive_for_reading(settings)  # the bucket's wal/ when BACKUP_DIR is one
-    plan = plan_restore(settings, target, storage=storage, archive=archive)
+    plan = plan_restore(settings, target, storage=storage, archive=archive, snapshot_id=snapshot_id)
+    for warning in plan.warnings:  # on stderr now: the unpack of a failed snapshot may fail before the report
+        log.warning("%s", warning)
     ids = server_uid_gid()
     if ids is not None and start and not server_can_reach(data_dir.parent):
         raise RestoreRefused(f"the {SERVER_USER} OS user cannot reach {data_dir.parent}; choose a data directory it "
@@ -100,7 +112,9 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
         raise
     report = RestoreReport(ok=True, data_dir=str(data_dir), snapshot_id=plan.snapshot.id,
                            target=plan.target.describe(), recovery_settings=values,
-                           available=describe_ranges(snapshot_ranges(storage, archive)), notes=notes)
+                           available=describe_ranges(restorable_ranges(storage, archive)), timeline=plan.timeline,
+                           notes=notes, warnings=plan.warnings,
+                           skipped_snapshots=[asdict(s) for s in plan.skipped])
     if start:
         bin_dir = find_tool("pg_ctl", min_major=int(plan.snapshot.server_version.split(".")[0]),
                             bin_dir=settings.pg_bin_dir).path.parent
@@ -113,5 +127,21 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
         report.ok = report.outcome.finished and not report.outcome.errors
         if not report.ok:
             report.notes.append(explain_failure(report.outcome))
+        else:
+            problems = recovery_problems(plan, report.outcome)
+            if problems:
+                report.ok = False
+                report.notes += problems
+                report.notes.append(_stop_short_copy(bin_dir, data_dir))
     report.duration_seconds = round(time.monotonic() - began, 3)
     return report
+
+
+def _stop_short_copy(bin_dir: Path, data_dir: Path) -> str:
+    """Stop a server that recovered to the wrong point, so nothing connects to it believing it is the target."""
+    result = subprocess.run([*as_server_user(), str(bin_dir / "pg_ctl"), "-D", str(data_dir), "-m", "fast", "-w",
+                             "stop"], capture_output=True, text=True, check=False, cwd="/")
+    if result.returncode != 0:
+        return f"the restored server is STILL RUNNING (stopping it failed): stop it with pg_ctl -D {data_dir} stop"
+    return (f"the restored server was stopped; {data_dir} holds the copy as recovered, for inspection only "
+            f"(remove it before restoring there again)")

@@ -3,7 +3,9 @@
 The snapshot is unpacked (checking every byte), checked by ``pg_verifybackup``, started with
 ``restore_command`` pointing at the archive and left to recover. When the catalog holds a dump taken
 at a restore point made after the snapshot, recovery first pauses at that point and the row counts
-must equal the dump's exactly; then it continues to the end of the archive, which it must reach.
+must equal the dump's exactly; then it continues to the end of the archive, which it must reach
+(``recovery.recovery_problems``), on the newest timeline whose history holds the snapshot
+(``physical.ranges``: recovery_target_timeline is that number, never 'latest').
 Tables are read in full, compared for plausibility with the newest dump, and indexes checked with
 amcheck. The verdict goes into the snapshot's manifest.
 """
@@ -38,13 +40,13 @@ from backup_tasks.errors import (
 from backup_tasks.physical.plan import (
     RecoveryTarget,
     RestorePlan,
-    SnapshotRange,
-    snapshot_ranges,
 )
+from backup_tasks.physical.ranges import SnapshotRange, snapshot_ranges
 from backup_tasks.physical.recovery import (
     TOOL_DIR,
     RecoveryOutcome,
     explain_failure,
+    recovery_problems,
     wait_for_recovery,
     wal_fetch_command,
     write_recovery_config,
@@ -70,10 +72,11 @@ from backup_tasks.storage.base import Storage
 from backup_tasks.streams.crypto import Identities
 from backup_tasks.streams.tar import DISK_FULL
 from backup_tasks.wal.archive import WalArchive
-from backup_tasks.wal.names import parse_lsn, position, segment_of_lsn
+from backup_tasks.wal.names import position, segment_number
 from backup_tasks.wal.remote import archive_for_reading
 from backup_tasks.wal.restore_points import RestorePoint, restore_points
 from backup_tasks.wal.setup import prepare_archive
+from backup_tasks.wal.timelines import timeline_for
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +173,9 @@ def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive |
 
 
 def _restore_point_dump(storage: Storage, archive: WalArchive, snapshot: Manifest,
-                        end_segment: str | None) -> tuple[RestorePoint, Manifest] | None:
-    """The newest restore point after the snapshot with a dump of the same day taken right after it."""
+                        wal_range: SnapshotRange) -> tuple[RestorePoint, Manifest] | None:
+    """The newest restore point after the snapshot on its path, with a dump of the same day taken right after it."""
+    end_segment, size = wal_range.coverage.end_segment, int(snapshot.wal_segment_size or 0)
     if not snapshot.stop_segment or not end_segment:
         return None
     dumps = [d for d in catalog.catalog(storage, kind="dump", database=snapshot.database) if d.trading_day]
@@ -179,6 +183,8 @@ def _restore_point_dump(storage: Storage, archive: WalArchive, snapshot: Manifes
         if not point.trading_day or position(point.segment) < position(str(snapshot.stop_segment)) \
                 or position(point.segment) > position(end_segment):
             continue
+        if timeline_for(wal_range.steps, segment_number(point.segment, size)) != point.timeline:
+            continue  # on another branch: recovery along this snapshot's timeline never passes it
         if point.system_identifier and snapshot.system_identifier and \
                 point.system_identifier != snapshot.system_identifier:
             continue
@@ -246,7 +252,9 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
     details: dict[str, Any] = {"backup_id": snapshot.id}
     tables = indexes = 0
     version: str | None = None
-    expected_end = wal_range.coverage.end_segment if wal_range else None
+    # Recovery goes to the end of the archive on the newest timeline this snapshot restores onto.
+    end_plan = None if wal_range is None else \
+        RestorePlan(snapshot, RecoveryTarget("latest", timeline=wal_range.timeline), wal_range)
     if wal_range is not None:
         details["archive"] = wal_range.coverage.to_dict()
         if wal_range.coverage.gap:
@@ -257,11 +265,12 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
         if (snapshot.snapshot or {}).get("archive_mode", "off") != "off":
             problems.append(f"the WAL archive cannot be used, so only the snapshot itself was checked: "
                             f"{archive_problem}")
-    pair = _restore_point_dump(storage, archive, snapshot, expected_end) if archive is not None else None
-    plan = None
-    if pair is not None:
+    pair = _restore_point_dump(storage, archive, snapshot, wal_range) \
+        if archive is not None and wal_range is not None else None
+    plan = end_plan
+    if pair is not None and wal_range is not None:
         point, dump = pair
-        plan = RestorePlan(snapshot, RecoveryTarget("name", name=point.name), wal_range)  # type: ignore[arg-type]
+        plan = RestorePlan(snapshot, RecoveryTarget("name", name=point.name, timeline=wal_range.timeline), wal_range)
         details["restore_point"] = {"name": point.name, "lsn": point.lsn, "dump": dump.id}
     progress("restoring", backup_id=snapshot.id)
     try:
@@ -282,8 +291,8 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
                 version = server_version(conn)
                 reached = str(conn.execute("SELECT pg_last_wal_replay_lsn()").fetchone()[0] or "")
                 details["reached_lsn"] = reached
-                if archive is not None:
-                    problems += _end_problems(snapshot, reached, expected_end)
+                if end_plan is not None:
+                    problems += recovery_problems(end_plan, restored.outcome, reached_lsn=reached or None)
                     checked.append("end-of-archive")
                 restored_counts = count_rows(conn)
                 tables = len(restored_counts)
@@ -321,19 +330,6 @@ def _continue_to_end(restored: Restored) -> None:
     if not outcome.finished or outcome.errors:
         raise RestoreFailed(explain_failure(outcome))
     restored.outcome = outcome
-
-
-def _end_problems(snapshot: Manifest, reached: str, expected_end: str | None) -> list[str]:
-    if not reached or not snapshot.wal_segment_size or not snapshot.timeline:
-        return ["could not tell how far recovery went"]
-    if expected_end is None:
-        return []
-    # The end of the last replayed record: the segment holding its last byte is the last one replayed.
-    last = segment_of_lsn(snapshot.timeline, max(parse_lsn(reached) - 1, 0), snapshot.wal_segment_size)
-    if position(last) < position(expected_end):
-        return [f"recovery stopped at {reached} (segment {last[8:]}) but the archive holds WAL up to segment "
-                f"{expected_end[8:]}: it did not reach the latest archived point"]
-    return []
 
 
 def _plausibility(storage: Storage, snapshot: Manifest, restored: dict[str, int]) -> list[str]:

@@ -1,70 +1,49 @@
 """What the WAL archive can restore: timeline paths, the unbroken run of segments from a start, gaps.
 
-Recovery from a base backup replays every segment from the backup's start onwards, on the timeline
-PostgreSQL would choose (``recovery_target_timeline = 'latest'``). A missing segment with later ones
-present is a *gap*, reported rather than silently treated as the end.
+Recovery from a base backup replays every segment from the backup's start onwards, on the path of one
+recovery target timeline (``wal.timelines``: the history files' tree). A start is a segment and a size,
+and the timeline recovery targets when known (planning knows it: the snapshot's end position decides
+which timelines it can reach); without one, the newest timeline whose path reads the start segment from
+the start's own timeline (the fork point checked at segment granularity). A missing segment with later
+ones present *on the same path* is a *gap*, reported rather than silently treated as the end; segments
+of another branch (the old timeline going on after a fork) are neither the path's end nor its gaps.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from backup_tasks.errors import WalArchiveError
 from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.index import TimelineRuns, timeline_runs_of_names
-from backup_tasks.wal.names import parse_lsn, segment_name, segment_number, segments_per_xlogid, timeline_of
+from backup_tasks.wal.names import segment_name, segment_number, segments_per_xlogid, timeline_of
+from backup_tasks.wal.timelines import TimelineStep, TimelineTree, parse_history, timeline_for
+
+__all__ = ["Coverage", "TimelineStep", "coverage", "coverages", "parse_history", "timeline_for", "timeline_path"]
+
+#: ``(start segment, segment size)``, or with the recovery target timeline: ``(start segment, size, timeline)``.
+Start = tuple[str, int] | tuple[str, int, int]
 
 
-@dataclass(frozen=True)
-class TimelineStep:
-    timeline: int
-    first_segno: int  # the first segment number read from this timeline
+def timeline_path(archive: WalArchive, start_timeline: int, segment_size: int, *, start_segno: int | None = None,
+                  target: int | None = None, tree: TimelineTree | None = None) -> list[TimelineStep]:
+    """The timelines recovery from ``start_timeline`` follows, from the start on.
 
-
-def parse_history(text: str) -> list[tuple[int, int]]:
-    """``(parent timeline, switch LSN)`` pairs of a timeline history file, oldest first."""
-    entries = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].isdigit():
-            entries.append((int(parts[0]), parse_lsn(parts[1])))
-    return entries
-
-
-def timeline_path(archive: WalArchive, start_timeline: int, segment_size: int) -> list[TimelineStep]:
-    """The timelines recovery from ``start_timeline`` follows to the newest one descending from it."""
-    best, best_entries = start_timeline, []
-    for history in archive.history_names():
-        timeline = int(history[:8], 16)
-        if timeline <= best:
-            continue
-        try:
-            entries = parse_history(archive.read_text(history))
-        except WalArchiveError:
-            continue
-        if start_timeline in {parent for parent, _lsn in entries}:
-            best, best_entries = timeline, entries
-    steps = [TimelineStep(start_timeline, 0)]
-    following = False
-    for index, (parent, switch_lsn) in enumerate(best_entries):
-        following = following or parent == start_timeline
-        if following:
-            child = best_entries[index + 1][0] if index + 1 < len(best_entries) else best
-            steps.append(TimelineStep(child, switch_lsn // segment_size))
-    return steps
-
-
-def timeline_for(steps: list[TimelineStep], segno: int) -> int:
-    chosen = steps[0].timeline
-    for step in steps:
-        if step.first_segno <= segno:
-            chosen = step.timeline
-    return chosen
+    ``target``: the recovery target timeline; else the newest one whose path reads ``start_segno`` from
+    ``start_timeline`` (without ``start_segno``: the newest descending from it, the fork point unchecked).
+    """
+    tree = tree or TimelineTree.read(archive)
+    if target is None:
+        target = (tree.newest_through(start_timeline, start_segno, segment_size) if start_segno is not None else
+                  max((t for t in tree.known if t == start_timeline or tree.fork_point(t, start_timeline) is not None),
+                      default=start_timeline))
+    if start_segno is not None:
+        return tree.steps(target, segment_size, start_segno)
+    path = tree.steps(target, segment_size)
+    at = next((i for i, step in enumerate(path) if step.timeline == start_timeline), 0)
+    return [TimelineStep(path[at].timeline, 0), *path[at + 1:]]
 
 
 @dataclass
@@ -92,33 +71,45 @@ class Coverage:
         return data
 
 
+    @property
+    def timeline(self) -> int:
+        """The recovery target timeline this coverage was walked for (the last one followed)."""
+        return self.timelines[-1]
+
+
 def coverage(archive: WalArchive, start_segment: str, segment_size: int,
              names: list[str] | None = None) -> Coverage:
     return coverages(archive, [(start_segment, segment_size)], names)[0]
 
 
-def coverages(archive: WalArchive, starts: list[tuple[str, int]], names: list[str] | None = None) -> list[Coverage]:
-    """``coverage`` of each ``(start_segment, segment_size)``: from ``names`` (segment names), else the archive's.
+def coverages(archive: WalArchive, starts: Sequence[Start], names: list[str] | None = None, *,
+              tree: TimelineTree | None = None, runs: TimelineRuns | None = None) -> list[Coverage]:
+    """``coverage`` of each start (``Start``): from ``names`` (segment names), else the archive's.
 
     ``list`` asks this for every snapshot of twelve weeks (100,000+ segments). The archive is read as
     runs of consecutive segments (``wal.index``: a local archive's cached per-directory summaries),
     and each start walks runs, not names: a run is crossed in one step, so the cost is the number of
-    runs and of timeline switches, not of segments.
+    runs and of timeline switches, not of segments. The history files are read once; ``tree`` and
+    ``runs`` (``archive.segment_runs()``): the caller's when it read them already.
     """
-    runs = timeline_runs_of_names(names) if names is not None else archive.segment_runs()
-    #: (start timeline, segment size) -> timeline path, the archive as segment-number intervals per
-    #: followed timeline, and the newest archived segment on the path (name and number).
-    paths: dict[tuple[int, int], tuple[list[TimelineStep], dict[int, list[tuple[int, int]]], str | None, int]] = {}
+    if runs is None:
+        runs = timeline_runs_of_names(names) if names is not None else archive.segment_runs()
+    tree = tree or TimelineTree.read(archive, runs)
+    intervals: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (timeline, size) -> segment-number intervals
     found = []
-    for start_segment, segment_size in starts:
-        key = (timeline_of(start_segment), segment_size)
-        if key not in paths:
-            steps = timeline_path(archive, key[0], segment_size)
-            intervals = {step.timeline: _intervals(runs.get(step.timeline, []), segment_size) for step in steps}
-            paths[key] = (steps, intervals, *_newest(runs, intervals, segment_size))
-        steps, intervals, last_archived, last_segno = paths[key]
-        end, count, gap = _walk(steps, intervals, segment_number(start_segment, segment_size), last_segno,
-                                segment_size)
+    for start in starts:
+        start_segment, segment_size, *target = start
+        first = segment_number(start_segment, segment_size)
+        steps = timeline_path(archive, timeline_of(start_segment), segment_size, start_segno=first,
+                              target=target[0] if target else None, tree=tree)
+        on_path = {}
+        for step in steps:
+            key = (step.timeline, segment_size)
+            if key not in intervals:
+                intervals[key] = _intervals(runs.get(step.timeline, []), segment_size)
+            on_path[step.timeline] = intervals[key]
+        last_archived, last_segno = _newest(steps, on_path, segment_size)
+        end, count, gap = _walk(steps, on_path, first, last_segno, segment_size)
         completed = archive.trailer(end).completed_at if end else None
         found.append(Coverage(start_segment=start_segment, end_segment=end, end_completed_at=completed,
                               segments=count, gap=gap, last_archived=last_archived,
@@ -145,19 +136,23 @@ def _intervals(runs: list[tuple[int, int, int]], segment_size: int) -> list[tupl
     return intervals
 
 
-def _newest(runs: TimelineRuns, intervals: dict[int, list[tuple[int, int]]],
+def _newest(steps: list[TimelineStep], intervals: dict[int, list[tuple[int, int]]],
             segment_size: int) -> tuple[str | None, int]:
-    """The newest archived segment on the followed timelines (the lower timeline on a tie), and its number."""
-    best: tuple[int, int, int, int] | None = None  # (log id, seg, -timeline, timeline)
-    for timeline in intervals:
-        if runs.get(timeline):
-            log_id, _first, last = max(runs[timeline], key=lambda run: (run[0], run[2]))
-            candidate = (log_id, last, -timeline, timeline)
-            best = candidate if best is None or candidate > best else best
-    if best is None:
+    """The newest archived segment the path reads (each step's timeline before the next step), and its number.
+
+    A segment of a timeline past the point where the path leaves it (the old timeline going on after a
+    fork) is another branch's: it makes no gap on this path.
+    """
+    best = -1
+    for index, step in enumerate(steps):
+        below = steps[index + 1].first_segno if index + 1 < len(steps) else _FAR
+        spans = intervals[step.timeline]
+        at = bisect_right(spans, (below - 1, _FAR)) - 1
+        if at >= 0 and spans[at][1] >= step.first_segno:
+            best = max(best, min(spans[at][1], below - 1))
+    if best < 0:
         return None, -1
-    log_id, seg, _, timeline = best
-    return f"{timeline:08X}{log_id:08X}{seg:08X}", log_id * segments_per_xlogid(segment_size) + seg
+    return segment_name(timeline_for(steps, best), best, segment_size), best
 
 
 def _walk(steps: list[TimelineStep], intervals: dict[int, list[tuple[int, int]]], first: int, last_segno: int,

@@ -24,7 +24,7 @@ import pytest
 
 from backup_tasks.errors import StorageReadOnly
 from backup_tasks.physical.snapshot import take_snapshot
-from backup_tasks.postgres.cluster import ThrowawayCluster, as_server_user
+from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.servercmd import archive_command
 from backup_tasks.settings import Settings
@@ -39,7 +39,7 @@ from backup_tasks.wal.remote import archive_at, archive_for_reading
 from backup_tasks.wal.restore_points import create_restore_point, restore_points
 from tests.support.crypto import write_identity_file
 from tests.support.paths import BACKUP_TASKS, ROOT
-from tests.support.pitr import PitrEnv, cli_env, insert, marks, reachable_dir, run_cli
+from tests.support.pitr import PitrEnv, cli_env, insert, marks, reachable_dir, run_cli, stop_restored
 from tests.support.processes import worker_env
 from tests.support.s3 import S3Server
 
@@ -333,10 +333,7 @@ def test_restore_pitr_from_the_bucket_alone(s3_env: S3Server, monkeypatch: pytes
         head = client.head_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])
         assert head["ObjectLockMode"] == "GOVERNANCE" and head["ObjectLockRetainUntilDate"] > datetime.now(UTC)
     finally:
-        for directory in (data_dir, second_dir):
-            if (directory / "postmaster.pid").exists():
-                subprocess.run([*as_server_user(), "/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(directory), "-m",
-                                "immediate", "stop"], capture_output=True, check=False, cwd="/")
+        stop_restored([data_dir, second_dir])
         shutil.rmtree(env.base, ignore_errors=True)
 
 

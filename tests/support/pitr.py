@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,11 +168,17 @@ def restored_dirs(scenario: Scenario) -> Iterator[list[Path]]:
     """Data directories restored by a test: their servers are stopped and the directories removed after it."""
     dirs: list[Path] = []
     yield dirs
+    stop_restored(dirs)
     for data_dir in dirs:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def stop_restored(data_dirs: Iterable[Path]) -> None:
+    """Stop (immediately) the servers a test started on restored data directories, where one still runs."""
+    for data_dir in data_dirs:
         if (data_dir / "postmaster.pid").exists():
             subprocess.run([*as_server_user(), "/usr/lib/postgresql/15/bin/pg_ctl", "-D", str(data_dir), "-m",
                             "immediate", "stop"], capture_output=True, check=False, cwd="/")
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def marks(port: int) -> list[int]:

@@ -25,7 +25,7 @@ from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.coverage import Coverage, coverages, timeline_for, timeline_path
 from backup_tasks.wal.index import INDEX_FILE, RACY_SECONDS, read_index
 from backup_tasks.wal.layout import object_key
-from backup_tasks.wal.names import position, segment_name, segment_number, timeline_of
+from backup_tasks.wal.names import position, segment_name, segment_number, segments_per_xlogid, timeline_of
 from backup_tasks.wal.objects import trailer_bytes
 from tests.support.pitr import reachable_dir
 
@@ -70,10 +70,11 @@ def names_on(root: Path) -> list[str]:
 def walked(archive: WalArchive, names: list[str], start: str, segment_size: int) -> Coverage:
     """The coverage of ``start`` by a plain walk, one segment name at a time (the reference)."""
     present = set(names)
-    steps = timeline_path(archive, timeline_of(start), segment_size)
-    followed = {s.timeline for s in steps}
-    on_path = [n for n in names if timeline_of(n) in followed]
-    last = max(on_path, key=position) if on_path else None
+    steps = timeline_path(archive, timeline_of(start), segment_size, start_segno=segment_number(start, segment_size))
+    # A segment is on the path when the path reads its timeline at its number (not another branch's).
+    on_path = [n for n in names if int(n[16:24], 16) < segments_per_xlogid(segment_size)
+               and timeline_for(steps, segment_number(n, segment_size)) == timeline_of(n)]
+    last = max(on_path, key=lambda n: segment_number(n, segment_size)) if on_path else None
     last_segno = segment_number(last, segment_size) if last else -1
     segno, end, count, gap = segment_number(start, segment_size), None, 0, None
     while True:
