@@ -101,6 +101,22 @@ def timeline_runs_of_names(names: Iterable[str]) -> TimelineRuns:
     return result
 
 
+def union_runs(first: TimelineRuns, second: TimelineRuns) -> TimelineRuns:
+    """The segments of either, as runs per timeline (two locations' contents seen as one archive)."""
+    if not second:
+        return first
+    if not first:
+        return second
+    result: TimelineRuns = {}
+    for timeline in sorted(first.keys() | second.keys()):
+        by_log_id: dict[int, list[Run]] = {}
+        for log_id, low, high in [*first.get(timeline, []), *second.get(timeline, [])]:
+            by_log_id.setdefault(log_id, []).append((low, high))
+        result[timeline] = [(log_id, low, high) for log_id in sorted(by_log_id)
+                            for low, high in merge_runs(by_log_id[log_id])]
+    return result
+
+
 @dataclass(frozen=True)
 class DirectorySummary:
     """What one directory of the archive holds, as of ``stamp``."""

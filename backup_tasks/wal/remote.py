@@ -10,6 +10,10 @@ That archive is the same ``WalArchive``, over the bucket's ``wal/`` opened read-
 (wal-push) keep their local archive. The costs stay what planning needs (``wal.contents``): one
 paginated listing answers the names, existence and gaps; a trailer is one ranged read, made only
 when asked for. boto3 is imported on the first request only.
+
+The local archive of a deployment with ``BACKUP_COPY_TO`` is read together with its copy, as one
+archive (``wal.contents.UnionContents``: a segment or history file the local archive lost is
+found in the copy, and planning pays one listing of the copy); a bucket read alone has no copy.
 """
 
 from __future__ import annotations
