@@ -111,6 +111,9 @@ class Settings:
     compression_level: int | None = None
     keep_daily_days: int = 7
     keep_weekly: int = 12
+    #: BACKUP_CLOCK_TOLERANCE_MINUTES: how far this host's clock may run ahead of the newest object a backup location
+    #: stamped itself before prune refuses to delete what only that clock makes old enough (``catalog.retention``).
+    clock_tolerance_minutes: int = 60
     #: WAL archive directory (WAL_ARCHIVE_DIR); None means `<BACKUP_DIR>/wal`. See ``wal_archive``.
     wal_archive_dir: str | None = None
     #: pg_basebackup --compress for snapshots of PostgreSQL 15+ (BACKUP_SNAPSHOT_COMPRESS): zstd on the server,
@@ -141,6 +144,12 @@ class Settings:
     market_close: time = time(15, 30)
     #: Off-site copy (BACKUP_COPY_TO: a path or s3:// URL) and encryption at rest (age public keys / identity file).
     copy_to: str | None = None
+    #: BACKUP_COPY_TIMEOUT_SECONDS: seconds wal-push (without --archive-dir) and the shipper give the WAL copy
+    #: per file before it is queued for later (None: wal-push's own default, ``wal.backlog.COPY_TIMEOUT``).
+    copy_timeout_seconds: int | None = None
+    #: BACKUP_WAL_DROP_AFTER_BYTES: wal-push (without --archive-dir) acknowledges WAL it cannot store anywhere
+    #: once pg_wal holds more than this waiting to be archived (``wal.dropped``); None: never.
+    wal_drop_after_bytes: int | None = None
     encrypt_recipients: tuple[str, ...] = ()
     decrypt_identity_file: Path | None = None
     aws_secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -212,6 +221,7 @@ class Settings:
             compression_level=level,
             keep_daily_days=env_int(env, "BACKUP_KEEP_DAILY_DAYS", 7, 1),
             keep_weekly=env_int(env, "BACKUP_KEEP_WEEKLY", 12, 1),
+            clock_tolerance_minutes=env_int(env, "BACKUP_CLOCK_TOLERANCE_MINUTES", 60, 1),
             snapshot_compress=_snapshot_compress(env.get("BACKUP_SNAPSHOT_COMPRESS", "")),
             wal_archive_dir=str(Path(env["WAL_ARCHIVE_DIR"].strip()).expanduser().absolute())
             if env.get("WAL_ARCHIVE_DIR", "").strip() else None,
@@ -235,6 +245,8 @@ class Settings:
             sentry_environment=env.get("SENTRY_ENVIRONMENT", "").strip() or None,
             market_close=parse_clock(env.get("MARKET_CLOSE_TIME", "15:30"), "MARKET_CLOSE_TIME"),
             copy_to=copy_to,
+            copy_timeout_seconds=env_int(env, "BACKUP_COPY_TIMEOUT_SECONDS", 0, 1) or None,
+            wal_drop_after_bytes=env_int(env, "BACKUP_WAL_DROP_AFTER_BYTES", 0, 1) or None,
             encrypt_recipients=recipients,
             decrypt_identity_file=Path(identity_file).expanduser() if identity_file else None,
             aws_secrets=tuple(v for v in (env.get("AWS_SECRET_ACCESS_KEY", "").strip(),

@@ -45,11 +45,32 @@ def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
         recipients = parse_recipients(args.encrypt_to, setting="--encrypt-to")
     archive = WalArchive.in_directory(_archive_dir(args, settings), _copy_to(args, settings), recipients=recipients)
     # As the fast path does: push-ahead with a copy, then the state file the exporter reads.
-    result = push_and_record(archive, Path(args.path), level=args.level)
+    result = push_and_record(archive, Path(args.path), level=args.level,
+                             copy_within=args.copy_timeout or settings.copy_timeout_seconds,
+                             drop_after=args.drop_after or settings.wal_drop_after_bytes)
     if args.json or args.verbose:
         emit(args, asdict(result), f"{result.name}: {result.status} ({result.original_bytes} -> "
-                                    f"{result.stored_bytes} bytes)")
+                                    f"{result.stored_bytes} bytes), copy: {result.copy or 'none'}")
     return 0
+
+
+def cmd_wal_ship(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.wal.archive import WalArchive
+    from backup_tasks.wal.ship import ship_to_copy
+
+    archive = WalArchive.in_directory(_archive_dir(args, settings), _copy_to(args, settings),
+                                      identity_file=settings.decrypt_identity_file)
+    report = ship_to_copy(archive, put_timeout=settings.copy_timeout_seconds)
+    remaining = report.remaining
+    human = (f"WAL copy {report.copy or '(none: give --copy-to or BACKUP_COPY_TO)'}: shipped {len(report.shipped)} "
+             f"({human_size(report.bytes)}) in {report.seconds:.1f}s, {len(report.already_there)} already there; "
+             + ("another shipper is running; " if report.busy else "")
+             + (f"{remaining.files} still queued ({human_size(remaining.bytes)}, oldest {remaining.oldest})"
+                if remaining.files else "nothing left behind")
+             + "".join(f"\n  {name}: {why}" for name, why in report.failed.items())
+             + (f"\n  the copy failed: {report.error}" if report.error else ""))
+    emit(args, report.to_dict(), human)
+    return 0 if report.ok else 1
 
 
 def cmd_wal_fetch(args: argparse.Namespace, settings: Settings) -> int:
@@ -169,12 +190,14 @@ def cmd_restore_pitr(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.target_time and args.target_name:
         raise UsageError("give --target-time or --target-name, not both")
-    target = (time_target(args.target_time, settings) if args.target_time
-              else name_target(args.target_name) if args.target_name else latest_target())
+    target = (time_target(args.target_time, settings, args.timeline) if args.target_time
+              else name_target(args.target_name, args.timeline) if args.target_name else latest_target(args.timeline))
     report = restore_pitr(settings, target, Path(args.data_dir), start=args.start, port=args.port,
-                          action=args.target_action, keep_archiving=args.keep_archiving, timeout=args.timeout)
-    lines = [f"restored snapshot {report.snapshot_id} into {report.data_dir} for {report.target}"]
-    lines += [f"  note: {n}" for n in report.notes]
+                          action=args.target_action, keep_archiving=args.keep_archiving, timeout=args.timeout,
+                          snapshot_id=args.snapshot)
+    lines = [f"restored snapshot {report.snapshot_id} into {report.data_dir} for {report.target} "
+             f"(recovery target timeline {report.timeline})"]
+    lines += [f"  warning: {w}" for w in report.warnings] + [f"  note: {n}" for n in report.notes]
     if report.outcome is not None:
         o = report.outcome
         lines.append(("recovery finished" if report.ok else "RECOVERY FAILED") + f" (server state: {o.state})")
@@ -249,6 +272,10 @@ def register(add: Add) -> None:
         for option in OPTIONS[command]:
             p.add_argument(option.flag, metavar=option.metavar, type=int if option.integer else str,
                            default=option.default, help=option.help)
+    p = add("wal-ship", cmd_wal_ship, "send the WAL files the copy lacks (queued by wal-push while BACKUP_COPY_TO "
+                                      "was down or slow) to it, in order; exit 1 while any are left")
+    p.add_argument("--archive-dir", help="the WAL archive (default: WAL_ARCHIVE_DIR, else BACKUP_DIR/wal)")
+    p.add_argument("--copy-to", help="the copy (default: BACKUP_COPY_TO)")
     p = add("check", cmd_check, "check that the server archives WAL correctly (forces a segment switch and waits "
                                 "for it); prints the postgresql.conf lines")
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the segment (default 60)")
@@ -261,6 +288,11 @@ def register(add: Add) -> None:
     p.add_argument("--data-dir", required=True, help="where to restore (must be empty or not exist)")
     p.add_argument("--target-time", help="any timestamp PostgreSQL accepts (no zone: BACKUP_TIMEZONE)")
     p.add_argument("--target-name", help="a restore point name")
+    p.add_argument("--timeline", type=int, metavar="N",
+                   help="the timeline the target is on (default: the archive's newest timeline when it covers the "
+                        "target, else the newest that does)")
+    p.add_argument("--snapshot", metavar="ID", help="start from this snapshot (default: the newest that covers the "
+                                                    "target and did not fail its latest verification)")
     p.add_argument("--target-action", choices=["promote", "pause", "shutdown"], default="promote",
                    help="what the server does at the target (default promote)")
     p.add_argument("--start", action="store_true", help="start the server, wait for recovery, report the point")

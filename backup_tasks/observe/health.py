@@ -33,7 +33,7 @@ when the server cannot tell, while the archived segment right after the hole was
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,12 +43,14 @@ from backup_tasks.errors import BackupError
 from backup_tasks.observe.continuity import WalSurvey, earliest_start
 from backup_tasks.observe.facts import CATALOG, INTERNAL, Facts, collect
 from backup_tasks.observe.verdict import of_same_series, series_verdict
+from backup_tasks.observe.wal_copy import CopyReading, assess_copy, read_copy
 from backup_tasks.postgres.archiver import UTC_TEXT, ArchiverStats, ServerWal
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.coverage import timeline_for
 from backup_tasks.wal.names import kind_of, segment_name, segment_number, timeline_of
+from backup_tasks.wal.remote import archive_for_reading
 
 #: A dump this young may still be in its verify step: not yet a problem.
 VERIFY_GRACE = timedelta(hours=2)
@@ -133,6 +135,7 @@ class WalHealth:
     server_timeline: int | None = None
     server_segment: str | None = None  # the segment the server is writing
     server_error: str | None = None
+    copy: dict[str, Any] | None = None  # BACKUP_COPY_TO: reachable? its backlog, dropped WAL (``wal_copy``)
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -350,8 +353,9 @@ def archived_through(server: ServerWal | None) -> str | None:
 
 # --- one reading, one judge -------------------------------------------------------------------------
 
-def judge(facts: Facts, settings: Settings, database: str | None) -> HealthReport:
-    """The verdicts on one reading (``collect(for_health=True)``); ``database``: judge that database's dumps only.
+def judge(facts: Facts, settings: Settings, database: str | None, copy: CopyReading | None = None) -> HealthReport:
+    """The verdicts on one reading (``collect(for_health=True)``); ``database``: judge that database's dumps only;
+    ``copy``: the WAL copy as ``read_copy`` found it (its problems are the WAL section's).
 
     A catalog that could not be read, or a reading that failed unforeseen, is raised as it was met: the
     command and the task fail with that error's exit code and retry rule, as they always have.
@@ -369,14 +373,25 @@ def judge(facts: Facts, settings: Settings, database: str | None) -> HealthRepor
     pitr, why = pitr_configured(snapshots, bool(settings.wal_archive_dir), survey.archive, survey.holds_segments)
     snapshot = assess_snapshots(snapshots, now, pitr=pitr, why=why, verify_grace=snapshot_verify_grace(settings),
                                 max_age=timedelta(hours=settings.health_snapshot_max_age_hours))
-    if not pitr:
-        return combine(dump, snapshot, WalHealth(checked=False))
-    return combine(dump, snapshot, assess_wal(survey, facts.server, now))
+    wal = assess_wal(survey, facts.server, now) if pitr else WalHealth(checked=False)
+    if copy is not None:
+        wal.copy, problems = assess_copy(copy, facts.manifests, now)
+        wal.problems.extend(problems)
+    return combine(dump, snapshot, wal)
 
 
 def check_health(settings: Settings, *, now: datetime | None = None, storage: Storage | None = None,
                  archive: WalArchive | None = None) -> HealthReport:
-    """Judge the catalog in ``storage`` and the WAL archive ``archive`` (defaults: the locations a restore reads)."""
+    """Judge the catalog in ``storage`` and the WAL archive ``archive`` (defaults: the locations a restore reads).
+
+    A copy (BACKUP_COPY_TO) that does not answer is a problem, never a reason not to judge: the defaults
+    are then BACKUP_DIR and the WAL archive alone.
+    """
     database = settings.source().dbname if settings.database_url else None  # a bad DATABASE_URL stops here
+    copy = read_copy(settings)
+    if settings.copy_to and not copy.reachable:
+        alone = replace(settings, copy_to=None)
+        storage = storage or alone.locations()
+        archive = archive or archive_for_reading(alone)
     facts = collect(settings, storage=storage, archive=archive, now=now, for_health=True)
-    return judge(facts, settings, database)
+    return judge(facts, settings, database, copy)

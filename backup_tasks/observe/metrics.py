@@ -13,6 +13,10 @@ Labels: ``database`` and ``kind`` (``dump`` or ``snapshot``) on the per-backup s
 the recovery window and the drill; ``location`` (``archive``: the local WAL archive, ``copy``:
 ``<BACKUP_COPY_TO>/wal``) on the WAL's newest segment; ``source`` (``catalog``, ``wal_archive``,
 ``wal_state``, ``server``) on ``backup_tasks_source_up``.
+
+The copy's backlog (``wal_copy_backlog_*``: what wal-push queued for ``BACKUP_COPY_TO`` while it was
+down or slow) and the dropped WAL (``wal_dropped_segments``) are read with the state file, from the
+archive's directory (``wal.state.Recorded``): served whenever that source was read.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from prometheus_client.registry import Collector
 from backup_tasks.clock import parse_time
 from backup_tasks.errors import ConfigError
 from backup_tasks.observe.facts import OWN_SOURCES, SERVER, Facts
+from backup_tasks.observe.wal_copy import unresolved_drops
+from backup_tasks.wal import state
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,13 @@ METRICS = (
     MetricSpec("wal_last_archived_timestamp_seconds",
                "completion time of the newest WAL segment acknowledged as stored in the location (unix time)",
                ("location",)),
+    MetricSpec("wal_copy_backlog_segments", "WAL files in the local archive that the copy (BACKUP_COPY_TO) still "
+                                            "lacks: queued by wal-push while the copy was down or slow"),
+    MetricSpec("wal_copy_backlog_bytes", "size of those files as archived: what shipping them to the copy sends"),
+    MetricSpec("wal_copy_backlog_oldest_age_seconds", "age of the oldest segment the copy lacks (now minus when the "
+                                                      "server completed it); 0 when it lacks none"),
+    MetricSpec("wal_dropped_segments", "WAL files wal-push acknowledged WITHOUT storing them (--drop-after) that no "
+                                       "snapshot taken since makes irrelevant: recovery cannot cross them"),
     MetricSpec("archiver_failed_count", "pg_stat_archiver.failed_count: failed archive_command runs since the "
                                         "server's statistics were reset"),
     MetricSpec("archiver_last_failed_timestamp_seconds", "pg_stat_archiver.last_failed_time (unix time)"),
@@ -72,6 +85,12 @@ METRICS = (
                "the oldest moment point-in-time recovery can reach now (unix time)", ("database",)),
     MetricSpec("recovery_window_end_timestamp_seconds",
                "the newest moment point-in-time recovery can reach now (unix time)", ("database",)),
+    MetricSpec("restorable_range_start_timestamp_seconds",
+               "the oldest moment point-in-time recovery can reach now on the timeline (unix time)",
+               ("database", "timeline")),
+    MetricSpec("restorable_range_end_timestamp_seconds",
+               "the newest moment point-in-time recovery can reach now on the timeline (unix time)",
+               ("database", "timeline")),
     MetricSpec("last_drill_success", "1 when the latest PITR drill passed, 0 when it failed", ("database",)),
     MetricSpec("last_drill_duration_seconds", "how long the latest PITR drill took (the RTO, measured)",
                ("database",)),
@@ -109,6 +128,12 @@ def families(facts: Facts) -> list[Metric]:
             add("last_verification_duration_seconds", s.last_verification.duration_seconds, *labels)
     for location, newest in sorted(facts.wal.items()):
         add("wal_last_archived_timestamp_seconds", newest.completed_at, location)
+    if isinstance(facts.wal, state.Recorded):  # the state source was read
+        backlog = facts.wal.backlog
+        add("wal_copy_backlog_segments", backlog.files)
+        add("wal_copy_backlog_bytes", backlog.bytes)
+        add("wal_copy_backlog_oldest_age_seconds", round(backlog.age_seconds(facts.collected_at.timestamp()), 3))
+        add("wal_dropped_segments", len(unresolved_drops(facts.wal.dropped, facts.backups)))
     if facts.archiver is not None:
         add("archiver_failed_count", facts.archiver.failed_count)
         if facts.archiver.last_failed_at is not None:
@@ -118,6 +143,10 @@ def families(facts: Facts) -> list[Metric]:
     for window in facts.windows:
         add("recovery_window_start_timestamp_seconds", window.start.timestamp(), window.database)
         add("recovery_window_end_timestamp_seconds", window.end.timestamp(), window.database)
+    for window in facts.timeline_windows:
+        add("restorable_range_start_timestamp_seconds", window.start.timestamp(), window.database,
+            str(window.timeline))
+        add("restorable_range_end_timestamp_seconds", window.end.timestamp(), window.database, str(window.timeline))
     for drill in facts.drills:
         add("last_drill_success", 1 if drill.ok else 0, drill.database)
         if drill.duration_seconds is not None:

@@ -22,20 +22,28 @@ checksum trailer (the same object: fine; a damaged one: replaced; another: a con
 the object left untouched). Where the first location held an equal object, the second gets that
 object byte for byte, so both hold the same bytes.
 
-Where the copy is written (``Mirror._put_new_in`` for the copy, reached from ``put_new`` and
-``copy_new``) is where a bound on the WAL's copy goes: the copy written within a short time, else
-left to a backlog that a shipper drains, so that the primary never waits on it.
+The WAL's copy is written within a bound: ``copy_new(..., within=seconds)`` runs the write in a
+daemon thread (``bounded``) and gives up waiting after that long with ``StorageUnavailable``. A
+bucket that hangs (no answer, boto3 waiting out its own timeouts and retries, up to minutes) then
+holds ``wal-push`` only that long, and a daemon thread never keeps the process alive: the abandoned
+write dies with it (a bucket publishes an object whole or not at all; a directory leaves a partial
+file that ``clear_partials`` removes). What the copy did not take is the WAL's backlog
+(``wal.backlog``), which a shipper drains (``wal.ship``), so that the primary never waits on it.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import threading
 from collections.abc import Callable, Iterable
-from typing import NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
-from backup_tasks.errors import ObjectLocked, StorageError
+from backup_tasks.errors import ObjectLocked, StorageError, StorageUnavailable
 from backup_tasks.storage.base import Storage
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +105,31 @@ class Written(NamedTuple):
     def stored(self) -> bool:
         """Both locations (or the primary alone, without a copy) hold the object now."""
         return self.primary is not None and Outcome.TAKEN not in (self.primary, self.copy)
+
+
+def bounded(call: Callable[[], T], seconds: float, what: str) -> T:
+    """``call()``'s result, or ``StorageUnavailable`` naming ``what`` when it has not returned within ``seconds``.
+
+    It runs in a daemon thread: a call that hangs is abandoned, still running, and never keeps the
+    process from exiting. Its exceptions are raised here as they were raised there.
+    """
+    from concurrent.futures import Future  # a wal-push acknowledged from a marker never waits
+
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(call())
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="bounded-copy", daemon=True).start()
+    try:
+        return future.result(timeout=seconds)
+    except TimeoutError:  # concurrent.futures' is the builtin since Python 3.11
+        raise StorageUnavailable(f"{what}: no answer within {seconds:g} s") from None
 
 
 def combined(first: StorageError | None, second: StorageError) -> StorageError:
@@ -169,11 +202,17 @@ class Mirror:
         reads back from the primary (``copy_new``: WAL push-ahead, whose markers describe that object)."""
         return self._put_new_in(self.primary, key, data, settle)
 
-    def copy_new(self, key: str, data: bytes, *, settle: Settle = taken) -> Outcome | None:
-        """The copy's part of ``put_new`` alone (None without a copy); see ``primary_new``."""
-        if self.copy is None:
+    def copy_new(self, key: str, data: bytes, *, settle: Settle = taken, within: float | None = None) -> Outcome | None:
+        """The copy's part of ``put_new`` alone (None without a copy); see ``primary_new``.
+
+        ``within``: seconds the copy is given (``bounded``), else ``StorageUnavailable``; None: no bound of ours.
+        """
+        copy = self.copy
+        if copy is None:
             return None
-        return self._put_new_in(self.copy, key, data, settle)
+        if within is None:
+            return self._put_new_in(copy, key, data, settle)
+        return bounded(lambda: self._put_new_in(copy, key, data, settle), within, f"writing {key} to {copy.location}")
 
     def _put_new_in(self, location: Storage, key: str, data: bytes, settle: Settle) -> Outcome:
         if location.put_new(key, data):

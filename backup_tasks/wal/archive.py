@@ -8,15 +8,21 @@ order the two locations are written and deleted is its ``copies.WAL`` policy; wh
 ``wal.objects``; where it lives, ``wal.layout``. This module holds the promises:
 
 - ``push``: returns only once the object is stored in the primary (a directory: fsynced, with its
-  directory entry) and then in the copy. Create-only everywhere: an object already there with the
+  directory entry) and then in the copy; with ``copy_within`` (wal-push's bound) a copy that does
+  not take it in time gets it queued instead (``wal.backlog``: durable before ``push`` returns;
+  ``wal.ship`` drains it), and a primary that cannot be written is replaced by the copy alone, said
+  loudly. Create-only everywhere: an object already there with the
   same content (by its trailer) is "already archived", since PostgreSQL retries after crashes; one
   with DIFFERENT content is a ``WalConflict``, the stored object left untouched; a damaged object in
   the copy (no valid trailer) is replaced by the good one.
-- ``fetch``: from the primary, else from the copy, whichever holds a good one; ``WalMissing`` (the
-  normal end of recovery) only when the file is provably not archived, ``WalGap`` when later
-  segments of its timeline are, ``WalCorrupt`` or ``WalArchiveError`` when no good copy can be read.
-- reading (``wal.contents``): a local directory through its cached index; any other location
-  through one listing; a trailer is one ranged read.
+- ``fetch``: from the primary, else from the copy, whichever holds a good one (``wal.fetch``);
+  ``WalMissing`` (the normal end of recovery) only when the file is provably not archived in any
+  location, ``WalGap`` when known WAL shows it existed (later segments of its timeline, a timeline
+  that branched from it later), ``WalArchiveError`` when a location that may hold it cannot be read,
+  ``WalCorrupt`` when no good copy can be read: the rule is ``wal.absence``'s.
+- reading (``wal.contents``): the primary and the copy seen as one archive (names, runs, history
+  files, existence, trailers, history text), unless ``read_copy=False``; a local directory through
+  its cached index, any other location through one listing; a trailer is one ranged read.
 
 PostgreSQL runs push and fetch once per WAL segment as its own OS user (``postgres``), so this is
 import-light (standard library, zstandard, the storage layer: no Celery, Redis, psycopg or Sentry;
@@ -33,18 +39,16 @@ import io
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from backup_tasks.errors import (
-    BackupError,
     ObjectMissing,
     StorageError,
     WalArchiveError,
     WalConflict,
     WalCorrupt,
-    WalGap,
     WalMissing,
 )
 from backup_tasks.storage.copies import WAL, Mirror, Outcome, Settle
@@ -71,58 +75,65 @@ from backup_tasks.wal.objects import (
 if TYPE_CHECKING:
     from backup_tasks.storage.base import Features, Storage
     from backup_tasks.storage.locations import S3Credentials
-    from backup_tasks.wal.contents import ArchiveContents
+    from backup_tasks.wal.contents import UnionContents
     from backup_tasks.wal.index import ArchiveIndex, TimelineRuns
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class PushResult:
     name: str
     key: str
-    status: str  # "archived" or "already-archived"
+    status: str  # "archived", "already-archived", "copy-only" (the archive refused it), "dropped" (``wal.dropped``)
     original_bytes: int
     stored_bytes: int
+    #: The copy: "stored" (it holds the file), "queued" (``wal.backlog``: it lacks it yet), None (no copy, not tried).
+    copy: str | None = None
 
 
 class WalArchive:
     """The WAL archive in ``primary``, copied to ``copy``: any locations (see the module docstring)."""
 
     def __init__(self, primary: Storage, copy: Storage | None = None, *, recipients: tuple[str, ...] = (),
-                 identity_file: str | Path | None = None) -> None:
+                 identity_file: str | Path | None = None, read_copy: bool = True) -> None:
         self.primary = primary
         #: BACKUP_COPY_TO's ``wal/``: every archived file is also stored there, and fetch falls back to it.
         self.copy = copy
+        #: Readers see the primary and the copy as one archive (``wal.contents``); False: the primary alone
+        #: (a reader that must never list the copy, such as the metrics exporter on every scrape).
+        self.read_copy = read_copy
         self.mirror = Mirror(primary, copy, WAL)
         #: BACKUP_ENCRYPT_RECIPIENT: pushed files are age-encrypted to these public keys.
         self.recipients = tuple(recipients)
         #: BACKUP_DECRYPT_IDENTITY_FILE: read only when an encrypted file is read back.
         self.identity_file = identity_file
         self._features: Features | None = None
-        self._contents: ArchiveContents | None = None
+        self._contents: UnionContents | None = None
         self._trailers: dict[str, Trailer] = {}
 
     @classmethod
     def in_directory(cls, root: Path | str, copy_to: str | None = None, *, recipients: tuple[str, ...] = (),
                      identity_file: str | Path | None = None,
-                     copy_credentials: S3Credentials | None = None) -> WalArchive:
+                     copy_credentials: S3Credentials | None = None, read_copy: bool = True) -> WalArchive:
         """The archive in the directory ``root``, copied to ``<copy_to>/wal`` (BACKUP_COPY_TO) when given.
 
         A bucket copy is opened at its first use (a push acknowledged from a marker never opens it);
-        ``copy_credentials``: other than the ambient ones (prune's own).
+        ``copy_credentials``: other than the ambient ones (prune's own); ``read_copy``: see ``__init__``.
         """
         copy_to = copy_to.strip() if copy_to else None
         copy = open_storage(f"{copy_to.rstrip('/')}/{COPY_SUBDIR}", setting="BACKUP_COPY_TO",
                             credentials=copy_credentials, when_used=True) if copy_to else None
         return cls(open_storage(str(root), setting="WAL_ARCHIVE_DIR", modes=WAL_MODES), copy, recipients=recipients,
-                   identity_file=identity_file)
+                   identity_file=identity_file, read_copy=read_copy)
 
     @classmethod
-    def for_settings(cls, settings: Any, root: Path | None = None) -> WalArchive:
+    def for_settings(cls, settings: Any, root: Path | None = None, *, read_copy: bool = True) -> WalArchive:
         """The archive of ``Settings``: its directory, BACKUP_COPY_TO, encryption recipients and identity file."""
         return cls.in_directory(root or settings.wal_archive, settings.copy_to, recipients=settings.encrypt_recipients,
-                                identity_file=settings.decrypt_identity_file)
+                                identity_file=settings.decrypt_identity_file, read_copy=read_copy)
 
     def __repr__(self) -> str:
         return f"WalArchive({self.location!r})"
@@ -146,12 +157,19 @@ class WalArchive:
         return self.features.local_root
 
     @property
-    def contents(self) -> ArchiveContents:
+    def contents(self) -> UnionContents:
+        """What the archive holds, as its readers see it: the primary and the copy as one (``wal.contents``)."""
         if self._contents is None:
-            from backup_tasks.wal.contents import ArchiveContents  # readers only: wal-push never lists
+            from backup_tasks.wal.contents import ArchiveContents, UnionContents  # readers only: never wal-push
 
-            self._contents = ArchiveContents(self.primary, self.root)
+            copy = ArchiveContents(self.copy, None) if self.copy is not None and self.read_copy else None
+            self._contents = UnionContents(ArchiveContents(self.primary, self.root), copy)
         return self._contents
+
+    @property
+    def copy_problem(self) -> str | None:
+        """Why the copy could not be read when a reader asked it (what only the copy holds was not seen), or None."""
+        return self._contents.copy_problem if self._contents is not None else None
 
     def path_for(self, name: str) -> Path:
         """The file of ``name`` in a local archive directory."""
@@ -239,29 +257,54 @@ class WalArchive:
         """Whether a segment after ``name`` on the same timeline is archived (so ``name`` is a gap)."""
         return self.contents.later_segment_exists(name)
 
-    def trailer(self, name: str) -> Trailer:
-        """The trailer of the archived ``name``: one ranged read (remembered where the archive is read-only)."""
+    def trailer(self, name: str, *, primary_only: bool = False) -> Trailer:
+        """The trailer of the archived ``name``: one ranged read (remembered where the archive is read-only).
+
+        From the primary; from the copy when the primary lacks it (readers see both as one archive), unless
+        ``primary_only`` (what the primary itself holds).
+        """
         if name in self._trailers:
             return self._trailers[name]
         try:
-            tail = self.primary.read_tail(object_key(name), TRAILER_SIZE)
-        except ObjectMissing:
-            raise WalMissing(f"{name} is not in the WAL archive {self.location}") from None
-        except StorageError as exc:
-            raise WalArchiveError(f"cannot read {name} in the WAL archive {self.location}: {exc}") from None
-        if len(tail) < TRAILER_SIZE:
-            raise WalCorrupt(f"archived {name} is damaged: only {len(tail)} bytes")
-        found = parse_trailer(tail, f"archived {name}")
+            found = self._trailer_in(self.primary, name)
+        except WalMissing:
+            if primary_only or self.copy is None or not self.read_copy or self.copy_problem is not None:
+                raise
+            return self._trailer_in(self.copy, name)
         if self.features.read_only:  # nothing changes it through us: read once
             self._trailers[name] = found
         return found
 
+    def _trailer_in(self, location: Storage, name: str) -> Trailer:
+        """The trailer of ``name`` as ``location`` (the primary or the copy) holds it."""
+        where = "the WAL archive" if location is self.primary else "the WAL copy"
+        try:
+            tail = location.read_tail(object_key(name), TRAILER_SIZE)
+        except ObjectMissing:
+            raise WalMissing(f"{name} is not in {where} {location.location}") from None
+        except (StorageError, OSError) as exc:
+            raise WalArchiveError(f"cannot read {name} in {where} {location.location}: {exc}") from None
+        if len(tail) < TRAILER_SIZE:
+            raise WalCorrupt(f"archived {name} is damaged: only {len(tail)} bytes")
+        return parse_trailer(tail, f"archived {name}")
+
     def read_text(self, name: str) -> str:
-        """A small archived file (a .history or .backup file), decompressed and checked."""
-        return b"".join(self.verified_chunks(name, hashlib.sha256())).decode(errors="replace")
+        """A small archived file (a .history or .backup file), decompressed and checked: from the primary, else from
+        the copy (``wal.fetch``)."""
+        return self._read_anywhere(name, b"".join).decode(errors="replace")
+
+    def _read_anywhere(self, name: str, consume: Callable[[Iterator[bytes]], T], *, judge_absence: bool = False) -> T:
+        """``consume`` the checked content of ``name`` from the primary, else from elsewhere (``wal.fetch``)."""
+        try:
+            return consume(self.verified_chunks(name, hashlib.sha256()))
+        except (WalArchiveError, WalCorrupt) as exc:  # WalMissing included; a wrong identity is no location's fault
+            primary_error = exc
+        from backup_tasks.wal.fetch import elsewhere  # only when the primary cannot give it: off the per-segment path
+
+        return elsewhere(self, name, consume, primary_error, judge_absence=judge_absence)
 
     def verified_chunks(self, name: str, digest: hashlib._Hash) -> Iterator[bytes]:
-        """Decompressed content of ``name``; raises ``WalCorrupt`` unless size and sha256 match."""
+        """Decompressed content of the primary's ``name``; raises ``WalCorrupt`` unless size and sha256 match."""
         fh, total = self._open(name)
         with fh:
             yield from verified_chunks(fh, total, name, digest, identity_file=self.identity_file)
@@ -275,9 +318,6 @@ class WalArchive:
                 # Not "this file is not archived": the archive itself is gone (unmounted, wrong path).
                 raise WalArchiveError(f"the WAL archive directory {self.root} does not exist or cannot be "
                                       f"entered") from None
-            if kind_of(name) == "segment" and self.later_segment_exists(name):
-                raise WalGap(f"WAL segment {name} is missing from the archive {self.location} although later "
-                             f"segments of its timeline are there: recovery cannot go past this gap") from None
             raise WalMissing(f"{name} is not in the WAL archive {self.location}") from None
         except StorageError as exc:
             raise WalArchiveError(f"cannot read {name} in the WAL archive {self.location}: {exc}") from None
@@ -294,50 +334,26 @@ class WalArchive:
     def fetch(self, name: str, destination: Path) -> int:
         """Restore ``name`` to ``destination`` (atomically: a temporary name, then rename); return its size.
 
-        Raises ``WalMissing`` when it is not archived (the normal end of recovery), ``WalGap`` when later
-        segments exist, ``WalCorrupt`` when it fails its checksum: nothing is left at ``destination``.
+        From the primary, else from the copy, whichever holds a good one (``wal.fetch``). Raises
+        ``WalMissing`` only when it is provably not archived (the normal end of recovery: ``wal.absence``),
+        ``WalGap`` when known WAL shows it existed, ``WalCorrupt`` when no good copy passes its checksum,
+        ``WalArchiveError`` when a location that may hold it cannot be read: nothing is left at ``destination``.
         """
         kind_of(name)
-        try:
-            return restore_file(name, destination, self.verified_chunks(name, hashlib.sha256()))
-        except (WalArchiveError, WalCorrupt) as primary_error:
-            if self.copy is None:
-                raise
-            return self._fetch_copy(self.copy, name, destination, primary_error)
-
-    def _fetch_copy(self, copy: Storage, name: str, destination: Path, primary_error: BackupError) -> int:
-        """The copy's object of ``name``, checked by its own trailer; the primary's error when the copy lacks it."""
-        key = object_key(name)
-        try:
-            data = copy.read_bytes(key)
-        except Exception as exc:  # a StorageError, or an OSError such as a copy this user cannot enter
-            try:
-                missing = not copy.exists(key)
-            except Exception:
-                missing = False
-            if missing:
-                raise primary_error from None
-            if isinstance(primary_error, WalMissing):
-                # PostgreSQL asks for files that never existed (the next timeline's history): an unreachable
-                # copy must not turn that normal answer into a fatal one. Said loudly, in the server log.
-                log.warning("%s is not in the WAL archive %s, and the copy in %s cannot be read to make sure: %s",
-                            name, self.location, copy.location, exc)
-                raise primary_error from None
-            raise WalArchiveError(f"{primary_error}; the copy in {copy.location} cannot be read either: "
-                                  f"{exc}") from None
-        log.warning("%s; restoring %s from the copy in %s", primary_error, name, copy.location)
-        try:
-            return restore_file(name, destination, verified_chunks(io.BytesIO(data), len(data), name, hashlib.sha256(),
-                                                                   identity_file=self.identity_file))
-        except WalCorrupt as exc:
-            raise WalCorrupt(f"{primary_error}; and the copy in {copy.location} is damaged too: {exc}") from None
+        return self._read_anywhere(name, lambda chunks: restore_file(name, destination, chunks), judge_absence=True)
 
     # wal-push ----------------------------------------------------------------------------------------
 
-    def push(self, source: Path, *, level: int = DEFAULT_LEVEL, copy: bool = True) -> PushResult:
+    def push(self, source: Path, *, level: int = DEFAULT_LEVEL, copy: bool = True,
+             copy_within: float | None = None) -> PushResult:
         """Archive ``source``: compressed, checksummed, stored create-only in the primary, then in the copy.
 
-        ``copy=False``: the primary only (push-ahead puts into the copy what it reads back: ``copy_object``).
+        ``copy=False``: the primary only (push-ahead puts into the copy what it reads back: ``copy_object``;
+        behind a backlog, ``wal.pushahead`` queues it). ``copy_within`` (wal-push's ``--copy-timeout``):
+        the copy gets that many seconds; when it fails or does not answer in time, the file is queued
+        for it (``wal.backlog``, durable before this returns) and the result says ``copy="queued"``.
+        Without it a failing copy raises, the primary keeping the file. When the primary cannot be
+        written but the copy can, the file goes to the copy alone, said loudly: ``status="copy-only"``.
         """
         name = source.name
         kind_of(name)
@@ -346,33 +362,98 @@ class WalArchive:
             stat = os.stat(source)
         except OSError as exc:
             raise WalArchiveError(f"cannot read {source}: {exc.strerror}") from None
-        self._ensure_root()
+        local_failure: StorageError | None = None
+        try:
+            self._ensure_root()
+        except WalArchiveError as exc:
+            local_failure = exc
+        else:
+            from backup_tasks.wal.system import check_push  # the archive's system: refuses another's WAL (exit 2)
+            check_push(self.primary, source)
         try:
             stored = stored_object(source, size=stat.st_size, completed_at=stat.st_mtime, level=level,
                                    recipients=self.recipients)
         except OSError as exc:
             raise WalArchiveError(f"cannot read {source}: {exc.strerror or exc}") from None
         settle = self._settle(name, stored.trailer)
-        try:
-            if copy:
-                in_primary = self.mirror.put_new(key, stored.data, settle=settle).primary
-            else:
+        in_primary = None
+        if local_failure is None:
+            try:
                 in_primary = self.mirror.primary_new(key, stored.data, settle=settle)
-        finally:
-            if self._contents is not None:
-                self._contents.changed()
+            except WalConflict:
+                raise
+            except (StorageError, OSError) as exc:  # full, read-only, permission denied...: the copy may take it
+                local_failure = exc if isinstance(exc, StorageError) else WalArchiveError(f"writing {key}: {exc}")
+            finally:
+                if self._contents is not None:
+                    self._contents.changed()
+        if local_failure is not None or in_primary is None:
+            return self._push_copy_only(name, stored.data, stored.trailer.size, settle, local_failure,
+                                        copy=copy, within=copy_within)
         if in_primary is Outcome.CREATED:
-            return PushResult(name, key, "archived", stored.trailer.size, len(stored.data))
-        return PushResult(name, key, "already-archived", stored.trailer.size, self.primary.size(key))
+            result = PushResult(name, key, "archived", stored.trailer.size, len(stored.data))
+        else:
+            result = PushResult(name, key, "already-archived", stored.trailer.size, self.primary.size(key))
+        if not copy or self.copy is None:
+            return result
+        # The copy gets what the primary holds, byte for byte.
+        data = stored.data if in_primary is Outcome.CREATED else self.primary.read_bytes(key)
+        return self._push_copy(result, data, settle, within=copy_within)
 
-    def copy_object(self, name: str, data: bytes) -> None:
+    def _push_copy(self, result: PushResult, data: bytes, settle: Settle, *, within: float | None) -> PushResult:
+        """The copy's part of ``push``: stored within ``within`` seconds, else queued (see ``push``)."""
+        assert self.copy is not None
+        try:
+            self.mirror.copy_new(result.key, data, settle=settle, within=within)
+        except WalConflict:
+            raise
+        except (StorageError, OSError) as exc:
+            if within is None or self.root is None:
+                raise
+            from backup_tasks.wal.backlog import Backlog
+
+            backlog = Backlog(self.root)
+            try:
+                backlog.add(result.name, reason=str(exc), copy=self.copy.location)
+            except OSError as queue_error:  # neither in the copy nor queued for it: not acknowledged
+                raise WalArchiveError(f"{result.name} is archived in {self.location} but the copy "
+                                      f"{self.copy.location} did not take it ({exc}) and it could not be queued "
+                                      f"for it: {queue_error.strerror or queue_error}") from None
+            backlog.note_failure(str(exc))
+            log.warning("backup-tasks wal-push: %s is archived in %s; the copy %s did not take it (%s): queued for "
+                        "it, shipped by `backup-tasks wal-ship`, the worker or a later wal-push", result.name,
+                        self.location, self.copy.location, exc)
+            return replace(result, copy="queued")
+        return replace(result, copy="stored")
+
+    def _push_copy_only(self, name: str, data: bytes, size: int, settle: Settle, local_failure: StorageError | None,
+                        *, copy: bool, within: float | None) -> PushResult:
+        """The primary cannot be written: ``data`` into the copy alone, or ``local_failure`` (with the copy's)."""
+        assert local_failure is not None
+        if not copy or self.copy is None:
+            raise local_failure
+        try:
+            self.mirror.copy_new(object_key(name), data, settle=settle, within=within)
+        except WalConflict:
+            raise
+        except (StorageError, OSError) as exc:
+            raise WalArchiveError(f"{local_failure}; and the copy {self.copy.location} did not take {name} "
+                                  f"either: {exc}") from None
+        log.warning("backup-tasks wal-push: WARNING: the WAL archive %s cannot be written (%s): %s is stored in the "
+                    "copy %s ONLY. Fix the archive (`backup-tasks check`)", self.location, local_failure, name,
+                    self.copy.location)
+        return PushResult(name, object_key(name), "copy-only", size, len(data), copy="stored")
+
+    def copy_object(self, name: str, data: bytes, *, within: float | None = None) -> Outcome | None:
         """Store ``data`` (the archived object of ``name``, as the primary holds it) in the copy, as ``push`` does.
 
         Returns only once the copy holds an object with the same trailer (this one, or an identical
-        earlier one); ``WalConflict`` when it holds different content. Push-ahead (``wal.pushahead``)
-        calls it with the bytes whose file it recorded, so its marker describes exactly what was put.
+        earlier one); ``WalConflict`` when it holds different content; ``StorageUnavailable`` when it
+        did not answer within ``within`` seconds. Push-ahead (``wal.pushahead``) calls it with the bytes
+        whose file it recorded, so its marker describes exactly what was put; the shipper (``wal.ship``)
+        with the archived object it checked.
         """
-        self.mirror.copy_new(object_key(name), data, settle=self._settle(name, None))
+        return self.mirror.copy_new(object_key(name), data, settle=self._settle(name, None), within=within)
 
     def _settle(self, name: str, ours: Trailer | None) -> Settle:
         """The WAL's rule for a key a location holds already (``copies.Settle``).
@@ -384,7 +465,7 @@ class WalArchive:
         """
         def settle(location: Storage, key: str, data: bytes) -> Outcome:
             if location is self.primary:
-                archived = self.trailer(name)
+                archived = self.trailer(name, primary_only=True)
                 assert ours is not None
                 if (archived.sha256, archived.size) == (ours.sha256, ours.size):
                     return Outcome.HELD
@@ -409,7 +490,7 @@ class WalArchive:
     def already_archived(self, source: Path) -> PushResult:
         """``source`` is archived already with the same content (a repeated push); else ``WalConflict``."""
         name = source.name
-        archived = self.trailer(name)
+        archived = self.trailer(name, primary_only=True)
         digest, size = file_sha256(source)
         if digest != archived.sha256 or size != archived.size:
             raise self._conflict(name, archived, digest, size)

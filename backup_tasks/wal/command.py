@@ -5,7 +5,8 @@ are served from here with nothing but the archive and the storage layer: no argp
 Celery, Redis, psycopg or Sentry (boto3 only when a bucket is used, pyrage only when the archive is
 encrypted). Forms::
 
-    wal-push  --archive-dir DIR [--copy-to URL] [--encrypt-to KEYS] [--level N] PATH
+    wal-push  --archive-dir DIR [--copy-to URL] [--encrypt-to KEYS] [--level N] [--copy-timeout SECONDS]
+              [--drop-after BYTES] PATH
     wal-fetch --archive-dir DIR [--copy-to URL] [--identity-file FILE] NAME PATH
     wal-fetch --archive-url URL [--identity-file FILE] [--prefetch K] [--as-of ISO-TIME] NAME PATH
 
@@ -16,6 +17,11 @@ command line (no ``--archive-dir``/``--archive-url``: settings from the environm
 a mistake) goes to the full CLI, which registers the same options with argparse (``cli.pitr``) and
 asks the same ``FetchRequest`` whether a wal-fetch makes sense: one set of rules for both.
 
+wal-push exits 0 once the file is durable in the archive: the copy gets ``--copy-timeout`` seconds
+(default 10), else the file is queued for it (``wal.backlog``) and shipped later (``wal.ship``); a
+copy that hangs holds no process (``storage.copies.bounded``, and ``_push`` exits whatever threads
+are left). ``--drop-after``: see ``wal.dropped`` (off by default).
+
 Every acknowledged segment is recorded in the archive's state file (``wal.state``: the newest segment
 per location, which the exporter reads). Exit codes: 0 ok, 1 failed; wal-fetch exits 1 for "not in
 the archive" (the normal end of recovery) and ``RECOVERY_FATAL`` (200) when the archive is damaged
@@ -25,6 +31,7 @@ recovery early.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -63,6 +70,13 @@ PUSH_OPTIONS = (
     Option("--encrypt-to", "age public keys, comma-separated (default without --archive-dir: "
                            "BACKUP_ENCRYPT_RECIPIENT)"),
     Option("--level", "zstd level (default 1)", integer=True, default=1),
+    Option("--copy-timeout", "seconds the copy is given before the file is queued for it and acknowledged all the "
+                             "same (default without --archive-dir: BACKUP_COPY_TIMEOUT_SECONDS, else 10)",
+           metavar="SECONDS", integer=True),
+    Option("--drop-after", "when neither the archive nor the copy can take the file and pg_wal holds more than BYTES "
+                           "waiting to be archived, acknowledge it WITHOUT storing it, loudly, so the server's disk "
+                           "never fills (default without --archive-dir: BACKUP_WAL_DROP_AFTER_BYTES, else never)",
+           metavar="BYTES", integer=True),
 )
 FETCH_OPTIONS = (
     ARCHIVE_DIR,
@@ -231,22 +245,43 @@ def _push(call: Call) -> int | None:
             recipients = parse_recipients(call.options["encrypt_to"], setting="--encrypt-to")
         archive = WalArchive.in_directory(Path(call.options["archive_dir"]).absolute(), call.options.get("copy_to"),
                                           recipients=recipients)
-        push_and_record(archive, Path(call.arguments[0]), level=int(call.options.get("level", 1)))
+        drop_after = call.options.get("drop_after")
+        copy_timeout = call.options.get("copy_timeout")
+        push_and_record(archive, Path(call.arguments[0]), level=int(call.options.get("level", 1)),
+                        copy_within=float(copy_timeout) if copy_timeout is not None else None,
+                        drop_after=int(drop_after) if drop_after is not None else None)
     except BackupError as exc:
         print(f"backup-tasks wal-push: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+        return exit_leaving_copies(exc.exit_code)
+    return exit_leaving_copies(0)
 
 
-def push_and_record(archive: WalArchive, source: Path, *, level: int | None = None) -> PushResult:
+def exit_leaving_copies(code: int) -> int:
+    """``code``, ending the process at once when a put into the copy was abandoned (still running in its daemon
+    thread): the server waits for this process, and nothing of a hung endpoint may hold it (not even the
+    interpreter's shutdown meeting a lock that thread holds)."""
+    import threading
+
+    if threading.active_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def push_and_record(archive: WalArchive, source: Path, *, level: int | None = None,
+                    copy_within: float | None = None, drop_after: int | None = None) -> PushResult:
     """``wal-push`` of ``source`` (push-ahead with a copy), then the archive's state file (``wal.state``) updated.
 
-    The state records a segment once it is acknowledged: stored here and in the copy. When the push
-    fails after storing it here (the copy refused it), the local archive's entry still moves and the
-    copy's stays behind, which is how the exporter sees a lagging copy. Every ``wal-push`` path is to
-    call this (the fast path above, and the full CLI's ``cmd_wal_push``), so the state misses no segment.
+    The state records a segment once it is acknowledged: stored here, and in the copy when the copy
+    took it with nothing queued before it. While the copy lacks files (``wal.backlog``), the local
+    archive's entry moves and the copy's stays behind until the shipper catches up, which is how the
+    exporter sees a lagging copy. Every ``wal-push`` path is to call this (the fast path above, and
+    the full CLI's ``cmd_wal_push``), so the state misses no segment. ``copy_within``: seconds the copy
+    is given (None: ``backlog.COPY_TIMEOUT``); ``drop_after``: ``wal.dropped``.
     """
-    from backup_tasks.errors import BackupError
+    from backup_tasks.errors import BackupError, StorageError, WalConflict
+    from backup_tasks.wal.backlog import COPY_TIMEOUT
     from backup_tasks.wal.names import SEGMENT_RE
     from backup_tasks.wal.objects import DEFAULT_LEVEL
     from backup_tasks.wal.pushahead import push
@@ -254,14 +289,39 @@ def push_and_record(archive: WalArchive, source: Path, *, level: int | None = No
     copy_where = archive.copy.location if archive.copy is not None else None
     recorded = bool(SEGMENT_RE.match(source.name))  # history, .partial and .backup files are not "newest WAL"
     try:
-        result = push(archive, source, level=DEFAULT_LEVEL if level is None else level)
-    except BackupError:
-        if recorded and copy_where:  # stored here before the copy refused it?
+        result = push(archive, source, level=DEFAULT_LEVEL if level is None else level,
+                      copy_within=COPY_TIMEOUT if copy_within is None else copy_within)
+    except BackupError as exc:
+        if drop_after is not None and isinstance(exc, StorageError) and not isinstance(exc, WalConflict):
+            dropped = _drop(archive, source, exc, drop_after)  # neither the archive nor the copy took it
+            if dropped is not None:
+                return dropped
+        if recorded and copy_where:  # stored here before it failed?
             _record_state(archive, source.name, copy_where, copy_stored=False)
         raise
-    if recorded:
-        _record_state(archive, source.name, copy_where, copy_stored=True)
+    if result.status != "copy-only" and archive.root is not None:
+        from backup_tasks.wal.backlog import Backlog
+        from backup_tasks.wal.dropped import adopt
+
+        adopt(archive.root, source.parent)  # records of dropped WAL the archive could not take before
+        if recorded:
+            in_copy = result.copy == "stored" and not Backlog(archive.root).pending()
+            _record_state(archive, source.name, copy_where, copy_stored=in_copy)
     return result
+
+
+def _drop(archive: WalArchive, source: Path, failure: Exception, drop_after: int) -> PushResult | None:
+    """``source`` acknowledged without being stored when pg_wal holds more than ``drop_after`` (``wal.dropped``)."""
+    from backup_tasks.wal.archive import PushResult
+    from backup_tasks.wal.dropped import drop_if_over
+    from backup_tasks.wal.layout import object_key
+
+    if archive.root is not None and archive.path_for(source.name).is_file():
+        return None  # stored here after all (it failed later, queueing it for the copy): not dropped, not acked
+    dropped = drop_if_over(archive.root, source, failure, drop_after)
+    if dropped is None:
+        return None
+    return PushResult(source.name, object_key(source.name), "dropped", dropped.size, 0)
 
 
 def _record_state(archive: WalArchive, name: str, copy_where: str | None, *, copy_stored: bool) -> None:
@@ -271,7 +331,7 @@ def _record_state(archive: WalArchive, name: str, copy_where: str | None, *, cop
     if archive.root is None:
         return  # the state file lives beside a local archive
     try:
-        completed_at = archive.trailer(name).completed_at
+        completed_at = archive.trailer(name, primary_only=True).completed_at
     except WalMissing:
         return  # not stored here either: nothing to record
     except Exception as exc:  # the state is advisory: never the reason a push fails

@@ -17,6 +17,16 @@ handed now hashes to the trailer's sha256 (the same check as a repeated push); a
 location, archived object replaced, older than a day) only means the slow path: store here and in
 the copy as before. A marker is removed when its file is acknowledged, so ``.copied`` holds only
 what is ahead.
+
+The copy never holds the server: every put into it is given ``copy_within`` seconds (wal-push's
+``--copy-timeout``). The file asked for that the copy did not take in time is queued for it
+(``wal.backlog``) and acknowledged all the same; a file ahead that it did not take gets no marker,
+and pushing ahead stops there. While anything is queued, or the copy failed less than
+``backlog.RETRY_SECONDS`` ago, calls do not try the copy for their own file: they store it here
+and queue it behind the rest, so the copy receives the backlog in WAL order and a copy that hangs
+costs one bound, not one per file. Once that failure is old enough (or the copy answers), a call
+ships the backlog for up to ``DRAIN_SECONDS`` (``wal.ship``) before it returns. The bulk is
+shipped by the worker's beat task and ``backup-tasks wal-ship``.
 """
 
 from __future__ import annotations
@@ -25,11 +35,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backup_tasks.errors import StorageError, WalArchiveError, WalConflict
 from backup_tasks.storage.files import TEMP_MARK, is_temporary, make_dirs, write_atomically
 from backup_tasks.wal.archive import PushResult, WalArchive
+from backup_tasks.wal.backlog import COPY_TIMEOUT, Backlog
 from backup_tasks.wal.layout import DIR_MODE, FILE_MODE, object_key
 from backup_tasks.wal.names import kind_of
 from backup_tasks.wal.objects import DEFAULT_LEVEL, TRAILER_SIZE, file_sha256, parse_trailer
@@ -47,22 +60,59 @@ MAX_AHEAD = 48
 THREADS = 4
 #: No new file is started ahead after this long: the call for N must not keep PostgreSQL waiting much.
 AHEAD_SECONDS = 30.0
+#: Behind a backlog, a call ships it for this long at most (new puts; each put still gets ``copy_within``).
+DRAIN_SECONDS = 2.0
 #: A marker older than this proves nothing (its file takes the slow path) and is swept: it waits only for
 #: its file's own call, seconds or minutes later; a day bounds what WAL expiry or a hand could do meanwhile.
 STALE_MARKER_SECONDS = 86400.0
 
 
-def push(archive: WalArchive, source: Path, *, level: int = DEFAULT_LEVEL) -> PushResult:
-    """``wal-push``: ``source`` stored in the archive and its copy, then its following ``.ready`` files ahead.
+def push(archive: WalArchive, source: Path, *, level: int = DEFAULT_LEVEL,
+         copy_within: float = COPY_TIMEOUT) -> PushResult:
+    """``wal-push``: ``source`` stored in the archive and (within ``copy_within`` seconds, else queued) its copy,
+    then its following ``.ready`` files ahead; behind a backlog, queued behind it.
 
     Push-ahead needs the archive in a local directory (its markers live there) and a copy to skip.
     """
     if archive.copy is None or archive.root is None:
-        return archive.push(source, level=level)
+        return archive.push(source, level=level, copy_within=copy_within)
     acknowledged = acknowledge_from_marker(archive, source)
     if acknowledged is not None:
         return acknowledged
-    return push_with_ahead(archive, source, level=level)
+    backlog = Backlog(archive.root)
+    if backlog.pending() or not backlog.retry_due():  # the copy lacks files, or just failed: not waited on
+        return push_behind_backlog(archive, backlog, source, level=level, copy_within=copy_within)
+    return push_with_ahead(archive, source, level=level, copy_within=copy_within)
+
+
+def push_behind_backlog(archive: WalArchive, backlog: Backlog, source: Path, *, level: int,
+                        copy_within: float) -> PushResult:
+    """The copy lacks earlier files (or failed just now): ``source`` stored here and queued after them, then the
+    backlog shipped a little once the copy may answer again.
+
+    Never a put of ``source`` ahead of the files queued before it. A local archive that refuses it
+    sends it to the copy alone (``WalArchive.push``), the one case where order yields to keeping it.
+    """
+    assert archive.copy is not None
+    try:
+        result = archive.push(source, level=level, copy=False)
+    except WalConflict:
+        raise
+    except StorageError:
+        return archive.push(source, level=level, copy_within=copy_within)
+    try:
+        backlog.add(source.name, reason="queued behind earlier files the copy lacks", copy=archive.copy.location)
+    except OSError as exc:
+        raise WalArchiveError(f"{source.name} is archived in {archive.location} but could not be queued for the "
+                              f"copy {archive.copy.location}: {exc.strerror or exc}") from None
+    if backlog.retry_due():
+        from backup_tasks.wal.ship import ship
+
+        try:
+            ship(archive, put_timeout=copy_within, until=time.monotonic() + DRAIN_SECONDS)
+        except Exception as exc:  # the file is stored and queued: shipping is never this call's failure
+            log.warning("backup-tasks wal-push: shipping the copy's backlog failed (the worker retries): %s", exc)
+    return replace(result, copy="queued" if backlog.holds(source.name) else "stored")
 
 
 def copy_url(archive: WalArchive) -> str:
@@ -117,7 +167,7 @@ def acknowledge_from_marker(archive: WalArchive, source: Path) -> PushResult | N
         # Checks again and raises WalConflict, explained as for any repeated push with other content.
         return archive.already_archived(source)
     _remove_marker(archive, name)  # acknowledged: the marker has done its job
-    return PushResult(name, object_key(name), "already-archived", size, stat.st_size)
+    return PushResult(name, object_key(name), "already-archived", size, stat.st_size, copy="stored")
 
 
 def ready_after(source: Path) -> list[Path]:
@@ -145,11 +195,13 @@ def ready_after(source: Path) -> list[Path]:
     return [source.parent / name for _, name in sorted(names)[:MAX_AHEAD]]
 
 
-def push_with_ahead(archive: WalArchive, source: Path, *, level: int = DEFAULT_LEVEL) -> PushResult:
+def push_with_ahead(archive: WalArchive, source: Path, *, level: int = DEFAULT_LEVEL,
+                    copy_within: float = COPY_TIMEOUT) -> PushResult:
     """Store ``source`` everywhere (its result, or its error, is the call's), and its ``ready_after`` with markers.
 
     One copy client for all, ``THREADS`` files at a time, ``source`` first. A failure ahead is
-    silent: no marker, so that file's own call takes the slow path and reports it.
+    silent: no marker, so that file's own call takes the slow path and reports it. Each put into the
+    copy is given ``copy_within`` seconds; when ``source`` was queued instead, nothing more is started.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -163,30 +215,38 @@ def push_with_ahead(archive: WalArchive, source: Path, *, level: int = DEFAULT_L
             if len(submitted) < MAX_AHEAD and path.name not in submitted:
                 submitted.add(path.name)
                 if not marker_path(archive, path.name).exists():
-                    pending.append(pool.submit(_store_ahead, archive, path, level, deadline))
+                    pending.append(pool.submit(_store_ahead, archive, path, level, deadline, copy_within))
 
     ok = False
     try:
-        main = pool.submit(archive.push, source, level=level)
+        main = pool.submit(archive.push, source, level=level, copy_within=copy_within)
         submit_ready()
         result = main.result()
         _remove_marker(archive, source.name)  # a stale one (it proved nothing): acknowledged the slow way now
-        submit_ready()  # what the server completed meanwhile (this call's start-up and first put are slow)
-        for future in pending:
-            try:
-                future.result()
-            except Exception as exc:  # its own call retries it and reports what is wrong
-                log.debug("pushing ahead failed: %s", exc)
-        ok = True
+        ok = result.copy == "stored"
+        if ok:
+            submit_ready()  # what the server completed meanwhile (this call's start-up and first put are slow)
+            for future in pending:
+                try:
+                    future.result()
+                except StorageError as exc:  # the copy failed (or went down since): the rest would too
+                    log.debug("pushing ahead stopped: %s", exc)
+                    ok = False
+                    break
+                except Exception as exc:  # its own call retries it and reports what is wrong
+                    log.debug("pushing ahead failed: %s", exc)
     finally:
-        # When the segment asked for failed, the rest would fail the same way: do not make the server wait.
-        pool.shutdown(wait=True, cancel_futures=not ok)
+        # When the copy failed, the files not started would fail the same way: do not make the server wait
+        # for them. What already runs is abandoned (a file ahead gets no marker unless its put succeeded;
+        # one killed half-way by the process ending leaves a partial file prune clears, and its own call
+        # stores it).
+        pool.shutdown(wait=ok, cancel_futures=not ok)
     if submitted:
         _sweep_markers(archive)
     return result
 
 
-def _store_ahead(archive: WalArchive, source: Path, level: int, deadline: float) -> None:
+def _store_ahead(archive: WalArchive, source: Path, level: int, deadline: float, copy_within: float) -> None:
     if time.monotonic() > deadline or not source.is_file():
         return
     name = source.name
@@ -197,7 +257,14 @@ def _store_ahead(archive: WalArchive, source: Path, level: int, deadline: float)
         data = fh.read()
     if len(data) != stat.st_size or len(data) < TRAILER_SIZE:
         return  # changed under us (never, for an archived object): no marker
-    archive.copy_object(name, data)
+    try:
+        archive.copy_object(name, data, within=copy_within)
+    except WalConflict:
+        raise
+    except StorageError as exc:  # the copy is down or slow: the calls that follow queue without waiting on it
+        assert archive.root is not None
+        Backlog(archive.root).note_failure(str(exc))
+        raise
     # Only now, with the put acknowledged by the copy, may anything claim it is there.
     _write_marker(archive, name, {"v": MARKER_VERSION, "copy": copy_url(archive), "written_at": time.time(),
                                   "trailer": data[-TRAILER_SIZE:].hex(),

@@ -12,7 +12,11 @@ of listing 100,000 segments on every scrape. ``<archive>/.state.json``::
 finished writing it), ``stored_at`` when wal-push recorded it as stored there. A location's entry
 moves only forward (by ``completed_at``, then segment name): a repeated push of an old segment after a
 crash never makes the state look older than it is. ``copy`` is dropped when a push runs without a copy
-(BACKUP_COPY_TO removed), and kept as it was when the copy failed: it then shows how far the copy is behind.
+(BACKUP_COPY_TO removed), and kept as it was while the copy lacks files (``wal.backlog``: queued when it
+failed or was slow; the shipper moves the entry as it catches up): it then shows how far the copy is behind.
+
+``read`` also counts what only the archive's directory can tell, for the exporter: the copy's backlog
+(files, bytes, the oldest) and the WAL dropped without being stored (``wal.dropped``); ``Recorded``.
 
 Part of the per-segment fast path: the standard library only (and ``wal.names``, ``storage.files``).
 Writes are atomic (``storage.files.write_atomically``: a temporary file renamed over) under a short
@@ -31,9 +35,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backup_tasks.storage.files import WAL_MODES, write_atomically
 from backup_tasks.wal.names import position
+
+if TYPE_CHECKING:
+    from backup_tasks.wal.backlog import BacklogCount
+    from backup_tasks.wal.dropped import Dropped
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +78,44 @@ class StateUnreadable(Exception):
     """The state file exists but cannot be read or parsed (the exporter reports its source as down)."""
 
 
+class Recorded(dict[str, Newest]):
+    """What ``read`` returns: the newest segment per location (a mapping by location, as the file has it), and
+    what the archive's directory says besides: the copy's ``backlog`` and the ``dropped`` WAL records."""
+
+    def __init__(self, entries: dict[str, Newest], *, backlog: BacklogCount | None = None,
+                 dropped_wal: list[Dropped] | None = None) -> None:
+        from backup_tasks.wal.backlog import EMPTY
+
+        super().__init__(entries)
+        self.backlog = backlog or EMPTY
+        self.dropped = dropped_wal or []
+
+
 def state_path(root: Path) -> Path:
     return Path(root) / STATE_FILE
 
 
-def read(root: Path | None) -> dict[str, Newest]:
-    """The recorded newest segment per location; ``{}`` when nothing was recorded yet (or the archive is no
-    local directory, which is where the state file lives).
+def read(root: Path | None) -> Recorded:
+    """The recorded newest segment per location (none when nothing was recorded yet, or the archive is no local
+    directory, which is where the state file lives), with the copy's backlog and the dropped WAL.
 
-    Raises ``StateUnreadable`` when the file is there but unreadable (permissions, damage).
+    Raises ``StateUnreadable`` when the file is there but unreadable (permissions, damage), or the backlog
+    cannot be counted.
     """
+    from backup_tasks.wal import dropped  # the exporter's, not wal-push's
+    from backup_tasks.wal.backlog import Backlog
+
     if root is None:
-        return {}
+        return Recorded({})
+    entries = _read_entries(root)
+    try:
+        backlog = Backlog(root).count()
+    except OSError as exc:
+        raise StateUnreadable(f"cannot count the copy's backlog in {root}: {exc.strerror or exc}") from None
+    return Recorded(entries, backlog=backlog, dropped_wal=dropped.read(root))
+
+
+def _read_entries(root: Path) -> dict[str, Newest]:
     try:
         raw = state_path(root).read_bytes()
     except FileNotFoundError:
@@ -126,7 +161,7 @@ def _record(root: Path, segment: str, completed_at: float, *, copy_where: str | 
         return
     try:
         try:
-            current = read(root)
+            current = _read_entries(root)
         except StateUnreadable:
             current = {}  # damaged: rewritten whole below
         updated = dict(current)

@@ -27,7 +27,8 @@ QUEUE = "backups"
 
 TASK_NAMES = ("backup_tasks.post_close", "backup_tasks.daily", "backup_tasks.dump", "backup_tasks.verify",
               "backup_tasks.prune", "backup_tasks.health", "backup_tasks.weekly", "backup_tasks.snapshot",
-              "backup_tasks.verify_snapshot", "backup_tasks.pitr_drill", "backup_tasks.restore_point")
+              "backup_tasks.verify_snapshot", "backup_tasks.pitr_drill", "backup_tasks.restore_point",
+              "backup_tasks.wal_ship")
 
 
 #: Short tasks get short limits; dump and verify get the configured ones.
@@ -80,14 +81,25 @@ def schedule_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings.from_env(env)
 
 
+#: With BACKUP_COPY_TO, the WAL the copy lacks is shipped every minute (``backup_tasks.wal_ship``); a message
+#: the worker could not take within the minute expires: the next one does the same work.
+WAL_SHIP_ENTRY = "wal-ship"
+WAL_SHIP_EXPIRES = 55
+
+
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """Celery crontabs for ``observe.schedule.scheduled_runs`` (the one description of the schedule, which
-    ``status`` reads too), in the exchange's timezone (``timezone`` below): crontab hours are local to it."""
-    return {run.name: {"task": run.task, "options": {"queue": QUEUE},
-                       # crontab counts Sunday as 0, ours (like datetime.weekday) Monday as 0
-                       "schedule": crontab(hour=run.at.hour, minute=run.at.minute,
-                                           **({} if run.weekday is None else {"day_of_week": (run.weekday + 1) % 7}))}
-            for run in scheduled_runs(settings)}
+    ``status`` reads too), in the exchange's timezone (``timezone`` below): crontab hours are local to it; with
+    a copy, the WAL shipper every minute (plumbing, not a run ``status`` lists)."""
+    entries = {run.name: {"task": run.task, "options": {"queue": QUEUE},
+                          # crontab counts Sunday as 0, ours (like datetime.weekday) Monday as 0
+                          "schedule": crontab(hour=run.at.hour, minute=run.at.minute, **(
+                              {} if run.weekday is None else {"day_of_week": (run.weekday + 1) % 7}))}
+               for run in scheduled_runs(settings)}
+    if settings.copy_to:
+        entries[WAL_SHIP_ENTRY] = {"task": "backup_tasks.wal_ship", "schedule": crontab(minute="*"),
+                                   "options": {"queue": QUEUE, "expires": WAL_SHIP_EXPIRES}}
+    return entries
 
 
 def longest_hard_limit(settings: Settings) -> int:

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from backup_tasks.conninfo import redact_url
 from backup_tasks.settings import Settings
+from backup_tasks.worker.config import WAL_SHIP_ENTRY
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def init_sentry(settings: Settings) -> bool:
         environment=settings.sentry_environment,
         release=f"backup-tasks@{_version()}",
         integrations=[
-            CeleryIntegration(monitor_beat_tasks=True, propagate_traces=False),
+            # The per-minute WAL shipper is plumbing: a Crons monitor checked in every minute is noise.
+            CeleryIntegration(monitor_beat_tasks=True, propagate_traces=False, exclude_beat_tasks=[WAL_SHIP_ENTRY]),
             LoggingIntegration(level=logging.INFO, event_level=None),
         ],
         send_default_pii=False,

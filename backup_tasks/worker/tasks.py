@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from celery import Task, chain
@@ -35,10 +36,13 @@ from backup_tasks.physical.snapshot import take_snapshot
 from backup_tasks.physical.verify import snapshot_to_verify
 from backup_tasks.physical.verify import verify_snapshot as run_verify_snapshot
 from backup_tasks.settings import Settings
+from backup_tasks.wal import dropped
+from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.restore_points import create_restore_point
+from backup_tasks.wal.ship import ship_to_copy
 from backup_tasks.worker.app import app
 from backup_tasks.worker.config import SHORT_HARD_LIMIT, SHORT_SOFT_LIMIT, retry_policy
-from backup_tasks.worker.sentry import set_tags
+from backup_tasks.worker.sentry import capture_problem, set_tags
 from backup_tasks.worker.workflow import release_day, start_post_close
 
 log = logging.getLogger(__name__)
@@ -155,6 +159,38 @@ def health(self: BackupTask) -> dict[str, Any]:
     if not report.ok:
         raise HealthCheckFailed("backups are unhealthy: " + "; ".join(report.problems))
     return report.__dict__
+
+
+#: The beat runs wal_ship every minute: a run stops starting new puts after this, so it ends before the next.
+WAL_SHIP_SECONDS = 50
+
+
+@app.task(name="backup_tasks.wal_ship", base=BackupTask, bind=True, shared=False, max_retries=0,
+          soft_time_limit=SHORT_SOFT_LIMIT, time_limit=SHORT_HARD_LIMIT)
+def wal_ship(self: BackupTask) -> dict[str, Any]:
+    """Every minute (beat, with BACKUP_COPY_TO): the WAL the copy lacks shipped to it (``wal.ship``), and WAL that
+    wal-push dropped (``wal.dropped``) reported to Sentry once. A copy that is down is no failure of this task
+    (it would be one Sentry event a minute): the result says so, and health and the metrics report the backlog."""
+    settings = self.settings()
+    if settings.wal_archive_url is not None:  # BACKUP_DIR is a URL and WAL_ARCHIVE_DIR unset: no archive here
+        return {"ok": True, "copy": settings.copy_to, "skipped": "no local WAL archive on this host"}
+    archive = WalArchive.for_settings(settings)
+    if archive.root is not None:
+        report_dropped_wal(archive.root)
+    report = ship_to_copy(archive, put_timeout=settings.copy_timeout_seconds, for_seconds=WAL_SHIP_SECONDS)
+    if report.error:
+        log.warning("wal_ship: the copy %s did not take the backlog: %s", report.copy, report.error)
+    return report.to_dict()
+
+
+def report_dropped_wal(root: Path) -> None:
+    """One Sentry event per range of WAL that wal-push dropped and no run has reported yet."""
+    records = [r for r in dropped.read(root) if not r.reported]
+    for run in dropped.ranges(records):
+        capture_problem(f"wal-push DROPPED WAL {dropped.describe(run)} without storing it (--drop-after: neither the "
+                        f"archive nor the copy took it): no recovery crosses it until a new snapshot; take one now "
+                        f"(`backup-tasks snapshot`)", backup_kind="wal")
+    dropped.mark_reported(root, [r.name for r in records])
 
 
 def _queue_day(day: str, backup_id: str, ids: dict[str, str]) -> None:
