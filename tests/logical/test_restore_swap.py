@@ -555,7 +555,7 @@ def test_interrupts_at_every_moment_of_a_replace_leave_old_or_new_data_and_no_st
         ("right after the swap", when(swap_seen), signal.SIGINT, False),
     ]
     watched += [(f"after {fraction:.0%} of a run", after(fraction * duration), signal.SIGINT, False)
-                for fraction in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+                for fraction in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)]  # the watched moments above cover the steps
     results = []
     for name, moment, signum, group in watched:
         old_oid[0] = 0
