@@ -127,7 +127,8 @@ def _restorable(settings: Settings, storage: Storage) -> list[dict[str, Any]]:
     from backup_tasks.wal.remote import archive_for_reading
 
     try:
-        archive = archive_for_reading(settings)  # the bucket's wal/ when BACKUP_DIR is one (disaster recovery)
+        # The bucket's wal/ when BACKUP_DIR is one (disaster recovery); the copy listed only to fill a hole.
+        archive = archive_for_reading(settings, copy_on_gap=True)
         return [r.to_dict() for r in restorable_ranges(storage, archive)]
     except Exception:  # listing must not fail because the archive is unreadable
         return []

@@ -224,7 +224,7 @@ def local_archive(settings: Settings) -> WalArchive | None:
 def _archive_for_health(facts: Facts, settings: Settings) -> WalArchive | None:
     """The archive a restore reads (the bucket's ``wal/`` when BACKUP_DIR is one); None, recorded, if it cannot be."""
     try:
-        return archive_for_reading(settings)
+        return archive_for_reading(settings, copy_on_gap=True)  # the copy listed only to fill a hole
     except BackupError as exc:
         facts.sources.append(SourceStatus(WAL_ARCHIVE, False, str(exc), exc))
         facts.continuity = WalSurvey(archive=str(settings.wal_archive_dir or settings.backup_dir), error=str(exc))

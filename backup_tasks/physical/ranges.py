@@ -77,7 +77,8 @@ def restorable_ranges(storage: Storage, archive: WalArchive, snapshots: list[Man
 
     Oldest snapshot first, each by ascending timeline. ``snapshots``: the catalog's, when the caller has
     read it already (the exporter, per scrape). One pass over the archive for all of them (12 weekly
-    snapshots over 100,000+ segments), not one each.
+    snapshots over 100,000+ segments), not one each. A hole in an archive read with ``copy_on_gap`` is
+    looked for in its copy too, and the ranges read again.
     """
     if snapshots is None:
         snapshots = catalog.catalog(storage, kind="snapshot")
@@ -98,6 +99,8 @@ def restorable_ranges(storage: Storage, archive: WalArchive, snapshots: list[Man
         size = int(snap.wal_segment_size or 0)
         steps = tree.steps(timeline, size, segment_number(str(snap.start_segment), size))
         ranges.append(SnapshotRange(snap, cov, start, until, steps))
+    if any(r.coverage.gap for r in ranges) and archive.see_the_copy():
+        return restorable_ranges(storage, archive, snapshots)
     return ranges
 
 

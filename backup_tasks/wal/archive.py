@@ -98,13 +98,16 @@ class WalArchive:
     """The WAL archive in ``primary``, copied to ``copy``: any locations (see the module docstring)."""
 
     def __init__(self, primary: Storage, copy: Storage | None = None, *, recipients: tuple[str, ...] = (),
-                 identity_file: str | Path | None = None, read_copy: bool = True) -> None:
+                 identity_file: str | Path | None = None, read_copy: bool = True, copy_on_gap: bool = False) -> None:
         self.primary = primary
         #: BACKUP_COPY_TO's ``wal/``: every archived file is also stored there, and fetch falls back to it.
         self.copy = copy
         #: Readers see the primary and the copy as one archive (``wal.contents``); False: the primary alone
         #: (a reader that must never list the copy, such as the metrics exporter on every scrape).
-        self.read_copy = read_copy
+        self.read_copy = read_copy and not copy_on_gap
+        #: ``copy_on_gap``: the primary alone until a reader finds a hole there (``see_the_copy``): a look at the
+        #: state (``list``, ``health``) lists the copy (a request per 1,000 segments) only when it may fill one.
+        self.copy_on_gap = copy_on_gap
         self.mirror = Mirror(primary, copy, WAL)
         #: BACKUP_ENCRYPT_RECIPIENT: pushed files are age-encrypted to these public keys.
         self.recipients = tuple(recipients)
@@ -117,7 +120,8 @@ class WalArchive:
     @classmethod
     def in_directory(cls, root: Path | str, copy_to: str | None = None, *, recipients: tuple[str, ...] = (),
                      identity_file: str | Path | None = None,
-                     copy_credentials: S3Credentials | None = None, read_copy: bool = True) -> WalArchive:
+                     copy_credentials: S3Credentials | None = None, read_copy: bool = True,
+                     copy_on_gap: bool = False) -> WalArchive:
         """The archive in the directory ``root``, copied to ``<copy_to>/wal`` (BACKUP_COPY_TO) when given.
 
         A bucket copy is opened at its first use (a push acknowledged from a marker never opens it);
@@ -127,13 +131,15 @@ class WalArchive:
         copy = open_storage(f"{copy_to.rstrip('/')}/{COPY_SUBDIR}", setting="BACKUP_COPY_TO",
                             credentials=copy_credentials, when_used=True) if copy_to else None
         return cls(open_storage(str(root), setting="WAL_ARCHIVE_DIR", modes=WAL_MODES), copy, recipients=recipients,
-                   identity_file=identity_file, read_copy=read_copy)
+                   identity_file=identity_file, read_copy=read_copy, copy_on_gap=copy_on_gap)
 
     @classmethod
-    def for_settings(cls, settings: Any, root: Path | None = None, *, read_copy: bool = True) -> WalArchive:
+    def for_settings(cls, settings: Any, root: Path | None = None, *, read_copy: bool = True,
+                     copy_on_gap: bool = False) -> WalArchive:
         """The archive of ``Settings``: its directory, BACKUP_COPY_TO, encryption recipients and identity file."""
         return cls.in_directory(root or settings.wal_archive, settings.copy_to, recipients=settings.encrypt_recipients,
-                                identity_file=settings.decrypt_identity_file, read_copy=read_copy)
+                                identity_file=settings.decrypt_identity_file, read_copy=read_copy,
+                                copy_on_gap=copy_on_gap)
 
     def __repr__(self) -> str:
         return f"WalArchive({self.location!r})"
@@ -165,6 +171,14 @@ class WalArchive:
             copy = ArchiveContents(self.copy, None) if self.copy is not None and self.read_copy else None
             self._contents = UnionContents(ArchiveContents(self.primary, self.root), copy)
         return self._contents
+
+    def see_the_copy(self) -> bool:
+        """With ``copy_on_gap``: read the copy too from now on (a reader found a hole in the primary); whether
+        that changes what is read (False: no copy, or it is read already)."""
+        if not self.copy_on_gap or self.read_copy or self.copy is None:
+            return False
+        self.read_copy, self._contents = True, None
+        return True
 
     @property
     def copy_problem(self) -> str | None:

@@ -39,8 +39,10 @@ def archive_at(url: str, *, identity_file: str | Path | None = None, as_of: date
                       identity_file=identity_file)
 
 
-def archive_for_reading(settings: Any) -> WalArchive:
+def archive_for_reading(settings: Any, *, copy_on_gap: bool = False) -> WalArchive:
     """The archive restores read: the bucket's ``wal/`` when ``Settings.wal_archive_url`` says so, else local.
+
+    ``copy_on_gap``: the local archive's copy is read only once a reader finds a hole (``WalArchive``).
 
     With ``--as-of`` (``settings.as_of``) the WAL is read from a bucket as it was then: BACKUP_DIR's
     ``wal/`` when it is a bucket, else BACKUP_COPY_TO's (a local archive keeps no earlier versions).
@@ -55,4 +57,4 @@ def archive_for_reading(settings: Any) -> WalArchive:
         url = archive_url(bucket)
     if url:
         return archive_at(url, identity_file=settings.decrypt_identity_file, as_of=as_of)
-    return WalArchive.for_settings(settings)
+    return WalArchive.for_settings(settings, copy_on_gap=copy_on_gap)

@@ -85,6 +85,14 @@ def test_readers_see_the_archive_and_its_copy_as_one(tmp_path: Path, s3_env: S3S
     alone = WalArchive.in_directory(tmp_path / "wal", copy_to, read_copy=False)
     assert alone.segment_names() == local_names and alone.history_names() == []
 
+    # A look at the state (list, health): the copy is listed only once a reader found a hole to fill.
+    looking = WalArchive.in_directory(tmp_path / "wal", copy_to, copy_on_gap=True)
+    listings = count_listings(looking.copy, monkeypatch)
+    assert looking.segment_names() == local_names and listings == []
+    assert coverage(looking, names[0], SIZE).gap is not None, "the local archive alone has a hole"
+    assert looking.see_the_copy() and not looking.see_the_copy()
+    assert coverage(looking, names[0], SIZE).gap is None and listings == [""]
+
 
 def test_an_unreadable_copy_leaves_the_local_archive_readable(tmp_path: Path, s3_env: S3Server,
                                                              monkeypatch: pytest.MonkeyPatch,
