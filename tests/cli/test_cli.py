@@ -52,6 +52,7 @@ def test_usage_errors_exit_2() -> None:
     assert run("dump", "--trading-day", "yesterday", env=worker_env(DATABASE_URL="postgresql://h/db")).returncode == 2
 
 
+@pytest.mark.slow
 def test_list_and_health_on_an_empty_and_a_healthy_catalog(
         trading_db: ConnInfo, tmp_path: Path) -> None:
     env = worker_env(DATABASE_URL=url_of(trading_db), BACKUP_DIR=str(tmp_path), BACKUP_LOCK_URL="")

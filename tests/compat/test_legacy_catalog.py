@@ -193,12 +193,14 @@ def test_list_shows_the_old_backups_as_the_old_version_did(legacy: Legacy) -> No
     assert listed["restorable"][0]["wal_gap"] is None
 
 
+@pytest.mark.slow
 def test_verify_passes_on_the_old_dump(legacy: Legacy) -> None:
     newer = legacy.expected["newer_dump"]
     report = legacy.ok("verify", newer)
     assert report["ok"] and report["problems"] == [], report
 
 
+@pytest.mark.slow
 def test_restore_gives_exactly_the_recorded_rows(legacy: Legacy, make_database: Callable[..., Any]) -> None:
     for backup_id, content in legacy.expected["dumps"].items():
         target = url_of(make_database())
@@ -232,6 +234,7 @@ def test_prune_dry_run_says_what_retention_says(legacy: Legacy) -> None:
         assert set(report["wal_deleted"]) <= set(expirable)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("legacy", [(v, "locked-bucket") for v in VARIANTS], ids=ids, indirect=True)
 def test_prune_keeps_what_the_lock_holds(legacy: Legacy) -> None:
     report = legacy.ok("prune")

@@ -58,6 +58,7 @@ def test_the_rules_pass_promtool_check() -> None:
     assert f"SUCCESS: {len(rules())} rules found" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("test_file", RULE_TESTS, ids=lambda path: path.name)
 def test_the_unit_tests_of_the_rules_pass(test_file: Path) -> None:
     # Each file names the shipped rules file, not a copy.

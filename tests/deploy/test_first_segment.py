@@ -68,6 +68,7 @@ def test_the_backups_volume_belongs_to_the_user_that_runs_wal_push() -> None:
         assert service(compose, name)["user"] == owner  # the worker reads and prunes what postgres wrote
 
 
+@pytest.mark.slow
 def test_a_fresh_deployment_archives_its_first_segment_without_check(base: Path) -> None:
     compose: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
     postgres = service(compose, "postgres")

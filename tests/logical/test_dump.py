@@ -102,6 +102,7 @@ def test_gzip_option(trading_db: ConnInfo, settings_for: Callable[..., Settings]
     assert manifest.path.endswith(".dump.gz") and path.read_bytes()[:2] == b"\x1f\x8b"
 
 
+@pytest.mark.slow
 def test_row_counts_come_from_the_dump_snapshot_under_concurrent_writes(
         make_database: Callable[..., ConnInfo], settings_for: Callable[..., Settings]) -> None:
     """A writer inserts throughout the dump; verify then demands exact equality with the restored rows."""
@@ -159,6 +160,7 @@ def test_two_days_wanting_one_id_get_two_backups(trading_db: ConnInfo,
     assert later_backup_id("aitrapp-dump-by-hand") is None
 
 
+@pytest.mark.slow
 def test_wrong_password_fails_clearly_and_leaves_nothing(password_server: ConnInfo, tmp_path: Path) -> None:
     backup_dir = tmp_path / "backups"
     backup_dir.mkdir()
@@ -181,6 +183,7 @@ def test_server_down_is_retryable_and_leaves_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_password_never_on_a_command_line_nor_in_the_manifest(password_server: ConnInfo, tmp_path: Path) -> None:
     with connect(password_server) as conn:
         if conn.execute("SELECT to_regclass('public.signals')").fetchone()[0] is None:
@@ -223,6 +226,7 @@ def test_a_second_dump_of_the_same_database_is_refused_while_one_runs(
     run_dump(settings)  # released: works again
 
 
+@pytest.mark.slow
 def test_disk_full_removes_the_partial_file(make_database: Callable[..., ConnInfo], tmp_path: Path) -> None:
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("needs root to mount a tiny tmpfs")

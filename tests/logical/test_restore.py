@@ -87,6 +87,7 @@ def test_restore_refuses_the_source_database_and_a_corrupt_backup(
         restore_backup(settings, manifest.id, None)
 
 
+@pytest.mark.slow
 def test_cli_restore_takes_the_target_from_the_environment(
         trading_db: ConnInfo, make_database: Callable[..., ConnInfo], tmp_path: Path) -> None:
     target = make_database()

@@ -296,6 +296,7 @@ def test_refused_because_clients_are_connected_leaves_no_staging_database(
     assert databases_like(pg_admin, target) == [target.dbname] and fingerprint(target) == before
 
 
+@pytest.mark.slow
 def test_a_client_connecting_during_the_restore_refuses_the_swap_and_leaves_no_staging_database(
         backup_and_target: tuple[Settings, str, ConnInfo], pg_admin: ConnInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, backup_id, target = backup_and_target
@@ -452,6 +453,7 @@ def restore_in_process(s: Scenario, target: ConnInfo) -> list[str]:
     return result.notes
 
 
+@pytest.mark.slow
 def test_a_staging_database_left_by_a_killed_restore_is_removed_by_the_next_one(small_scenario: Scenario) -> None:
     s = small_scenario
     target = s.fresh_target()
@@ -463,6 +465,7 @@ def test_a_staging_database_left_by_a_killed_restore_is_removed_by_the_next_one(
     assert databases_like(s.admin, target) == [target.dbname] and fingerprint(target) == s.old
 
 
+@pytest.mark.slow
 def test_a_restore_killed_between_its_renames_is_repaired_by_the_next_one(small_scenario: Scenario) -> None:
     s = small_scenario
     target = s.fresh_target()
@@ -482,6 +485,7 @@ def test_a_restore_killed_between_its_renames_is_repaired_by_the_next_one(small_
     assert databases_like(s.admin, target) == [target.dbname] and fingerprint(target) == s.new
 
 
+@pytest.mark.slow
 def test_a_restore_killed_while_dropping_the_old_copy_has_it_dropped_by_the_next_one(small_scenario: Scenario) -> None:
     s = small_scenario
     target = s.fresh_target()

@@ -330,6 +330,7 @@ def test_health_judges_the_reading_the_metrics_expose(settings: Settings, storag
     assert report.wal["server_timeline"] == 1 and report.wal["missing_in_flight"] == 0
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_costs_health_seconds(settings: Settings, storage: MemoryStorage,
                                                            tmp_path: Path) -> None:
     """The one timeout of ``postgres.archiver`` bounds health too; the silent server is named, the rest judged."""

@@ -161,6 +161,7 @@ def test_wal_fetch_reads_ahead_into_a_verified_spool(
     assert sorted(p.name for p in pg_wal.iterdir()) == ["RECOVERYXLOG"]
 
 
+@pytest.mark.slow
 def test_history_files_gaps_and_unreadable_buckets(
         bucket_archive: tuple[str, list[str], dict[str, bytes]], tmp_path: Path, s3_env: S3Server) -> None:
     url, names, _contents = bucket_archive

@@ -68,6 +68,7 @@ def postgres_processes_in(path: Path) -> list[int]:
     return sorted(found)
 
 
+@pytest.mark.slow
 def test_the_cluster_of_a_killed_run_is_stopped_and_removed_by_the_next_start(parent: Path) -> None:
     run = subprocess.Popen([sys.executable, "-c", START_AND_WAIT, str(parent)], stdout=subprocess.PIPE, text=True,
                            cwd=ROOT, start_new_session=True)

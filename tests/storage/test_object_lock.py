@@ -337,6 +337,7 @@ def next_second() -> datetime:
     return moment
 
 
+@pytest.mark.slow
 def test_as_of_reads_what_was_there_before_delete_markers_and_overwrites(
         locked_bucket_url: str, s3_env: S3Server) -> None:
     storage = open_storage(locked_bucket_url)

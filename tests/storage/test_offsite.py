@@ -232,6 +232,7 @@ def test_check_reports_each_location_and_the_keys(tmp_path: Path, s3_env: S3Serv
 
 # --- WAL: archived locally and copied, fetched with fallback ------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("copy_kind", ["bucket", "directory"])
 def test_wal_push_copies_each_segment_and_wal_fetch_falls_back(
         copy_kind: str, tmp_path: Path, s3_env: S3Server) -> None:
@@ -283,6 +284,7 @@ def test_wal_push_copies_each_segment_and_wal_fetch_falls_back(
     assert (tmp_path / "restored-5").read_bytes() == (tmp_path / "pg_wal" / next_name).read_bytes()
 
 
+@pytest.mark.slow
 def test_wal_segments_are_encrypted_when_recipients_are_given(tmp_path: Path, s3_env: S3Server) -> None:
     import os
 

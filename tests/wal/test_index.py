@@ -282,6 +282,7 @@ def random_archive(rng: random.Random, archive: WalArchive, tmp: Path) -> tuple[
     return segment_size, starts
 
 
+@pytest.mark.slow
 def test_coverage_from_the_index_equals_a_walk_over_the_names(tmp_path: Path) -> None:
     """Random archives with gaps and timelines: from the index (cold, cached, after changes) and from names."""
     for seed in range(20):

@@ -121,6 +121,7 @@ def watch(archive: WalArchive, failing: set[str] = frozenset()) -> tuple[WalArch
 
 # --- through the console script, against a real S3 server --------------------------------------------------
 
+@pytest.mark.slow
 def test_push_ahead_stores_the_ready_files_and_their_calls_never_touch_s3(
         tmp_path: Path, bucket_url: str, s3_env: S3Server) -> None:
     names = [*SEGMENTS[:4], HISTORY, BACKUP_LABEL]
