@@ -136,14 +136,20 @@ def test_wal_push_ships_the_backlog_itself_once_the_copy_may_answer(setup: tuple
     assert state.read(archive.root)["copy"].segment == SEGMENTS[2]
 
 
+def queue_while_refused(archive: WalArchive, copy: Copy, pg_wal: Path, names: list[str]) -> None:
+    """``names`` pushed (and marked done, as the archiver would) while the copy refuses: all queued for it."""
+    copy.refusing = True
+    for name in names:
+        assert push_and_record(archive, pg_wal / name, copy_within=1).copy == "queued"
+        archived(pg_wal, name)
+    copy.refusing = False
+
+
 def test_concurrent_shippers_never_send_a_file_twice(setup: tuple[WalArchive, Copy, Path]) -> None:
     archive, copy, pg_wal = setup
     assert archive.root is not None
-    copy.refusing = True
-    for name in SEGMENTS[:4]:
-        push_and_record(archive, pg_wal / name, copy_within=1)
-        archived(pg_wal, name)
-    copy.refusing, copy.put_delay = False, 0.2
+    queue_while_refused(archive, copy, pg_wal, SEGMENTS[:4])
+    copy.put_delay = 0.2
     copy.puts.clear()
     reports = []
     threads = [threading.Thread(target=lambda: reports.append(ship(archive, put_timeout=5))) for _ in range(3)]
@@ -159,10 +165,7 @@ def test_concurrent_shippers_never_send_a_file_twice(setup: tuple[WalArchive, Co
 def test_a_damaged_archived_object_is_never_shipped(setup: tuple[WalArchive, Copy, Path]) -> None:
     archive, copy, pg_wal = setup
     assert archive.root is not None
-    copy.refusing = True
-    for name in SEGMENTS[:2]:
-        push_and_record(archive, pg_wal / name, copy_within=1)
-    copy.refusing = False
+    queue_while_refused(archive, copy, pg_wal, SEGMENTS[:2])
     damaged = bytearray(archive.path_for(SEGMENTS[0]).read_bytes())
     damaged[100] ^= 0xFF
     os.chmod(archive.path_for(SEGMENTS[0]), 0o640)
