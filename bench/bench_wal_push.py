@@ -13,7 +13,8 @@ after each exit 0 (what the archiver does). Variants, each in a fresh archive di
   ``.ready`` files, so every call stores only its own segment (what wal-push did before push-ahead).
 
 Rounds are interleaved (``--rounds``, default 3, after one warm-up round not counted); figures are
-medians. After each S3 run every segment is checked to be in the copy. Goal: ``s3`` >= 10 segments/s.
+medians. After each S3 run every segment is checked to be in the copy. Goal (issue 18): ``s3`` >= 10
+segments/s, or at least 0.9x ``local`` in the same run (the machine's own speed bounds both).
 
     flock -x /tmp/bt-machine.lock .venv/bin/python bench/bench_wal_push.py --segments 60 --rounds 3
 """
@@ -42,6 +43,7 @@ from support.s3 import MotoProcess, moto_process
 
 SEGMENT_BYTES = 16 * MIB
 GOAL = 10.0
+GOAL_RATIO = 0.9
 BUCKET = "bench-wal"
 
 
@@ -126,6 +128,7 @@ def main() -> None:
                       + ("" if round_number else "  [warm-up]"), file=sys.stderr)
     summary: dict[str, Any] = {"machine": host_facts(),
                                "segments": args.segments, "rounds": args.rounds, "goal_s3_segments_per_s": GOAL,
+                               "goal_s3_vs_local_ratio": GOAL_RATIO,
                                "runs": runs, "medians": {}}
     for variant, results in runs.items():
         if results:
@@ -134,7 +137,7 @@ def main() -> None:
     local, s3 = ([r["segments_per_s"] for r in runs[variant]] for variant in ("local", "s3"))
     ratio, _pairs = paired_ratios(local, s3)
     summary["s3_vs_local_ratio"] = round(ratio, 3)
-    summary["goal_met"] = medians["s3"] >= GOAL
+    summary["goal_met"] = medians["s3"] >= GOAL or ratio >= GOAL_RATIO
     write_results(f"wal_push_{stamp()}", {".json": json.dumps(summary, indent=2)})
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -142,7 +145,7 @@ def main() -> None:
     for variant, value in medians.items():
         print(f"{variant:14} {value:6.2f} segments/s (median of {len(runs[variant])})")
     print(f"s3 / local throughput ratio {summary['s3_vs_local_ratio']} (median of pairs); "
-          f"goal s3 >= {GOAL}/s: {'OK' if summary['goal_met'] else 'MISSED'}")
+          f"goal s3 >= {GOAL}/s or >= {GOAL_RATIO}x local: {'OK' if summary['goal_met'] else 'MISSED'}")
 
 
 if __name__ == "__main__":

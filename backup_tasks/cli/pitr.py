@@ -47,7 +47,7 @@ def cmd_wal_push(args: argparse.Namespace, settings: Settings) -> int:
     # As the fast path does: push-ahead with a copy, then the state file the exporter reads.
     result = push_and_record(archive, Path(args.path), level=args.level,
                              copy_within=args.copy_timeout or settings.copy_timeout_seconds,
-                             drop_after=args.drop_after or settings.wal_drop_after_bytes)
+                             drop_after=args.drop_after or settings.wal_drop_after_bytes, detach=True)
     if args.json or args.verbose:
         emit(args, asdict(result), f"{result.name}: {result.status} ({result.original_bytes} -> "
                                     f"{result.stored_bytes} bytes), copy: {result.copy or 'none'}")

@@ -249,7 +249,7 @@ def _push(call: Call) -> int | None:
         copy_timeout = call.options.get("copy_timeout")
         push_and_record(archive, Path(call.arguments[0]), level=int(call.options.get("level", 1)),
                         copy_within=float(copy_timeout) if copy_timeout is not None else None,
-                        drop_after=int(drop_after) if drop_after is not None else None)
+                        drop_after=int(drop_after) if drop_after is not None else None, detach=True)
     except BackupError as exc:
         print(f"backup-tasks wal-push: error: {exc}", file=sys.stderr)
         return exit_leaving_copies(exc.exit_code)
@@ -270,7 +270,8 @@ def exit_leaving_copies(code: int) -> int:
 
 
 def push_and_record(archive: WalArchive, source: Path, *, level: int | None = None,
-                    copy_within: float | None = None, drop_after: int | None = None) -> PushResult:
+                    copy_within: float | None = None, drop_after: int | None = None,
+                    detach: bool = False) -> PushResult:
     """``wal-push`` of ``source`` (push-ahead with a copy), then the archive's state file (``wal.state``) updated.
 
     The state records a segment once it is acknowledged: stored here, and in the copy when the copy
@@ -278,7 +279,8 @@ def push_and_record(archive: WalArchive, source: Path, *, level: int | None = No
     archive's entry moves and the copy's stays behind until the shipper catches up, which is how the
     exporter sees a lagging copy. Every ``wal-push`` path is to call this (the fast path above, and
     the full CLI's ``cmd_wal_push``), so the state misses no segment. ``copy_within``: seconds the copy
-    is given (None: ``backlog.COPY_TIMEOUT``); ``drop_after``: ``wal.dropped``.
+    is given (None: ``backlog.COPY_TIMEOUT``); ``drop_after``: ``wal.dropped``; ``detach``: the files ahead
+    are stored by a forked pusher (``wal.pushahead``), for a caller that is a process of its own.
     """
     from backup_tasks.errors import BackupError, StorageError, WalConflict
     from backup_tasks.wal.backlog import COPY_TIMEOUT
@@ -290,7 +292,7 @@ def push_and_record(archive: WalArchive, source: Path, *, level: int | None = No
     recorded = bool(SEGMENT_RE.match(source.name))  # history, .partial and .backup files are not "newest WAL"
     try:
         result = push(archive, source, level=DEFAULT_LEVEL if level is None else level,
-                      copy_within=COPY_TIMEOUT if copy_within is None else copy_within)
+                      copy_within=COPY_TIMEOUT if copy_within is None else copy_within, detach=detach)
     except BackupError as exc:
         if drop_after is not None and isinstance(exc, StorageError) and not isinstance(exc, WalConflict):
             dropped = _drop(archive, source, exc, drop_after)  # neither the archive nor the copy took it

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -65,24 +66,39 @@ DRAIN_SECONDS = 2.0
 #: A marker older than this proves nothing (its file takes the slow path) and is swept: it waits only for
 #: its file's own call, seconds or minutes later; a day bounds what WAL expiry or a hand could do meanwhile.
 STALE_MARKER_SECONDS = 86400.0
+#: The detached pusher's lock (holding its pid) and its claims, ``.claim.<name>``, in the marker directory.
+PUSHER_LOCK = ".pusher.lock"
+CLAIM_PREFIX = ".claim."
+#: How often a call waiting on a claimed file looks for its marker (and the pusher for new ``.ready`` files).
+CLAIM_POLL_SECONDS = 0.005
+#: The detached pusher ends once no new ``.ready`` file came for this long (the next call starts another).
+IDLE_SECONDS = 1.0
 
 
 def push(archive: WalArchive, source: Path, *, level: int = DEFAULT_LEVEL,
-         copy_within: float = COPY_TIMEOUT) -> PushResult:
+         copy_within: float = COPY_TIMEOUT, detach: bool = False) -> PushResult:
     """``wal-push``: ``source`` stored in the archive and (within ``copy_within`` seconds, else queued) its copy,
     then its following ``.ready`` files ahead; behind a backlog, queued behind it.
 
     Push-ahead needs the archive in a local directory (its markers live there) and a copy to skip.
+    ``detach`` (the console script, a process of its own): the files ahead are stored by a pusher
+    process forked once ``source`` is acknowledged, so the server's next calls overlap with that
+    work instead of waiting for all of it in this call; a call whose file that pusher has claimed
+    waits for its marker.
     """
     if archive.copy is None or archive.root is None:
         return archive.push(source, level=level, copy_within=copy_within)
     acknowledged = acknowledge_from_marker(archive, source)
     if acknowledged is not None:
         return acknowledged
+    if detach:
+        acknowledged = await_claimed(archive, source)
+        if acknowledged is not None:
+            return acknowledged
     backlog = Backlog(archive.root)
     if backlog.pending() or not backlog.retry_due():  # the copy lacks files, or just failed: not waited on
         return push_behind_backlog(archive, backlog, source, level=level, copy_within=copy_within)
-    return push_with_ahead(archive, source, level=level, copy_within=copy_within)
+    return push_with_ahead(archive, source, level=level, copy_within=copy_within, detach=detach)
 
 
 def push_behind_backlog(archive: WalArchive, backlog: Backlog, source: Path, *, level: int,
@@ -196,54 +212,196 @@ def ready_after(source: Path) -> list[Path]:
 
 
 def push_with_ahead(archive: WalArchive, source: Path, *, level: int = DEFAULT_LEVEL,
-                    copy_within: float = COPY_TIMEOUT) -> PushResult:
-    """Store ``source`` everywhere (its result, or its error, is the call's), and its ``ready_after`` with markers.
+                    copy_within: float = COPY_TIMEOUT, detach: bool = False) -> PushResult:
+    """Store ``source`` everywhere (its result, or its error, is the call's), then its ``ready_after`` with markers.
 
-    One copy client for all, ``THREADS`` files at a time, ``source`` first. A failure ahead is
-    silent: no marker, so that file's own call takes the slow path and reports it. Each put into the
-    copy is given ``copy_within`` seconds; when ``source`` was queued instead, nothing more is started.
+    The files ahead are stored in this call, or with ``detach`` by a forked pusher after it returns
+    (``_fork_pusher``). Nothing goes ahead when ``source`` was queued for the copy instead.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    result = archive.push(source, level=level, copy_within=copy_within)
+    _remove_marker(archive, source.name)  # a stale one (it proved nothing): acknowledged the slow way now
+    if result.copy != "stored" or not ready_after(source):
+        return result
+    if not (detach and _fork_pusher(archive, source, level, copy_within)):
+        _push_ahead(archive, source, level, copy_within, claims=False)
+    return result
+
+
+def pusher_lock_path(archive: WalArchive) -> Path:
+    return marker_dir(archive) / PUSHER_LOCK
+
+
+def claim_path(archive: WalArchive, name: str) -> Path:
+    return marker_dir(archive) / f"{CLAIM_PREFIX}{name}"
+
+
+def pusher_pid(archive: WalArchive) -> int | None:
+    """The pid of the detached pusher now running for this archive, if one is (its lock is held)."""
+    import fcntl
+
+    try:
+        fd = os.open(pusher_lock_path(archive), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+            except ValueError:
+                return None
+        return None
+    finally:
+        os.close(fd)
+
+
+def await_claimed(archive: WalArchive, source: Path) -> PushResult | None:
+    """The result for ``source`` once the running pusher has stored it (its marker), else None (the slow path).
+
+    Waits only while the file is claimed by a live pusher: never for a file it will not store.
+    """
+    claim = claim_path(archive, source.name)
+    if not claim.exists():
+        return None
+    until = time.monotonic() + AHEAD_SECONDS
+    next_liveness = 0.0
+    while claim.exists() and time.monotonic() < until:
+        if time.monotonic() >= next_liveness:
+            if pusher_pid(archive) is None:
+                break  # killed mid-file: its claim is a leftover, and proves nothing
+            next_liveness = time.monotonic() + 0.1
+        time.sleep(CLAIM_POLL_SECONDS)
+    return acknowledge_from_marker(archive, source)
+
+
+def _fork_pusher(archive: WalArchive, source: Path, level: int, copy_within: float) -> bool:
+    """Start the detached pusher for the files after ``source``; False when it cannot run here (do it inline).
+
+    One pusher per archive at a time (a lock it holds). The fork keeps this process's imports and its
+    copy client, so the pusher starts at no cost; it runs in a session of its own with no terminal
+    and the null device as stdio, so neither the archiver nor anything reading this call's output
+    waits for it. Only a process with one thread may fork (a put abandoned in its thread stays here).
+    """
+    import threading
+
+    if threading.active_count() > 1 or not hasattr(os, "fork"):
+        return False
+    if pusher_pid(archive) is not None:
+        return True  # the running pusher picks up the new ``.ready`` files itself
+    try:
+        make_dirs(marker_dir(archive), DIR_MODE, inside=archive.root)
+    except OSError:
+        return False
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return True
+    code = 0
+    try:  # the child: never returns into the caller
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        _run_pusher(archive, source, level, copy_within)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _run_pusher(archive: WalArchive, source: Path, level: int, copy_within: float) -> None:
+    """The detached pusher: under the archive's pusher lock, the ``.ready`` files after ``source`` until idle."""
+    import fcntl
+
+    fd = os.open(pusher_lock_path(archive), os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # another pusher runs: it does the same work
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    for entry in os.listdir(marker_dir(archive)):  # claims of a pusher killed mid-way: nobody stores them now
+        if entry.startswith(CLAIM_PREFIX):
+            _remove(marker_dir(archive) / entry)
+    _push_ahead(archive, source, level, copy_within, claims=True)
+    os.ftruncate(fd, 0)  # the pid of a pusher that ended must not be signalled later
+
+
+def _push_ahead(archive: WalArchive, source: Path, level: int, copy_within: float, *, claims: bool) -> None:
+    """Store the ``.ready`` files after ``source`` with markers, ``THREADS`` at a time, in the server's order.
+
+    A failure ahead is silent: no marker, so that file's own call takes the slow path and reports it;
+    a failing copy stops everything (the rest would fail the same way). With ``claims`` (the detached
+    pusher) each file is claimed while it is in hand, so its own call waits for it rather than storing
+    it a second time, and ``.ready`` files the server completes meanwhile are taken up until none
+    came for ``IDLE_SECONDS``; without, the files found by the scans before the work runs out.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     deadline = time.monotonic() + AHEAD_SECONDS
     pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="wal-push")
     submitted: set[str] = set()
-    pending: list[Future[None]] = []
-
-    def submit_ready() -> None:
-        for path in ready_after(source):
-            if len(submitted) < MAX_AHEAD and path.name not in submitted:
-                submitted.add(path.name)
-                if not marker_path(archive, path.name).exists():
-                    pending.append(pool.submit(_store_ahead, archive, path, level, deadline, copy_within))
-
-    ok = False
+    pending: dict[Future[None], str] = {}
+    idle_since = time.monotonic()
+    ok = True
     try:
-        main = pool.submit(archive.push, source, level=level, copy_within=copy_within)
-        submit_ready()
-        result = main.result()
-        _remove_marker(archive, source.name)  # a stale one (it proved nothing): acknowledged the slow way now
-        ok = result.copy == "stored"
-        if ok:
-            submit_ready()  # what the server completed meanwhile (this call's start-up and first put are slow)
-            for future in pending:
+        while ok:
+            if time.monotonic() < deadline:
+                for path in ready_after(source):
+                    if len(pending) >= MAX_AHEAD:
+                        break
+                    if path.name in submitted or marker_path(archive, path.name).exists():
+                        continue
+                    submitted.add(path.name)
+                    if claims:
+                        _claim(archive, path.name)
+                    pending[pool.submit(_store_ahead, archive, path, level, deadline, copy_within)] = path.name
+            if not pending:
+                if not claims or time.monotonic() - idle_since > IDLE_SECONDS or time.monotonic() >= deadline:
+                    break
+                time.sleep(CLAIM_POLL_SECONDS * 4)
+                continue
+            done, _running = wait(pending, timeout=CLAIM_POLL_SECONDS * 4 if claims else None,
+                                  return_when=FIRST_COMPLETED)
+            for future in done:
+                name = pending.pop(future)
+                if claims:
+                    _remove(claim_path(archive, name))
                 try:
                     future.result()
                 except StorageError as exc:  # the copy failed (or went down since): the rest would too
                     log.debug("pushing ahead stopped: %s", exc)
                     ok = False
-                    break
                 except Exception as exc:  # its own call retries it and reports what is wrong
                     log.debug("pushing ahead failed: %s", exc)
+            idle_since = time.monotonic()
     finally:
         # When the copy failed, the files not started would fail the same way: do not make the server wait
         # for them. What already runs is abandoned (a file ahead gets no marker unless its put succeeded;
         # one killed half-way by the process ending leaves a partial file prune clears, and its own call
         # stores it).
         pool.shutdown(wait=ok, cancel_futures=not ok)
+        if claims:
+            for name in pending.values():
+                _remove(claim_path(archive, name))
     if submitted:
         _sweep_markers(archive)
-    return result
+
+
+def _claim(archive: WalArchive, name: str) -> None:
+    try:
+        os.close(os.open(claim_path(archive, name), os.O_WRONLY | os.O_CREAT, FILE_MODE))
+    except OSError:
+        pass  # unclaimed, its own call stores it too: the same object, create-only
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def _store_ahead(archive: WalArchive, source: Path, level: int, deadline: float, copy_within: float) -> None:
@@ -282,10 +440,7 @@ def _write_marker(archive: WalArchive, name: str, content: dict[str, object]) ->
 
 
 def _remove_marker(archive: WalArchive, name: str) -> None:
-    try:
-        marker_path(archive, name).unlink()
-    except OSError:
-        pass
+    _remove(marker_path(archive, name))
 
 
 def _read_marker(path: Path) -> dict[str, object] | None:
@@ -303,7 +458,10 @@ def _read_marker(path: Path) -> dict[str, object] | None:
 
 
 def _sweep_markers(archive: WalArchive) -> None:
-    """Remove markers nobody asked for in a week (a timeline switch, a server gone) and stray temporaries."""
+    """Remove markers nobody asked for in a day (a timeline switch, a server gone) and stray temporaries.
+
+    The pusher's lock stays: a lock file removed under its holder would let a second pusher in.
+    """
     directory = marker_dir(archive)
     now = time.time()
     try:
@@ -311,6 +469,8 @@ def _sweep_markers(archive: WalArchive) -> None:
     except OSError:
         return
     for entry in entries:
+        if entry == PUSHER_LOCK:
+            continue
         path = directory / entry
         try:
             age = now - path.stat().st_mtime

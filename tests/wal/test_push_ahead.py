@@ -30,7 +30,7 @@ from backup_tasks.storage.locations import open_locations
 from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.backlog import Backlog
 from backup_tasks.wal.layout import object_key
-from backup_tasks.wal.pushahead import MARKER_DIR, marker_path, push
+from backup_tasks.wal.pushahead import CLAIM_PREFIX, MARKER_DIR, marker_path, push, pusher_pid
 from backup_tasks.wal.ship import ship
 from tests.support.crypto import write_identity_file
 from tests.support.paths import PYTHON, ROOT
@@ -75,8 +75,17 @@ def wal_push(archive_dir: Path, copy_to: str, source: Path, env: dict[str, str])
 
 
 def markers(archive: WalArchive) -> set[str]:
+    """The copy markers (not the detached pusher's lock, claims or temporaries, whose names start with a dot)."""
     directory = archive.root / MARKER_DIR
-    return set(os.listdir(directory)) if directory.is_dir() else set()
+    return {m for m in os.listdir(directory) if not m.startswith(".")} if directory.is_dir() else set()
+
+
+def pusher_done(archive: WalArchive, timeout: float = 60) -> None:
+    """Wait for the pusher a console-script call forked (it stores the files ahead after the call returned)."""
+    deadline = time.monotonic() + timeout
+    while pusher_pid(archive) is not None:
+        assert time.monotonic() < deadline, "the detached pusher did not finish"
+        time.sleep(0.01)
 
 
 class Watched:
@@ -132,6 +141,7 @@ def test_push_ahead_stores_the_ready_files_and_their_calls_never_touch_s3(
     first = wal_push(archive.root, bucket_url, pg_wal / SEGMENTS[0], worker_env(**s3_env.env()))
     assert first.returncode == 0, first.stderr
     archived(pg_wal, SEGMENTS[0])
+    pusher_done(archive)
     for name in names:  # every .ready file is now stored in both places, byte for byte
         assert copy.read_bytes(object_key(name)) == archive.path_for(name).read_bytes(), name
     assert markers(archive) == set(names[1:]), "a marker for each file pushed ahead, none for the one asked for"
@@ -310,6 +320,7 @@ def test_overlapping_pushers_corrupt_nothing(tmp_path: Path) -> None:
     for proc in both:
         _out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
+    pusher_done(archive)
     copy = LocalStorage(tmp_path / "copy" / "wal")
     for name in SEGMENTS:
         assert copy.read_bytes(object_key(name)) == archive.path_for(name).read_bytes()
@@ -326,15 +337,29 @@ def test_a_pusher_killed_mid_way_leaves_no_false_marker(tmp_path: Path) -> None:
     proc = subprocess.Popen([PYTHON, "-c", PROBE, "wal-push", "--archive-dir", str(archive.root), "--copy-to",
                              str(tmp_path / "copy"), str(pg_wal / names[0])], cwd=ROOT, env=worker_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=60) == 0
     deadline = time.monotonic() + 60
-    while proc.poll() is None and not {m for m in markers(archive) if not m.startswith(".")}:
+    while not markers(archive):  # the call returned; the pusher it forked stores the files ahead
         assert time.monotonic() < deadline
         time.sleep(0.002)
-    proc.kill()  # SIGKILL: mid-batch, no clean-up of any kind
-    proc.wait()
+    pid = pusher_pid(archive)
+    assert pid is not None, "killed while the pusher runs"
+    os.kill(pid, 9)  # SIGKILL: mid-batch, no clean-up of any kind
+    while pusher_pid(archive) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     copy = LocalStorage(tmp_path / "copy" / "wal")
-    vouched = {m for m in markers(archive) if not m.startswith(".")}
+    vouched = markers(archive)
     assert vouched, "killed after the first marker"
+    # A file the killed pusher had claimed: its own call does not wait for a pusher that is gone.
+    left = sorted(m.removeprefix(CLAIM_PREFIX) for m in os.listdir(archive.root / MARKER_DIR)
+                  if m.startswith(CLAIM_PREFIX))
+    if left:
+        began = time.monotonic()
+        result = wal_push(archive.root, str(tmp_path / "copy"), pg_wal / left[0], worker_env())
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - began < 10
+        pusher_done(archive)
     for name in vouched:  # every marker left describes an object that is in the copy
         assert copy.read_bytes(object_key(name)) == archive.path_for(name).read_bytes(), name
     for name in names:  # and every file still completes, from its marker or the slow way
@@ -393,3 +418,17 @@ def test_a_server_behind_on_archiving_gets_every_segment_into_the_copy(bucket_ur
 
 def sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def test_a_claim_left_by_a_dead_pusher_is_not_waited_on(local_copy: tuple[WalArchive, Path]) -> None:
+    """A pusher killed mid-file leaves its claim and an unheld lock: the file's own call stores it at once."""
+    from backup_tasks.wal.pushahead import await_claimed, claim_path, pusher_lock_path
+
+    archive, pg_wal = local_copy
+    claim_path(archive, SEGMENTS[1]).parent.mkdir(parents=True, exist_ok=True)
+    claim_path(archive, SEGMENTS[1]).touch()
+    pusher_lock_path(archive).write_text("999999")  # its pid, but nobody holds the lock
+    began = time.monotonic()
+    assert await_claimed(archive, pg_wal / SEGMENTS[1]) is None
+    assert time.monotonic() - began < 1
+    assert push(archive, pg_wal / SEGMENTS[1], detach=True).copy == "stored"

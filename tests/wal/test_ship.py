@@ -84,7 +84,7 @@ def test_a_hung_copy_costs_one_bound_then_nothing_and_the_shipper_catches_up_in_
     assert time.monotonic() - began < 1.5, "held no longer than the bound"
     assert (first.status, first.copy) == ("archived", "queued")
     backlog = Backlog(archive.root)
-    assert backlog.names() == [SEGMENTS[0]], "queued; the files pushed ahead got no marker, nothing more"
+    assert backlog.names() == [SEGMENTS[0]], "queued; nothing was pushed ahead of a copy that did not answer"
     entry = archive.root / BACKLOG_DIR / SEGMENTS[0]
     assert json.loads(entry.read_text())["copy"] == copy.location and oct(entry.stat().st_mode)[-3:] == "640"
     archived(pg_wal, SEGMENTS[0])
@@ -97,7 +97,7 @@ def test_a_hung_copy_costs_one_bound_then_nothing_and_the_shipper_catches_up_in_
     for name in SEGMENTS[1:3]:
         began = time.monotonic()
         result = push_and_record(archive, pg_wal / name, copy_within=0.5)
-        assert time.monotonic() - began < 0.5 and (result.status, result.copy) == ("already-archived", "queued")
+        assert time.monotonic() - began < 0.5 and (result.status, result.copy) == ("archived", "queued")
         archived(pg_wal, name)
     assert len(copy.puts) == puts, "the copy was left alone"
     assert backlog.names() == SEGMENTS[:3]
@@ -114,7 +114,7 @@ def test_a_hung_copy_costs_one_bound_then_nothing_and_the_shipper_catches_up_in_
 
     # With nothing queued, wal-push stores in both before it answers, as ever.
     result = push_and_record(archive, pg_wal / SEGMENTS[3], copy_within=5)
-    assert (result.status, result.copy) == ("already-archived", "stored") and in_copy(copy, archive, SEGMENTS[3])
+    assert (result.status, result.copy) == ("archived", "stored") and in_copy(copy, archive, SEGMENTS[3])
     assert state.read(archive.root)["copy"].segment == SEGMENTS[3]
 
 
