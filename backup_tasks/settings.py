@@ -121,7 +121,9 @@ class Settings:
     snapshot_compress: str = "server-zstd:workers=2"
     verify_database_url: str | None = field(default=None, repr=False)
     restore_database_url: str | None = field(default=None, repr=False)
-    pg_bin_dir: Path | None = None
+    #: PG_BIN_DIR: directories (os.pathsep-separated, e.g. one per major) searched before Debian's
+    #: /usr/lib/postgresql/N/bin and PATH (``postgres.tools.find_tool`` takes the tuple as it is).
+    pg_bin_dir: tuple[Path, ...] = ()
     broker_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     result_backend: str | None = field(default=None, repr=False)
     lock_url: str | None = field(default=None, repr=False)
@@ -213,7 +215,7 @@ class Settings:
         hard = env_int(env, "BACKUP_TASK_TIME_LIMIT", max(soft + 60, cls.task_time_limit), 11)
         if hard <= soft:
             raise ConfigError("BACKUP_TASK_TIME_LIMIT must be greater than BACKUP_TASK_SOFT_TIME_LIMIT")
-        pg_bin = env.get("PG_BIN_DIR", "").strip()
+        pg_bin = tuple(Path(d.strip()).expanduser() for d in env.get("PG_BIN_DIR", "").split(os.pathsep) if d.strip())
         return cls(
             database_url=database_url,
             backup_dir=backup_dir if "://" in backup_dir else str(Path(backup_dir).expanduser()),
@@ -227,7 +229,7 @@ class Settings:
             if env.get("WAL_ARCHIVE_DIR", "").strip() else None,
             verify_database_url=env.get("VERIFY_DATABASE_URL", "").strip() or None,
             restore_database_url=env.get("RESTORE_DATABASE_URL", "").strip() or None,
-            pg_bin_dir=Path(pg_bin) if pg_bin else None,
+            pg_bin_dir=pg_bin,
             broker_url=broker,
             result_backend=env.get("CELERY_RESULT_BACKEND", "").strip() or None,
             lock_url=env.get("BACKUP_LOCK_URL", "").strip() or None,

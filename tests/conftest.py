@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.support.pitr",
     "tests.support.wal",
     "tests.support.observe",
+    "tests.support.pg18",
 ]

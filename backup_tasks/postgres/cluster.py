@@ -39,7 +39,7 @@ from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import ClusterError
 from backup_tasks.postgres.leftovers import owned_tempdir, process_alive, sweep
 from backup_tasks.postgres.template import TemplateCache, TemplateError
-from backup_tasks.postgres.tools import find_tool
+from backup_tasks.postgres.tools import BinDirs, data_dir_major, find_tool, tool_for_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +99,24 @@ def server_uid_gid() -> tuple[int, int] | None:
 class ThrowawayCluster:
     """``with ThrowawayCluster() as cluster: cluster.conninfo("postgres")``."""
 
-    def __init__(self, *, min_major: int = 0, bin_dir: Path | None = None,
+    def __init__(self, *, min_major: int = 0, exact_major: int | None = None, bin_dir: BinDirs = None,
                  settings: dict[str, str] | None = None, parent_dir: Path | None = None,
                  initdb_args: tuple[str, ...] = (), prepare: Callable[[Path], None] | None = None,
                  template_cache: Path | None = None) -> None:
-        """``prepare``, when given, fills the (not yet existing) data directory instead of initdb, e.g. by
-        unpacking a base backup; the tree is then handed to the server user. ``template_cache``, when
+        """The binaries: the newest no older than ``min_major``, or exactly ``exact_major`` (``find_tool``),
+        from ``bin_dir`` (one directory or several) and the usual places.
+
+        ``prepare``, when given, fills the (not yet existing) data directory instead of initdb, e.g. by
+        unpacking a base backup; the tree is then handed to the server user, and the server is the major
+        its PG_VERSION names (another major's pg_ctl refuses it, or worse). ``template_cache``, when
         given (and no ``prepare``), copies a cached initdb output instead of running initdb (``TemplateCache``);
         a missing or bad entry means initdb as usual, never a failed start."""
-        self.initdb = find_tool("initdb", min_major=min_major, bin_dir=bin_dir)
+        self.exact_major = exact_major
+        self.search = bin_dir
+        self.initdb = find_tool("initdb", min_major=min_major, exact_major=exact_major, bin_dir=bin_dir)
         self.bin_dir = self.initdb.path.parent
         self.pg_ctl = self.bin_dir / "pg_ctl"
+        self.major = self.initdb.major
         self.settings = {**FAST_SETTINGS, **(settings or {})}
         self.parent_dir = parent_dir
         self.initdb_args = initdb_args
@@ -187,12 +194,17 @@ class ThrowawayCluster:
         ids = server_uid_gid()
         if ids is not None:
             os.chown(self.root, *ids)
-            probe = subprocess.run([*as_server_user(), "test", "-w", str(self.root)], check=False)
+            # One process start for both questions: can the server user write here, and run our binaries?
+            probe = subprocess.run([*as_server_user(), "sh", "-c", 'test -w "$1" || exit 3; test -x "$2" || exit 4',
+                                    "sh", str(self.root), str(self.bin_dir / "postgres")], check=False)
+            if probe.returncode == 4:
+                raise ClusterError(self._unreachable_binaries())
             if probe.returncode != 0:
                 raise ClusterError(f"the {SERVER_USER} user cannot reach {parent}; set TMPDIR to a directory "
                                    f"it can traverse (for example /tmp)")
         if self.prepare is not None:
             self.prepare(self.data_dir)
+            self._match_data_dir()
             self._hand_over(ids)
         elif not self._from_template(ids):
             self._initdb()
@@ -225,6 +237,26 @@ class ThrowawayCluster:
         self.from_template = key
         log.debug("data directory copied from the initdb template %s", key)
         return True
+
+    def _match_data_dir(self) -> None:
+        """Run a prepared data directory with the binaries of the major that made it."""
+        major = data_dir_major(self.data_dir)
+        if major == self.major:
+            return
+        if self.exact_major is not None:
+            raise ClusterError(f"the data directory was made by PostgreSQL {major}, but PostgreSQL "
+                               f"{self.exact_major} was asked for")
+        pg_ctl = tool_for_data_dir("pg_ctl", self.data_dir, bin_dir=self.search)
+        log.info("data directory of PostgreSQL %d: using %s", major, pg_ctl.path.parent)
+        self.bin_dir, self.pg_ctl, self.major = pg_ctl.path.parent, pg_ctl.path, major
+        if os.geteuid() == 0 and subprocess.run([*as_server_user(), "test", "-x", str(self.bin_dir / "postgres")],
+                                                check=False).returncode != 0:
+            raise ClusterError(self._unreachable_binaries())
+
+    def _unreachable_binaries(self) -> str:
+        return (f"the {SERVER_USER} user cannot run {self.bin_dir / 'postgres'} (it must read and traverse every "
+                f"directory above it: an installation under /root or a 0700 checkout is out of its reach); copy "
+                f"that installation somewhere it can read, e.g. /opt or /var/cache, and point PG_BIN_DIR there")
 
     def _hand_over(self, ids: tuple[int, int] | None) -> None:
         """Give a data directory we filled ourselves to the server user, with initdb's 0700."""
