@@ -17,7 +17,7 @@ One base per subsystem, so a caller can catch a whole family::
       BackupFailed                 taking a backup: DumpFailed, SnapshotFailed, BackupIdTaken
       IntegrityError               what is stored: BackupNotFound, BackupCorrupt (WalCorrupt), VerificationFailed,
                                    HealthCheckFailed
-      RestoreError                 RestoreRefused (TargetOutOfRange), RestoreFailed
+      RestoreError                 RestoreRefused (TargetOutOfRange, RolesMissing), RestoreFailed
       CryptoError                  IdentityUnusable, EncryptionFailed
       CoordinationError            LockBusy, LockLost, LockServerUnavailable, BrokerUnavailable (all retry)
 """
@@ -220,6 +220,18 @@ class RestoreRefused(RestoreError):
 
 class TargetOutOfRange(RestoreRefused):
     """The requested recovery target lies outside what the snapshots and the WAL archive cover."""
+
+
+class RolesMissing(RestoreRefused):
+    """Roles the backup needs (owners, grantees, policy roles) do not exist on the target server: nothing was
+    written. ``--with-roles`` creates them, ``--no-owner`` restores without them. ``roles`` names them."""
+
+    def __init__(self, message: str, roles: list[str]) -> None:
+        super().__init__(message)
+        self.roles = roles
+
+    def __reduce__(self) -> tuple[type[RolesMissing], tuple[str, list[str]]]:
+        return type(self), (self.message, self.roles)
 
 
 class RestoreFailed(RestoreError):

@@ -1,7 +1,8 @@
 """Backup ids and the keys of every object a backup stores: the one place that knows the file layout.
 
 An id is ``<database>-<kind>-<UTC stamp>`` (``aitrapp-dump-20261127T100500Z``); a dump is
-``<id>.dump.zst[.age]``, a snapshot ``<id>.base.tar.zst``, ``<id>.pg_wal.tar.zst``,
+``<id>.dump.zst[.age]`` with what its database needs from the cluster beside it (roles, database properties:
+``<id>.globals.json.zst[.age]``, ``logical.globals``), a snapshot ``<id>.base.tar.zst``, ``<id>.pg_wal.tar.zst``,
 ``<id>.backup_manifest`` and ``<id>.config.json`` (each ``.age`` when encrypted); the manifest is
 ``<id>.manifest.json`` (``manifest.manifest_key``). ``backup_id_of`` reads the id back from a data object's key.
 """
@@ -45,6 +46,11 @@ def dump_key(backup_id: str, compression: str, *, encrypted: bool = False) -> st
     return f"{backup_id}.dump{SUFFIX[compression]}" + (".age" if encrypted else "")
 
 
+def cluster_objects_key(backup_id: str, compression: str, *, encrypted: bool = False) -> str:
+    """The roles and database properties saved with dump ``backup_id``: compressed and encrypted like the dump."""
+    return f"{backup_id}.globals.json{SUFFIX[compression]}" + (".age" if encrypted else "")
+
+
 def snapshot_keys(backup_id: str, *, encrypted: bool = False) -> dict[str, str]:
     suffix = ".age" if encrypted else ""
     return {"base": f"{backup_id}.base.tar.zst{suffix}", "wal": f"{backup_id}.pg_wal.tar.zst{suffix}",
@@ -53,10 +59,11 @@ def snapshot_keys(backup_id: str, *, encrypted: bool = False) -> dict[str, str]:
 
 def stored_suffixes(kind: str) -> tuple[str, ...]:
     """What follows the id in the key of every data object a backup of ``kind`` may store (any compression,
-    encrypted or not): the manifest and records aside, everything ``dump_key``/``snapshot_keys`` name."""
+    encrypted or not): the manifest and records aside, everything ``dump_key``, ``cluster_objects_key`` and
+    ``snapshot_keys`` name."""
     if kind == "dump":
-        return tuple(dump_key("", compression, encrypted=encrypted) for compression in SUFFIX
-                     for encrypted in (False, True))
+        return tuple(make("", compression, encrypted=encrypted) for make in (dump_key, cluster_objects_key)
+                     for compression in SUFFIX for encrypted in (False, True))
     if kind == "snapshot":
         return tuple(key for encrypted in (False, True) for key in snapshot_keys("", encrypted=encrypted).values())
     raise ValueError(f"no stored objects are known for backups of kind {kind!r}")

@@ -97,9 +97,16 @@ class Manifest:
     encryption: dict[str, Any] | None = None
     tool: str = "backup-tasks"
     format_version: int = FORMAT_VERSION
-    # --- snapshots (kind "snapshot"); None for dumps -------------------------------------------
-    #: Every stored object of the backup: key -> {"size", "sha256", "role"}; ``path`` is the main one.
+    #: Dumps: the cluster-level objects saved beside the dump (roles the database needs, their memberships
+    #: and settings, the database's own properties): the object's key and what it holds (``logical.globals``).
+    cluster_objects: dict[str, Any] | None = None
+    #: Tables whose rows no physical recovery brings back (unlogged: always empty after crash recovery or PITR).
+    #: Their rows are in ``tables`` all the same (a dump copies them); snapshot checks expect them empty.
+    unlogged_tables: list[str] | None = None
+    #: Every stored object of the backup: key -> {"size", "sha256", "role"}; ``path`` is the main one (a dump:
+    #: the dump and its "cluster-objects"; dumps of earlier versions: None).
     files: dict[str, dict[str, Any]] | None = None
+    # --- snapshots (kind "snapshot"); None for dumps -------------------------------------------
     start_lsn: str | None = None
     stop_lsn: str | None = None
     timeline: int | None = None

@@ -191,7 +191,7 @@ def delete_backups(storage: Storage, expired: list[Manifest], reasons: dict[str,
     without a manifest (which prune would never touch again). A backup whose data could not all be
     deleted keeps its manifest for the same reason.
     """
-    data = {manifest.id: manifest.stored_keys for manifest in expired}  # a snapshot is several objects
+    data = {manifest.id: own_keys(manifest) for manifest in expired}  # a snapshot (and a dump) is several objects
     failures = storage.delete_many([key for keys in data.values() for key in keys]) if expired else {}
     done = [m for m in expired if not any(key in failures for key in data[m.id])]
     if done:
@@ -200,6 +200,18 @@ def delete_backups(storage: Storage, expired: list[Manifest], reasons: dict[str,
         if manifest.key not in failures:
             log.info("pruned %s (%s): %s", manifest.id, manifest.path, reasons[manifest.id])
     return failures
+
+
+def own_keys(manifest: Manifest) -> list[str]:
+    """The objects a backup's manifest names that are the backup's own (named ``<id>.``, as every object this tool
+    stores for it is): a manifest copied from another backup's (by hand, by a test) never takes that one's
+    objects with it."""
+    keys = manifest.stored_keys
+    own = [key for key in keys if key.startswith(f"{manifest.id}.")]
+    if len(own) < len(keys):
+        log.warning("%s names objects of another backup, left alone: %s", manifest.id,
+                    ", ".join(key for key in keys if key not in own))
+    return own
 
 
 def delete_orphan_records(storage: Storage, system: str | None) -> None:

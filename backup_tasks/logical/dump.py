@@ -7,7 +7,10 @@ row counts come from the very snapshot pg_dump uses (``--snapshot``), so verific
 exact equality. What a killed run left (its partial object, or its dump stored without a manifest) is
 removed by the next one, under the same lock (``catalog.leftovers.clear_interrupted``). A catalog holds
 one cluster's backups: the server's system identifier is checked against the catalog's before anything
-is written (``catalog.system``) and recorded in the manifest.
+is written (``catalog.system``) and recorded in the manifest. What the database needs from its cluster (the
+roles owning, granted on or named in it, their memberships and settings, the database's own properties) is
+read in the same snapshot and stored beside the dump (``logical.globals``), before the manifest: a dump
+whose roles could not be stored is not published.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import subprocess
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 
@@ -26,15 +30,17 @@ from backup_tasks.catalog.manifest import Manifest, existing_for_day
 from backup_tasks.catalog.system import claim_catalog
 from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
-from backup_tasks.errors import DumpFailed
+from backup_tasks.errors import BackupError, DumpFailed
 from backup_tasks.locks import Lease, hold
+from backup_tasks.logical.globals import files_entries, store_cluster_objects
 from backup_tasks.postgres.connect import server_major, server_version
 from backup_tasks.postgres.failures import classify, first_line
-from backup_tasks.postgres.queries import count_rows, exported_snapshot, system_identifier
+from backup_tasks.postgres.globals import ClusterObjects, read_cluster_objects
+from backup_tasks.postgres.queries import count_rows, exported_snapshot, system_identifier, unlogged_tables
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.progress import PROGRESS_EVERY, Progress, no_progress
 from backup_tasks.settings import Settings
-from backup_tasks.storage.base import ObjectWriter
+from backup_tasks.storage.base import ObjectWriter, Storage
 from backup_tasks.storage.integrity import HashingWriter
 from backup_tasks.streams.codec import CHUNK, compressor
 from backup_tasks.streams.crypto import EncryptingWriter, encryption_info
@@ -116,6 +122,28 @@ class _Children:
             self.counting.join()
 
 
+def _cluster_objects(conn: psycopg.Connection, dbname: str) -> ClusterObjects:
+    """The roles and database properties ``dbname`` needs, read in the dump's own snapshot (milliseconds)."""
+    try:
+        return read_cluster_objects(conn, dbname)
+    except psycopg.Error as exc:
+        raise DumpFailed(f"reading the roles and database properties of {dbname} failed: "
+                         f"{first_line(str(exc))}; nothing was kept") from None
+
+
+def _store_beside(storage: Storage, backup_id: str, objects: ClusterObjects, settings: Settings,
+                  dump: str) -> dict[str, Any]:
+    """Store the cluster objects beside the committed dump; on failure the dump goes too (no manifest names it)."""
+    try:
+        return store_cluster_objects(storage, backup_id, objects, settings)
+    except BaseException:
+        try:
+            storage.delete(dump)
+        except BackupError as exc:
+            log.warning("could not remove %s after failing to store its roles: %s", dump, exc)
+        raise
+
+
 def run_dump(settings: Settings, *, trading_day: str | None = None, backup_id: str | None = None,
              progress: Progress = no_progress) -> tuple[Manifest, bool]:
     """Take one dump of ``DATABASE_URL`` under the per-database lock.
@@ -143,6 +171,7 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, tradin
         started = utcnow()
         version = server_version(conn)
         system = system_identifier(conn)
+        unlogged = unlogged_tables(conn)  # before the row-count thread takes this connection
         pg_dump = find_tool("pg_dump", min_major=server_major(conn), bin_dir=settings.pg_bin_dir)
         # Under the dump lock: no other dump of this database picks an id meanwhile.
         wanted = backup_id or backup_id_for(conninfo.dbname, "dump", isoformat(started))
@@ -150,6 +179,7 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, tradin
         backup_id = catalog.free_backup_id(storage, wanted)
         key = dump_key(backup_id, settings.compression, encrypted=bool(settings.encrypt_recipients))
         clear_interrupted(storage, conninfo.dbname, "dump")  # a killed run's partial, or its dump without a manifest
+        objects = _cluster_objects(conn, conninfo.dbname)
         progress("dumping", backup_id=backup_id, bytes_written=0, tables_done=0)
         # The writer before any child process: a location that cannot take the dump (permission, full
         # disk, bucket gone) fails here, with no pg_dump to leave behind. The manifest's size and
@@ -202,6 +232,7 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, tradin
             raise
         finally:
             children.stop()  # before the snapshot's transaction ends: nothing outlives this block
+    globals_entry = _store_beside(storage, backup_id, objects, settings, key)
     finished = utcnow()
     result = Manifest(
         id=backup_id, kind="dump", database=conninfo.dbname, server=conninfo.server_label,
@@ -209,9 +240,10 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, tradin
         path=key, size_bytes=stored.bytes_written, sha256=stored.hexdigest(),
         compression=settings.compression, tables=counter.result or {}, trading_day=trading_day,
         pg_dump_version=str(pg_dump.major), encryption=encryption_info(settings.encrypt_recipients),
-        system_identifier=system,
+        system_identifier=system, cluster_objects=globals_entry, unlogged_tables=unlogged,
+        files=files_entries(key, stored.bytes_written, stored.hexdigest(), globals_entry),
     )
-    catalog.publish(storage, result, data_keys=[key])
+    catalog.publish(storage, result, data_keys=[key, globals_entry["key"]])
     log.info("dump %s complete: %d bytes, %d tables", backup_id, result.size_bytes, len(result.tables))
     progress("done", backup_id=backup_id, bytes_written=result.size_bytes, tables_done=children.tables_done)
     return result

@@ -173,9 +173,14 @@ def rows(url: str) -> dict[str, list[list[Any]]]:
         return {table: [list(row) for row in conn.execute(sql).fetchall()] for table, sql in QUERIES.items()}
 
 
+#: Fields a later version added to every manifest it reads: null for backups from before them (additive JSON).
+ADDED_SINCE = {"cluster_objects", "unlogged_tables"}
+
+
 def stable(backup: dict[str, Any]) -> dict[str, Any]:
-    """What a manifest says about the backup itself (not where it is listed from)."""
-    return {k: v for k, v in backup.items() if k != "locations"}
+    """What a manifest says about the backup itself (not where it is listed from, not fields added since)."""
+    assert all(backup.get(k) is None for k in ADDED_SINCE), "an old backup gains no facts it never had"
+    return {k: v for k, v in backup.items() if k != "locations" and k not in ADDED_SINCE}
 
 
 # --- read, verify, restore, prune: quick -------------------------------------------------------------------
