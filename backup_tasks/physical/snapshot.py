@@ -46,7 +46,7 @@ from backup_tasks.postgres.archiver import archiver_stats
 from backup_tasks.postgres.connect import connect, server_major, server_version
 from backup_tasks.postgres.failures import classify
 from backup_tasks.postgres.leftovers import owned_tempdir, sweep
-from backup_tasks.postgres.queries import system_identifier
+from backup_tasks.postgres.queries import system_identifier, unlogged_tables
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
@@ -89,6 +89,8 @@ class SourceFacts:
     estimated_bytes: int = 0  # size of all databases: what the unpacked copy will take
     config_files: dict[str, str] = field(default_factory=dict)  # name -> content, only those outside PGDATA
     warnings: list[str] = field(default_factory=list)
+    #: The connected database's unlogged tables as the backup starts: this snapshot restores them empty.
+    unlogged_tables: list[str] = field(default_factory=list)
 
 
 def snapshot_lock_name(conninfo: ConnInfo) -> str:
@@ -141,7 +143,8 @@ def inspect_source(conn: psycopg.Connection) -> SourceFacts:
                        estimated_bytes=estimated,
                        segment_size=segment_size, superuser=str(superuser), wal_level=wal_level,
                        archive_mode=archive_mode, archive_command=archive_command, data_directory=data_directory,
-                       tablespaces=tablespaces, config_files=config_files, warnings=warnings)
+                       tablespaces=tablespaces, config_files=config_files, warnings=warnings,
+                       unlogged_tables=unlogged_tables(conn))
 
 
 def take_snapshot(settings: Settings, *, backup_id: str | None = None, progress: Progress = no_progress) -> Manifest:
@@ -195,7 +198,7 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
             compression="zstd", format="pg_basebackup-tar", tables={},
             files=files, start_lsn=wal_range["Start-LSN"], stop_lsn=wal_range["End-LSN"], timeline=timeline,
             system_identifier=facts.system_identifier, wal_segment_size=facts.segment_size,
-            encryption=encryption_info(settings.encrypt_recipients),
+            encryption=encryption_info(settings.encrypt_recipients), unlogged_tables=facts.unlogged_tables,
             start_segment=segment_of_lsn(timeline, start_lsn, facts.segment_size),
             stop_segment=segment_of_lsn(timeline, max(stop_lsn - 1, start_lsn), facts.segment_size),
             restorable_from=finished.isoformat(timespec="microseconds"), restorable_until=None,

@@ -8,6 +8,13 @@ must equal the dump's exactly; then it continues to the end of the archive, whic
 (``physical.ranges``: recovery_target_timeline is that number, never 'latest').
 Tables are read in full, compared for plausibility with the newest dump, and indexes checked with
 amcheck. The verdict goes into the snapshot's manifest.
+
+Unlogged tables come back empty from any physical recovery, and a server paused at a restore point
+cannot even read them: they are named (``details["unlogged_tables"]``: the dump manifest's list and
+the copy's own catalog's), never counted, and left out of the dump's counts (a partitioned table
+without the rows of its unlogged partitions). Whatever a check of the recovered copy raises ends in a
+recorded failed verdict of one line; only a failure of this machine (full disk, unreadable storage)
+is raised unrecorded.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from backup_tasks.catalog import manifest as catalog
-from backup_tasks.catalog.compare import compare_counts
+from backup_tasks.catalog.compare import compare_counts, expected_after_recovery
 from backup_tasks.catalog.manifest import Manifest, Verification
 from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
@@ -34,6 +43,7 @@ from backup_tasks.errors import (
     BackupError,
     BackupNotFound,
     ClusterError,
+    CryptoError,
     RestoreFailed,
     StorageError,
 )
@@ -63,8 +73,16 @@ from backup_tasks.physical.unpack import (
 from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect, server_version
 from backup_tasks.postgres.controldata import control_limits
+from backup_tasks.postgres.failures import first_line
 from backup_tasks.postgres.leftovers import owned_tempdir, sweep
-from backup_tasks.postgres.queries import amcheck_indexes, count_rows
+from backup_tasks.postgres.queries import (
+    amcheck_indexes,
+    count_rows,
+    list_tables,
+    partition_leaves,
+    qualified_name,
+    unlogged_tables,
+)
 from backup_tasks.postgres.tools import find_tool
 from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
@@ -250,8 +268,6 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
     checked: list[str] = []
     problems: list[str] = []
     details: dict[str, Any] = {"backup_id": snapshot.id}
-    tables = indexes = 0
-    version: str | None = None
     # Recovery goes to the end of the archive on the newest timeline this snapshot restores onto.
     end_plan = None if wal_range is None else \
         RestorePlan(snapshot, RecoveryTarget("latest", timeline=wal_range.timeline), wal_range)
@@ -273,36 +289,21 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
         plan = RestorePlan(snapshot, RecoveryTarget("name", name=point.name, timeline=wal_range.timeline), wal_range)
         details["restore_point"] = {"name": point.name, "lsn": point.lsn, "dump": dump.id}
     progress("restoring", backup_id=snapshot.id)
+    found = _Found(checked, problems, details)
     try:
         with restored_cluster(settings, storage, archive, snapshot, plan, action="pause" if plan else "promote",
                               checked=checked) as restored:
-            if pair is not None:
-                point, dump = pair
-                progress("comparing at restore point", backup_id=snapshot.id, restore_point=point.name)
-                with connect(restored.conninfo.with_dbname(dump.database)) as conn:
-                    at_point = count_rows(conn)
-                mismatch = compare_counts(dump.tables, at_point)
-                problems += [f"at restore point {point.name!r}: {m} (dump {dump.id})" for m in mismatch]
-                checked.append("restore-point-row-counts")
-                _continue_to_end(restored)
-            details["recovery"] = asdict(restored.outcome) | {"log_tail": restored.outcome.log_tail[-5:]}
-            progress("comparing", backup_id=snapshot.id)
-            with connect(restored.conninfo) as conn:
-                version = server_version(conn)
-                reached = str(conn.execute("SELECT pg_last_wal_replay_lsn()").fetchone()[0] or "")
-                details["reached_lsn"] = reached
-                if end_plan is not None:
-                    problems += recovery_problems(end_plan, restored.outcome, reached_lsn=reached or None)
-                    checked.append("end-of-archive")
-                restored_counts = count_rows(conn)
-                tables = len(restored_counts)
-                problems += _plausibility(storage, snapshot, restored_counts)
-                checked.append("row-counts")
-                indexes, index_problems = amcheck_indexes(conn, heap_check=settings.verify_heap_check)
-                if indexes:
-                    checked.append("amcheck")
-                problems += index_problems
-            details["rows"] = sum(restored_counts.values())
+            try:
+                _check_copy(settings, storage, snapshot, restored, pair, end_plan, found, progress)
+            except (RestoreFailed, BackupCorrupt, StorageError, CryptoError):
+                raise  # judged below, as when the copy is made
+            except (BackupError, psycopg.Error) as exc:  # the copy's server refused or failed a check: a verdict
+                problems.append(f"checking the recovered copy failed: {first_line(str(exc))}")
+            except Exception as exc:  # a bug of ours still ends in a recorded verdict of one line, not a traceback
+                log.info("checking the recovered copy of snapshot %s failed", snapshot.id, exc_info=True)
+                problems.append(f"checking the recovered copy failed: {type(exc).__name__}: {first_line(str(exc))}")
+            finally:
+                details["unlogged_tables"] = sorted(found.unlogged)
     except RestoreFailed as exc:
         local = local_restore_failure(exc, snapshot)
         if local is not None:
@@ -312,12 +313,61 @@ def verify_snapshot(settings: Settings, backup_id: str | None = None, *,
         problems.append(str(exc))
     result = Verification(ok=not problems, verified_at=isoformat(utcnow()),
                           duration_seconds=round(time.monotonic() - started, 3), method="throwaway-cluster-pitr",
-                          checked=checked, tables_compared=tables, indexes_checked=indexes, problems=problems,
-                          server_version=version, details=details)
+                          checked=checked, tables_compared=found.tables, indexes_checked=found.indexes,
+                          problems=problems, server_version=found.version, details=details)
     if settings.as_of is None:  # as of a past time the bucket is only read: the verdict is reported, not recorded
         record_result(storage, snapshot.id, verification=result, wal_range=wal_range)
     log.info("verification of snapshot %s: %s", snapshot.id, "ok" if result.ok else "; ".join(problems))
     return result
+
+
+@dataclass
+class _Found:
+    """What the checks of a recovered copy found so far (kept when a later check raises)."""
+
+    checked: list[str]
+    problems: list[str]
+    details: dict[str, Any]
+    version: str | None = None
+    tables: int = 0
+    indexes: int = 0
+    unlogged: set[str] = field(default_factory=set)
+
+
+def _check_copy(settings: Settings, storage: Storage, snapshot: Manifest, restored: Restored,
+                pair: tuple[RestorePoint, Manifest] | None, end_plan: RestorePlan | None, found: _Found,
+                progress: Progress) -> None:
+    """At the restore point (when there is one) against its dump, then at the end of the archive."""
+    if pair is not None:
+        point, dump = pair
+        progress("comparing at restore point", backup_id=snapshot.id, restore_point=point.name)
+        # Paused at the point, the server is still in recovery: it refuses to open an unlogged table.
+        with connect(restored.conninfo.with_dbname(dump.database)) as conn:
+            at_point = read_recovered(conn, dump)
+        found.unlogged.update(at_point.unlogged)
+        found.problems += [f"at restore point {point.name!r}: {m} (dump {dump.id})" for m in at_point.against(dump)]
+        found.checked.append("restore-point-row-counts")
+        _continue_to_end(restored)
+    found.details["recovery"] = asdict(restored.outcome) | {"log_tail": restored.outcome.log_tail[-5:]}
+    progress("comparing", backup_id=snapshot.id)
+    with connect(restored.conninfo) as conn:
+        found.version = server_version(conn)
+        reached = str(conn.execute("SELECT pg_last_wal_replay_lsn()").fetchone()[0] or "")
+        found.details["reached_lsn"] = reached
+        if end_plan is not None:
+            found.problems += recovery_problems(end_plan, restored.outcome, reached_lsn=reached or None)
+            found.checked.append("end-of-archive")
+        newest = _newest_dump(storage, snapshot)
+        at_end = read_recovered(conn, newest)
+        found.unlogged.update(at_end.unlogged)
+        found.tables = len(at_end.counts)
+        found.details["rows"] = sum(at_end.counts.values())
+        found.problems += _plausibility(snapshot, newest, at_end)
+        found.checked.append("row-counts")
+        found.indexes, index_problems = amcheck_indexes(conn, heap_check=settings.verify_heap_check)
+        if found.indexes:
+            found.checked.append("amcheck")
+        found.problems += index_problems
 
 
 def _continue_to_end(restored: Restored) -> None:
@@ -332,16 +382,54 @@ def _continue_to_end(restored: Restored) -> None:
     restored.outcome = outcome
 
 
-def _plausibility(storage: Storage, snapshot: Manifest, restored: dict[str, int]) -> list[str]:
-    """Against the newest dump of the same database: every table there, none emptied."""
+@dataclass(frozen=True)
+class RecoveredCounts:
+    """What a recovered copy shows of its tables, read as a server in recovery can read them."""
+
+    counts: dict[str, int]  # every table recovery can read (``count_rows(recovered=True)``)
+    unlogged: list[str]  # not read: expected empty (the dump's list, and the copy's own catalog's)
+    partitions: dict[str, list[str]]  # each partitioned table's leaf partitions
+    present: set[str]  # every user table of the copy's catalog, read or not
+
+    def expected(self, dump: Manifest) -> dict[str, int]:
+        """The dump's counts as this copy must show them: no unlogged table, parents without their rows."""
+        return expected_after_recovery(dump.tables, unlogged=self.unlogged, partitions=self.partitions)
+
+    def against(self, dump: Manifest) -> list[str]:
+        """Every difference from a dump of the same moment (an unlogged table must exist, not match)."""
+        problems = compare_counts(self.expected(dump), self.counts)
+        problems += [f"table {name} (unlogged: expected empty) is missing from the restored database"
+                     for name in dump.tables if name in self.unlogged and name not in self.present]
+        return problems
+
+
+def read_recovered(conn: psycopg.Connection, dump: Manifest | None) -> RecoveredCounts:
+    """Count what a recovered copy (in recovery or promoted) can read; name the unlogged tables, not reading them.
+
+    Unlogged are the tables the dump's manifest lists (``unlogged_tables``) and, for dumps from before
+    that field or tables made unlogged since, those the copy's own catalog marks so (the catalog knows
+    each table's persistence even during recovery).
+    """
+    from_dump = (dump.unlogged_tables or []) if dump is not None else []
+    unlogged = sorted(set(from_dump) | set(unlogged_tables(conn)))
+    counts = count_rows(conn, recovered=True, skip=unlogged)
+    present = {qualified_name(schema, table) for schema, table, _kind in list_tables(conn)}
+    return RecoveredCounts(counts, unlogged, partition_leaves(conn), present)
+
+
+def _newest_dump(storage: Storage, snapshot: Manifest) -> Manifest | None:
     dumps = [d for d in catalog.catalog(storage, kind="dump", database=snapshot.database) if d.tables]
-    if not dumps:
-        return [] if restored else [f"database {snapshot.database} has no tables after recovery"]
-    newest = dumps[-1]
+    return dumps[-1] if dumps else None
+
+
+def _plausibility(snapshot: Manifest, newest: Manifest | None, restored: RecoveredCounts) -> list[str]:
+    """Against the newest dump of the same database: every table there, none emptied (unlogged ones aside)."""
+    if newest is None:
+        return [] if restored.present else [f"database {snapshot.database} has no tables after recovery"]
     problems = [f"table {name} (in dump {newest.id}) is missing after recovery" for name in newest.tables
-                if name not in restored]
+                if name not in restored.present]
     problems += [f"table {name} is empty after recovery, but dump {newest.id} had {count} rows"
-                 for name, count in newest.tables.items() if count and restored.get(name) == 0]
+                 for name, count in restored.expected(newest).items() if count and restored.counts.get(name) == 0]
     return problems
 
 

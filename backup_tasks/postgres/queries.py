@@ -1,6 +1,11 @@
 """Queries on a connected server: user tables and exact row counts, exported snapshots, databases, amcheck, the
 system identifier.
 
+Unlogged tables (``unlogged_tables``) are the ones no physical recovery brings back: a dump copies
+their rows, a recovered copy has none, and a server still in recovery refuses to read them at all.
+``count_rows(conn, recovered=True)`` counts only what such a server can read. Temporary tables (another
+session's, still in a snapshot's catalog) are in no count.
+
 ``run_parallel`` spreads independent read-only jobs (``count_jobs``, ``amcheck_jobs``) over several
 connections, longest first: verify's checks of a restored copy are CPU-bound in the backends.
 """
@@ -9,7 +14,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -35,6 +40,23 @@ WHERE c.relkind IN ('r', 'p')
 ORDER BY n.nspname, c.relname
 """
 USER_TABLES_SQL = "SELECT n.nspname, c.relname, c.relkind" + _USER_TABLES_FROM
+#: The same with each table's persistence ('p' permanent, 'u' unlogged): what a server in recovery can read.
+_PERSISTENT_USER_TABLES_SQL = "SELECT n.nspname, c.relname, c.relkind, c.relpersistence" + _USER_TABLES_FROM
+#: The unlogged ones that hold rows (relkind 'r': plain tables, partitions, inheritance children alike).
+#: PostgreSQL 15 lets a partitioned table be unlogged too, but it holds no rows: its partitions say
+#: what comes back, each by its own persistence.
+UNLOGGED_TABLES_SQL = ("SELECT nspname, relname FROM (" + _PERSISTENT_USER_TABLES_SQL + ") AS t "
+                       "WHERE relkind = 'r' AND relpersistence = 'u'")
+#: Every leaf partition of each partitioned user table (nested levels included), by pg_partition_tree.
+_PARTITION_LEAVES_SQL = """
+SELECT n.nspname, c.relname, ln.nspname, l.relname
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+CROSS JOIN LATERAL pg_partition_tree(c.oid) t
+JOIN pg_class l ON l.oid = t.relid JOIN pg_namespace ln ON ln.oid = l.relnamespace
+WHERE c.relkind = 'p' AND t.isleaf AND l.relkind IN ('r', 'f')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+ORDER BY n.nspname, c.relname, ln.nspname, l.relname
+"""
 #: The same with each table's heap size, for ordering jobs (a verify's counts; never the dump's snapshot).
 _SIZED_USER_TABLES_SQL = "SELECT n.nspname, c.relname, c.relkind, pg_relation_size(c.oid)" + _USER_TABLES_FROM
 
@@ -54,16 +76,64 @@ def list_tables(conn: psycopg.Connection) -> list[tuple[str, str, str]]:
     return [(r[0], r[1], r[2]) for r in conn.execute(USER_TABLES_SQL.replace("%%", "%")).fetchall()]
 
 
-def count_rows(conn: psycopg.Connection) -> dict[str, int]:
+def count_rows(conn: psycopg.Connection, *, recovered: bool = False, skip: Collection[str] = ()) -> dict[str, int]:
     """Exact row count of every user table, in the connection's current snapshot.
 
     A partitioned parent counts all its partitions' rows (``count(*)`` on the parent); each leaf is
     counted on its own with ``ONLY`` so inheritance children are not counted twice.
+
+    ``recovered``: the server is a physical recovery (perhaps still in recovery, paused at a target), so
+    only what it can read is counted: no unlogged relation is opened (a server in recovery refuses to,
+    and after it they are empty by construction). ``skip``: more tables not to read (a dump's list of
+    unlogged tables). Tables not read are not in the result; a partitioned table holding one of them
+    among its partitions (or itself unlogged) is the sum of its other partitions, each counted ``ONLY``
+    (a partition has no inheritance children, so the sum is what ``count(*)`` on the parent gives).
+    Which tables are unlogged comes from the catalog, which a server in recovery reads as any other.
     """
+    rows = conn.execute(_PERSISTENT_USER_TABLES_SQL.replace("%%", "%")).fetchall()
+    tables = [(qualified_name(schema, table), schema, table, kind, persistence)
+              for schema, table, kind, persistence in rows]
+    unreadable = set(skip) | {key for key, *_, persistence in tables if recovered and persistence == "u"}
+    leaves = _partition_leaves(conn) if unreadable else {}
     counts: dict[str, int] = {}
-    for schema, table, kind in list_tables(conn):
-        counts[qualified_name(schema, table)] = _count_table(conn, schema, table, kind)
-    return counts
+    # Tables that hold rows first, then the partitioned ones: whole, or from the partitions that can be read.
+    for key, schema, table, kind, _persistence in sorted(tables, key=lambda t: t[3] == "p"):
+        if kind != "p":
+            if key not in unreadable:
+                counts[key] = _count_table(conn, schema, table, kind)
+            continue
+        if key in skip:
+            continue
+        parts = leaves.get(key, [])
+        if key not in unreadable and unreadable.isdisjoint(leaf for leaf, _s, _t in parts):
+            counts[key] = _count_table(conn, schema, table, kind)
+        else:
+            counts[key] = sum(counts[leaf] if leaf in counts else _count_table(conn, leaf_schema, leaf_table, "r")
+                              for leaf, leaf_schema, leaf_table in parts if leaf not in unreadable)
+    return {key: counts[key] for key, *_rest in tables if key in counts}  # in the catalog's order, as before
+
+
+def unlogged_tables(conn: psycopg.Connection) -> list[str]:
+    """The user tables whose rows no physical recovery brings back (unlogged), partitions and inheritance
+    children included, as sorted manifest keys. Reads the catalog only: works on a server in recovery."""
+    rows = conn.execute(UNLOGGED_TABLES_SQL.replace("%%", "%")).fetchall()
+    return sorted(qualified_name(r[0], r[1]) for r in rows)
+
+
+def partition_leaves(conn: psycopg.Connection) -> dict[str, list[str]]:
+    """Each partitioned user table -> its leaf partitions (those of nested levels too), as manifest keys.
+
+    Catalog only (works in recovery): with it a parent's count can leave out partitions that cannot be read.
+    """
+    return {parent: [leaf for leaf, _s, _t in parts] for parent, parts in _partition_leaves(conn).items()}
+
+
+def _partition_leaves(conn: psycopg.Connection) -> dict[str, list[tuple[str, str, str]]]:
+    leaves: dict[str, list[tuple[str, str, str]]] = {}
+    for schema, table, leaf_schema, leaf in conn.execute(_PARTITION_LEAVES_SQL).fetchall():
+        leaves.setdefault(qualified_name(schema, table), []).append(
+            (qualified_name(leaf_schema, leaf), leaf_schema, leaf))
+    return leaves
 
 
 @contextmanager
