@@ -46,7 +46,7 @@ from backup_tasks.physical.unpack import (
 )
 from backup_tasks.postgres.cluster import SERVER_USER, as_server_user, free_port, server_uid_gid
 from backup_tasks.postgres.servercmd import server_can_reach
-from backup_tasks.postgres.tools import find_tool
+from backup_tasks.postgres.tools import tool_for_data_dir
 from backup_tasks.settings import Settings
 from backup_tasks.wal.prefetch import clear_spools
 from backup_tasks.wal.remote import archive_for_reading
@@ -116,8 +116,8 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
                            notes=notes, warnings=plan.warnings,
                            skipped_snapshots=[asdict(s) for s in plan.skipped])
     if start:
-        bin_dir = find_tool("pg_ctl", min_major=int(plan.snapshot.server_version.split(".")[0]),
-                            bin_dir=settings.pg_bin_dir).path.parent
+        # The restored directory's own major (PG_VERSION), never "the newest": 18's pg_ctl refuses a 15 directory.
+        bin_dir = tool_for_data_dir("pg_ctl", data_dir, bin_dir=settings.pg_bin_dir).path.parent
         report.port = port or free_port()
         report.log_file = str(data_dir / RESTORE_LOG)
         start_server(bin_dir, data_dir, report.port, Path(report.log_file))

@@ -168,8 +168,10 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
     backup_id = backup_id or backup_id_for(conninfo.dbname, "snapshot", isoformat(started))
     if storage.exists(catalog.manifest_key(backup_id)):
         raise SnapshotFailed(f"a backup named {backup_id} already exists; not overwriting it")
-    pg_basebackup = find_tool("pg_basebackup", min_major=facts.major, bin_dir=settings.pg_bin_dir)
-    pg_verifybackup = find_tool("pg_verifybackup", min_major=min(facts.major, 13), bin_dir=settings.pg_bin_dir)
+    # Exactly the server's major: the base backup and its manifest are checked by that release's own tools.
+    why = f"to take a snapshot of {conninfo.server_label} (PostgreSQL {facts.major})"
+    pg_basebackup = find_tool("pg_basebackup", exact_major=facts.major, bin_dir=settings.pg_bin_dir, why=why)
+    pg_verifybackup = find_tool("pg_verifybackup", exact_major=facts.major, bin_dir=settings.pg_bin_dir, why=why)
     keys = snapshot_keys(backup_id, encrypted=bool(settings.encrypt_recipients))
     claim_catalog(storage, facts.system_identifier, backup=f"a snapshot of {conninfo.server_label}", record=False)
     clear_interrupted(storage, conninfo.dbname, "snapshot")

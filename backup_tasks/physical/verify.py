@@ -83,7 +83,7 @@ from backup_tasks.postgres.queries import (
     qualified_name,
     unlogged_tables,
 )
-from backup_tasks.postgres.tools import find_tool
+from backup_tasks.postgres.tools import find_tool, major_of
 from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
@@ -112,7 +112,9 @@ def _verifybackup(settings: Settings, storage: Storage, snapshot: Manifest, data
         return
     manifest_path = scratch / "backup_manifest"
     manifest_path.write_bytes(read_snapshot_object(storage, snapshot, key, identities))
-    tool = find_tool("pg_verifybackup", min_major=13, bin_dir=settings.pg_bin_dir)
+    # Exactly the snapshot's major: its backup_manifest and data files are that release's.
+    tool = find_tool("pg_verifybackup", exact_major=major_of(snapshot.server_version), bin_dir=settings.pg_bin_dir,
+                     why=f"to check snapshot {snapshot.id} (PostgreSQL {snapshot.server_version})")
     result = subprocess.run([str(tool.path), "--manifest-path", str(manifest_path), str(data_dir)],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -138,8 +140,9 @@ def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive |
     backup_label): that proves the snapshot, not point-in-time recovery.
     """
     checked = [] if checked is None else checked
-    major = int(snapshot.server_version.split(".")[0])
-    bin_dir = find_tool("pg_ctl", min_major=major, bin_dir=settings.pg_bin_dir).path.parent
+    major = major_of(snapshot.server_version)  # a data directory runs only on its own major's binaries
+    bin_dir = find_tool("pg_ctl", exact_major=major, bin_dir=settings.pg_bin_dir,
+                        why=f"to recover snapshot {snapshot.id} (PostgreSQL {snapshot.server_version})").path.parent
     identities = snapshot_identities(settings, storage, snapshot)  # IdentityUnusable propagates: not the backup's fault
     try:
         # Unpacked snapshots of killed runs go first: each may be as large as the one about to be unpacked.
@@ -168,7 +171,7 @@ def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive |
             raise local_os_error(exc, doing=f"preparing the unpacked snapshot {snapshot.id} in {scratch}") from exc
         limits = control_limits(bin_dir, staged)
         overrides = {"wal_level": "replica", "hot_standby": "on", "lc_messages": "C", **limits}
-        cluster = ThrowawayCluster(min_major=major, bin_dir=settings.pg_bin_dir, settings=overrides,
+        cluster = ThrowawayCluster(exact_major=major, bin_dir=settings.pg_bin_dir, settings=overrides,
                                    prepare=lambda data_dir: staged.rename(data_dir))
         try:
             cluster.start()

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from backup_tasks.postgres.cluster import as_server_user
-from backup_tasks.postgres.tools import find_tool
+from backup_tasks.postgres.tools import tool_for_data_dir
 
 #: The project's settings (and libpq's) in the caller's environment: a benchmark states its own.
 _SETTING_PREFIXES = ("BACKUP_", "WAL_", "CELERY_", "SENTRY_", "PG")
@@ -34,5 +34,6 @@ def free_port() -> int:
 def stop_server(data_dir: Path) -> None:
     """``pg_ctl stop -m immediate`` of a server a benchmark started in ``data_dir`` (as the postgres user)."""
     if (data_dir / "postmaster.pid").exists():
-        subprocess.run([*as_server_user(), str(find_tool("pg_ctl").path), "-D", str(data_dir), "-m", "immediate",
-                        "stop"], capture_output=True, check=False, cwd="/")
+        pg_ctl = tool_for_data_dir("pg_ctl", data_dir).path
+        subprocess.run([*as_server_user(), str(pg_ctl), "-D", str(data_dir), "-m", "immediate", "stop"],
+                       capture_output=True, check=False, cwd="/")
