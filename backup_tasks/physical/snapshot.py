@@ -2,12 +2,15 @@
 
 One pass, overlapped: pg_basebackup writes ``base.tar.zst`` into a private staging directory while
 we follow the growing file, streaming it into storage (hashed) and, decompressed, into ``tar -x``
-for an unpacked copy. When pg_basebackup is done, its WAL (``pg_wal.tar``) is compressed into
-storage and unpacked too, and ``pg_verifybackup`` checks the unpacked copy against PostgreSQL's own
-backup manifest (every file's size and CRC32C, and that the WAL from start to stop parses). Only
-then is the catalog manifest written: until that moment the snapshot does not exist for list,
-restore or prune. The WAL needed to make the snapshot consistent is inside it (``-X stream``), so
-it is complete as soon as it is verified; later WAL comes from the archive.
+for an unpacked copy. Where neither the server nor pg_basebackup can compress with zstd (or
+``BACKUP_SNAPSHOT_COMPRESS=local-zstd``), pg_basebackup writes ``base.tar`` and we compress what we
+follow on its way to storage, storing the very same ``base.tar.zst`` (``physical.compression``).
+When pg_basebackup is done, its WAL (``pg_wal.tar``) is compressed into storage and unpacked too,
+and ``pg_verifybackup`` checks the unpacked copy against PostgreSQL's own backup manifest (every
+file's size and CRC32C, and that the WAL from start to stop parses). Only then is the catalog
+manifest written: until that moment the snapshot does not exist for list, restore or prune. The
+WAL needed to make the snapshot consistent is inside it (``-X stream``), so it is complete as soon
+as it is verified; later WAL comes from the archive.
 
 A run killed outright cleans up nothing; the next one, under the same lock, does: the partial
 objects it was writing and the objects it had stored without the manifest that would have made them
@@ -42,6 +45,14 @@ from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupError, SnapshotFailed
 from backup_tasks.locks import Lease, hold
+from backup_tasks.physical.compression import (
+    HolePuncher,
+    SnapshotCompression,
+    local_spec,
+    refused_zstd,
+    server_has_zstd,
+    snapshot_compression,
+)
 from backup_tasks.postgres.archiver import archiver_stats
 from backup_tasks.postgres.connect import connect, server_major, server_version
 from backup_tasks.postgres.failures import classify
@@ -52,7 +63,7 @@ from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import ObjectWriter, Storage
 from backup_tasks.storage.integrity import HashingWriter
-from backup_tasks.streams.codec import CHUNK
+from backup_tasks.streams.codec import CHUNK, Compressor
 from backup_tasks.streams.crypto import EncryptingWriter, encryption_info
 from backup_tasks.streams.tar import Unpacker
 from backup_tasks.wal.names import parse_lsn, segment_of_lsn
@@ -91,6 +102,8 @@ class SourceFacts:
     warnings: list[str] = field(default_factory=list)
     #: The connected database's unlogged tables as the backup starts: this snapshot restores them empty.
     unlogged_tables: list[str] = field(default_factory=list)
+    #: The server was built with zstd, so it can compress the backup itself (``server-zstd``).
+    server_zstd: bool = False
 
 
 def snapshot_lock_name(conninfo: ConnInfo) -> str:
@@ -144,7 +157,7 @@ def inspect_source(conn: psycopg.Connection) -> SourceFacts:
                        segment_size=segment_size, superuser=str(superuser), wal_level=wal_level,
                        archive_mode=archive_mode, archive_command=archive_command, data_directory=data_directory,
                        tablespaces=tablespaces, config_files=config_files, warnings=warnings,
-                       unlogged_tables=unlogged_tables(conn))
+                       unlogged_tables=unlogged_tables(conn), server_zstd=server_has_zstd(conn))
 
 
 def take_snapshot(settings: Settings, *, backup_id: str | None = None, progress: Progress = no_progress) -> Manifest:
@@ -172,6 +185,10 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
     why = f"to take a snapshot of {conninfo.server_label} (PostgreSQL {facts.major})"
     pg_basebackup = find_tool("pg_basebackup", exact_major=facts.major, bin_dir=settings.pg_bin_dir, why=why)
     pg_verifybackup = find_tool("pg_verifybackup", exact_major=facts.major, bin_dir=settings.pg_bin_dir, why=why)
+    compression = snapshot_compression(settings.snapshot_compress, server_zstd=facts.server_zstd,
+                                       pg_basebackup=pg_basebackup.path)
+    if compression.reason:
+        log.info("%s", compression.describe())
     keys = snapshot_keys(backup_id, encrypted=bool(settings.encrypt_recipients))
     claim_catalog(storage, facts.system_identifier, backup=f"a snapshot of {conninfo.server_label}", record=False)
     clear_interrupted(storage, conninfo.dbname, "snapshot")
@@ -180,8 +197,18 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
     published: list[str] = []
     try:
         progress("basebackup", backup_id=backup_id, bytes_written=0)
-        files = _backup_and_unpack(settings, conninfo, facts, pg_basebackup.path, staging, storage, keys, backup_id,
-                                   published, progress)
+        try:
+            files = _backup_and_unpack(settings, conninfo, compression, pg_basebackup.path, staging, storage, keys,
+                                       backup_id, published, progress)
+        except _ZstdRefused as refused:
+            # Refused before a byte of the tar was written (nothing stored yet): take it again, compressed here.
+            compression = SnapshotCompression("backup-tasks", local_spec(compression.spec),
+                                              f"pg_basebackup refused {compression.spec}: {refused}")
+            log.warning("%s", compression.describe())
+            for leftover in ("backup", "unpacked"):
+                shutil.rmtree(staging / leftover, ignore_errors=True)
+            files = _backup_and_unpack(settings, conninfo, compression, pg_basebackup.path, staging, storage, keys,
+                                       backup_id, published, progress)
         progress("pg_verifybackup", backup_id=backup_id, bytes_written=sum(f["size"] for f in files.values()))
         backup_manifest = json.loads((staging / "backup" / "backup_manifest").read_text())
         _run_verifybackup(pg_verifybackup.path, staging)
@@ -207,7 +234,8 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
             snapshot={"superuser": facts.superuser, "wal_level": facts.wal_level, "archive_mode": facts.archive_mode,
                       "archive_command": facts.archive_command, "tablespaces": facts.tablespaces,
                       "pg_basebackup_version": pg_basebackup.major,
-                      "compress": _compress_option(facts.major, settings.snapshot_compress),
+                      "compress": compression.spec, "compressed_by": compression.by,
+                      **({"compress_reason": compression.reason} if compression.reason else {}),
                       "pg_verifybackup": "ok", "manifest_files": len(backup_manifest.get("Files", [])),
                       "warnings": facts.warnings},
         )
@@ -268,10 +296,23 @@ def _mem_available() -> int:
     return 0
 
 
-def _compress_option(major: int, configured: str) -> str:
-    # PostgreSQL 15 compresses on the server (less to send, and the server's cores do the work);
-    # older servers cannot, so the v15+ client compresses what it receives.
-    return configured if major >= 15 else "client-zstd"
+class _ZstdRefused(Exception):
+    """pg_basebackup or the server said it cannot compress with zstd, before anything was written."""
+
+
+class _CompressingWriter:
+    """``local-zstd``: what pg_basebackup sends uncompressed, compressed on its way into the stored writer."""
+
+    def __init__(self, writer: ObjectWriter, compressor: Compressor) -> None:
+        self.writer, self.compressor = writer, compressor
+
+    def write(self, data: bytes) -> None:
+        out = self.compressor.compress(data)
+        if out:
+            self.writer.write(out)
+
+    def finish(self) -> None:
+        self.writer.write(self.compressor.flush())
 
 
 def _stored_writer(storage: Storage, key: str, recipients: Sequence[str]) -> tuple[HashingWriter, ObjectWriter]:
@@ -305,13 +346,13 @@ def _put(storage: Storage, key: str, data: bytes, role: str, recipients: Sequenc
     return _entry(stored, role)
 
 
-def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFacts, pg_basebackup: Path,
-                       staging: Path, storage: Storage, keys: dict[str, str], backup_id: str,
+def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, compression: SnapshotCompression,
+                       pg_basebackup: Path, staging: Path, storage: Storage, keys: dict[str, str], backup_id: str,
                        published: list[str], progress: Progress) -> dict[str, dict[str, Any]]:
     target = staging / "backup"
     unpacked = staging / "unpacked"
-    compress = _compress_option(facts.major, settings.snapshot_compress)
-    argv = [str(pg_basebackup), "-D", str(target), "--format=tar", f"--compress={compress}",
+    base_name = "base.tar" if compression.local else "base.tar.zst"
+    argv = [str(pg_basebackup), "-D", str(target), "--format=tar", f"--compress={compression.basebackup_option()}",
             "--wal-method=stream", "--checkpoint=fast", "--no-password", "--no-sync",
             "--manifest-checksums=CRC32C", f"--label=backup-tasks {backup_id}", "--verbose"]
     # --no-sync: the staging copy is thrown away; what we keep is fsynced by the storage writer.
@@ -319,24 +360,29 @@ def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFact
     assert proc.stderr is not None
     stderr_tail = StderrTail(proc.stderr, name="pg_basebackup")
     files: dict[str, dict[str, Any]] = {}
-    unpacker = Unpacker(unpacked, compressed=True)
+    unpacker = Unpacker(unpacked, compressed=not compression.local)
     try:
         stored, writer = _stored_writer(storage, keys["base"], settings.encrypt_recipients)
         try:
-            _follow_into(target / "base.tar.zst", proc, writer, unpacker, backup_id, progress)
+            sink = _CompressingWriter(writer, compression.compressor()) if compression.local else None
+            read = _follow_into(target / base_name, proc, sink or writer, unpacker, backup_id, progress)
             returncode = proc.wait()
             stderr_text = stderr_tail.join()
             if returncode != 0:
+                refusal = refused_zstd(stderr_text) if read == 0 and not compression.local else None
+                if refusal is not None:
+                    raise _ZstdRefused(refusal)
                 raise classify(stderr_text, conninfo, tool="pg_basebackup", fallback=SnapshotFailed)
+            if sink is not None:
+                sink.finish()
             writer.commit()
         except BaseException:
             writer.abort()
             raise
         files[keys["base"]] = _entry(stored, "base")
         published.append(keys["base"])
-        unpacker.finish("base.tar.zst")
-        extra = sorted(p.name for p in target.iterdir() if p.name not in ("base.tar.zst", "pg_wal.tar",
-                                                                          "backup_manifest"))
+        unpacker.finish(base_name)
+        extra = sorted(p.name for p in target.iterdir() if p.name not in (base_name, "pg_wal.tar", "backup_manifest"))
         if extra:
             raise SnapshotFailed(f"the cluster has tablespaces outside its data directory ({', '.join(extra)}); "
                                  f"snapshots of such clusters are not supported yet")
@@ -362,13 +408,15 @@ def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, facts: SourceFact
         raise
 
 
-def _follow_into(path: Path, proc: subprocess.Popen[bytes], writer: ObjectWriter, unpacker: Unpacker,
-                 backup_id: str, progress: Progress) -> int:
+def _follow_into(path: Path, proc: subprocess.Popen[bytes], writer: ObjectWriter | _CompressingWriter,
+                 unpacker: Unpacker, backup_id: str, progress: Progress) -> int:
     """Stream a file that ``proc`` is still appending to into storage and the unpacker, until ``proc`` ends.
 
     pg_basebackup writes its tar files front to back and never rewrites them, so reading behind it is
-    safe; once it has exited, whatever is left is read to the end. Returns the bytes read (the size and
-    sha256 of what is stored are the writer's business: with encryption they describe the ciphertext).
+    safe, and so is releasing what was read (``HolePuncher``: staging stays small even for an
+    uncompressed tar); once it has exited, whatever is left is read to the end. Returns the bytes read
+    (the size and sha256 of what is stored are the writer's business: with encryption they describe the
+    ciphertext).
     """
     while not path.exists():
         if proc.poll() is not None:
@@ -378,13 +426,14 @@ def _follow_into(path: Path, proc: subprocess.Popen[bytes], writer: ObjectWriter
         time.sleep(POLL)
     size = 0
     next_report = 64 << 20
-    with open(path, "rb") as source:
+    with open(path, "rb") as source, HolePuncher(path) as puncher:
         while True:
             chunk = source.read(CHUNK)
             if chunk:
                 writer.write(chunk)
                 unpacker.write(chunk)
                 size += len(chunk)
+                puncher.release_to(size)
                 if size >= next_report:
                     next_report += 64 << 20
                     progress("basebackup", backup_id=backup_id, bytes_written=size)
