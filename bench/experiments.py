@@ -154,7 +154,8 @@ def child_verify_phases(backup_dir: str, backup_id: str) -> None:
     from dataclasses import replace
 
     from backup_tasks.catalog import manifest as catalog
-    from backup_tasks.logical.restore import check_checksum, pg_restore_into
+    from backup_tasks.logical.pgrestore import pg_restore_into
+    from backup_tasks.logical.restore import check_checksum
     from backup_tasks.logical.verify import scratch_database, server_major_of
     from backup_tasks.postgres.connect import connect
     from backup_tasks.postgres.queries import amcheck_indexes, count_rows

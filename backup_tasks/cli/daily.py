@@ -80,9 +80,12 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     from backup_tasks.logical.restore import restore_backup
 
     result = restore_backup(settings, args.backup_id, args.target_database_url, replace=args.replace,
-                            no_owner=args.no_owner)
+                            no_owner=args.no_owner, with_roles=args.with_roles)
     human = (f"restored {result.backup_id} into {result.target}: {result.tables} tables, {result.rows} rows"
              + ("" if result.ok else "\nrow counts differ from the manifest:\n  " + "\n  ".join(result.problems))
+             + (f"\n  roles created: {', '.join(result.roles_created)}" if result.roles_created else "")
+             + "".join(f"\n  database {line}" for line in result.database_properties)
+             + "".join(f"\n  {line}" for line in result.policies_changed)
              + "".join(f"\n  note: {note}" for note in result.notes))
     emit(args, asdict(result), human)
     return 0 if result.ok else 1
@@ -183,7 +186,14 @@ def register(add: Add) -> None:
     p.add_argument("backup_id")
     p.add_argument("--target-database-url", help="where to restore (default: RESTORE_DATABASE_URL)")
     p.add_argument("--replace", action="store_true", help="drop and recreate a non-empty target first")
-    p.add_argument("--no-owner", action="store_true", help="skip ownership and privileges (roles missing)")
+    roles = p.add_mutually_exclusive_group()
+    roles.add_argument("--with-roles", action="store_true",
+                       help="create the roles the backup needs that the target server lacks (existing roles are "
+                            "never altered); without it, missing roles stop the restore before anything is written")
+    roles.add_argument("--no-owner", action="store_true",
+                       help="restore without the backup's owners and privileges (the roles need not exist); a "
+                            "row-level security policy keeps only the roles that exist here, and is left out when "
+                            "it names none")
     add_as_of(p)
     add_as_of(add("list", cmd_list, "show the catalog"))
     add("health", cmd_health, "exit 1 unless the newest dump is recent, non-empty and verified and, with PITR, the "

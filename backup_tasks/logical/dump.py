@@ -122,6 +122,11 @@ class _Children:
             self.counting.join()
 
 
+def _database_names(conn: psycopg.Connection) -> list[str]:
+    """Every database of the server (templates aside): a catalog's databases all there mark a pg_upgrade'd server."""
+    return [str(row[0]) for row in conn.execute("SELECT datname FROM pg_database WHERE NOT datistemplate")]
+
+
 def _cluster_objects(conn: psycopg.Connection, dbname: str) -> ClusterObjects:
     """The roles and database properties ``dbname`` needs, read in the dump's own snapshot (milliseconds)."""
     try:
@@ -175,7 +180,10 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, tradin
         pg_dump = find_tool("pg_dump", min_major=server_major(conn), bin_dir=settings.pg_bin_dir)
         # Under the dump lock: no other dump of this database picks an id meanwhile.
         wanted = backup_id or backup_id_for(conninfo.dbname, "dump", isoformat(started))
-        claim_catalog(storage, system, backup=f"a dump of {conninfo.dbname} on {conninfo.server_label}", record=False)
+        # With the major and every database of the server: a pg_upgrade'd server (a new system of a higher major
+        # holding every database the catalog backs up) opens its generation here (``catalog.system``).
+        claim_catalog(storage, system, backup=f"a dump of {conninfo.dbname} on {conninfo.server_label}", record=False,
+                      major=server_major(conn), databases=_database_names(conn))
         backup_id = catalog.free_backup_id(storage, wanted)
         key = dump_key(backup_id, settings.compression, encrypted=bool(settings.encrypt_recipients))
         clear_interrupted(storage, conninfo.dbname, "dump")  # a killed run's partial, or its dump without a manifest

@@ -25,6 +25,12 @@ any interrupt (SIGINT, SIGTERM) or a lost connection:
   in is dropped. Anything matching the pattern without that proof is named in a note and left alone
   (one case: a SIGKILL in the round trip between CREATE DATABASE and its COMMENT leaves an empty,
   unmarked staging database; CREATE DATABASE cannot run in a transaction with the COMMENT).
+- **The backup's own database properties ride along** (``apply_properties``): owner, settings and ACL
+  are applied to the staging copy before the swap, and a rename keeps them (they hang on the OID:
+  ``pg_database``'s row, ``pg_db_role_setting`` with the settings of ``ALTER ROLE ... IN DATABASE``,
+  ``pg_shdescription``). Only the comment waits: the marker occupies it until the swap, which then sets
+  the backup's comment instead of clearing it; the marker carries that comment, so a dead run's
+  successor sets it too.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from types import FrameType
 
@@ -122,8 +128,19 @@ def aside_name(target: str, run: str) -> str:
     return f"{target[:40]}__replaced_{run}"
 
 
-def marker_for(run: str, target: str, backup_id: str) -> str:
-    return MARKER_PREFIX + json.dumps({"run": run, "target": target, "backup": backup_id})
+def marker_for(run: str, target: str, backup_id: str, comment: str | None = None) -> str:
+    fields = {"run": run, "target": target, "backup": backup_id}
+    if comment is not None:  # the database's comment in the backup: set when the marker goes
+        fields["comment"] = comment
+    return MARKER_PREFIX + json.dumps(fields)
+
+
+def marked_comment(marker: str | None) -> str | None:
+    """The backup's database comment a staging marker carries (None: none, or not a marker)."""
+    if parse_marker(marker) is None:
+        return None
+    comment = json.loads(marker[len(MARKER_PREFIX):]).get("comment")  # type: ignore[index]
+    return comment if isinstance(comment, str) else None
 
 
 def parse_marker(comment: str | None) -> tuple[str, str] | None:
@@ -187,11 +204,13 @@ def refuse_if_in_use(admin: psycopg.Connection, dbname: str, *, server: str) -> 
 class StagingDatabase:
     """One run's staging database on one server, and the run's maintenance connection (which holds its lock)."""
 
-    def __init__(self, maintenance: ConnInfo, target: str, guard: SignalGuard, *, backup_id: str) -> None:
+    def __init__(self, maintenance: ConnInfo, target: str, guard: SignalGuard, *, backup_id: str,
+                 comment: str | None = None) -> None:
         self.maintenance = maintenance
         self.target = target
         self.guard = guard
         self.backup_id = backup_id
+        self.comment = comment  # the database's comment in the backup: the target's once swapped in
         self.run = uuid.uuid4().hex[:8]
         self.name = staging_name(target, self.run)
         self.aside = aside_name(target, self.run)
@@ -228,7 +247,20 @@ class StagingDatabase:
             self.created = True
             create_database(self.admin, self.name)
             self.oid = database_oids(self.admin, [self.name], [])[self.name]
-            set_comment(self.admin, self.name, marker_for(self.run, self.target, self.backup_id))
+            set_comment(self.admin, self.name, self.marker)
+
+    @property
+    def marker(self) -> str:
+        return marker_for(self.run, self.target, self.backup_id, self.comment)
+
+    def apply_properties(self, apply: Callable[[psycopg.Connection, str], list[str]]) -> list[str]:
+        """Run ``apply(admin, staging name)``: the backup's database properties, all but its comment.
+
+        The comment must stay the marker until the swap, which sets the backup's (``self.comment``);
+        ``apply`` must not touch it (a COMMENT would also wait for anyone holding the database's lock).
+        """
+        with self.guard.deferred():
+            return apply(self.admin, self.name)
 
     def discard(self) -> None:
         with self.guard.deferred():
@@ -252,7 +284,7 @@ class StagingDatabase:
                     notes.append(f"the previous {self.target!r} is kept as {self.aside!r} "
                                  f"({first_line(str(exc))}); drop it when you no longer need it")
             try:
-                set_comment(self.admin, self.target, None)
+                set_comment(self.admin, self.target, self.comment)  # unmarked: the backup's comment, or none
             except psycopg.Error as exc:  # the restore is done; the marker only helps a dead run's successor
                 log.warning("could not unmark %r: %s", self.target, first_line(str(exc)))
         for note in notes:
@@ -333,7 +365,7 @@ class StagingDatabase:
             return f"{self._old_data_phrase(old_at)}; the staging copy was removed"
         if new_at == target:
             with suppress(psycopg.Error):
-                set_comment(admin, target, None)  # unmarked: a kept old copy is the user's now, not ours to drop
+                set_comment(admin, target, self.comment)  # unmarked: a kept old copy is the user's now, not ours
             if old_at is not None:
                 return (f"{target!r} holds the restored data of {self.backup_id}; its previous data is kept as "
                         f"{old_at!r}: drop it when you no longer need it")
@@ -376,7 +408,7 @@ class StagingDatabase:
                 if not self.admin.execute("SELECT pg_try_advisory_lock(%s, %s)", (RUN_LOCK_CLASS, key)).fetchone()[0]:
                     continue  # that run is alive
                 try:
-                    notes += self._finish_dead_run(run, target, marked=name)
+                    notes += self._finish_dead_run(run, target, marked=name, comment=marked_comment(comment))
                 except psycopg.Error as exc:  # not this restore's business: say so and carry on
                     notes.append(f"could not clear {name!r}, left by an earlier restore that died: "
                                  f"{first_line(str(exc))}")
@@ -387,7 +419,7 @@ class StagingDatabase:
             log.warning("%s", note)
         return notes
 
-    def _finish_dead_run(self, run: str, target: str, *, marked: str) -> list[str]:
+    def _finish_dead_run(self, run: str, target: str, *, marked: str, comment: str | None) -> list[str]:
         staging, aside = staging_name(target, run), aside_name(target, run)
         present = database_oids(self.admin, [target, staging, aside], [])
         notes: list[str] = []
@@ -407,7 +439,7 @@ class StagingDatabase:
                              f"after swapping its copy in")
             except psycopg.errors.ObjectInUse:
                 notes.append(f"{aside!r} (the data {target!r} held before an earlier restore) is in use: kept")
-        set_comment(self.admin, target, None)
+        set_comment(self.admin, target, comment)  # the restored database's own comment, which the marker held
         return notes
 
     def _unproven_leftovers(self) -> list[str]:

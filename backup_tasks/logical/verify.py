@@ -15,6 +15,15 @@ without one transaction the COPYs are WAL-logged (the throwaway cluster's ``wal_
 skips WAL only for tables created in the same transaction); it also needs a seekable file, i.e.
 the decompressed archive written to disk first. On 2 cores ``-j2`` from a file gained nothing
 (bench/README.md); on many cores it might, at the price of that file and the WAL: not measured here.
+
+Owners, grants and policies (issue 19): the roles saved with the dump (``logical.globals``) are
+created in the throwaway cluster first, and the restore keeps owners and privileges, so a dump whose
+grants or policies cannot be restored fails for that reason; the database's own properties are then
+applied to the copy (after the checks, so its settings cannot change them). ``checked`` says so
+("roles", "owners", "privileges", "database-properties"). Two cases restore without owners and
+privileges, as ``restore --no-owner`` does (policies cut to the roles present; ``details`` says
+which): a dump from before roles were saved, and ``VERIFY_DATABASE_URL`` when its server lacks some
+of the roles or we are not superuser there: verify never creates roles on a server it does not own.
 """
 
 from __future__ import annotations
@@ -34,10 +43,14 @@ from backup_tasks.catalog.keys import identities_for
 from backup_tasks.catalog.manifest import Manifest, Verification
 from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
-from backup_tasks.errors import BackupCorrupt, RestoreFailed, StorageError
-from backup_tasks.logical.restore import check_decryptable, pg_restore_into
+from backup_tasks.errors import BackupCorrupt, RestoreFailed, RestoreRefused, StorageError
+from backup_tasks.logical.globals import check_cluster_objects, load_cluster_objects
+from backup_tasks.logical.noowner import NoOwnerPlan, plan_without_owners, run_after
+from backup_tasks.logical.pgrestore import WITHOUT_OWNERS, pg_restore_into
+from backup_tasks.logical.restore import check_decryptable
 from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect, server_version
+from backup_tasks.postgres.globals import ClusterObjects
 from backup_tasks.postgres.queries import (
     HeapCheck,
     amcheck_available,
@@ -47,11 +60,18 @@ from backup_tasks.postgres.queries import (
     drop_database,
     run_parallel,
 )
+from backup_tasks.postgres.recreate import (
+    apply_database_properties,
+    create_missing_roles,
+    existing_roles,
+    missing_roles,
+)
 from backup_tasks.postgres.template import default_template_cache
 from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
-from backup_tasks.storage.base import members
-from backup_tasks.storage.integrity import check_locations, summarize
+from backup_tasks.storage.base import Storage, members
+from backup_tasks.storage.integrity import LocationCheck, check_locations, summarize
+from backup_tasks.streams.crypto import Identities
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +177,88 @@ def server_major_of(manifest: Manifest) -> int:
     return int(manifest.server_version.split(".")[0])
 
 
+def judge_checks(checks: list[LocationCheck], problems: list[str], *, what: str = "") -> None:
+    """Every location's copy of one object: no location answering is the verifier's problem (``StorageError``),
+    none good a verdict (``BackupCorrupt``), some bad a problem recorded while the restore goes on."""
+    if not checks:  # no such object (a dump from before roles were saved)
+        return
+    prefix = f"{what}: " if what else ""
+    if not any(c.ok for c in checks) and all(c.state == "unreadable" for c in checks):
+        raise StorageError(prefix + summarize(checks))  # no location answers: nothing to judge
+    if not any(c.ok for c in checks):
+        raise BackupCorrupt(prefix + summarize(checks))
+    if not all(c.ok for c in checks):
+        problems.append(prefix + summarize(checks))
+
+
+def roles_for_restore(target: ConnInfo, objects: ClusterObjects | None, *, scratch: bool,
+                      details: dict[str, Any]) -> bool:
+    """Make the target ready for a restore that keeps owners and privileges; False when it must do without.
+
+    A throwaway cluster is ours: the backup's roles are created in it. A scratch database lives on
+    someone's server (``VERIFY_DATABASE_URL``): roles are never created there, so owners are kept only
+    when every role exists and we are superuser (else pg_restore could not give objects to them).
+    """
+    if objects is None:
+        details["owners_and_privileges"] = ("not checked: the dump was taken before roles were saved with dumps; "
+                                            "restored without owners and privileges")
+        return False
+    with connect(target) as conn:
+        if not scratch:
+            notes: list[str] = []
+            details["roles_created"] = create_missing_roles(conn, objects, notes)
+            if notes:
+                details["roles_notes"] = notes
+            details["owners_and_privileges"] = "checked: restored with the backup's roles"
+            return True
+        missing = missing_roles(conn, objects)
+        superuser = bool(conn.execute("SELECT rolsuper FROM pg_catalog.pg_roles "
+                                      "WHERE rolname = current_user").fetchone()[0])
+    if not missing and superuser:
+        details["owners_and_privileges"] = "checked: every role the backup needs exists on the verify server"
+        return True
+    why = (f"the verify server (VERIFY_DATABASE_URL) lacks roles the backup needs ({', '.join(missing)}), and "
+           f"verify never creates roles there" if missing else
+           "the verify server's user (VERIFY_DATABASE_URL) is not a superuser, so it cannot give objects to "
+           "their owners")
+    details["owners_and_privileges"] = f"not checked: {why}; restored without owners and privileges"
+    return False
+
+
+def restore_for_verify(storage: Storage, manifest: Manifest, target: ConnInfo, objects: ClusterObjects | None, *,
+                       settings: Settings, identities: Identities | None, details: dict[str, Any],
+                       checked: list[str]) -> bool:
+    """Restore the dump into ``target``: with owners and privileges when the roles allow; whether it did."""
+    keep_owners = roles_for_restore(target, objects, scratch=bool(settings.verify_database_url), details=details)
+    if keep_owners:
+        checked.append("roles")
+    plan = NoOwnerPlan()
+    if not keep_owners:  # policies naming roles absent here would fail the restore: cut to those present
+        with connect(target) as conn:
+            present = existing_roles(conn)
+        plan = plan_without_owners(storage, manifest, present, min_major=server_major_of(manifest),
+                                   settings=settings, identities=identities)
+        if plan.changes:
+            details["policies_changed"] = plan.changes
+    pg_restore_into(storage, manifest, target, min_major=server_major_of(manifest), settings=settings,
+                    extra_args=() if keep_owners else WITHOUT_OWNERS, identities=identities, use_list=plan.use_list)
+    run_after(target, plan)
+    checked += ["restore", "owners", "privileges"] if keep_owners else ["restore"]
+    return keep_owners
+
+
+def apply_properties_for_verify(target: ConnInfo, objects: ClusterObjects, *, keep_owners: bool,
+                                details: dict[str, Any]) -> None:
+    """Apply the backup's database properties to the restored copy, as a restore does before its swap.
+
+    What the server refuses is a verdict (``RestoreFailed``/``RestoreRefused`` from ``apply_database_properties``);
+    a connection lost meanwhile is the verifier's trouble and propagates.
+    """
+    with connect(target) as conn:
+        details["database_properties"] = apply_database_properties(
+            conn, target.dbname, objects, owner=keep_owners, privileges=keep_owners)
+
+
 def verify_backup(settings: Settings, backup_id: str | None = None, *,
                   progress: Progress = no_progress) -> Verification:
     """Verify one dump (the newest when ``backup_id`` is None); record and return the outcome."""
@@ -169,6 +271,7 @@ def verify_backup(settings: Settings, backup_id: str | None = None, *,
     problems: list[str] = []
     tables_compared = indexes_checked = 0
     restored_version: str | None = None
+    details: dict[str, Any] = {}
     try:
         # The throwaway cluster (or scratch database) is set up while the checksum is computed.
         with entered_in_background(scratch_database(settings, server_major_of(manifest))) as scratch:
@@ -176,20 +279,18 @@ def verify_backup(settings: Settings, backup_id: str | None = None, *,
             # Every location (BACKUP_DIR and BACKUP_COPY_TO): any missing or damaged copy fails verify,
             # and the message says which location is still good; the restore uses the first good one.
             checks = check_locations(storage, manifest.path, size=manifest.size_bytes, sha256=manifest.sha256)
-            if not any(c.ok for c in checks) and all(c.state == "unreadable" for c in checks):
-                raise StorageError(summarize(checks))  # no location answers: nothing to judge
-            good = next((m for m, c in zip(members(storage), checks, strict=True) if c.ok), None)
-            if good is None:
-                raise BackupCorrupt(summarize(checks))
-            if not all(c.ok for c in checks):
-                problems.append(summarize(checks))
+            judge_checks(checks, problems)
+            good = next(m for m, c in zip(members(storage), checks, strict=True) if c.ok)
+            # The saved roles and database properties, checked the same way (none for dumps from before them).
+            judge_checks(check_cluster_objects(storage, manifest), problems,
+                         what=f"the saved roles of {manifest.id}")
             checked.append("sha256")
             check_decryptable(good, manifest, identities)
+            objects = load_cluster_objects(storage, manifest, identities)  # a few kB, from a good copy
             progress("restoring", backup_id=manifest.id)
             target = scratch()
-            pg_restore_into(good, manifest, target, min_major=server_major_of(manifest), settings=settings,
-                            extra_args=("--no-owner", "--no-privileges"), identities=identities)
-            checked.append("restore")
+            keep_owners = restore_for_verify(good, manifest, target, objects, settings=settings,
+                                             identities=identities, details=details, checked=checked)
             progress("comparing", backup_id=manifest.id)
             restored_version, count_problems, indexes_checked, index_problems = check_restored(
                 target, manifest.tables, heap_check=settings.verify_heap_check)
@@ -199,7 +300,10 @@ def verify_backup(settings: Settings, backup_id: str | None = None, *,
             if indexes_checked:
                 checked.append("amcheck")
             problems += index_problems
-    except (BackupCorrupt, RestoreFailed) as exc:
+            if objects is not None:  # after the checks: the copy's new settings must not change them
+                apply_properties_for_verify(target, objects, keep_owners=keep_owners, details=details)
+                checked.append("database-properties")
+    except (BackupCorrupt, RestoreFailed, RestoreRefused) as exc:
         # A verdict about the backup. Anything else (no cluster, verifier server down or refusing
         # the login, tool missing) is a failure of the verifier: it propagates and nothing is
         # recorded. Connections here (connect() and pg_restore's own) go through the one classifier
@@ -209,7 +313,7 @@ def verify_backup(settings: Settings, backup_id: str | None = None, *,
     result = Verification(
         ok=not problems, verified_at=isoformat(utcnow()), duration_seconds=round(time.monotonic() - started, 3),
         method=method, checked=checked, tables_compared=tables_compared, indexes_checked=indexes_checked,
-        problems=problems, server_version=restored_version,
+        problems=problems, server_version=restored_version, details=details or None,
     )
     if settings.as_of is not None:  # a past state of the bucket was read: the verdict is reported, not recorded
         log.info("verification of %s as of %s is not recorded", manifest.id, settings.as_of.isoformat())

@@ -6,7 +6,8 @@
 server's WAL position within one timeout), ``cluster`` (throwaway clusters), ``template`` (their
 cached initdb output), ``leftovers`` (scratch directories that name their owner process, and the sweep
 that stops and removes those of killed runs), ``servercmd`` (the command PostgreSQL's OS user runs), ``controldata``
-(pg_controldata), ``sampledata``.
+(pg_controldata), ``sampledata``, ``globals`` (the roles and database properties a database needs, read from
+the shared catalogs) and ``recreate`` (replaying them on another server).
 
 Imports: core only (errors, conninfo). Must not import streams, storage, settings, catalog, any capability or adapter.
 """

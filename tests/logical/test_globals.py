@@ -32,10 +32,12 @@ from backup_tasks.postgres.globals import (
     ClusterObjects,
     Membership,
     RoleSetting,
+    read_cluster_objects,
+)
+from backup_tasks.postgres.recreate import (
     apply_database_properties,
     create_missing_roles,
     missing_roles,
-    read_cluster_objects,
     split_list_setting,
 )
 from backup_tasks.postgres.sampledata import generate

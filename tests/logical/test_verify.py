@@ -42,7 +42,8 @@ def test_a_good_backup_verifies_in_a_throwaway_cluster_and_the_verdict_is_record
     result = verify_backup(settings)  # no id: the newest
     assert result.ok, result.problems
     assert result.method == "throwaway-cluster"
-    assert result.checked == ["sha256", "restore", "row-counts", "amcheck"]
+    assert result.checked == ["sha256", "roles", "restore", "owners", "privileges", "row-counts", "amcheck",
+                              "database-properties"]
     assert result.tables_compared == len(manifest.tables) and result.indexes_checked >= 3
     recorded = reload(settings, manifest.id).verification
     assert recorded is not None and recorded.ok and recorded.verified_at and recorded.duration_seconds > 0
@@ -75,7 +76,7 @@ def test_a_damaged_archive_with_a_valid_checksum_fails_the_restore(
     manifest, path = dumped(settings)
     rewrite_archive(path, manifest, settings, lambda raw: raw[: len(raw) * 2 // 3])
     result = verify_backup(settings, manifest.id)
-    assert not result.ok and result.checked == ["sha256"]
+    assert not result.ok and result.checked == ["sha256", "roles"]  # the roles went in; the restore failed
     assert "pg_restore" in result.problems[0] or "not a readable" in result.problems[0]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.logical.dump import run_dump
-from backup_tasks.logical.restore import pg_restore_into
+from backup_tasks.logical.pgrestore import pg_restore_into
 from backup_tasks.logical.verify import check_restored, verify_backup
 from backup_tasks.postgres import template as template_module
 from backup_tasks.postgres.cluster import ThrowawayCluster

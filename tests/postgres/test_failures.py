@@ -34,7 +34,7 @@ from backup_tasks.errors import (
 )
 from backup_tasks.logical import dump
 from backup_tasks.logical.dump import run_dump
-from backup_tasks.logical.restore import pg_restore_into
+from backup_tasks.logical.pgrestore import pg_restore_into
 from backup_tasks.postgres.cluster import free_port
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.failures import Fallback, classify
