@@ -16,6 +16,9 @@ command -v age >/dev/null 2>&1 || need_apt+=(age)  # only for the interoperabili
 # promtool checks and unit-tests deploy/prometheus's alert rules; the server runs in one test, on a free port.
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)  # headless: renders `status --html` in a test
+# The regression-database test (scripts/regression-db.sh) compiles pg_regress from PostgreSQL's sources.
+{ command -v gcc && command -v make && command -v perl; } >/dev/null 2>&1 || need_apt+=(gcc make perl libc6-dev)
+command -v bzip2 >/dev/null 2>&1 || need_apt+=(bzip2)  # the upstream tarball is .tar.bz2
 # Debian's interpreter: the postgres OS user can run it (archive_command), root's pyenv one it cannot.
 PY=/usr/bin/python3
 if [ -x "$PY" ] && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then need_apt+=(python3-venv); fi

