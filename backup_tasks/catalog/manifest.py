@@ -39,6 +39,7 @@ from backup_tasks.catalog.ids import later_backup_id
 from backup_tasks.catalog.system import catalog_system, claim_catalog, is_foreign
 from backup_tasks.clock import isoformat, parse_time, utcnow
 from backup_tasks.errors import BackupError, BackupIdTaken, BackupNotFound, ObjectMissing, StorageError
+from backup_tasks.postgres.tools import major_of
 from backup_tasks.storage.base import Storage
 from backup_tasks.wal.system import IDENTITY_KEY
 
@@ -193,7 +194,10 @@ def publish(storage: Storage, manifest: Manifest, *, data_keys: list[str]) -> No
     (``catalog.system``: the first backup's system is the catalog's)."""
     try:
         if manifest.system_identifier:
-            claim_catalog(storage, manifest.system_identifier, backup=f"backup {manifest.id}")
+            # With its major: the first backup of a pg_upgrade'd server whose pre-check opened no generation
+            # (an upgrade begun meanwhile) opens it here, as ``catalog.system`` allows.
+            claim_catalog(storage, manifest.system_identifier, backup=f"backup {manifest.id}",
+                          major=major_of(manifest.server_version) or None)
         save_new(storage, manifest)
     except BackupIdTaken:
         raise  # that manifest (and whatever is under the key) belongs to another run: touch nothing

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.generations import catalog_records
 from backup_tasks.catalog.manifest import Manifest, record_time
 from backup_tasks.catalog.retention import (
     ClockDoubt,
@@ -90,13 +91,16 @@ def prune(settings: Settings, *, dry_run: bool = False, now: datetime | None = N
         manifests = [m for m in everything if not is_foreign(m.system_identifier, system)]
         foreign = [m for m in everything if is_foreign(m.system_identifier, system)]
         policy = retention_policy(settings)
-        decisions = plan(manifests, now, policy)
+        # Each generation's newest chain stays until `upgrade --release-old` released it (``catalog.generations``).
+        released = catalog_records(storage)[2]
+        decisions = plan(manifests, now, policy, released=released)
         report = PruneReport(dry_run=dry_run, decisions=decisions, other_systems=[m.id for m in foreign])
         if foreign:
             log.info("left alone %d backup(s) of other systems than this catalog's (%s): %s", len(foreign), system,
                      ", ".join(f"{m.id} (system {m.system_identifier})" for m in foreign))
         # Only a plan that deletes something asks the locations for their stamps (one listing each).
-        doubt = None if all(d.keep for d in decisions) else clock_doubt(manifests, now, policy, newest_stamped(storage))
+        doubt = None if all(d.keep for d in decisions) else clock_doubt(manifests, now, policy, newest_stamped(storage),
+                                                                       released=released)
         if doubt is not None:
             if not dry_run:
                 raise ClockAhead(f"prune refused: {doubt.message}")

@@ -4,7 +4,12 @@ No I/O here: ``prune`` applies the answer, ``--dry-run`` prints it. Rules, per d
 - dumps: keep those started less than ``keep_daily_days`` days ago;
 - snapshots: keep the newest ``keep_weekly`` complete ones;
 - always keep the newest backup and the newest verified backup, whatever their age, so the last
-  good backup is never expired before its replacement has been proven.
+  good backup is never expired before its replacement has been proven;
+- across a major upgrade (``catalog.generations``: one system identifier per generation), keep each
+  generation's newest complete snapshot, the start of its restorable chain (the WAL from it is kept
+  by ``wal_expiry``, which keeps WAL from the oldest kept snapshot), until the operator releases that
+  generation (``backup-tasks upgrade --release-old``: ``released``). The newest generation's is kept
+  by the rules above anyway.
 
 Ages come from a clock, and a host's clock can be days ahead. ``clock_doubt`` compares it with the
 newest object each location stamped itself (S3's LastModified, a file's mtime): when the clock is
@@ -16,6 +21,7 @@ catalog whose deletions do not depend on the clock is pruned as usual.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -43,10 +49,13 @@ class Decision:
     reason: str
 
 
-def plan(manifests: list[Manifest], now: datetime, policy: RetentionPolicy) -> list[Decision]:
+def plan(manifests: list[Manifest], now: datetime, policy: RetentionPolicy, *,
+         released: Collection[str] = ()) -> list[Decision]:
+    """The decision on every manifest. ``released``: systems whose generation ``upgrade --release-old`` let go."""
     groups: dict[tuple[str, str], list[Manifest]] = defaultdict(list)
     for manifest in manifests:
         groups[(manifest.database, manifest.kind)].append(manifest)
+    systems = {m.system_identifier for m in manifests if m.system_identifier}
     decisions: list[Decision] = []
     for (_database, kind), group in sorted(groups.items()):
         group.sort(key=lambda m: (m.started, m.id))
@@ -54,13 +63,24 @@ def plan(manifests: list[Manifest], now: datetime, policy: RetentionPolicy) -> l
         verified = [m for m in group if m.verified_ok]
         newest_verified = verified[-1] if verified else None
         recent_snapshots = {m.id for m in [m for m in group if m.state == "complete"][-policy.keep_weekly:]}
+        way_back = _generation_chains(group, released) if kind == "snapshot" and len(systems) > 1 else {}
         for manifest in group:
-            decisions.append(_decide(manifest, kind, now, policy, newest, newest_verified, recent_snapshots))
+            decisions.append(_decide(manifest, kind, now, policy, newest, newest_verified, recent_snapshots,
+                                     way_back))
     return decisions
 
 
+def _generation_chains(snapshots: list[Manifest], released: Collection[str]) -> dict[str, str]:
+    """The newest complete snapshot of each generation (system identifier) not released: id -> its system."""
+    newest: dict[str, Manifest] = {}
+    for m in snapshots:  # oldest first: the last one of each system wins
+        if m.state == "complete" and m.system_identifier and m.system_identifier not in released:
+            newest[m.system_identifier] = m
+    return {m.id: system for system, m in newest.items()}
+
+
 def _decide(manifest: Manifest, kind: str, now: datetime, policy: RetentionPolicy, newest: Manifest,
-            newest_verified: Manifest | None, recent_snapshots: set[str]) -> Decision:
+            newest_verified: Manifest | None, recent_snapshots: set[str], way_back: dict[str, str]) -> Decision:
     def decision(keep: bool, reason: str) -> Decision:
         return Decision(manifest.id, kind, manifest.database, keep, reason)
 
@@ -68,6 +88,10 @@ def _decide(manifest: Manifest, kind: str, now: datetime, policy: RetentionPolic
         return decision(True, "newest verified backup")
     if manifest is newest:
         return decision(True, "newest backup")
+    if manifest.id in way_back:
+        return decision(True, f"newest snapshot of the generation of PostgreSQL system {way_back[manifest.id]} "
+                              f"(PostgreSQL {manifest.server_version.split()[0]}): its way back, kept until "
+                              f"`backup-tasks upgrade --release-old`")
     if kind == "snapshot":
         if manifest.id in recent_snapshots:
             return decision(True, f"one of the newest {policy.keep_weekly} snapshots")
@@ -100,7 +124,7 @@ class ClockDoubt:
 
 
 def clock_doubt(manifests: list[Manifest], now: datetime, policy: RetentionPolicy,
-                newest_stamped: dict[str, datetime]) -> ClockDoubt | None:
+                newest_stamped: dict[str, datetime], *, released: Collection[str] = ()) -> ClockDoubt | None:
     """Pure: whether the plan at ``now`` depends on a clock implausibly ahead of what the locations stamped.
 
     ``newest_stamped``: each location's newest object, by the location's own timestamp (locations holding
@@ -113,8 +137,9 @@ def clock_doubt(manifests: list[Manifest], now: datetime, policy: RetentionPolic
     if now - newest <= policy.clock_tolerance:
         return None
     plausible = newest + policy.clock_tolerance  # the latest moment the location vouches for, and the tolerance
-    kept_then = {d.backup_id for d in plan(manifests, plausible, policy) if d.keep}
-    on_clock_only = [d.backup_id for d in plan(manifests, now, policy) if not d.keep and d.backup_id in kept_then]
+    kept_then = {d.backup_id for d in plan(manifests, plausible, policy, released=released) if d.keep}
+    on_clock_only = [d.backup_id for d in plan(manifests, now, policy, released=released)
+                     if not d.keep and d.backup_id in kept_then]
     if not on_clock_only:
         return None
     return ClockDoubt(location, newest, now, policy.clock_tolerance, on_clock_only)

@@ -119,9 +119,38 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         document["restorable"] = _restorable(settings, storage)  # live: what the WAL archive covers now
         lines += [f"snapshot {r['backup_id']} restores to any moment from {r['restorable_from']} to "
                   f"{r['restorable_until']} on timeline {r['timeline']}"
+                  + (f" (PostgreSQL {r['major']})" if r.get("major") else "")
                   + (f" (WAL gap at {r['wal_gap']})" if r["wal_gap"] else "") for r in document["restorable"]]
+    document["generations"] = _generations(settings, storage, manifests)
+    if len(document["generations"]) > 1:  # after a major upgrade: which server each backup is of
+        lines += [f"generation PostgreSQL {g['major'] or '?'}, system {g['system_identifier']}: {len(g['backups'])} "
+                  f"backup(s)" + (f", opened {g['opened_at']} ({g['reason']})" if g["previous"] else " (the first)")
+                  + (", released to retention" if g["released"] else "") for g in document["generations"]]
     emit(args, document, "\n".join(lines))
     return 0
+
+
+def _generations(settings: Settings, storage: Storage, manifests: list[Any]) -> list[dict[str, Any]]:
+    """For ``list``: the PostgreSQL systems the catalog and the WAL archive held across major upgrades, oldest first,
+    each with the ids of its backups (``catalog.generations``); one before any upgrade."""
+    from backup_tasks.catalog.generations import generation_of, read_generations
+    from backup_tasks.wal.remote import archive_for_reading
+
+    try:
+        archive = archive_for_reading(settings)
+        primary = archive.primary if archive.available() else None
+    except Exception:  # the archive's records only add first segments: the catalog's records suffice
+        primary = None
+    try:
+        known = read_generations(storage, primary, manifests)
+    except Exception:  # listing must not fail because a record is unreadable (health says so)
+        return []
+    members: dict[str, list[str]] = {g.system: [] for g in known.generations}
+    for m in manifests:
+        generation = generation_of(m, known)
+        if generation is not None:
+            members[generation.system].append(m.id)
+    return [g.to_dict() | {"backups": members[g.system]} for g in known.generations]
 
 
 def _restorable(settings: Settings, storage: Storage) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from dataclasses import replace
 from datetime import datetime
 
 from backup_tasks import __version__
-from backup_tasks.cli import daily, observe, pitr, workflow
+from backup_tasks.cli import daily, observe, pitr, upgrade, workflow
 from backup_tasks.cli.output import Command, Parser, UsageError, fail
 from backup_tasks.clock import parse_moment, utcnow
 from backup_tasks.errors import BackupError
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    for register in (daily.register, pitr.register, workflow.register, observe.register):
+    for register in (daily.register, pitr.register, workflow.register, observe.register, upgrade.register):
         register(add)
     return parser
 

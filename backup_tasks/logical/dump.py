@@ -36,7 +36,13 @@ from backup_tasks.logical.globals import files_entries, store_cluster_objects
 from backup_tasks.postgres.connect import server_major, server_version
 from backup_tasks.postgres.failures import classify, first_line
 from backup_tasks.postgres.globals import ClusterObjects, read_cluster_objects
-from backup_tasks.postgres.queries import count_rows, exported_snapshot, system_identifier, unlogged_tables
+from backup_tasks.postgres.queries import (
+    count_rows,
+    database_names,
+    exported_snapshot,
+    system_identifier,
+    unlogged_tables,
+)
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.progress import PROGRESS_EVERY, Progress, no_progress
 from backup_tasks.settings import Settings
@@ -122,11 +128,6 @@ class _Children:
             self.counting.join()
 
 
-def _database_names(conn: psycopg.Connection) -> list[str]:
-    """Every database of the server (templates aside): a catalog's databases all there mark a pg_upgrade'd server."""
-    return [str(row[0]) for row in conn.execute("SELECT datname FROM pg_database WHERE NOT datistemplate")]
-
-
 def _cluster_objects(conn: psycopg.Connection, dbname: str) -> ClusterObjects:
     """The roles and database properties ``dbname`` needs, read in the dump's own snapshot (milliseconds)."""
     try:
@@ -183,7 +184,7 @@ def _dump_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, tradin
         # With the major and every database of the server: a pg_upgrade'd server (a new system of a higher major
         # holding every database the catalog backs up) opens its generation here (``catalog.system``).
         claim_catalog(storage, system, backup=f"a dump of {conninfo.dbname} on {conninfo.server_label}", record=False,
-                      major=server_major(conn), databases=_database_names(conn))
+                      major=server_major(conn), databases=database_names(conn))
         backup_id = catalog.free_backup_id(storage, wanted)
         key = dump_key(backup_id, settings.compression, encrypted=bool(settings.encrypt_recipients))
         clear_interrupted(storage, conninfo.dbname, "dump")  # a killed run's partial, or its dump without a manifest

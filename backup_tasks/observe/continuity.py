@@ -15,6 +15,7 @@ WAL is archived at all when nothing else says point-in-time recovery is configur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from backup_tasks.catalog.manifest import Manifest
@@ -77,11 +78,13 @@ def missing_runs(names: set[str], steps: list[TimelineStep], first: int, last: i
 
 
 def survey_wal(archive: WalArchive, earliest: Manifest | None, *, list_names: bool,
-               known: Coverage | None = None) -> WalSurvey:
+               known: Coverage | None = None, bounds: Sequence[str] = ()) -> WalSurvey:
     """Read what ``assess_wal`` needs: the path from ``earliest``'s start segment, the holes, the newest timeline.
 
     ``list_names``: list the archive's segments to tell whether it holds any (and on which timelines).
     ``known``: ``earliest``'s coverage when it was read already (the recovery window's), else it is read here.
+    ``bounds``: where later generations' WAL begins (``catalog.generations.boundaries``): the survey of
+    an older generation ends there.
     """
     survey = WalSurvey(archive=archive.location)
     try:
@@ -95,7 +98,7 @@ def survey_wal(archive: WalArchive, earliest: Manifest | None, *, list_names: bo
         if earliest is not None:
             start, size = str(earliest.start_segment), int(earliest.wal_segment_size or 0)
             survey.start_segment, survey.segment_size = start, size
-            cover = known or coverages(archive, [(start, size)], names)[0]
+            cover = known or coverages(archive, [(start, size)], names, bounds=bounds)[0]
             survey.steps = timeline_path(archive, timeline_of(start), size, start_segno=segment_number(start, size),
                                          target=cover.timeline)
             survey.last_archived, survey.unbroken_to = cover.last_archived, cover.end_segment

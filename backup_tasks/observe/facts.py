@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.generations import Generations, boundaries, read_generations
 from backup_tasks.catalog.manifest import Manifest, Verification
 from backup_tasks.clock import parse_time, utcnow
 from backup_tasks.errors import BackupError, ConfigError, StorageError
@@ -103,6 +104,7 @@ class RecoveryWindow:
     end: datetime
     snapshot_id: str  # the snapshot a restore to ``start`` uses
     timeline: int = 1  # the recovery target timeline of the span
+    system: str | None = None  # the generation (``catalog.generations``): its snapshots' system identifier
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,10 @@ class Facts:
     copy_missing: list[str] | None = None  # ids of backups BACKUP_COPY_TO lacks (``list_copy``), None: not read
     stored_sizes: dict[str, int | None] = field(default_factory=dict)  # for_health: id -> bytes (None: missing)
     continuity: WalSurvey | None = None  # for_health: the WAL from the earliest restorable snapshot on
+    #: for_health, after a major upgrade: the same survey of each older generation, up to where the next begins
+    older_continuity: list[WalSurvey] = field(default_factory=list)
+    generations: Generations = field(default_factory=Generations)  # the catalog's and the archive's, merged
+    continuity_is_newest: bool = True  # ``continuity`` is the newest generation's (the server's own WAL)
     duration_seconds: float = 0.0
 
     @property
@@ -192,14 +198,10 @@ def collect(settings: Settings, *, storage: Storage | None = None, archive: WalA
             _read_stored_sizes(facts, storage)
         if archive is None:
             archive = _archive_for_health(facts, settings) if for_health else local_archive(settings)
+        _read_generations(facts, storage, archive)
         _read_wal(facts, archive, storage, read_state=not for_health)
         if for_health and archive is not None:
-            snapshots = [m for m in facts.manifests if m.kind == "snapshot"]
-            earliest = earliest_start(snapshots)
-            known = next((r.coverage for r in newest_per_snapshot(facts.ranges)
-                          if earliest and r.snapshot.id == earliest.id), None)
-            facts.continuity = survey_wal(archive, earliest, known=known,
-                                          list_names=not snapshots and not settings.wal_archive_dir)
+            _survey(facts, archive, list_names=not settings.wal_archive_dir)
         if read_server and settings.database_url:
             facts.server = read_server_wal(settings.source())
             facts.sources.append(SourceStatus(SERVER, facts.server.error is None, facts.server.error))
@@ -210,6 +212,42 @@ def collect(settings: Settings, *, storage: Storage | None = None, archive: WalA
         facts.sources.append(SourceStatus(INTERNAL, False, f"{type(exc).__name__}: {exc}", exc))
     facts.duration_seconds = time.monotonic() - started
     return facts
+
+
+def _read_generations(facts: Facts, storage: Storage | None, archive: WalArchive | None) -> None:
+    """The generations (``catalog.generations``); unreadable records are the catalog's failure (a source)."""
+    try:
+        available = archive is not None and archive.available()
+        facts.generations = read_generations(storage, archive.primary if archive is not None and available else None,
+                                             facts.manifests)
+    except (BackupError, OSError) as exc:
+        facts.sources.append(SourceStatus(CATALOG, False, _reason(exc, facts.backup_dir), exc))
+
+
+def _survey(facts: Facts, archive: WalArchive, *, list_names: bool) -> None:
+    """The WAL continuity of each generation, from its earliest restorable snapshot to where the next one begins.
+
+    The newest generation's (the one with snapshots: a new server with none yet has nothing to replay
+    its WAL onto, which health says) is ``continuity``; older ones' ``older_continuity``.
+    """
+    snapshots = [m for m in facts.manifests if m.kind == "snapshot"]
+    coverage_of = {r.snapshot.id: r.coverage for r in newest_per_snapshot(facts.ranges)}
+    systems = [g.system for g in facts.generations.generations] or [None]
+    surveys: list[WalSurvey] = []
+    for system in systems:
+        own = [m for m in snapshots if len(systems) == 1 or m.system_identifier == system]
+        earliest = earliest_start(own)
+        if earliest is None and len(systems) > 1:
+            continue
+        known = coverage_of.get(earliest.id) if earliest else None
+        surveys.append(survey_wal(archive, earliest, known=known, list_names=list_names and not snapshots,
+                                  bounds=boundaries(facts.generations)))
+    if not surveys:  # generations, none with a restorable snapshot
+        surveys.append(survey_wal(archive, None, list_names=list_names and not snapshots))
+    facts.continuity, facts.older_continuity = surveys[-1], surveys[:-1]
+    newest = facts.generations.newest
+    facts.continuity_is_newest = newest is None or len(systems) == 1 or \
+        any(m.system_identifier == newest.system for m in snapshots if m.restorable)
 
 
 def local_archive(settings: Settings) -> WalArchive | None:
@@ -362,23 +400,29 @@ def recovery_windows(ranges: list[SnapshotRange]) -> list[RecoveryWindow]:
     starts at the first snapshot after the gap, since no moment between the gap and that snapshot can be
     reached. Spans of different timelines never join: the same moment on two branches is two states.
     """
-    groups: dict[tuple[str, int], list[SnapshotRange]] = defaultdict(list)
+    groups: dict[tuple[str, str, int], list[SnapshotRange]] = defaultdict(list)
     for r in ranges:
-        groups[(r.snapshot.database, r.timeline)].append(r)
+        groups[(r.snapshot.database, r.snapshot.system_identifier or "", r.timeline)].append(r)
+    first_of: dict[str, datetime] = {}  # each generation's earliest moment: generations in time order
+    for (_database, system, _timeline), group in groups.items():
+        first_of[system] = min([first_of.get(system, group[0].restorable_from), *(r.restorable_from for r in group)])
     windows = []
-    for (database, timeline), group in sorted(groups.items()):
+    # Generations never join either: the old system's last moment and the new one's first are two servers.
+    for (database, system, timeline), group in sorted(groups.items(), key=lambda item: (
+            item[0][0], first_of[item[0][1]], item[0][2])):
         group = sorted(group, key=lambda r: r.restorable_from)
         start, end, snapshot_id = group[0].restorable_from, group[0].restorable_until, group[0].snapshot.id
         for r in group[1:]:
             if r.restorable_from > end:  # a hole: the window starts again here
                 start, snapshot_id = r.restorable_from, r.snapshot.id
             end = max(end, r.restorable_until)
-        windows.append(RecoveryWindow(database, start, end, snapshot_id, timeline))
+        windows.append(RecoveryWindow(database, start, end, snapshot_id, timeline, system or None))
     return windows
 
 
 def newest_windows(windows: list[RecoveryWindow]) -> list[RecoveryWindow]:
-    """Per database, the window on the newest timeline (``windows``: by database, then ascending timeline)."""
+    """Per database, the window on the newest timeline of the newest generation (``windows``: by database, then
+    generation in time order, then ascending timeline)."""
     return list({w.database: w for w in windows}.values())
 
 

@@ -29,6 +29,11 @@ flight for moments (push-ahead stores the following segments while one is being 
 flight while the server's archiver has not yet reported archiving that far (``pg_stat_archiver``), or,
 when the server cannot tell, while the archived segment right after the hole was completed less than
 ``IN_FLIGHT_GRACE`` ago. Otherwise it is lost.
+
+After a major upgrade (``catalog.generations``) each generation is judged on its own: the WAL of an
+older one from its earliest restorable snapshot up to where the next begins (the names pg_upgrade
+skipped are no loss), the newest one's against the server. Until the newest generation has a
+snapshot, that is a problem of its own ("the new server ... has no snapshot yet: take one").
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from backup_tasks.catalog.generations import no_snapshot_problem, without_snapshot
 from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.clock import parse_time
 from backup_tasks.errors import BackupError
@@ -373,7 +379,18 @@ def judge(facts: Facts, settings: Settings, database: str | None, copy: CopyRead
     pitr, why = pitr_configured(snapshots, bool(settings.wal_archive_dir), survey.archive, survey.holds_segments)
     snapshot = assess_snapshots(snapshots, now, pitr=pitr, why=why, verify_grace=snapshot_verify_grace(settings),
                                 max_age=timedelta(hours=settings.health_snapshot_max_age_hours))
-    wal = assess_wal(survey, facts.server, now) if pitr else WalHealth(checked=False)
+    missing = without_snapshot(facts.generations, snapshots)
+    if missing is not None:
+        snapshot.problems.insert(0, no_snapshot_problem(missing))
+    server = facts.server
+    if server is not None and not facts.continuity_is_newest:  # the server writes the new generation's WAL
+        server = replace(server, current_segment=None)
+    wal = assess_wal(survey, server, now) if pitr else WalHealth(checked=False)
+    if pitr:
+        for older in facts.older_continuity:  # an older generation's way back: lost WAL there is lost too
+            judged = assess_wal(older, None, now)
+            wal.lost.extend(judged.lost)
+            wal.problems.extend(judged.problems)
     if copy is not None:
         wal.copy, problems = assess_copy(copy, facts.manifests, now)
         wal.problems.extend(problems)

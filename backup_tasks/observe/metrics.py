@@ -10,7 +10,11 @@ verdict of each series (while it has none yet, the newest verdict before it), ne
 recorded for any backup, so an older backup verified again cannot turn a failed newest one green.
 
 Labels: ``database`` and ``kind`` (``dump`` or ``snapshot``) on the per-backup series; ``database`` on
-the recovery window and the drill; ``location`` (``archive``: the local WAL archive, ``copy``:
+the recovery window and the drill; ``database``, ``timeline`` and ``system`` (the generation's system
+identifier: after a major upgrade the old and the new server each have their ranges; empty for
+snapshots recorded without one) on the restorable ranges; ``system`` and ``major`` on
+``generation_snapshots`` (0 for a new server with no snapshot yet, which health names); ``location``
+(``archive``: the local WAL archive, ``copy``:
 ``<BACKUP_COPY_TO>/wal``) on the WAL's newest segment; ``source`` (``catalog``, ``wal_archive``,
 ``wal_state``, ``server``) on ``backup_tasks_source_up``.
 
@@ -87,10 +91,12 @@ METRICS = (
                "the newest moment point-in-time recovery can reach now (unix time)", ("database",)),
     MetricSpec("restorable_range_start_timestamp_seconds",
                "the oldest moment point-in-time recovery can reach now on the timeline (unix time)",
-               ("database", "timeline")),
+               ("database", "timeline", "system")),
     MetricSpec("restorable_range_end_timestamp_seconds",
                "the newest moment point-in-time recovery can reach now on the timeline (unix time)",
-               ("database", "timeline")),
+               ("database", "timeline", "system")),
+    MetricSpec("generation_snapshots", "complete snapshots of each generation (system identifier, PostgreSQL major) "
+                                       "the catalog and the WAL archive record", ("system", "major")),
     MetricSpec("last_drill_success", "1 when the latest PITR drill passed, 0 when it failed", ("database",)),
     MetricSpec("last_drill_duration_seconds", "how long the latest PITR drill took (the RTO, measured)",
                ("database",)),
@@ -144,9 +150,12 @@ def families(facts: Facts) -> list[Metric]:
         add("recovery_window_start_timestamp_seconds", window.start.timestamp(), window.database)
         add("recovery_window_end_timestamp_seconds", window.end.timestamp(), window.database)
     for window in facts.timeline_windows:
-        add("restorable_range_start_timestamp_seconds", window.start.timestamp(), window.database,
-            str(window.timeline))
-        add("restorable_range_end_timestamp_seconds", window.end.timestamp(), window.database, str(window.timeline))
+        labels = (window.database, str(window.timeline), window.system or "")
+        add("restorable_range_start_timestamp_seconds", window.start.timestamp(), *labels)
+        add("restorable_range_end_timestamp_seconds", window.end.timestamp(), *labels)
+    for generation in facts.generations.generations:
+        count = sum(1 for m in facts.backups if m.kind == "snapshot" and m.system_identifier == generation.system)
+        add("generation_snapshots", count, generation.system, str(generation.major or ""))
     for drill in facts.drills:
         add("last_drill_success", 1 if drill.ok else 0, drill.database)
         if drill.duration_seconds is not None:

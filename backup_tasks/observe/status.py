@@ -17,6 +17,11 @@ The document's keys (``status --json``) are a public contract::
                         newest verdict before it, so a failure shows until a newer backup passes
     wal                 {archive, copy: {segment, completed_at, stored_at, lag_seconds, where} or null,
                          gaps: [{segment, after}], archiver: pg_stat_archiver's row (+ failing) or null}
+    generations         [{system_identifier, major, opened_at, reason, previous, first_segment, released, snapshots,
+                         newest_snapshot, windows: [{database, timeline, start, end, end_age_seconds, snapshot_id}]}]:
+                        the PostgreSQL systems the catalog and the WAL archive held across major upgrades, oldest
+                        first (one before any upgrade); ``recovery_window`` is the newest generation's
+    generation_problem  "the new server (PostgreSQL 18, system ...) has no snapshot yet: take one ..." or null
     copy                {location, reachable, error, backups_missing: [ids], wal_behind_seconds} or null
     last_drill          {database, snapshot_id, ok, drilled_at, duration_seconds, target_time, problems} or null
     next_runs           [{name, task, what, at}]: the beat schedule's next runs, in the exchange's timezone
@@ -28,6 +33,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from backup_tasks.catalog.generations import no_snapshot_problem, without_snapshot
 from backup_tasks.catalog.manifest import Manifest, Verification
 from backup_tasks.clock import isoformat, parse_time
 from backup_tasks.observe.facts import COPY_SOURCE, Facts, RecoveryWindow
@@ -49,6 +55,7 @@ def document(facts: Facts, settings: Settings) -> Document:
                   facts.windows[-1] if facts.windows else None)
     drill = max(facts.drills, key=lambda d: d.drilled_at) if facts.drills else None
     copy = facts.source(COPY_SOURCE)
+    missing = without_snapshot(facts.generations, snapshots)
     return {
         "ok": facts.up and all(s.ok for s in facts.sources if s.name == COPY_SOURCE),
         "generated_at": isoformat(now),
@@ -56,7 +63,16 @@ def document(facts: Facts, settings: Settings) -> Document:
         "backup_dir": facts.backup_dir,
         "recovery_window": None if window is None else {
             "database": window.database, **_window(window, now),
-            "timelines": [_window(w, now) for w in facts.timeline_windows if w.database == window.database]},
+            "timelines": [_window(w, now) for w in facts.timeline_windows
+                          if w.database == window.database and w.system == window.system]},
+        "generations": [{**g.to_dict(),
+                         "snapshots": sum(1 for m in snapshots if m.system_identifier == g.system),
+                         "newest_snapshot": next((m.id for m in reversed(snapshots) if m.system_identifier == g.system),
+                                                 None),
+                         "windows": [{"database": w.database, **_window(w, now)} for w in facts.timeline_windows
+                                     if w.system == g.system]}
+                        for g in facts.generations.generations],
+        "generation_problem": None if missing is None else no_snapshot_problem(missing),
         "newest_dump": _backup(dumps[-1], now, _verdict(facts, dumps[-1])) if dumps else None,
         "newest_snapshot": _backup(newest_snapshot, now, _verdict(facts, newest_snapshot)) if newest_snapshot else None,
         "wal": {
@@ -162,6 +178,8 @@ def local(text: str | None, settings: Settings, *, seconds: bool = False) -> str
 def render_text(doc: Document, settings: Settings) -> str:
     """The few lines of ``status``."""
     lines = [f"PROBLEM {p}" for p in doc["problems"]]
+    if doc.get("generation_problem"):
+        lines.append(f"PROBLEM {doc['generation_problem']}")
     window = doc["recovery_window"]
     others = [w for w in window.get("timelines") or [] if w["timeline"] != window["timeline"]] if window else []
     if window:
@@ -173,6 +191,13 @@ def render_text(doc: Document, settings: Settings) -> str:
                   for w in others]
     else:
         lines.append("point-in-time recovery: no snapshot with its WAL (dumps only)")
+    generations = doc.get("generations") or []
+    if len(generations) > 1:  # after a major upgrade: each server's way back
+        for g in generations[:-1]:
+            reach = max((w["end"] for w in g["windows"]), default=None)
+            lines.append(f"  old generation PostgreSQL {g['major']} (system {g['system_identifier']}): "
+                         + (f"restorable up to {local(reach, settings, seconds=True)}" if reach else
+                            "no restorable snapshot") + (", released" if g["released"] else ""))
     rows = [("newest dump", _backup_line(doc["newest_dump"], settings)),
             ("newest snapshot", _backup_line(doc["newest_snapshot"], settings)),
             ("WAL archive", _wal_line(doc["wal"], settings)),

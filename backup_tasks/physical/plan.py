@@ -50,7 +50,7 @@ from backup_tasks.physical.ranges import SnapshotRange, describe_ranges, format_
 from backup_tasks.physical.ranges import snapshot_ranges as snapshot_ranges  # re-exported for older callers
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.failures import first_line
-from backup_tasks.postgres.tools import find_tool
+from backup_tasks.postgres.tools import find_tool, major_of
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage
 from backup_tasks.wal.archive import WalArchive
@@ -124,6 +124,10 @@ class RestorePlan:
     #: end gives exactly the state at the target (PostgreSQL would refuse a time target it never passes).
     to_end_of_archive: bool = False
     restore_point: RestorePoint | None = None
+    #: When a later generation's WAL follows the chosen snapshot's in the archive (a major upgrade): the last
+    #: record of its generation, where recovery to its end stops (``recovery_target_lsn``) instead of reading
+    #: on into names the new system never wrote or wrote for itself.
+    generation_end_lsn: str | None = None
     notes: list[str] = field(default_factory=list)
     skipped: list[SkippedSnapshot] = field(default_factory=list)  # failed their latest verification
     warnings: list[str] = field(default_factory=list)  # a failed snapshot chosen explicitly
@@ -135,7 +139,9 @@ class RestorePlan:
 
     def recovery_settings(self) -> dict[str, str]:
         values = {"recovery_target_timeline": str(self.timeline)}
-        if self.target.kind == "time" and not self.to_end_of_archive and self.target.time is not None:
+        if self.generation_end_lsn and (self.target.kind == "latest" or self.to_end_of_archive):
+            values["recovery_target_lsn"] = self.generation_end_lsn
+        elif self.target.kind == "time" and not self.to_end_of_archive and self.target.time is not None:
             values["recovery_target_time"] = self.target.time.astimezone(UTC).isoformat(sep=" ")
         elif self.target.kind == "name" and self.target.name is not None:
             values["recovery_target_name"] = self.target.name
@@ -243,6 +249,8 @@ def plan_restore(settings: Settings, target: RecoveryTarget, *, storage: Storage
         warnings.append(f"the WAL copy could not be read ({archive.copy_problem}): planned from "
                         f"{archive.location} alone")
     plan.warnings = warnings
+    if target.kind == "latest" or plan.to_end_of_archive:
+        _end_of_generation(settings, archive, plan)
     plan.notes += [f"skipped snapshot {s.backup_id}: {s.reason}; choose it anyway with --snapshot {s.backup_id}"
                    for s in plan.skipped]
     return plan
@@ -354,10 +362,11 @@ def _commit_after(settings: Settings, archive: WalArchive, chosen: SnapshotRange
     if cov.end_segment is None or not snap.wal_segment_size:
         return False
     size = snap.wal_segment_size
-    try:
-        waldump = find_tool("pg_waldump", min_major=int(snap.server_version.split(".")[0]), bin_dir=settings.pg_bin_dir)
-    except BackupError:
-        return True  # cannot tell: let PostgreSQL decide (it refuses a target it never reaches)
+    # Exactly the snapshot's major: another major's pg_waldump reads no record of this WAL (another page
+    # magic) and would make "no commit after the target" out of its failure. A missing one is an error
+    # naming the package to install, never a guess.
+    waldump = find_tool("pg_waldump", exact_major=major_of(snap.server_version), bin_dir=settings.pg_bin_dir,
+                        why=f"to read the WAL after snapshot {snap.id} of PostgreSQL {snap.server_version}")
     segno = segment_number(cov.end_segment, size)
     first = segment_number(cov.start_segment, size)
     with tempfile.TemporaryDirectory(prefix="backup-tasks-waldump-") as scratch:
@@ -383,6 +392,34 @@ def _commit_after(settings: Settings, archive: WalArchive, chosen: SnapshotRange
     return True
 
 
+def _end_of_generation(settings: Settings, archive: WalArchive, plan: RestorePlan) -> None:
+    """``plan.generation_end_lsn`` when a later generation's WAL follows the chosen snapshot's (see ``RestorePlan``)."""
+    from backup_tasks.catalog.generations import boundaries, read_generations
+    from backup_tasks.wal.coverage import limit_for
+
+    chosen, snap = plan.range, plan.snapshot
+    size = int(snap.wal_segment_size or 0)
+    end = chosen.coverage.end_segment
+    bounds = boundaries(read_generations(None, archive.primary))
+    if not end or not size or not bounds or limit_for(str(snap.start_segment), size, bounds) >= 1 << 64:
+        return
+    waldump = find_tool("pg_waldump", exact_major=major_of(snap.server_version), bin_dir=settings.pg_bin_dir,
+                        why=f"to find the last record of the WAL of PostgreSQL {snap.server_version}")
+    with tempfile.TemporaryDirectory(prefix="backup-tasks-waldump-") as scratch:
+        archive.fetch(end, Path(scratch) / end)
+        result = subprocess.run([str(waldump), "-p", scratch, end, end], capture_output=True, text=True, check=False)
+    found = _RECORD_LSN.findall(result.stdout)
+    if not found:
+        raise RestoreFailed(f"{waldump} found no record in {end}, the last archived segment of the generation of "
+                            f"snapshot {snap.id}: {first_line(result.stderr) or f'exit {result.returncode}'}")
+    plan.generation_end_lsn = found[-1]
+    plan.notes.append(f"the WAL of this server's generation ends in {end} (a major upgrade followed): recovery stops "
+                      f"at its last record, {found[-1]}")
+
+
+_RECORD_LSN = re.compile(r"lsn: ([0-9A-F]+/[0-9A-F]+), prev")
+
+
 def _archived_name(archive: WalArchive, segno: int, chosen: SnapshotRange, size: int) -> str | None:
     """The archived segment ``segno`` as the chosen path reads it (its timeline there), or None."""
     name = segment_name(timeline_for(chosen.steps, segno), segno, size)
@@ -392,9 +429,24 @@ def _archived_name(archive: WalArchive, segno: int, chosen: SnapshotRange, size:
 _COMMIT = re.compile(r"desc: (?:COMMIT|ABORT)(?:_PREPARED)? (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) UTC")
 
 
+#: How pg_waldump says it reached the end of the WAL it was given (the normal end, not a failure): the
+#: zeroed rest of the last segment, or the next segment not among the files given.
+_END_OF_WAL = ("invalid record length", "could not find file", "could not open file")
+
+
 def _commit_times(waldump: Path, directory: Path, names: list[str]) -> list[datetime]:
+    """The commit and abort times in ``names`` (read from ``directory``); ``RestoreFailed`` when pg_waldump fails.
+
+    pg_waldump exits 1 at the end of the WAL it is given unless the last segment ended with a switch:
+    that end is normal. Any other failure (another major's page magic: "could not find a valid record",
+    a damaged segment) is raised, never read as "no commit there".
+    """
     result = subprocess.run([str(waldump), "-p", str(directory), "-r", "Transaction", names[0], names[-1]],
                             capture_output=True, text=True, check=False, env={**os.environ, "TZ": "UTC"})
+    if result.returncode != 0 and not any(end in result.stderr for end in _END_OF_WAL):
+        raise RestoreFailed(f"{waldump} could not read the archived WAL {names[0]} to {names[-1]} to find the last "
+                            f"commit before the target: {first_line(result.stderr) or f'exit {result.returncode}'}; "
+                            f"check that segment in the archive (`backup-tasks wal-fetch {names[-1]} /tmp/x`)")
     return [datetime.fromisoformat(m[1]).replace(tzinfo=UTC) for m in _COMMIT.finditer(result.stdout)]
 
 

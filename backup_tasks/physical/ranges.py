@@ -5,6 +5,9 @@ timeline, or on a descendant that forked off after the snapshot was consistent).
 it reaches from its consistency point (``restorable_from``) to the end of the WAL run unbroken from its
 start along that timeline's path. A snapshot taken on timeline 1 *after* timeline 2 forked off reaches
 timeline 1 only; one taken before the fork reaches both, with a range on each.
+
+Across a major upgrade (``catalog.generations``) a snapshot reaches no further than its generation's
+WAL: the archive's generation records say where the next system's WAL begins (``boundaries``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from backup_tasks.catalog import manifest as catalog
+from backup_tasks.catalog.generations import boundaries, major_of_version, read_generations
 from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.storage.base import Storage
 from backup_tasks.wal.archive import WalArchive
@@ -36,6 +40,11 @@ class SnapshotRange:
     def timeline(self) -> int:
         return self.coverage.timeline
 
+    @property
+    def major(self) -> int | None:
+        """The PostgreSQL major of the snapshot's generation."""
+        return major_of_version(self.snapshot.server_version)
+
     def covers(self, moment: datetime) -> bool:
         return self.restorable_from <= moment <= self.restorable_until
 
@@ -47,6 +56,7 @@ class SnapshotRange:
     def to_dict(self) -> dict[str, Any]:
         """One entry of ``list --json``'s ``restorable``."""
         return {"backup_id": self.snapshot.id, "timeline": self.timeline,
+                "system_identifier": self.snapshot.system_identifier, "major": self.major,
                 "restorable_from": self.restorable_from.isoformat(),
                 "restorable_until": self.restorable_until.isoformat(), "wal_gap": self.coverage.gap,
                 "wal_segments": self.coverage.segments}
@@ -86,8 +96,9 @@ def restorable_ranges(storage: Storage, archive: WalArchive, snapshots: list[Man
     runs = archive.segment_runs()
     tree = tree or TimelineTree.read(archive, runs)
     pairs = [(snap, timeline) for snap in snaps for timeline in tree.descendants_holding(*snapshot_end(snap))]
+    bounds = boundaries(read_generations(None, archive.primary))  # where each later system's WAL begins
     found = coverages(archive, [(str(s.start_segment), int(s.wal_segment_size or 0), t) for s, t in pairs],
-                      tree=tree, runs=runs)
+                      tree=tree, runs=runs, bounds=bounds)
     ranges = []
     for (snap, timeline), cov in zip(pairs, found, strict=True):
         assert snap.restorable_from is not None

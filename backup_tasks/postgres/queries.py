@@ -155,6 +155,12 @@ def exported_snapshot(conninfo: ConnInfo) -> Iterator[tuple[psycopg.Connection, 
             conn.close()
 
 
+def database_names(conn: psycopg.Connection) -> list[str]:
+    """Every database of the server, templates aside, sorted: a new system holding all of a catalog's databases is the
+    old one after ``pg_upgrade`` (``catalog.generations``)."""
+    return sorted(str(row[0]) for row in conn.execute("SELECT datname FROM pg_database WHERE NOT datistemplate"))
+
+
 def system_identifier(conn: psycopg.Connection) -> str:
     """The cluster's system identifier (``pg_control_system()``, which any role may call), as decimal text."""
     return str(conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()[0])

@@ -37,6 +37,15 @@ the file existed:
 - ``.partial`` and ``.backup`` files: never evidence (PostgreSQL does not need them to recover), but
   they are provably absent only with complete knowledge.
 
+Generations (``wal.system``: a major upgrade's new system archives into the same archive): the WAL
+of one system says nothing about another's. ``pg_upgrade`` starts the new system's WAL past the old
+one's last position, and the old server's last segment (cut short by its shutdown) is never archived:
+the names between the old system's newest archived segment and the new system's first
+(``boundaries``: where each later generation's WAL begins) are provably absent, so recovery of the
+old generation ends at its last archived segment. Evidence for a segment is therefore read only from
+the WAL of its own generation: segments, state records and branch points before the next boundary
+after it (a branch the new system made, or its WAL, is no evidence about the old system's).
+
 Evidence with complete knowledge: a gap, ``WalGap`` (200). Evidence with the copy unreadable: the
 copy may hold the file, ``WalArchiveError`` (200), saying that the copy must answer (or that
 BACKUP_COPY_TO must be unset to restore from the local archive alone). No evidence: ``WalMissing``
@@ -76,6 +85,8 @@ class Known(NamedTuple):
     recorded: tuple[str, ...] = ()
     #: Every location answered (no copy configured, or the copy could be listed).
     complete: bool = True
+    #: The first segment of each later generation (``wal.system``: a major upgrade's new system), any order.
+    boundaries: tuple[str, ...] = ()
 
 
 class Verdict(NamedTuple):
@@ -114,13 +125,23 @@ def _history_evidence(timeline: int, known: Known) -> str | None:
             f"and every one after it")
 
 
-def newest_position(runs: TimelineRuns, timeline: int) -> str | None:
-    """The position (``names.position``) of the newest segment of ``timeline`` in ``runs``."""
-    spans = runs.get(timeline)
-    if not spans:
-        return None
-    log_id, _first, last = max(spans, key=lambda run: (run[0], run[2]))
-    return f"{log_id:08X}{last:08X}"
+def newest_position(runs: TimelineRuns, timeline: int, below: str | None = None) -> str | None:
+    """The position (``names.position``) of the newest segment of ``timeline`` in ``runs`` (before ``below``)."""
+    best: str | None = None
+    for log_id, first, last in runs.get(timeline) or ():
+        newest = f"{log_id:08X}{last:08X}"
+        if below is not None and newest >= below:
+            if f"{log_id:08X}{first:08X}" >= below:
+                continue  # the whole run is past the limit
+            newest = f"{log_id:08X}{int(below[8:], 16) - 1:08X}"  # the run crosses it: the limit is in this log id
+        best = newest if best is None or newest > best else best
+    return best
+
+
+def generation_limit(name: str, known: Known) -> str | None:
+    """The position where the next generation after ``name``'s begins (``Known.boundaries``), or None."""
+    here = position(name)
+    return min((position(b) for b in known.boundaries if position(b) > here), default=None)
 
 
 def departures(timeline: int, known: Known) -> dict[int, int]:
@@ -135,10 +156,12 @@ def departures(timeline: int, known: Known) -> dict[int, int]:
 
 def _segment_evidence(name: str, known: Known, segment_size: Callable[[], int | None]) -> str | None:
     timeline, here = timeline_of(name), position(name)
-    newest = newest_position(known.runs, timeline)
+    limit = generation_limit(name, known)  # WAL from here on is a later system's: no word on this one's
+    newest = newest_position(known.runs, timeline, limit)
     if newest is not None and newest > here:
         return f"later segments of its timeline are archived (up to {timeline:08X}{newest})"
-    recorded = sorted((s for s in known.recorded if timeline_of(s) == timeline and position(s) >= here), key=position)
+    recorded = sorted((s for s in known.recorded if timeline_of(s) == timeline and position(s) >= here
+                       and (limit is None or position(s) < limit)), key=position)
     if recorded:
         return f"wal-push recorded {recorded[-1]} as archived (wal.state), which is not before it on its timeline"
     branches = departures(timeline, known)
@@ -146,6 +169,8 @@ def _segment_evidence(name: str, known: Known, segment_size: Callable[[], int | 
     for descendant, lsn in sorted(branches.items()):
         if not size or lsn // size <= segment_number(name, size):
             continue  # it left this timeline at or before this segment: no word on whether this one existed
+        if limit is not None and lsn // size >= segment_number(f"{timeline:08X}{limit}", size):
+            continue  # it branched from a later system's WAL
         if known.runs.get(descendant) or any(timeline_of(s) == descendant for s in known.recorded):
             return (f"timeline {descendant}, which branched from timeline {timeline} after this segment (at "
                     f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}), is archived: timeline {timeline} went past it (a gap "

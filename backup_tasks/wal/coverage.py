@@ -7,6 +7,12 @@ which timelines it can reach); without one, the newest timeline whose path reads
 the start's own timeline (the fork point checked at segment granularity). A missing segment with later
 ones present *on the same path* is a *gap*, reported rather than silently treated as the end; segments
 of another branch (the old timeline going on after a fork) are neither the path's end nor its gaps.
+
+Generations (``catalog.generations``): after a major upgrade the new system's WAL goes on in the same
+archive, from its first segment on (``pg_upgrade`` continues the old positions, leaving a few names
+unused). A start's coverage ends at the next generation's first segment (``bounds``): the old system's
+last segment is its end, the names skipped before the new one's first are no gap, and the new system's
+segments are not the old one's to replay.
 """
 
 from __future__ import annotations
@@ -78,19 +84,28 @@ class Coverage:
 
 
 def coverage(archive: WalArchive, start_segment: str, segment_size: int,
-             names: list[str] | None = None) -> Coverage:
-    return coverages(archive, [(start_segment, segment_size)], names)[0]
+             names: list[str] | None = None, *, bounds: Sequence[str] = ()) -> Coverage:
+    return coverages(archive, [(start_segment, segment_size)], names, bounds=bounds)[0]
+
+
+def limit_for(start_segment: str, segment_size: int, bounds: Sequence[str]) -> int:
+    """The first segment number past ``start_segment``'s generation: the next generation's first segment among
+    ``bounds`` (``catalog.generations.boundaries``), else none (``_FAR``)."""
+    first = segment_number(start_segment, segment_size)
+    return min((n for n in (segment_number(b, segment_size) for b in bounds) if n > first), default=_FAR)
 
 
 def coverages(archive: WalArchive, starts: Sequence[Start], names: list[str] | None = None, *,
-              tree: TimelineTree | None = None, runs: TimelineRuns | None = None) -> list[Coverage]:
+              tree: TimelineTree | None = None, runs: TimelineRuns | None = None,
+              bounds: Sequence[str] = ()) -> list[Coverage]:
     """``coverage`` of each start (``Start``): from ``names`` (segment names), else the archive's.
 
     ``list`` asks this for every snapshot of twelve weeks (100,000+ segments). The archive is read as
     runs of consecutive segments (``wal.index``: a local archive's cached per-directory summaries),
     and each start walks runs, not names: a run is crossed in one step, so the cost is the number of
     runs and of timeline switches, not of segments. The history files are read once; ``tree`` and
-    ``runs`` (``archive.segment_runs()``): the caller's when it read them already.
+    ``runs`` (``archive.segment_runs()``): the caller's when it read them already. ``bounds``: the first
+    segments of later generations (see the module docstring).
     """
     if runs is None:
         runs = timeline_runs_of_names(names) if names is not None else archive.segment_runs()
@@ -108,8 +123,9 @@ def coverages(archive: WalArchive, starts: Sequence[Start], names: list[str] | N
             if key not in intervals:
                 intervals[key] = _intervals(runs.get(step.timeline, []), segment_size)
             on_path[step.timeline] = intervals[key]
-        last_archived, last_segno = _newest(steps, on_path, segment_size)
-        end, count, gap = _walk(steps, on_path, first, last_segno, segment_size)
+        limit = limit_for(start_segment, segment_size, bounds)
+        last_archived, last_segno = _newest(steps, on_path, segment_size, limit)
+        end, count, gap = _walk(steps, on_path, first, last_segno, segment_size, limit)
         completed = archive.trailer(end).completed_at if end else None
         found.append(Coverage(start_segment=start_segment, end_segment=end, end_completed_at=completed,
                               segments=count, gap=gap, last_archived=last_archived,
@@ -137,7 +153,7 @@ def _intervals(runs: list[tuple[int, int, int]], segment_size: int) -> list[tupl
 
 
 def _newest(steps: list[TimelineStep], intervals: dict[int, list[tuple[int, int]]],
-            segment_size: int) -> tuple[str | None, int]:
+            segment_size: int, limit: int) -> tuple[str | None, int]:
     """The newest archived segment the path reads (each step's timeline before the next step), and its number.
 
     A segment of a timeline past the point where the path leaves it (the old timeline going on after a
@@ -145,7 +161,7 @@ def _newest(steps: list[TimelineStep], intervals: dict[int, list[tuple[int, int]
     """
     best = -1
     for index, step in enumerate(steps):
-        below = steps[index + 1].first_segno if index + 1 < len(steps) else _FAR
+        below = min(steps[index + 1].first_segno if index + 1 < len(steps) else _FAR, limit)
         spans = intervals[step.timeline]
         at = bisect_right(spans, (below - 1, _FAR)) - 1
         if at >= 0 and spans[at][1] >= step.first_segno:
@@ -156,11 +172,14 @@ def _newest(steps: list[TimelineStep], intervals: dict[int, list[tuple[int, int]
 
 
 def _walk(steps: list[TimelineStep], intervals: dict[int, list[tuple[int, int]]], first: int, last_segno: int,
-          segment_size: int) -> tuple[str | None, int, str | None]:
-    """From segment number ``first``: the end of the unbroken run, its length, and the gap after it."""
+          segment_size: int, limit: int = 1 << 64) -> tuple[str | None, int, str | None]:
+    """From segment number ``first``: the end of the unbroken run, its length, and the gap after it (never at or past
+    ``limit``, where the next generation begins)."""
     segno, count = first, 0
     end: str | None = None
     while True:
+        if segno >= limit:
+            return end, count, None
         timeline = timeline_for(steps, segno)
         switch = min((s.first_segno for s in steps if s.first_segno > segno), default=None)
         spans = intervals[timeline]
@@ -168,7 +187,7 @@ def _walk(steps: list[TimelineStep], intervals: dict[int, list[tuple[int, int]]]
         if at < 0 or spans[at][1] < segno:
             gap = segment_name(timeline, segno, segment_size) if segno <= last_segno else None
             return end, count, gap
-        stop = spans[at][1] if switch is None else min(spans[at][1], switch - 1)
+        stop = min(spans[at][1] if switch is None else min(spans[at][1], switch - 1), limit - 1)
         count += stop - segno + 1
         end = segment_name(timeline, stop, segment_size)
         segno = stop + 1

@@ -16,8 +16,8 @@ per process: once it failed to answer, every later question is answered without 
 (``UnionContents.copy_failed``), so an unreachable endpoint costs its retries once.
 
 Imported by ``wal.archive`` only when the primary cannot give a file (a segment found there, wal-fetch's
-per-segment case, never loads this), standard library and the WAL modules only (boto3 only when the
-copy is a bucket and is asked).
+per-segment case, never loads this), standard library and the WAL modules only (``wal.system``: where a
+major upgrade's new system began, see ``wal.absence``; boto3 only when the copy is a bucket and is asked).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ T = TypeVar("T")
 class TwoLocations(Protocol):
     """What this module reads of ``wal.archive.WalArchive`` (which calls it: a Protocol, not an import cycle)."""
 
+    primary: Storage
     copy: Storage | None
     read_copy: bool
     identity_file: str | Path | None
@@ -166,7 +167,31 @@ def known_wal(archive: TwoLocations, name: str) -> Known:
                 histories[timeline_of(history)] = parse_history(archive.read_text(history))
             except BackupError:
                 histories[timeline_of(history)] = None  # known to exist; its ancestry unknown
-    return Known(runs, histories, _recorded(archive), complete=contents.copy is None or contents.copy_problem is None)
+    return Known(runs, histories, _recorded(archive), complete=contents.copy is None or contents.copy_problem is None,
+                 boundaries=generation_boundaries(archive) if kind_of(name) == "segment" else ())
+
+
+def generation_boundaries(archive: TwoLocations) -> tuple[str, ...]:
+    """Where each later generation's WAL begins (``wal.system``): the first segments the primary's generation records
+    name (the wal-push that opened each wrote it there), else the copy's (``upgrade --finish`` copies them, for a
+    restore from the copy alone). Unreadable records: none, so the names a major upgrade skipped count as a gap
+    (exit 200): recovery stops loudly rather than early."""
+    from backup_tasks.wal.system import read_records
+
+    copy = archive.copy if archive.read_copy and archive.copy_problem is None else None
+    for location in (archive.primary, copy):
+        if location is None:
+            continue
+        try:
+            generations, _upgrades, _released = read_records(location)
+        except (BackupError, OSError) as exc:
+            log.warning("the generation records of %s cannot be read (%s): a major upgrade's skipped WAL names count "
+                        "as a gap", location.location, exc)
+            continue
+        found = tuple(g.first_segment for g in generations if g.first_segment)
+        if found:
+            return found
+    return ()
 
 
 def _recorded(archive: TwoLocations) -> tuple[str, ...]:

@@ -192,9 +192,17 @@ def test_list_shows_the_old_backups_as_the_old_version_did(legacy: Legacy) -> No
     assert [stable(b) for b in listed["backups"]] == [stable(b) for b in old["backups"]]
     assert all(b["verification"]["ok"] for b in listed["backups"])  # the old verdicts (records) are read
     assert [b["locations"] for b in listed["backups"]] == [[legacy.backup_dir]] * 3
-    # The range each snapshot restores to, computed now from the archive, is the one the old version computed.
-    assert [{k: v for k, v in r.items() if k != "timeline"} for r in listed["restorable"]] == old["restorable"]
+    # The range each snapshot restores to, computed now from the archive, is the one the old version computed;
+    # the keys added since (additive JSON) say the timeline and the snapshot's generation (system, major).
+    added = {"timeline", "system_identifier", "major"}
+    assert [{k: v for k, v in r.items() if k not in added} for r in listed["restorable"]] == old["restorable"]
+    assert all(added <= r.keys() for r in listed["restorable"])
     assert {r["timeline"] for r in listed["restorable"]} == {1}
+    snapshots = {b["id"]: b for b in listed["backups"] if b["kind"] == "snapshot"}
+    of_snapshot = [snapshots[r["backup_id"]] for r in listed["restorable"]]
+    assert [(r["system_identifier"], r["major"]) for r in listed["restorable"]] == \
+        [(s["system_identifier"], int(s["server_version"].split(".")[0])) for s in of_snapshot]
+    assert all(r["major"] == 15 and r["system_identifier"] for r in listed["restorable"])
     assert listed["restorable"][0]["wal_gap"] is None
 
 

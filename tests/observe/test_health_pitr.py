@@ -237,7 +237,7 @@ def test_check_health_names_a_lost_segment_of_a_real_archive(settings: Settings,
     store(storage, snapshot(6, verified=True, start=7, window=window))
     archive = archive_of(tmp_path, [2, 3, 4, 6, 7, 8, 9])  # 5 is gone: recovery from the older snapshot stops
     walks: list[object] = []
-    monkeypatch.setattr(continuity, "coverages", lambda *a: walks.append(a) or coverages(*a))
+    monkeypatch.setattr(continuity, "coverages", lambda *a, **k: walks.append(a) or coverages(*a, **k))
     report = check_health(settings, now=NOW, storage=storage, archive=archive)
     # With a recovery window the survey starts from the coverage the window was computed from: no second walk.
     assert len(walks) == (0 if window else 1)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from tests.support.observe import Scene
 
 KEYS = {"ok", "generated_at", "timezone", "backup_dir", "recovery_window", "newest_dump", "newest_snapshot", "wal",
-        "copy", "last_drill", "next_runs", "sources", "problems"}
+        "copy", "last_drill", "next_runs", "sources", "problems", "generations", "generation_problem"}
 
 
 def status_of(scene: Scene) -> tuple[dict[str, Any], str]:

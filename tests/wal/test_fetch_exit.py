@@ -9,6 +9,7 @@ the files PostgreSQL asks for that never exist keep their prompt exit 1, copy or
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -80,6 +81,17 @@ TL2_AT_5 = {2: [(1, 5 * MIB)]}  # timeline 2 left timeline 1 in segment 5
     # WAL of an ancestor or a sibling that went on after a branch says nothing about this timeline.
     (seg(2, 10), Known({1: [(0, 1, 20)], 2: [(0, 5, 9)]}, TL2_AT_5, (seg(1, 20),), complete=False), ABSENT),
     (seg(3, 8), Known({2: [(0, 5, 9)], 3: [(0, 6, 7)]}, {**TL2_AT_5, 3: [(1, 5 * MIB), (2, 6 * MIB)]}), ABSENT),
+    # A major upgrade: the old system archived 1-9, the new one (pg_upgrade) from 14 on. The names between are
+    # provably absent (the old server's last segment is never archived), a loss inside the old WAL still a gap,
+    # and the new system's state record, WAL and branches say nothing about the old system's.
+    (seg(1, 10), Known({1: [(0, 1, 9), (0, 14, 20)]}, {}, boundaries=(seg(1, 14),)), ABSENT),
+    (seg(1, 13), Known({1: [(0, 1, 9), (0, 14, 20)]}, {}, (seg(1, 20),), boundaries=(seg(1, 14),)), ABSENT),
+    (seg(1, 12), Known({1: [(0, 1, 9), (0, 14, 20)], 2: [(0, 16, 18)]}, {2: [(1, 16 * MIB)]},
+                       boundaries=(seg(1, 14),)), ABSENT),
+    (seg(1, 5), Known({1: [(0, 1, 4), (0, 6, 9), (0, 14, 20)]}, {}, boundaries=(seg(1, 14),)), GAP),
+    (seg(1, 16), Known({1: [(0, 1, 9), (0, 14, 15), (0, 17, 20)]}, {}, boundaries=(seg(1, 14),)), GAP),
+    (seg(1, 10), Known({1: [(0, 1, 9), (0, 14, 20)]}, {}), GAP),  # without the generation records: a gap
+    (seg(1, 10), Known({1: [(0, 1, 9), (0, 14, 20)]}, {}, (seg(1, 10),), boundaries=(seg(1, 14),)), GAP),
     # Files PostgreSQL does not need to recover: absent only when every location answered.
     (f"{seg(1, 3)}.partial", Known({1: [(0, 1, 3)]}, {}), ABSENT),
     (f"{seg(1, 3)}.00000028.backup", Known({1: [(0, 1, 3)]}, {}, complete=False), UNPROVEN),
@@ -157,3 +169,52 @@ def test_an_unreachable_copy_is_fatal_unless_the_file_provably_never_existed(tmp
         assert code == 1, (never, stderr)
         assert took < 15, f"{never}: {took:.1f}s"
         print(f"wal-fetch {never} with the copy down: exit 1 in {took:.2f}s")
+
+
+def upgraded_segment(directory: Path, name: str, system: int, magic: int) -> Path:
+    """A 1 MiB segment of ``system`` whose first page carries a real long header (the page magic of a major)."""
+    path = fake_segment(directory, name, seed=int(name[16:], 16))
+    number = int(name[8:16], 16) * 4096 + int(name[16:24], 16)
+    header = struct.pack("=HHIQI4xQII", magic, 0x0002, int(name[:8], 16), number * MIB, 0, system, MIB, 8192)
+    with path.open("r+b") as fh:
+        fh.write(header)
+    return path
+
+
+def test_the_names_a_major_upgrade_skipped_end_the_old_generations_recovery(tmp_path: Path) -> None:
+    """PostgreSQL 15 archived segments 1-4 (its last one, 5, cut short by the shutdown, never was); pg_upgrade's
+    18 archives from 8 on, into the same archive, which records where its generation begins. Recovery of the
+    old generation asks for 5: exit 1 (the end of its WAL), not 200 (a gap, which failed every restore to the
+    moment before the upgrade). A segment lost inside the old WAL stays a gap."""
+    archive = WalArchive.in_directory(tmp_path / "wal")
+    archive.ensure()
+    pg_wal = tmp_path / "pg_wal"
+    for number in (1, 2, 3, 4):
+        archive.push(upgraded_segment(pg_wal, seg(1, number), 7000000000000000015, 0xD110))
+    for number in (8, 9):
+        archive.push(upgraded_segment(pg_wal, seg(1, number), 7400000000000000018, 0xD118))
+    env, out = worker_env(), tmp_path / "RECOVERYXLOG"
+    for skipped in (seg(1, 5), seg(1, 7)):
+        code, stderr, _ = wal_fetch(archive.root, skipped, out, env)
+        assert code == 1, (skipped, stderr)
+    os.unlink(archive.root / object_key(seg(1, 3)))
+    code, stderr, _ = wal_fetch(archive.root, seg(1, 3), out, env)
+    assert code == RECOVERY_FATAL and seg(1, 3) in stderr and "up to 0000000100000000" + "00000004" in stderr, stderr
+
+
+def test_the_generation_records_are_read_from_the_copy_when_the_primary_has_none(tmp_path: Path) -> None:
+    """A restore from the copy alone (the local archive lost, or a new host): ``upgrade --finish`` copied the new
+    generation's record there, so the names the upgrade skipped are absent there too."""
+    from backup_tasks.wal.fetch import generation_boundaries
+    from backup_tasks.wal.system import generation_key, put_record
+
+    archive = WalArchive.in_directory(tmp_path / "wal", str(tmp_path / "copy"))
+    archive.ensure()
+    assert generation_boundaries(archive) == ()
+    assert archive.copy is not None
+    put_record(archive.copy, generation_key("7400000000000000018"),
+               {"system_identifier": "7400000000000000018", "major": 18, "first_segment": seg(1, 8)})
+    assert generation_boundaries(archive) == (seg(1, 8),)
+    put_record(archive.primary, generation_key("7500000000000000019"),
+               {"system_identifier": "7500000000000000019", "major": 19, "first_segment": seg(1, 30)})
+    assert generation_boundaries(archive) == (seg(1, 30),), "the primary's records first"
