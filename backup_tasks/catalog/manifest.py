@@ -119,6 +119,10 @@ class Manifest:
     restorable_until: str | None = None  # latest, as last seen in the WAL archive (refreshed by verify/prune)
     snapshot: dict[str, Any] | None = None  # source facts: superuser, archive settings, warnings...
     pitr_drill: dict[str, Any] | None = None  # the last point-in-time drill from this snapshot
+    #: Incremental snapshots (PostgreSQL 17+): the snapshot this one was taken against, and its chain, root (a
+    #: full) first, this one last (``physical.chain``). None for a full: a restore needs ``chain_ids``.
+    parent: str | None = None
+    chain: list[str] | None = None
     #: The keys of the records applied to this manifest (read state: never written into the manifest).
     record_keys: list[str] = field(default_factory=list, compare=False, repr=False)
     #: The highest ``sequence`` of those records (read state): the next record of this backup takes one more.
@@ -151,6 +155,11 @@ class Manifest:
     def stored_keys(self) -> list[str]:
         """Every object of the backup except the manifest: data first (a snapshot has several), then records."""
         return [*(k for k in (self.files or {}) if k != self.path), self.path, *self.record_keys]
+
+    @property
+    def chain_ids(self) -> list[str]:
+        """The backups a restore from this one needs, root first: ``[id]`` for a full snapshot or a dump."""
+        return list(self.chain) if self.chain else [self.id]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -2,7 +2,9 @@
 
 No I/O here: ``prune`` applies the answer, ``--dry-run`` prints it. Rules, per database and kind:
 - dumps: keep those started less than ``keep_daily_days`` days ago;
-- snapshots: keep the newest ``keep_weekly`` complete ones;
+- snapshots: keep the newest ``keep_weekly`` complete chains (a full and the incrementals taken against it,
+  PostgreSQL 17+: ``Manifest.chain``). Chains are kept whole: an incremental is kept with its chain's
+  full, and every ancestor of a kept incremental is kept, whatever else the policy says;
 - always keep the newest backup and the newest verified backup, whatever their age, so the last
   good backup is never expired before its replacement has been proven;
 - across a major upgrade (``catalog.generations``: one system identifier per generation), keep each
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from backup_tasks.catalog.manifest import Manifest
@@ -62,12 +64,39 @@ def plan(manifests: list[Manifest], now: datetime, policy: RetentionPolicy, *,
         newest = group[-1]
         verified = [m for m in group if m.verified_ok]
         newest_verified = verified[-1] if verified else None
-        recent_snapshots = {m.id for m in [m for m in group if m.state == "complete"][-policy.keep_weekly:]}
+        # Counted in chains: their fulls (an incremental's fate is its chain's, below).
+        recent_snapshots = {m.id for m in [m for m in group if m.state == "complete" and not m.parent]
+                            [-policy.keep_weekly:]}
         way_back = _generation_chains(group, released) if kind == "snapshot" and len(systems) > 1 else {}
-        for manifest in group:
-            decisions.append(_decide(manifest, kind, now, policy, newest, newest_verified, recent_snapshots,
-                                     way_back))
+        group_decisions = [_decide(m, kind, now, policy, newest, newest_verified, recent_snapshots, way_back)
+                           for m in group]
+        if kind == "snapshot":
+            group_decisions = _chains_whole(group, group_decisions, recent_snapshots, policy.keep_weekly)
+        decisions += group_decisions
     return decisions
+
+
+def _chains_whole(group: list[Manifest], decisions: list[Decision], recent_roots: set[str],
+                  keep: int) -> list[Decision]:
+    """Incrementals live and die with their chain: kept when its full is one of the newest ``keep`` chains; every
+    ancestor of a kept snapshot is kept (the newest backup may be an incremental), whatever else the policy says."""
+    result = {d.backup_id: d for d in decisions}
+    for m in group:
+        chain = m.chain_ids
+        if len(chain) > 1 and not result[m.id].keep:
+            if chain[0] in recent_roots:
+                result[m.id] = replace(result[m.id], keep=True, reason=f"incremental in the chain of {chain[0]}, "
+                                                                      f"one of the newest {keep} chains")
+            else:
+                result[m.id] = replace(result[m.id], reason=f"incremental in the chain of {chain[0]}, "
+                                                            f"older than the newest {keep} chains")
+    for m in reversed(group):  # newest first: an ancestor kept here keeps its own ancestors too
+        if result[m.id].keep:
+            for ancestor in m.chain_ids[:-1]:
+                if ancestor in result and not result[ancestor].keep:
+                    result[ancestor] = replace(result[ancestor], keep=True,
+                                               reason=f"ancestor of kept incremental {m.id}: a chain is kept whole")
+    return [result[d.backup_id] for d in decisions]
 
 
 def _generation_chains(snapshots: list[Manifest], released: Collection[str]) -> dict[str, str]:

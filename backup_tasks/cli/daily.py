@@ -93,6 +93,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     from backup_tasks.catalog import manifest as catalog
+    from backup_tasks.physical.chain import incremental_of
     from backup_tasks.storage.integrity import listing_by_location
 
     # Costs the backups, not the WAL: the catalog and each location are listed at their top level only
@@ -109,7 +110,9 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     for m in manifests:
         verified = "never" if m.verification is None else ("ok " if m.verification.ok else "FAILED ") + \
             m.verification.verified_at
+        facts = incremental_of(m)
         lines.append(f"{m.id:44} {m.kind:8} {m.finished_at:20} {human_size(m.size_bytes):>10}  {verified}"
+                     + (f"  incremental on {facts.parent} (chain of {len(facts.chain)})" if facts else "")
                      + (f"  in {', '.join(locations(m)) or 'NO LOCATION'}" if settings.copy_to else ""))
     if not manifests:
         lines = [f"no backups in {settings.backup_dir}"]

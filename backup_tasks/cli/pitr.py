@@ -106,12 +106,20 @@ def cmd_wal_fetch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace, settings: Settings) -> int:
+    from backup_tasks.physical.chain import incremental_of
     from backup_tasks.physical.snapshot import take_snapshot
 
-    manifest = take_snapshot(settings, progress=progress_logger(args))
-    warnings = (manifest.snapshot or {}).get("warnings") or []
-    human = (f"snapshot {manifest.id} complete: {human_size(manifest.size_bytes)}, WAL {manifest.start_lsn} to "
-             f"{manifest.stop_lsn} on timeline {manifest.timeline}, checked by pg_verifybackup"
+    manifest = take_snapshot(settings, progress=progress_logger(args), incremental=args.incremental)
+    info = manifest.snapshot or {}
+    warnings = info.get("warnings") or []
+    chain = incremental_of(manifest)
+    what = (f"incremental snapshot {manifest.id} (on {chain.parent}, a chain of {len(chain.chain)})" if chain
+            else f"snapshot {manifest.id}")
+    checked = "the chain combined by pg_combinebackup and checked by pg_verifybackup" if chain else \
+        "checked by pg_verifybackup"
+    human = (f"{what} complete: {human_size(manifest.size_bytes)}, WAL {manifest.start_lsn} to "
+             f"{manifest.stop_lsn} on timeline {manifest.timeline}, {checked}"
+             + (f"\n  full, not incremental: {info['incremental_reason']}" if info.get("incremental_reason") else "")
              + "".join(f"\n  warning: {w}" for w in warnings))
     emit(args, manifest.to_dict(), human)
     return 0
@@ -137,6 +145,9 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     compression_document, compression_line = snapshot_compression_check(settings)
     document["snapshot_compression"] = compression_document
     lines.append(compression_line)
+    incremental_document, incremental_line = incremental_check(settings)
+    document["incremental_snapshots"] = incremental_document
+    lines.append(incremental_line)
     lines += storage_lines
     emit(args, document, "\n".join(lines))
     return 0 if ok else 1
@@ -152,6 +163,18 @@ def snapshot_compression_check(settings: Settings) -> tuple[dict[str, Any], str]
     except BackupError as exc:  # the archiving check above already reports an unreachable server
         return {"error": str(exc)}, f"snapshots: cannot tell who will compress them ({exc})"
     return {"by": planned.by, "spec": planned.spec, "reason": planned.reason}, planned.describe()
+
+
+def incremental_check(settings: Settings) -> tuple[dict[str, Any], str]:
+    """For ``check``: the server's summarize_wal, and whether ``snapshot --incremental`` would be incremental."""
+    from backup_tasks.errors import BackupError
+    from backup_tasks.physical.chain import readiness
+
+    try:
+        ready = readiness(settings)
+    except BackupError as exc:  # the archiving check above already reports an unreachable server
+        return {"error": str(exc)}, f"incremental snapshots: cannot tell ({exc})"
+    return asdict(ready), ready.describe()
 
 
 def storage_and_keys(settings: Settings) -> tuple[dict[str, Any], list[str]]:
@@ -277,6 +300,10 @@ def snapshot_ranges_document(settings: Settings) -> list[dict[str, Any]]:
 def register(add: Add) -> None:
     p = add("snapshot", cmd_snapshot, "take a physical snapshot (pg_basebackup) of the cluster, verified by "
                                       "pg_verifybackup")
+    p.add_argument("--incremental", action="store_true",
+                   help="PostgreSQL 17+ with summarize_wal = on: only the blocks changed since the newest snapshot "
+                        "(pg_basebackup --incremental); where that is not possible a full snapshot is taken and the "
+                        "reason said")
     for command, help_text in (("wal-push", "archive one WAL file (PostgreSQL's archive_command: wal-push "
                                             "--archive-dir DIR <path>)"),
                                ("wal-fetch", "restore one WAL file (PostgreSQL's restore_command: wal-fetch "

@@ -22,6 +22,7 @@ import psycopg
 
 from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.errors import BackupError, BackupNotFound, ObjectMissing, RestoreFailed, StorageError
+from backup_tasks.physical.chain import chain_problem
 from backup_tasks.physical.plan import (
     RecoveryTarget,
     failed_verification,
@@ -64,7 +65,10 @@ def pitr_drill(settings: Settings, *, seed: int | None = None, target: datetime 
     """Restore to a random moment in the covered range into a throwaway cluster and prove it opens there."""
     storage = settings.locations()
     archive, _notes = prepare_archive(settings)
-    ranges = [r for r in restorable_ranges(storage, archive) if not failed_verification(r.snapshot)]
+    every = restorable_ranges(storage, archive)
+    known = {r.snapshot.id: r.snapshot for r in every}
+    # Neither a failed snapshot nor an incremental whose chain is broken: planning would skip them too.
+    ranges = [r for r in every if not failed_verification(r.snapshot) and not chain_problem(r.snapshot, known)]
     moment = target or random_moment(ranges, random.Random(seed))
     if moment is None:
         raise BackupNotFound("nothing to drill: no snapshot with archived WAL after it that did not fail its latest "

@@ -29,7 +29,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +46,7 @@ from backup_tasks.errors import (
     RestoreFailed,
     TargetOutOfRange,
 )
+from backup_tasks.physical.chain import chain_problem
 from backup_tasks.physical.ranges import SnapshotRange, describe_ranges, format_moment, read_tree, restorable_ranges
 from backup_tasks.physical.ranges import snapshot_ranges as snapshot_ranges  # re-exported for older callers
 from backup_tasks.postgres.connect import connect
@@ -148,11 +149,12 @@ class RestorePlan:
         return values
 
 
-def failed_verification(snapshot: Manifest) -> str | None:
-    """Why planning skips ``snapshot``: its latest verification failed; None when it did not (or has none)."""
+def failed_verification(snapshot: Manifest, known: Mapping[str, Manifest] | None = None) -> str | None:
+    """Why planning skips ``snapshot``: its latest verification failed or, given ``known`` (the catalog's snapshots
+    by id), it is an incremental whose chain is broken (``physical.chain``); None when neither."""
     verdict = snapshot.verification
     if verdict is None or verdict.ok:
-        return None
+        return chain_problem(snapshot, known) if known is not None else None
     problem = first_line(verdict.problems[0]) if verdict.problems else "no problem recorded"
     return f"its latest verification ({verdict.verified_at}) failed: {problem}"
 
@@ -165,14 +167,15 @@ class _Candidates:
     failed: list[SnapshotRange]
     available: str  # every range, for messages
     explicit: str | None = None  # the snapshot chosen with --snapshot
+    known: dict[str, Manifest] = field(default_factory=dict)  # every snapshot with a range, by id (chains)
 
     def failed_where(self, fits: Callable[[SnapshotRange], bool]) -> list[SnapshotRange]:
         return [r for r in self.failed if fits(r)]
 
-    @staticmethod
-    def skipped_newer(chosen: SnapshotRange, fitting: list[SnapshotRange]) -> list[SkippedSnapshot]:
-        """Those of the failed ``fitting`` newer than ``chosen``: each would have been chosen but for its failure."""
-        found = {r.snapshot.id: SkippedSnapshot(r.snapshot.id, str(failed_verification(r.snapshot)))
+    def skipped_newer(self, chosen: SnapshotRange, fitting: list[SnapshotRange]) -> list[SkippedSnapshot]:
+        """Those of the failed ``fitting`` newer than ``chosen``: each would have been chosen but for its failure
+        (or its broken chain: the plan falls back to the newest intact chain)."""
+        found = {r.snapshot.id: SkippedSnapshot(r.snapshot.id, str(failed_verification(r.snapshot, self.known)))
                  for r in fitting if r.snapshot.started > chosen.snapshot.started}
         return list(found.values())
 
@@ -189,9 +192,10 @@ class _Candidates:
 def _candidates(storage: Storage, ranges: list[SnapshotRange], snapshot_id: str | None,
                 warnings: list[str]) -> _Candidates:
     available = describe_ranges(ranges)
+    known = {r.snapshot.id: r.snapshot for r in ranges}
     if snapshot_id is None:
-        return _Candidates([r for r in ranges if not failed_verification(r.snapshot)],
-                           [r for r in ranges if failed_verification(r.snapshot)], available)
+        return _Candidates([r for r in ranges if not failed_verification(r.snapshot, known)],
+                           [r for r in ranges if failed_verification(r.snapshot, known)], available, known=known)
     try:
         snapshot = catalog.load(storage, snapshot_id)
     except BackupNotFound:
@@ -201,8 +205,8 @@ def _candidates(storage: Storage, ranges: list[SnapshotRange], snapshot_id: str 
         what = f"a {snapshot.kind}" if snapshot.kind != "snapshot" else f"a snapshot in state {snapshot.state}"
         raise ConfigError(f"--snapshot {snapshot_id}: that is {what}, not a snapshot point-in-time recovery can "
                           f"start from")
-    reason = failed_verification(snapshot)
-    if reason is not None:
+    reason = failed_verification(snapshot, known)
+    if reason is not None:  # a broken chain fails the restore itself, naming the missing link
         warnings.append(f"snapshot {snapshot_id} was chosen with --snapshot although {reason}")
     chosen = [r for r in ranges if r.snapshot.id == snapshot_id]
     if not chosen:

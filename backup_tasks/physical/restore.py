@@ -1,6 +1,7 @@
 """``restore-pitr``: a snapshot restored into an empty data directory, configured to recover to a target.
 
-Refuses a non-empty directory and an uncovered target before touching anything; unpacks, writes the
+Refuses a non-empty directory and an uncovered target before touching anything; unpacks (an incremental
+snapshot: its whole chain, combined by ``pg_combinebackup``: ``physical.chain``), writes the
 recovery settings (the target's timeline included: ``physical.plan``) and, with ``start``, runs the
 server until recovery is over and reports where it stopped. A recovery that stopped short of the target
 (``recovery.recovery_problems``) is a failure: the report says what is missing, and the server is
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,7 @@ from backup_tasks.errors import (
     ConfigError,
     RestoreRefused,
 )
+from backup_tasks.physical.chain import describe_chain, resolve_chain, restore_chain, scratch_beside
 from backup_tasks.physical.plan import (
     RecoveryTarget,
     plan_restore,
@@ -68,6 +71,8 @@ class RestoreReport:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     skipped_snapshots: list[dict[str, str]] = field(default_factory=list)  # {backup_id, reason}: failed verify
+    #: The snapshots restored, root first: ``[snapshot_id]`` for a full, the whole chain for an incremental.
+    chain: list[str] = field(default_factory=list)
     started: bool = False
     port: int | None = None
     log_file: str | None = None
@@ -96,11 +101,20 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
         raise RestoreRefused(f"the {SERVER_USER} OS user cannot reach {data_dir.parent}; choose a data directory it "
                              f"can get to (the restored server runs as {SERVER_USER}; nothing was changed)")
     restore_cmd = wal_fetch_command(settings, archive, tool_dir=data_dir.parent / TOOL_DIR)
-    identities = snapshot_identities(settings, storage, plan.snapshot)  # before the data directory is touched
+    chain = resolve_chain(storage, plan.snapshot)  # [snapshot] for a full; a missing ancestor is named
+    # Before the data directory is touched: every member's identity is proven to open it.
+    identities = {member.id: snapshot_identities(settings, storage, member) for member in chain}
     created = not data_dir.exists()
+    scratch: Path | None = None
     try:
-        unpack_with_fallback(storage, plan.snapshot, data_dir, identities)
-        notes = plan.notes + restore_config_files(storage, plan.snapshot, data_dir, identities)
+        notes = list(plan.notes)
+        if len(chain) == 1:
+            unpack_with_fallback(storage, plan.snapshot, data_dir, identities[plan.snapshot.id])
+        else:
+            scratch = scratch_beside(data_dir)  # on the target's filesystem: pg_combinebackup links, not copies
+            restore_chain(settings, storage, chain, data_dir, identities, scratch=scratch)
+            notes.append(f"combined {describe_chain(plan.snapshot)} with pg_combinebackup")
+        notes += restore_config_files(storage, plan.snapshot, data_dir, identities[plan.snapshot.id])
         values = write_recovery_config(data_dir, restore_cmd=restore_cmd, plan=plan, action=action,
                                        keep_archiving=keep_archiving)
         if ids is not None:
@@ -110,7 +124,11 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
     except BaseException:
         empty_directory(data_dir, remove=created)
         raise
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)  # the data directory's links keep what it needs
     report = RestoreReport(ok=True, data_dir=str(data_dir), snapshot_id=plan.snapshot.id,
+                           chain=[member.id for member in chain],
                            target=plan.target.describe(), recovery_settings=values,
                            available=describe_ranges(restorable_ranges(storage, archive)), timeline=plan.timeline,
                            notes=notes, warnings=plan.warnings,

@@ -45,6 +45,13 @@ from backup_tasks.clock import isoformat, utcnow
 from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupError, SnapshotFailed
 from backup_tasks.locks import Lease, hold
+from backup_tasks.physical.chain import (
+    ChainUnusable,
+    IncrementalBase,
+    check_incremental,
+    prepare_base,
+    refused_incremental,
+)
 from backup_tasks.physical.compression import (
     HolePuncher,
     SnapshotCompression,
@@ -57,7 +64,7 @@ from backup_tasks.postgres.archiver import archiver_stats
 from backup_tasks.postgres.connect import connect, server_major, server_version
 from backup_tasks.postgres.failures import classify
 from backup_tasks.postgres.leftovers import owned_tempdir, sweep
-from backup_tasks.postgres.queries import system_identifier, unlogged_tables
+from backup_tasks.postgres.queries import database_names, system_identifier, unlogged_tables
 from backup_tasks.postgres.tools import StderrTail, find_tool, tool_env
 from backup_tasks.progress import Progress, no_progress
 from backup_tasks.settings import Settings
@@ -104,6 +111,12 @@ class SourceFacts:
     unlogged_tables: list[str] = field(default_factory=list)
     #: The server was built with zstd, so it can compress the backup itself (``server-zstd``).
     server_zstd: bool = False
+    #: ``summarize_wal`` (17+; None before): on, the server can take incremental backups (``physical.chain``).
+    summarize_wal: str | None = None
+    #: The server's current timeline: an incremental builds only on a snapshot of the same one.
+    timeline: int = 0
+    #: Every database of the server (templates aside): a new system holding all the catalog's is a pg_upgrade'd one.
+    databases: list[str] = field(default_factory=list)
 
 
 def snapshot_lock_name(conninfo: ConnInfo) -> str:
@@ -153,22 +166,30 @@ def inspect_source(conn: psycopg.Connection) -> SourceFacts:
     except psycopg.Error:
         estimated = 0
     return SourceFacts(version=server_version(conn), major=server_major(conn), system_identifier=str(sysid),
-                       estimated_bytes=estimated,
+                       estimated_bytes=estimated, databases=database_names(conn),
                        segment_size=segment_size, superuser=str(superuser), wal_level=wal_level,
                        archive_mode=archive_mode, archive_command=archive_command, data_directory=data_directory,
                        tablespaces=tablespaces, config_files=config_files, warnings=warnings,
-                       unlogged_tables=unlogged_tables(conn), server_zstd=server_has_zstd(conn))
+                       unlogged_tables=unlogged_tables(conn), server_zstd=server_has_zstd(conn),
+                       summarize_wal=_setting(conn, "summarize_wal"),
+                       timeline=int(conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0]))
 
 
-def take_snapshot(settings: Settings, *, backup_id: str | None = None, progress: Progress = no_progress) -> Manifest:
-    """Take, verify and catalog one snapshot of the cluster behind ``DATABASE_URL`` (under the snapshot lock)."""
+def take_snapshot(settings: Settings, *, backup_id: str | None = None, progress: Progress = no_progress,
+                  incremental: bool = False) -> Manifest:
+    """Take, verify and catalog one snapshot of the cluster behind ``DATABASE_URL`` (under the snapshot lock).
+
+    ``incremental``: on the newest usable snapshot (``physical.chain``) when the server can; else full, and
+    the manifest says why (``snapshot["incremental_reason"]``).
+    """
     conninfo = settings.source()
     with hold(settings, snapshot_lock_name(conninfo), what=f"a snapshot of {conninfo.server_label}") as lease:
-        return _snapshot_locked(settings, conninfo, lease, backup_id=backup_id, progress=progress)
+        return _snapshot_locked(settings, conninfo, lease, backup_id=backup_id, progress=progress,
+                                incremental=incremental)
 
 
 def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, backup_id: str | None,
-                     progress: Progress) -> Manifest:
+                     progress: Progress, incremental: bool) -> Manifest:
     # Every commit confirms the lock first: a run that lost it (stalled past the expiry) publishes nothing.
     storage = lease.fence(settings.locations())
     with connect(conninfo) as conn:
@@ -190,28 +211,41 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
     if compression.reason:
         log.info("%s", compression.describe())
     keys = snapshot_keys(backup_id, encrypted=bool(settings.encrypt_recipients))
-    claim_catalog(storage, facts.system_identifier, backup=f"a snapshot of {conninfo.server_label}", record=False)
+    # With the major and every database: a pg_upgrade'd server's first snapshot opens its generation.
+    claim_catalog(storage, facts.system_identifier, backup=f"a snapshot of {conninfo.server_label}", record=False,
+                  major=facts.major, databases=facts.databases)
     clear_interrupted(storage, conninfo.dbname, "snapshot")
     clear_stale_staging()
     staging = owned_tempdir(STAGING_PREFIX, verify_area(facts.estimated_bytes))
     published: list[str] = []
+    base: IncrementalBase | None = None
+    full_because = ""
     try:
-        progress("basebackup", backup_id=backup_id, bytes_written=0)
-        try:
-            files = _backup_and_unpack(settings, conninfo, compression, pg_basebackup.path, staging, storage, keys,
-                                       backup_id, published, progress)
-        except _ZstdRefused as refused:
-            # Refused before a byte of the tar was written (nothing stored yet): take it again, compressed here.
-            compression = SnapshotCompression("backup-tasks", local_spec(compression.spec),
-                                              f"pg_basebackup refused {compression.spec}: {refused}")
-            log.warning("%s", compression.describe())
-            for leftover in ("backup", "unpacked"):
-                shutil.rmtree(staging / leftover, ignore_errors=True)
-            files = _backup_and_unpack(settings, conninfo, compression, pg_basebackup.path, staging, storage, keys,
-                                       backup_id, published, progress)
-        progress("pg_verifybackup", backup_id=backup_id, bytes_written=sum(f["size"] for f in files.values()))
+        if incremental:
+            base, full_because = prepare_base(
+                settings, storage, system_identifier=facts.system_identifier, timeline=facts.timeline,
+                major=facts.major, summarize_wal=facts.summarize_wal, database=conninfo.dbname, staging=staging)
+        while True:
+            if full_because:
+                log.warning("snapshot %s is taken full, not incremental: %s", backup_id, full_because)
+            progress("basebackup", backup_id=backup_id, bytes_written=0)
+            try:
+                files, compression = _take(settings, conninfo, compression, pg_basebackup.path, staging, storage,
+                                           keys, backup_id, published, progress, base)
+                progress("pg_verifybackup", backup_id=backup_id, bytes_written=sum(f["size"] for f in files.values()))
+                # An incremental alone too: its own files against its own manifest (pg_combinebackup trusts them).
+                _run_verifybackup(pg_verifybackup.path, staging)
+                if base is not None:
+                    progress("pg_combinebackup", backup_id=backup_id)
+                    check_incremental(settings, storage, base, backup_id, facts.major, staging / "unpacked",
+                                      staging / "backup" / "backup_manifest", staging / "chain", pg_verifybackup.path)
+                break
+            except ChainUnusable as exc:  # refused by pg_basebackup, or an ancestor is broken: a full instead
+                if base is None:
+                    raise
+                base, full_because = None, f"the chain of {base.parent.id} cannot be used: {exc}"
+                _forget_attempt(storage, published, staging)
         backup_manifest = json.loads((staging / "backup" / "backup_manifest").read_text())
-        _run_verifybackup(pg_verifybackup.path, staging)
         if facts.config_files:
             data = json.dumps(facts.config_files, indent=2).encode()
             files[keys["config"]] = _put(storage, keys["config"], data, "config", settings.encrypt_recipients)
@@ -220,6 +254,7 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
         wal_range = backup_manifest["WAL-Ranges"][0]
         timeline = int(wal_range["Timeline"])
         start_lsn, stop_lsn = parse_lsn(wal_range["Start-LSN"]), parse_lsn(wal_range["End-LSN"])
+        chain = base.chain_of(backup_id) if base is not None else None
         result = Manifest(
             id=backup_id, kind="snapshot", database=conninfo.dbname, server=conninfo.server_label,
             server_version=facts.version, started_at=isoformat(started), finished_at=isoformat(finished),
@@ -231,12 +266,16 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
             start_segment=segment_of_lsn(timeline, start_lsn, facts.segment_size),
             stop_segment=segment_of_lsn(timeline, max(stop_lsn - 1, start_lsn), facts.segment_size),
             restorable_from=finished.isoformat(timespec="microseconds"), restorable_until=None,
+            parent=chain.parent if chain else None, chain=list(chain.chain) if chain else None,
             snapshot={"superuser": facts.superuser, "wal_level": facts.wal_level, "archive_mode": facts.archive_mode,
                       "archive_command": facts.archive_command, "tablespaces": facts.tablespaces,
                       "pg_basebackup_version": pg_basebackup.major,
                       "compress": compression.spec, "compressed_by": compression.by,
                       **({"compress_reason": compression.reason} if compression.reason else {}),
                       "pg_verifybackup": "ok", "manifest_files": len(backup_manifest.get("Files", [])),
+                      "summarize_wal": facts.summarize_wal,
+                      **({"pg_combinebackup": "ok"} if base is not None else {}),
+                      **({"incremental_reason": full_because} if incremental and base is None else {}),
                       "warnings": facts.warnings},
         )
     except BaseException:
@@ -250,10 +289,41 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
     finally:
         discard(staging)
     catalog.publish(storage, result, data_keys=published)
-    log.info("snapshot %s complete: %d bytes, WAL %s..%s", backup_id, result.size_bytes, result.start_lsn,
-             result.stop_lsn)
+    log.info("%s snapshot %s complete: %d bytes, WAL %s..%s", "incremental" if base else "full", backup_id,
+             result.size_bytes, result.start_lsn, result.stop_lsn)
     progress("done", backup_id=backup_id, bytes_written=result.size_bytes)
     return result
+
+
+def _take(settings: Settings, conninfo: ConnInfo, compression: SnapshotCompression, pg_basebackup: Path,
+          staging: Path, storage: Storage, keys: dict[str, str], backup_id: str, published: list[str],
+          progress: Progress, base: IncrementalBase | None) -> tuple[dict[str, dict[str, Any]], SnapshotCompression]:
+    """One pg_basebackup into storage and the unpacked copy; again compressed here when zstd is refused."""
+    incremental_from = base.manifest_path if base is not None else None
+    try:
+        return _backup_and_unpack(settings, conninfo, compression, pg_basebackup, staging, storage, keys,
+                                  backup_id, published, progress, incremental_from), compression
+    except _ZstdRefused as refused:
+        # Refused before a byte of the tar was written (nothing stored yet): take it again, compressed here.
+        compression = SnapshotCompression("backup-tasks", local_spec(compression.spec),
+                                          f"pg_basebackup refused {compression.spec}: {refused}")
+        log.warning("%s", compression.describe())
+        for leftover in ("backup", "unpacked"):
+            shutil.rmtree(staging / leftover, ignore_errors=True)
+        return _backup_and_unpack(settings, conninfo, compression, pg_basebackup, staging, storage, keys,
+                                  backup_id, published, progress, incremental_from), compression
+
+
+def _forget_attempt(storage: Storage, published: list[str], staging: Path) -> None:
+    """Undo an incremental attempt before the full is taken: its stored objects and its staging copies."""
+    for key in published:
+        try:
+            storage.delete(key)
+        except BackupError:
+            log.warning("could not remove %s of an abandoned incremental attempt", key)
+    published.clear()
+    for leftover in ("backup", "unpacked", "chain"):
+        shutil.rmtree(staging / leftover, ignore_errors=True)
 
 
 def clear_stale_staging() -> list[Path]:
@@ -348,13 +418,16 @@ def _put(storage: Storage, key: str, data: bytes, role: str, recipients: Sequenc
 
 def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, compression: SnapshotCompression,
                        pg_basebackup: Path, staging: Path, storage: Storage, keys: dict[str, str], backup_id: str,
-                       published: list[str], progress: Progress) -> dict[str, dict[str, Any]]:
+                       published: list[str], progress: Progress,
+                       incremental_from: Path | None = None) -> dict[str, dict[str, Any]]:
     target = staging / "backup"
     unpacked = staging / "unpacked"
     base_name = "base.tar" if compression.local else "base.tar.zst"
     argv = [str(pg_basebackup), "-D", str(target), "--format=tar", f"--compress={compression.basebackup_option()}",
             "--wal-method=stream", "--checkpoint=fast", "--no-password", "--no-sync",
             "--manifest-checksums=CRC32C", f"--label=backup-tasks {backup_id}", "--verbose"]
+    if incremental_from is not None:
+        argv.append(f"--incremental={incremental_from}")
     # --no-sync: the staging copy is thrown away; what we keep is fsynced by the storage writer.
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=tool_env(conninfo))
     assert proc.stderr is not None
@@ -372,6 +445,9 @@ def _backup_and_unpack(settings: Settings, conninfo: ConnInfo, compression: Snap
                 refusal = refused_zstd(stderr_text) if read == 0 and not compression.local else None
                 if refusal is not None:
                     raise _ZstdRefused(refusal)
+                refused = refused_incremental(stderr_text) if read == 0 and incremental_from is not None else None
+                if refused is not None:
+                    raise ChainUnusable(f"pg_basebackup refused the incremental: {refused}")
                 raise classify(stderr_text, conninfo, tool="pg_basebackup", fallback=SnapshotFailed)
             if sink is not None:
                 sink.finish()
@@ -477,10 +553,3 @@ def _run_verifybackup(pg_verifybackup: Path, staging: Path) -> None:
     if result.returncode != 0:
         problems = [ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
         raise SnapshotFailed("pg_verifybackup rejected the snapshot: " + "; ".join(problems[:5]))
-
-
-def snapshot_files(manifest: Manifest) -> dict[str, dict[str, Any]]:
-    """Every stored object of a snapshot (older manifests without ``files``: just ``path``)."""
-    if manifest.files:
-        return dict(manifest.files)
-    return {manifest.path: {"size": manifest.size_bytes, "sha256": manifest.sha256, "role": "base"}}

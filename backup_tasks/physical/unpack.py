@@ -22,7 +22,6 @@ from backup_tasks.errors import (
     StorageError,
     StorageFull,
 )
-from backup_tasks.physical.snapshot import snapshot_files
 from backup_tasks.settings import Settings
 from backup_tasks.storage.base import Storage, members
 from backup_tasks.streams.codec import CHUNK
@@ -30,6 +29,13 @@ from backup_tasks.streams.crypto import Identities, check_identity, manifest_rec
 from backup_tasks.streams.tar import HashingReader, TarExtract
 
 log = logging.getLogger(__name__)
+
+
+def snapshot_files(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """Every stored object of a snapshot (older manifests without ``files``: just ``path``)."""
+    if manifest.files:
+        return dict(manifest.files)
+    return {manifest.path: {"size": manifest.size_bytes, "sha256": manifest.sha256, "role": "base"}}
 
 
 def check_empty_target(data_dir: Path) -> None:

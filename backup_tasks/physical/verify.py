@@ -47,6 +47,7 @@ from backup_tasks.errors import (
     RestoreFailed,
     StorageError,
 )
+from backup_tasks.physical.chain import broken, combine, describe_chain, resolve_chain, unpack_members
 from backup_tasks.physical.plan import (
     RecoveryTarget,
     RestorePlan,
@@ -61,12 +62,12 @@ from backup_tasks.physical.recovery import (
     wal_fetch_command,
     write_recovery_config,
 )
-from backup_tasks.physical.snapshot import snapshot_files
 from backup_tasks.physical.unpack import (
     local_error,
     local_os_error,
     read_snapshot_object,
     restore_config_files,
+    snapshot_files,
     snapshot_identities,
     unpack_snapshot,
 )
@@ -122,6 +123,38 @@ def _verifybackup(settings: Settings, storage: Storage, snapshot: Manifest, data
         raise BackupCorrupt("pg_verifybackup rejected the unpacked snapshot: " + "; ".join(lines[:5]))
 
 
+def _combine_chain(settings: Settings, storage: Storage, chain: list[Manifest], staged: Path, scratch: Path,
+                   identities: dict[str, Identities | None], checked: list[str]) -> None:
+    """An incremental's chain into ``staged``: each member unpacked and checked by pg_verifybackup on its own (a
+    failure names the link), combined by pg_combinebackup, and the combination checked by pg_verifybackup."""
+    snapshot = chain[-1]
+    directories = unpack_members(storage, snapshot.id, chain, scratch / "chain", identities, fallback=False)
+    checked.append("sha256")
+    tool = find_tool("pg_verifybackup", exact_major=major_of(snapshot.server_version), bin_dir=settings.pg_bin_dir,
+                     why=f"to check snapshot {snapshot.id} (PostgreSQL {snapshot.server_version})")
+    for member, directory in zip(chain, directories, strict=True):
+        problem = _verifybackup_problem(tool.path, directory)
+        if problem is not None:
+            what = "pg_verifybackup rejected the unpacked snapshot"
+            raise BackupCorrupt(f"{what}: {problem}" if member is snapshot else broken(snapshot.id, member.id,
+                                                                                       f"{what}: {problem}"))
+    combine(settings, major_of(snapshot.server_version), describe_chain(snapshot), directories, staged)
+    checked.append("pg_combinebackup")
+    problem = _verifybackup_problem(tool.path, staged)
+    if problem is not None:
+        raise BackupCorrupt(f"pg_verifybackup rejected {describe_chain(snapshot)} combined: {problem}")
+    (staged / "backup_manifest").unlink()
+    checked.append("pg_verifybackup")
+
+
+def _verifybackup_problem(tool: Path, directory: Path) -> str | None:
+    """pg_verifybackup of a directory holding its own backup_manifest: None, or its first complaints."""
+    result = subprocess.run([str(tool), str(directory)], capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        return None
+    return "; ".join([ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()][:5])
+
+
 @dataclass
 class Restored:
     cluster: ThrowawayCluster
@@ -143,7 +176,9 @@ def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive |
     major = major_of(snapshot.server_version)  # a data directory runs only on its own major's binaries
     bin_dir = find_tool("pg_ctl", exact_major=major, bin_dir=settings.pg_bin_dir,
                         why=f"to recover snapshot {snapshot.id} (PostgreSQL {snapshot.server_version})").path.parent
-    identities = snapshot_identities(settings, storage, snapshot)  # IdentityUnusable propagates: not the backup's fault
+    chain = resolve_chain(storage, snapshot)  # [snapshot] for a full; a missing ancestor is named (BackupCorrupt)
+    # IdentityUnusable propagates: not the backup's fault.
+    identities = {member.id: snapshot_identities(settings, storage, member) for member in chain}
     try:
         # Unpacked snapshots of killed runs go first: each may be as large as the one about to be unpacked.
         sweep(Path(tempfile.gettempdir()), SCRATCH_PREFIX)
@@ -158,12 +193,16 @@ def restored_cluster(settings: Settings, storage: Storage, archive: WalArchive |
             os.chmod(scratch, 0o711)
             restore_cmd = wal_fetch_command(settings, archive, tool_dir=scratch / TOOL_DIR)
         staged = scratch / "data"
-        unpack_snapshot(storage, snapshot, staged, identities)  # StorageFull/StorageError: this machine failed
-        checked.append("sha256")
+        if len(chain) == 1:
+            unpack_snapshot(storage, snapshot, staged, identities[snapshot.id])  # StorageFull/StorageError: ours
+            checked.append("sha256")
+        else:
+            _combine_chain(settings, storage, chain, staged, scratch, identities, checked)
         try:
-            _verifybackup(settings, storage, snapshot, staged, scratch, identities)
-            checked.append("pg_verifybackup")
-            restore_config_files(storage, snapshot, staged, identities)
+            if len(chain) == 1:
+                _verifybackup(settings, storage, snapshot, staged, scratch, identities[snapshot.id])
+                checked.append("pg_verifybackup")
+            restore_config_files(storage, snapshot, staged, identities[snapshot.id])
             (staged / "pg_hba.conf").write_text(TRUST_HBA)  # a private throwaway copy: we must be able to log in
             if restore_cmd is not None:
                 write_recovery_config(staged, restore_cmd=restore_cmd, plan=plan, action=action)

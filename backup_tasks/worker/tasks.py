@@ -43,7 +43,7 @@ from backup_tasks.wal.ship import ship_to_copy
 from backup_tasks.worker.app import app
 from backup_tasks.worker.config import SHORT_HARD_LIMIT, SHORT_SOFT_LIMIT, retry_policy
 from backup_tasks.worker.sentry import capture_problem, set_tags
-from backup_tasks.worker.workflow import release_day, start_post_close
+from backup_tasks.worker.workflow import INCREMENTAL_STEP, release_day, start_post_close
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +194,13 @@ def report_dropped_wal(root: Path) -> None:
 
 
 def _queue_day(day: str, backup_id: str, ids: dict[str, str]) -> None:
-    """The sender of ``workflow.start_post_close``: dump -> verify -> prune with the claimed task ids."""
-    chain(
-        dump.si(trading_day=day, backup_id=backup_id).set(task_id=ids["dump"]),
-        verify.s().set(task_id=ids["verify"]),
-        prune.si().set(task_id=ids["prune"]),
-    ).apply_async()
+    """The sender of ``workflow.start_post_close``: dump -> [incremental snapshot] -> verify -> prune with the
+    claimed task ids (the incremental when the claim names one: BACKUP_DAILY_INCREMENTAL)."""
+    steps = [dump.si(trading_day=day, backup_id=backup_id).set(task_id=ids["dump"])]
+    if ids.get(INCREMENTAL_STEP):
+        steps.append(incremental_snapshot.s().set(task_id=ids[INCREMENTAL_STEP]))
+    steps += [verify.s().set(task_id=ids["verify"]), prune.si().set(task_id=ids["prune"])]
+    chain(*steps).apply_async()
 
 
 @app.task(name="backup_tasks.post_close", base=BackupTask, bind=True, shared=False,
@@ -230,6 +231,44 @@ def snapshot(self: BackupTask) -> dict[str, Any]:
     set_tags(backup_id=manifest.id)
     return {"status": "complete", "backup_id": manifest.id, "path": manifest.path, "size_bytes": manifest.size_bytes,
             "start_lsn": manifest.start_lsn, "stop_lsn": manifest.stop_lsn}
+
+
+@app.task(name="backup_tasks.incremental_snapshot", base=SnapshotTask, bind=True, shared=False, max_retries=0)
+def incremental_snapshot(self: BackupTask, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The post-close step after the dump: an incremental snapshot; passes the dump's result on to verify.
+
+    Never fails the day: the dump must still be verified and pruned. A failure is reported (Sentry, the
+    result's ``incremental_snapshot``) and health judges the snapshots as always. BACKUP_DAILY_INCREMENTAL
+    "auto" skips it, with a log line, where no incremental is possible (``chain.readiness``).
+    """
+    passed = dict(previous) if isinstance(previous, dict) else {}
+    passed["incremental_snapshot"] = daily_incremental(self.settings(), progress=self.progress)
+    return passed
+
+
+def daily_incremental(settings: Settings, *, progress: Any = None) -> dict[str, Any]:
+    """Take the day's incremental snapshot as BACKUP_DAILY_INCREMENTAL says; what happened, never raised."""
+    from backup_tasks.errors import BackupError
+    from backup_tasks.physical.chain import incremental_of, readiness
+
+    try:
+        if settings.daily_incremental == "off":
+            return {"status": "off"}
+        if settings.daily_incremental == "auto":
+            ready = readiness(settings)
+            if ready.parent is None:
+                log.info("no incremental snapshot after the dump: %s (BACKUP_DAILY_INCREMENTAL=1 takes a full "
+                         "snapshot instead)", ready.reason)
+                return {"status": "skipped", "reason": ready.reason}
+        manifest = take_snapshot(settings, incremental=True, **({"progress": progress} if progress else {}))
+    except BackupError as exc:
+        log.warning("the day's incremental snapshot failed: %s", exc)
+        capture_problem(f"the day's incremental snapshot failed: {exc}", backup_kind="snapshot")
+        return {"status": "failed", "error": str(exc)}
+    facts = incremental_of(manifest)
+    return {"status": "complete", "backup_id": manifest.id, "size_bytes": manifest.size_bytes,
+            "incremental": facts is not None, "chain": list(facts.chain) if facts else [manifest.id],
+            "reason": (manifest.snapshot or {}).get("incremental_reason")}
 
 
 @app.task(name="backup_tasks.verify_snapshot", base=SnapshotTask, bind=True, shared=False)

@@ -7,7 +7,9 @@ post_close message finish its own work: it re-sends the same task ids, which is 
 the dump re-checks the catalog under the dump lock.
 
 Celery is not imported here: the task passes in ``send``, which queues dump -> verify -> prune with
-the given task ids, so the decision is tested with a plain function in place of the broker.
+the given task ids, so the decision is tested with a plain function in place of the broker. Unless
+BACKUP_DAILY_INCREMENTAL=0 an incremental snapshot follows the dump (``INCREMENTAL_STEP``): the day's
+PITR starting point, so a restore to the close replays one day of WAL, not a week's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from backup_tasks.worker.sentry import capture_problem
 
 log = logging.getLogger(__name__)
 
+#: The optional step after the dump: an incremental snapshot (BACKUP_DAILY_INCREMENTAL, ``physical.chain``).
+INCREMENTAL_STEP = "incremental"
+
 #: Queues the day's steps: ``send(day, backup_id, {"dump": id, "verify": id, "prune": id})``.
 Sender = Callable[[str, str, dict[str, str]], None]
 
@@ -47,6 +52,8 @@ def start_post_close(settings: Settings, day: str, *, send: Sender, requested_by
     # want one id, and the dump (under its lock) then takes the next free second.
     backup_id = free_backup_id(settings.locations(), backup_id_for(conninfo.dbname, "dump", isoformat(utcnow())))
     ids = {step: str(uuid.uuid4()) for step in STEPS}
+    if wants_incremental(settings):
+        ids[INCREMENTAL_STEP] = str(uuid.uuid4())  # dump -> incremental snapshot -> verify -> prune
     ttl = settings.task_time_limit * 2 + 600
     value = json.dumps({"backup_id": backup_id, "tasks": ids, "by": requested_by}, sort_keys=True)
     held = claim(settings, name, value, ttl=ttl)
@@ -76,6 +83,26 @@ def start_post_close(settings: Settings, day: str, *, send: Sender, requested_by
     log.info("post-close workflow for %s started: %s", day, ids)
     return {"status": "started", "trading_day": day, "backup_id": backup_id, "tasks": ids,
             "restore_point": point.name if point else None, "restore_point_error": point_error}
+
+
+def wants_incremental(settings: Settings) -> bool:
+    """Whether the day's workflow takes an incremental snapshot after the dump (BACKUP_DAILY_INCREMENTAL).
+
+    "auto": only where the server can (17+, summarize_wal on), else not queued at all (one log line): a
+    server before 17 keeps the three steps it always had.
+    """
+    if settings.daily_incremental != "auto":
+        return settings.daily_incremental == "on"
+    from backup_tasks.physical.chain import readiness
+
+    try:
+        ready = readiness(settings)
+    except BackupError as exc:
+        log.info("no incremental snapshot after the dump: the server could not be asked (%s)", exc)
+        return False
+    if not ready.possible:
+        log.info("no incremental snapshot after the dump: %s", ready.reason)
+    return ready.possible
 
 
 def release_day(settings: Settings, day: str, backup_id: str) -> None:

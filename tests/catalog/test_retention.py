@@ -50,3 +50,34 @@ def test_snapshots_keep_newest_n() -> None:
 def test_every_decision_has_a_reason() -> None:
     for decision in plan([dump(d) for d in range(10)], NOW, RetentionPolicy()):
         assert decision.reason
+
+
+def chain_of(full: Manifest, days_after: list[float], *, verified: bool = True) -> list[Manifest]:
+    """``full`` and one daily incremental per entry of ``days_after`` (days before NOW), each on the previous."""
+    members = [full]
+    for days in days_after:
+        incremental = dump(days, verified=verified, kind="snapshot")
+        incremental.parent = members[-1].id
+        incremental.chain = [*members[-1].chain_ids, incremental.id]
+        members.append(incremental)
+    return members
+
+
+def test_chains_are_counted_by_their_fulls_and_kept_whole() -> None:
+    """A mixed catalog: three weekly fulls, each with six dailies on it; keep_weekly=2 keeps two whole chains."""
+    chains = [chain_of(dump(7 * w + 6.5, verified=True, kind="snapshot"), [7 * w + d for d in (5, 4, 3, 2, 1, 0.5)])
+              for w in range(3)]
+    decisions = {d.backup_id: d for d in plan([m for c in chains for m in c], NOW, RetentionPolicy(keep_weekly=2))}
+    assert {i for i, d in decisions.items() if d.keep} == {m.id for c in chains[:2] for m in c}
+    assert all("older than the newest 2 chains" in decisions[m.id].reason for m in chains[2][1:])
+
+
+def test_an_ancestor_of_a_kept_incremental_is_never_deleted() -> None:
+    """The newest backup (always kept) is an incremental on an old chain: its full and every link stay with it."""
+    old = chain_of(dump(40, verified=True, kind="snapshot"), [39, 38])
+    newer_fulls = [dump(7 * w + 1, verified=True, kind="snapshot") for w in range(2)]
+    newest = dump(0, verified=True, kind="snapshot")
+    newest.parent, newest.chain = old[-1].id, [*old[-1].chain_ids, newest.id]
+    decisions = {d.backup_id: d for d in plan([*old, *newer_fulls, newest], NOW, RetentionPolicy(keep_weekly=1))}
+    assert all(decisions[m.id].keep for m in old), [decisions[m.id].reason for m in old]
+    assert "a chain is kept whole" in decisions[old[0].id].reason

@@ -174,7 +174,7 @@ def rows(url: str) -> dict[str, list[list[Any]]]:
 
 
 #: Fields a later version added to every manifest it reads: null for backups from before them (additive JSON).
-ADDED_SINCE = {"cluster_objects", "unlogged_tables"}
+ADDED_SINCE = {"cluster_objects", "unlogged_tables", "parent", "chain"}
 
 
 def stable(backup: dict[str, Any]) -> dict[str, Any]:
