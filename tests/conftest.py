@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.support.observe",
     "tests.support.regression",
     "tests.support.pg18",
+    "tests.support.roles",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,19 +19,8 @@ from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_storage
-from tests.logical.test_restore_roles import Roles, fill_roles_db, unique_roles
 from tests.support.postgres import url_of
-
-
-@pytest.fixture
-def roles(pg_admin: ConnInfo) -> Iterator[Roles]:
-    with unique_roles(pg_admin) as made:
-        yield made
-
-
-@pytest.fixture
-def roles_db(roles: Roles, make_database: Callable[..., ConnInfo]) -> ConnInfo:
-    return fill_roles_db(make_database(), roles)
+from tests.support.roles import Roles
 
 
 def dumped(settings: Settings) -> Manifest:

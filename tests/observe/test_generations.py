@@ -29,8 +29,7 @@ from backup_tasks.storage.local import LocalStorage
 from backup_tasks.wal import state
 from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.system import IDENTITY_KEY, generation_key, put_record
-from tests.observe.test_metrics import samples, value
-from tests.support.observe import DATABASE, NOW, _dump, _snapshot, completed_at, segment
+from tests.support.observe import DATABASE, NOW, _dump, _snapshot, completed_at, samples, segment, value
 
 OLD, NEW = "7000000000000000015", "7400000000000000018"
 OLD_WAL, SKIPPED, NEW_WAL = range(0x10, 0x1B), (0x1B, 0x1C), range(0x1D, 0x21)

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from backup_tasks.clock import parse_time
 from backup_tasks.observe.facts import collect
 from backup_tasks.observe.metrics import METRIC_NAMES, exposition
+from tests.support.observe import Samples, samples, value
 from tests.support.paths import BACKUP_TASKS
 from tests.support.pitr import cli_env, reachable_dir, run_cli
 from tests.support.prometheus import ISSUE_METRICS
@@ -30,17 +30,6 @@ if TYPE_CHECKING:
 
 IS_ROOT = os.geteuid() == 0
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def samples(text: str) -> Samples:
-    """Every sample of an exposition, parsed by prometheus_client's own parser: (name, labels) -> value."""
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(parsed: Samples, name: str, **labels: str) -> float:
-    return parsed[(name, frozenset(labels.items()))]
 
 
 def names(parsed: Samples) -> set[str]:

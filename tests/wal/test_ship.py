@@ -29,7 +29,9 @@ from backup_tasks.wal.layout import object_key
 from backup_tasks.wal.ship import ship
 from tests.support.paths import PYTHON, ROOT
 from tests.support.processes import worker_env
-from tests.wal.test_push_ahead import SEGMENTS, archived, fake_pg_wal
+from tests.support.wal import archived, fake_pg_wal
+
+SEGMENTS = [f"0000000100000000000000{n:02X}" for n in range(0x10, 0x16)]
 
 ENTRY = "import sys\nfrom backup_tasks.entry import main\nsys.exit(main(sys.argv[1:]))\n"
 

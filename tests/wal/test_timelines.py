@@ -18,7 +18,8 @@ from backup_tasks.wal.archive import WalArchive
 from backup_tasks.wal.coverage import coverages
 from backup_tasks.wal.names import segment_name
 from backup_tasks.wal.timelines import TimelineStep, TimelineTree
-from tests.wal.test_index import SIZE, put_history, put_segment
+from tests.support.wal import SEGMENT_SIZE as SIZE
+from tests.support.wal import put_history, put_segment
 
 FORK = 10 * SIZE + 0x28  # timeline 2 begins in segment 10 of timeline 1
 
