@@ -22,9 +22,13 @@ tree and of the server processes working for it, and peak RSS of the tree sample
 databases, the runners and the experiments' orchestration are in ``support/`` (``databases``,
 ``runners``, ``tuning``); this file compares the runs: medians, the targets, the report.
 
+Then, in a child process with its own PostgreSQL 18 cluster (the PyPI wheel), ``bench_incremental.py``:
+incremental snapshots against fulls on about 1 GB (``--incremental-size-mb``), its targets checked with
+the others (``--no-incremental`` skips it; without the wheel it is skipped and says so).
+
 Results: a table on stdout, and ``bench/results/<stamp>.json`` + ``.md`` (also ``latest.*``).
 
-    .venv/bin/python bench/run.py                      # the issue's targets, ~10 minutes
+    .venv/bin/python bench/run.py                      # the issues' targets, ~15 minutes
     .venv/bin/python bench/run.py --sizes 1100 --rounds 5
     .venv/bin/python bench/run.py --experiments        # also the tuning experiments (experiments.py)
 """
@@ -156,6 +160,29 @@ def evaluate(summary: Summary, databases: dict[int, BenchDatabase]) -> list[dict
     return checks
 
 
+# --- incremental snapshots (a child process: its own PostgreSQL 18 cluster) ------------------------------
+
+def run_incremental(args: argparse.Namespace, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """``bench_incremental.py`` as a child process (its progress on our stdout): its results, or why there are none."""
+    output = workdir / "incremental.json"
+    say(f"incremental snapshots: bench_incremental.py --size-mb {args.incremental_size_mb} (PostgreSQL 18 wheel)")
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "bench_incremental.py"),
+                             "--size-mb", str(args.incremental_size_mb), "--output", str(output)], check=False)
+    if not output.exists():  # exit 1 with results is a missed target, not a failure
+        return {"error": f"bench_incremental.py exited {result.returncode} without results (see its output above)"}
+    return dict(json.loads(output.read_text()))
+
+
+def incremental_targets(incremental: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """bench_incremental.py's targets, in this report's shape (a crash: one check without a verdict)."""
+    if incremental is None:
+        return []
+    if "error" in incremental or "skipped" in incremental:
+        return [{"target": "incremental snapshots", "measured": None, "goal": "measured", "pass": None,
+                 "detail": incremental.get("error") or f"skipped: {incremental['skipped']}"}]
+    return [{**check, "target": f"incremental: {check['target']}"} for check in incremental["targets"]]
+
+
 # --- output -----------------------------------------------------------------------------------
 
 def _fmt(value: float | None, spec: str = ".2f", unit: str = "") -> str:
@@ -207,6 +234,11 @@ def markdown(report: dict[str, Any]) -> str:
          for r in report["runs"]), "rrllrrrrrlrl")
     if report.get("experiments"):
         lines += ["", "## Tuning experiments", "", report["experiments"]["markdown"]]
+    if report.get("incremental"):
+        incremental = report["incremental"]
+        lines += ["", "## Incremental snapshots (bench_incremental.py)", "",
+                  incremental.get("markdown") or
+                  f"not measured: {incremental.get('error') or incremental.get('skipped')}"]
     lines += ["", "CPU tree: the command and its children (exact, from wait4). CPU server: PostgreSQL processes "
               "serving the run (local backends of the bench databases, verify's throwaway cluster), sampled every "
               "100 ms. Foreign: everything else the machine did meanwhile (other users, the sampler).", ""]
@@ -254,6 +286,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(default 0.25)")
     parser.add_argument("--retries", type=int, default=2, help="how often a disturbed run is repeated (default 2)")
     parser.add_argument("--experiments", action="store_true", help="also run the tuning experiments")
+    parser.add_argument("--no-incremental", action="store_true",
+                        help="skip the incremental-snapshot benchmark (bench_incremental.py, ~5 minutes)")
+    parser.add_argument("--incremental-size-mb", type=int, default=1024,
+                        help="database size for bench_incremental.py (default 1024)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed (not only on errors)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--workdir-parent", default=None, help="where the temporary work directory goes")
@@ -301,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             experiments = None
             if args.experiments:
                 experiments = run_experiments(bench, databases[target_size])
+            incremental = None if args.no_incremental else run_incremental(args, workdir, bench.say)
         finally:
             with connect(server) as cleanup:
                 drop_bench_database(cleanup, bench.restore_db_name())
@@ -314,15 +351,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "settle_timeout": args.settle_timeout, "compression_level": args.compression_level,
             "max_foreign_cores": args.max_foreign_cores, "retries": args.retries,
             "databases": [vars(db) for db in databases.values()],
-            "summary": summary, "targets": evaluate(summary, databases),
-            "runs": [r.to_dict() for r in bench.runs], "experiments": experiments,
+            "summary": summary, "targets": evaluate(summary, databases) + incremental_targets(incremental),
+            "runs": [r.to_dict() for r in bench.runs], "experiments": experiments, "incremental": incremental,
         }
     print_table(report)
     written = write_results(stamp(), {".json": json.dumps(report, indent=2, default=str), ".md": markdown(report)},
                             directory=args.results_dir, also_as="latest")
     print(f"results: {written}.json and .md")
     missed = [c for c in report["targets"] if c["pass"] is False]
-    return 1 if any(not r.ok for r in bench.runs) or (args.strict and missed) else 0
+    crashed = incremental is not None and "error" in incremental
+    return 1 if any(not r.ok for r in bench.runs) or crashed or (args.strict and missed) else 0
 
 
 if __name__ == "__main__":

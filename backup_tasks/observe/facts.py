@@ -28,6 +28,7 @@ a caller that must stop on it: ``health`` raises a catalog it could not read, as
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -50,6 +51,7 @@ from backup_tasks.storage.base import Storage
 from backup_tasks.storage.locations import open_storage
 from backup_tasks.wal import state
 from backup_tasks.wal.archive import WalArchive
+from backup_tasks.wal.names import segment_number
 from backup_tasks.wal.remote import archive_for_reading
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,20 @@ class RecoveryWindow:
     snapshot_id: str  # the snapshot a restore to ``start`` uses
     timeline: int = 1  # the recovery target timeline of the span
     system: str | None = None  # the generation (``catalog.generations``): its snapshots' system identifier
+    replay: Replay | None = None  # what a restore to ``end`` replays, and the longest replay of the window
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The WAL a restore replays: from the start of the snapshot it starts from (an incremental's own start, its
+    chain restored first) to the moment asked for. Counted in WAL segments of the archive."""
+
+    snapshot_id: str  # the newest snapshot reaching the window's end: a restore to the end starts from it
+    chain: tuple[str, ...]  # the snapshots that restore needs, root (a full) first
+    from_segment: str  # its start
+    to_segment: str  # the window's end
+    segments: int  # replayed to reach the window's end
+    max_segments: int  # the longest replay any moment of the window needs (just before the next snapshot)
 
 
 @dataclass(frozen=True)
@@ -412,12 +428,31 @@ def recovery_windows(ranges: list[SnapshotRange]) -> list[RecoveryWindow]:
             item[0][0], first_of[item[0][1]], item[0][2])):
         group = sorted(group, key=lambda r: r.restorable_from)
         start, end, snapshot_id = group[0].restorable_from, group[0].restorable_until, group[0].snapshot.id
-        for r in group[1:]:
+        first = 0
+        for index, r in enumerate(group[1:], start=1):
             if r.restorable_from > end:  # a hole: the window starts again here
-                start, snapshot_id = r.restorable_from, r.snapshot.id
+                start, snapshot_id, first = r.restorable_from, r.snapshot.id, index
             end = max(end, r.restorable_until)
-        windows.append(RecoveryWindow(database, start, end, snapshot_id, timeline, system or None))
+        windows.append(RecoveryWindow(database, start, end, snapshot_id, timeline, system or None,
+                                      window_replay(group[first:], end)))
     return windows
+
+
+def window_replay(ranges: list[SnapshotRange], end: datetime) -> Replay | None:
+    """The replay of a window made of ``ranges`` (by ``restorable_from``): a moment is restored from the newest
+    snapshot consistent before it, so the longest replay is just before the next snapshot, or to the end."""
+    reaching = [r for r in ranges if r.restorable_until >= end]
+    if not reaching or not reaching[-1].coverage.end_segment:
+        return None
+    newest = reaching[-1]
+    longest = newest.coverage.segments
+    for r, following in itertools.pairwise(ranges):
+        size = int(r.snapshot.wal_segment_size or 0)
+        if size and r.snapshot.start_segment and following.snapshot.stop_segment:
+            longest = max(longest, segment_number(following.snapshot.stop_segment, size)
+                          - segment_number(r.snapshot.start_segment, size) + 1)
+    return Replay(newest.snapshot.id, tuple(newest.snapshot.chain_ids), newest.coverage.start_segment,
+                  newest.coverage.end_segment, newest.coverage.segments, longest)
 
 
 def newest_windows(windows: list[RecoveryWindow]) -> list[RecoveryWindow]:

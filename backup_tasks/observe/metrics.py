@@ -9,13 +9,15 @@ The verification values follow ``observe.verdict``, the rule ``health`` judges b
 verdict of each series (while it has none yet, the newest verdict before it), never the latest verdict
 recorded for any backup, so an older backup verified again cannot turn a failed newest one green.
 
-Labels: ``database`` and ``kind`` (``dump`` or ``snapshot``) on the per-backup series; ``database`` on
-the recovery window and the drill; ``database``, ``timeline`` and ``system`` (the generation's system
-identifier: after a major upgrade the old and the new server each have their ranges; empty for
-snapshots recorded without one) on the restorable ranges; ``system`` and ``major`` on
-``generation_snapshots`` (0 for a new server with no snapshot yet, which health names); ``location``
-(``archive``: the local WAL archive, ``copy``:
-``<BACKUP_COPY_TO>/wal``) on the WAL's newest segment; ``source`` (``catalog``, ``wal_archive``,
+Labels: ``database`` and ``kind`` (``dump`` or ``snapshot``) on the per-backup series; ``database`` and
+``chain`` (``full``, or ``incremental``: PostgreSQL 17+, restorable with its chain) on the per-snapshot series
+(``snapshots``, ``last_snapshot_*``: the ``kind="snapshot"`` series stay as they were, the newest of either);
+``database`` on the recovery window (with the WAL its newest moment replays), the newest chain and the drill;
+``database``, ``timeline`` and ``system`` (the generation's system identifier: after a major upgrade the old
+and the new server each have their ranges; empty for snapshots recorded without one) on the restorable
+ranges; ``system`` and ``major`` on ``generation_snapshots`` (0 for a new server with no snapshot yet, which
+health names); ``location`` (``archive``: the local WAL archive, ``copy``: ``<BACKUP_COPY_TO>/wal``) on the
+WAL's newest segment; ``source`` (``catalog``, ``wal_archive``,
 ``wal_state``, ``server``) on ``backup_tasks_source_up``.
 
 The copy's backlog (``wal_copy_backlog_*``: what wal-push queued for ``BACKUP_COPY_TO`` while it was
@@ -36,6 +38,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.clock import parse_time
 from backup_tasks.errors import ConfigError
 from backup_tasks.observe.facts import OWN_SOURCES, SERVER, Facts
@@ -97,6 +100,18 @@ METRICS = (
                ("database", "timeline", "system")),
     MetricSpec("generation_snapshots", "complete snapshots of each generation (system identifier, PostgreSQL major) "
                                        "the catalog and the WAL archive record", ("system", "major")),
+    MetricSpec("snapshots", "complete snapshots in the catalog by chain: full, or incremental (restorable only with "
+                            "every snapshot of its chain)", ("database", "chain")),
+    MetricSpec("last_snapshot_timestamp_seconds", "when the newest complete full or incremental snapshot finished "
+                                                  "(unix time)", ("database", "chain")),
+    MetricSpec("last_snapshot_size_bytes", "size as stored of the newest complete full or incremental snapshot",
+               ("database", "chain")),
+    MetricSpec("newest_snapshot_chain_length", "snapshots a restore from the newest snapshot needs: 1 for a full, "
+                                               "its whole chain for an incremental", ("database",)),
+    MetricSpec("recovery_window_replay_segments", "WAL segments a restore to the newest restorable moment replays, "
+                                                  "from the start of the newest snapshot reaching it", ("database",)),
+    MetricSpec("recovery_window_max_replay_segments", "the longest replay (WAL segments) any moment of the recovery "
+                                                      "window needs", ("database",)),
     MetricSpec("last_drill_success", "1 when the latest PITR drill passed, 0 when it failed", ("database",)),
     MetricSpec("last_drill_duration_seconds", "how long the latest PITR drill took (the RTO, measured)",
                ("database",)),
@@ -149,6 +164,10 @@ def families(facts: Facts) -> list[Metric]:
     for window in facts.windows:
         add("recovery_window_start_timestamp_seconds", window.start.timestamp(), window.database)
         add("recovery_window_end_timestamp_seconds", window.end.timestamp(), window.database)
+        if window.replay is not None:
+            add("recovery_window_replay_segments", window.replay.segments, window.database)
+            add("recovery_window_max_replay_segments", window.replay.max_segments, window.database)
+    _chain_families(facts, add)
     for window in facts.timeline_windows:
         labels = (window.database, str(window.timeline), window.system or "")
         add("restorable_range_start_timestamp_seconds", window.start.timestamp(), *labels)
@@ -162,6 +181,24 @@ def families(facts: Facts) -> list[Metric]:
             add("last_drill_duration_seconds", drill.duration_seconds, drill.database)
         add("last_drill_timestamp_seconds", drill.drilled_at.timestamp(), drill.database)
     return [family for family in found.values() if family.samples]
+
+
+def _chain_families(facts: Facts, add: Callable[..., None]) -> None:
+    """The snapshots by chain label (``full``/``incremental``), beside the per-kind series the alerts read."""
+    newest: dict[tuple[str, str], Manifest] = {}
+    counts: dict[tuple[str, str], int] = {}
+    for m in facts.backups:  # complete, oldest first: the last one of each label is the newest
+        if m.kind == "snapshot":
+            labels = (m.database, "incremental" if len(m.chain_ids) > 1 else "full")
+            newest[labels] = m
+            counts[labels] = counts.get(labels, 0) + 1
+    for labels, m in sorted(newest.items()):
+        add("snapshots", counts[labels], *labels)
+        add("last_snapshot_timestamp_seconds", _stamp(m.finished_at), *labels)
+        add("last_snapshot_size_bytes", m.size_bytes, *labels)
+    for s in facts.series:
+        if s.kind == "snapshot":
+            add("newest_snapshot_chain_length", len(s.newest.chain_ids), s.database)
 
 
 class FactsCollector(Collector):

@@ -4,17 +4,23 @@ The document's keys (``status --json``) are a public contract::
 
     ok                  every source was read (the server excepted: see ``facts``)
     generated_at        this reading (UTC, ISO 8601); timezone: the exchange's (BACKUP_TIMEZONE)
-    recovery_window     {database, timeline, start, end, end_age_seconds, snapshot_id, timelines} or null: PITR to
-                        the latest point follows ``timeline`` (the newest its snapshots restore onto) and reaches any
-                        moment in it; ``timelines``: [{timeline, start, end, end_age_seconds, snapshot_id}], the
-                        window on every timeline the database's snapshots restore onto (after a fork a moment can
-                        be on several: ``restore-pitr --timeline N`` picks one)
+    recovery_window     {database, timeline, start, end, end_age_seconds, snapshot_id, replay, timelines} or null:
+                        PITR to the latest point follows ``timeline`` (the newest its snapshots restore onto) and
+                        reaches any moment in it; ``timelines``: [{timeline, start, end, end_age_seconds,
+                        snapshot_id, replay}], the window on every timeline the database's snapshots restore onto
+                        (after a fork a moment can be on several: ``restore-pitr --timeline N`` picks one);
+                        ``replay``: {snapshot_id, chain, from_segment, to_segment, segments, max_segments} or null:
+                        a restore to ``end`` starts from ``snapshot_id`` (its ``chain`` restored first, root
+                        first) and replays ``segments`` WAL segments from ``from_segment``; ``max_segments``: the
+                        longest replay any moment of the window needs
     newest_dump         {id, database, finished_at, age_seconds, size_bytes, duration_seconds,
     newest_snapshot      verification: {ok, verified_at, duration_seconds, problems} or null,
                          series_verdict: {backup_id, ok, verified_at, duration_seconds, problems} or null} or null
                         ``verification`` is this backup's own; ``series_verdict`` the one health and the
                         metrics go by (``observe.verdict``): this backup's, or while it has none yet the
-                        newest verdict before it, so a failure shows until a newer backup passes
+                        newest verdict before it, so a failure shows until a newer backup passes;
+                        a snapshot also has restorable_from, ``chain`` (the ids a restore from it needs, root
+                        first: [id] for a full) and ``incremental`` (true: PostgreSQL 17+'s incremental backup)
     wal                 {archive, copy: {segment, completed_at, stored_at, lag_seconds, where} or null,
                          gaps: [{segment, after}], archiver: pg_stat_archiver's row (+ failing) or null}
     generations         [{system_identifier, major, opened_at, reason, previous, first_segment, released, snapshots,
@@ -106,8 +112,12 @@ def document(facts: Facts, settings: Settings) -> Document:
 
 
 def _window(window: RecoveryWindow, now: datetime) -> Document:
+    replay = window.replay
     return {"timeline": window.timeline, "start": _iso(window.start), "end": _iso(window.end),
-            "end_age_seconds": round((now - window.end).total_seconds(), 3), "snapshot_id": window.snapshot_id}
+            "end_age_seconds": round((now - window.end).total_seconds(), 3), "snapshot_id": window.snapshot_id,
+            "replay": None if replay is None else {
+                "snapshot_id": replay.snapshot_id, "chain": list(replay.chain), "from_segment": replay.from_segment,
+                "to_segment": replay.to_segment, "segments": replay.segments, "max_segments": replay.max_segments}}
 
 
 def copy_wal_behind(facts: Facts) -> float | None:
@@ -143,6 +153,8 @@ def _backup(m: Manifest, now: datetime, verdict: SeriesVerdict) -> Document:
         {"backup_id": verdict.judged.id, **standing}}
     if m.kind == "snapshot":
         out["restorable_from"] = m.restorable_from
+        out["chain"] = m.chain_ids
+        out["incremental"] = len(m.chain_ids) > 1
     return out
 
 
@@ -199,7 +211,7 @@ def render_text(doc: Document, settings: Settings) -> str:
                          + (f"restorable up to {local(reach, settings, seconds=True)}" if reach else
                             "no restorable snapshot") + (", released" if g["released"] else ""))
     rows = [("newest dump", _backup_line(doc["newest_dump"], settings)),
-            ("newest snapshot", _backup_line(doc["newest_snapshot"], settings)),
+            ("newest snapshot", _backup_line(doc["newest_snapshot"], settings) + _chain_text(doc)),
             ("WAL archive", _wal_line(doc["wal"], settings)),
             ("last drill", _drill_line(doc["last_drill"], settings))]
     if doc["copy"] is not None:
@@ -225,6 +237,18 @@ def _backup_line(b: Document | None, settings: Settings) -> str:
                     + "; ".join(standing["problems"][:2]))
     return (f"{local(b['finished_at'], settings)} ({ago(b['age_seconds'])} ago), {human_size(b['size_bytes'])} in "
             f"{ago(b['duration_seconds'])}, {verdict}  [{b['id']}]")
+
+
+def _chain_text(doc: Document) -> str:
+    """``, incremental (chain of 3); the latest moment replays 5 WAL segments``: what a restore starts from."""
+    snapshot, window = doc["newest_snapshot"], doc["recovery_window"]
+    text = f", incremental (chain of {len(snapshot['chain'])})" if snapshot and snapshot.get("incremental") else ""
+    replay = window.get("replay") if window else None
+    if replay:
+        text += f"; the latest moment replays {replay['segments']} WAL segments"
+        if replay["max_segments"] > replay["segments"]:
+            text += f" (up to {replay['max_segments']} for an earlier moment)"
+    return text
 
 
 def _wal_line(wal: Document, settings: Settings) -> str:

@@ -12,11 +12,10 @@ manifest written: until that moment the snapshot does not exist for list, restor
 WAL needed to make the snapshot consistent is inside it (``-X stream``), so it is complete as soon
 as it is verified; later WAL comes from the archive.
 
-A run killed outright cleans up nothing; the next one, under the same lock, does: the partial
-objects it was writing and the objects it had stored without the manifest that would have made them
-a snapshot (``catalog.leftovers.clear_interrupted``), and its staging tree (``postgres.leftovers.sweep``,
-which also stops a ``pg_basebackup`` still writing into it). A snapshot of another cluster than the one
-the catalog holds is refused before anything is written (``catalog.system``).
+A killed run cleans up nothing; the next one, under the same lock, removes its partial objects and
+those stored without a manifest (``catalog.leftovers``) and its staging tree (``postgres.leftovers.sweep``,
+stopping a ``pg_basebackup`` still writing there). Another cluster's snapshot is refused up front
+(``catalog.system``). Incrementals (17+) and their chains: ``physical.chain``.
 """
 
 from __future__ import annotations
@@ -46,11 +45,16 @@ from backup_tasks.conninfo import ConnInfo
 from backup_tasks.errors import BackupError, SnapshotFailed
 from backup_tasks.locks import Lease, hold
 from backup_tasks.physical.chain import (
+    Ancestors,
+    ChainCache,
     ChainUnusable,
     IncrementalBase,
+    chain_key,
     check_incremental,
+    not_possible,
     prepare_base,
     refused_incremental,
+    remove_later,
 )
 from backup_tasks.physical.compression import (
     HolePuncher,
@@ -217,9 +221,13 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
     clear_interrupted(storage, conninfo.dbname, "snapshot")
     clear_stale_staging()
     staging = owned_tempdir(STAGING_PREFIX, verify_area(facts.estimated_bytes))
+    cache = chain_cache(staging, facts, conninfo.dbname, encrypted=bool(settings.encrypt_recipients))
     published: list[str] = []
     base: IncrementalBase | None = None
+    ancestors: Ancestors | None = None
+    combined: Path | None = None
     full_because = ""
+    cached_key: str | None = None
     try:
         if incremental:
             base, full_because = prepare_base(
@@ -228,6 +236,9 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
         while True:
             if full_because:
                 log.warning("snapshot %s is taken full, not incremental: %s", backup_id, full_because)
+            if base is not None:  # the parent's chain is made ready while pg_basebackup runs
+                ancestors = Ancestors(settings, storage, base, backup_id, staging / "chain", cache,
+                                      pg_verifybackup.path).start()
             progress("basebackup", backup_id=backup_id, bytes_written=0)
             try:
                 files, compression = _take(settings, conninfo, compression, pg_basebackup.path, staging, storage,
@@ -235,15 +246,17 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
                 progress("pg_verifybackup", backup_id=backup_id, bytes_written=sum(f["size"] for f in files.values()))
                 # An incremental alone too: its own files against its own manifest (pg_combinebackup trusts them).
                 _run_verifybackup(pg_verifybackup.path, staging)
-                if base is not None:
+                if base is not None and ancestors is not None:
                     progress("pg_combinebackup", backup_id=backup_id)
-                    check_incremental(settings, storage, base, backup_id, facts.major, staging / "unpacked",
-                                      staging / "backup" / "backup_manifest", staging / "chain", pg_verifybackup.path)
+                    combined = check_incremental(settings, base, backup_id, facts.major, ancestors,
+                                                 staging / "unpacked", staging / "backup" / "backup_manifest",
+                                                 staging / "chain", pg_verifybackup.path)
                 break
             except ChainUnusable as exc:  # refused by pg_basebackup, or an ancestor is broken: a full instead
-                if base is None:
+                if base is None or ancestors is None:
                     raise
-                base, full_because = None, f"the chain of {base.parent.id} cannot be used: {exc}"
+                ancestors.close()
+                base, ancestors, full_because = None, None, f"the chain of {base.parent.id} cannot be used: {exc}"
                 _forget_attempt(storage, published, staging)
         backup_manifest = json.loads((staging / "backup" / "backup_manifest").read_text())
         if facts.config_files:
@@ -274,10 +287,13 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
                       **({"compress_reason": compression.reason} if compression.reason else {}),
                       "pg_verifybackup": "ok", "manifest_files": len(backup_manifest.get("Files", [])),
                       "summarize_wal": facts.summarize_wal,
-                      **({"pg_combinebackup": "ok"} if base is not None else {}),
+                      **({"pg_combinebackup": "ok", "chain_checked_from": "cache" if ancestors and
+                          ancestors.from_cache else "storage"} if base is not None else {}),
                       **({"incremental_reason": full_because} if incremental and base is None else {}),
                       "warnings": facts.warnings},
         )
+        if cache is not None:  # the chain as checked, kept for the next incremental's check (out of staging first)
+            cached_key = _keep_for_next(cache, staging, base, combined, result)
     except BaseException:
         # Nothing was recorded: the objects already stored must not survive alone.
         for key in published:
@@ -287,8 +303,12 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
                 log.warning("could not remove %s after a failed snapshot", key)
         raise
     finally:
-        discard(staging)
+        if ancestors is not None:
+            ancestors.close()
+        remove_later(staging)  # in the background: a gigabyte of unlinks need not delay the result
     catalog.publish(storage, result, data_keys=published)
+    if cache is not None and cached_key is not None:
+        cache.keep_only(cached_key)  # published: the chain it extends is needed no more
     log.info("%s snapshot %s complete: %d bytes, WAL %s..%s", "incremental" if base else "full", backup_id,
              result.size_bytes, result.start_lsn, result.stop_lsn)
     progress("done", backup_id=backup_id, bytes_written=result.size_bytes)
@@ -326,18 +346,43 @@ def _forget_attempt(storage: Storage, published: list[str], staging: Path) -> No
         shutil.rmtree(staging / leftover, ignore_errors=True)
 
 
+def chain_cache(staging: Path, facts: SourceFacts, database: str, *, encrypted: bool) -> ChainCache | None:
+    """The chain cache beside ``staging`` (``physical.chain.ChainCache``), where the server can take incrementals.
+
+    None for encrypted backups (the cache is the database in plaintext, kept between snapshots). In RAM
+    (/dev/shm) only under an eighth of the memory available. This database's entries elsewhere go.
+    """
+    if not_possible(facts.major, facts.summarize_wal) is not None:
+        return None
+    here = ChainCache.beside(staging, database=database, system_identifier=facts.system_identifier)
+    in_ram = str(staging.parent) == SHM
+    allowed = here is not None and not encrypted and (not in_ram or facts.estimated_bytes * 8 < _mem_available())
+    for area in {Path(SHM), Path(tempfile.gettempdir())} - ({staging.parent} if allowed else set()):
+        elsewhere = ChainCache.beside(area / "x", database=database, system_identifier=facts.system_identifier)
+        if elsewhere is not None and elsewhere.root.is_dir():
+            elsewhere.keep_only(None)
+    return here if allowed else None
+
+
+def _keep_for_next(cache: ChainCache, staging: Path, base: IncrementalBase | None, combined: Path | None,
+                   result: Manifest) -> str | None:
+    """Move the checked copy of this snapshot's chain into the cache: the combined chain of an incremental, the
+    unpacked copy pg_verifybackup passed of a full (with its backup_manifest). Its key, or None if not kept."""
+    members = [*((m.id, m.files or {}) for m in (base.chain if base else [])), (result.id, result.files or {})]
+    directory = combined if base is not None else staging / "unpacked"
+    try:
+        if base is None:
+            shutil.copyfile(staging / "backup" / "backup_manifest", staging / "unpacked" / "backup_manifest")
+    except OSError as exc:
+        log.warning("the chain cache is not kept (%s): the next incremental unpacks its chain", exc)
+        return None
+    key = chain_key(members)
+    return key if directory is not None and cache.put(key, directory) else None
+
+
 def clear_stale_staging() -> list[Path]:
     """Remove staging trees of killed snapshot runs, in /dev/shm and TMPDIR alike (``leftovers.sweep``)."""
     return [path for parent in {Path(SHM), Path(tempfile.gettempdir())} for path in sweep(parent, STAGING_PREFIX)]
-
-
-def discard(directory: Path) -> None:
-    """Delete the staging tree in the background: a gigabyte of unlinks need not delay the result."""
-    try:
-        subprocess.Popen(["rm", "-rf", "--", str(directory)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-    except OSError:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def verify_area(estimated_bytes: int) -> str | None:

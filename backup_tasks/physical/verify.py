@@ -47,7 +47,14 @@ from backup_tasks.errors import (
     RestoreFailed,
     StorageError,
 )
-from backup_tasks.physical.chain import broken, combine, describe_chain, resolve_chain, unpack_members
+from backup_tasks.physical.chain import (
+    broken,
+    combine,
+    describe_chain,
+    resolve_chain,
+    unpack_members,
+    verifybackup_problem,
+)
 from backup_tasks.physical.plan import (
     RecoveryTarget,
     RestorePlan,
@@ -128,31 +135,24 @@ def _combine_chain(settings: Settings, storage: Storage, chain: list[Manifest], 
     """An incremental's chain into ``staged``: each member unpacked and checked by pg_verifybackup on its own (a
     failure names the link), combined by pg_combinebackup, and the combination checked by pg_verifybackup."""
     snapshot = chain[-1]
-    directories = unpack_members(storage, snapshot.id, chain, scratch / "chain", identities, fallback=False)
+    directories = unpack_members(storage, snapshot.id, chain, scratch / "chain", identities, fallback=False,
+                                 parallel=True)
     checked.append("sha256")
     tool = find_tool("pg_verifybackup", exact_major=major_of(snapshot.server_version), bin_dir=settings.pg_bin_dir,
                      why=f"to check snapshot {snapshot.id} (PostgreSQL {snapshot.server_version})")
     for member, directory in zip(chain, directories, strict=True):
-        problem = _verifybackup_problem(tool.path, directory)
+        problem = verifybackup_problem(tool.path, directory)
         if problem is not None:
             what = "pg_verifybackup rejected the unpacked snapshot"
             raise BackupCorrupt(f"{what}: {problem}" if member is snapshot else broken(snapshot.id, member.id,
                                                                                        f"{what}: {problem}"))
     combine(settings, major_of(snapshot.server_version), describe_chain(snapshot), directories, staged)
     checked.append("pg_combinebackup")
-    problem = _verifybackup_problem(tool.path, staged)
+    problem = verifybackup_problem(tool.path, staged)
     if problem is not None:
         raise BackupCorrupt(f"pg_verifybackup rejected {describe_chain(snapshot)} combined: {problem}")
     (staged / "backup_manifest").unlink()
     checked.append("pg_verifybackup")
-
-
-def _verifybackup_problem(tool: Path, directory: Path) -> str | None:
-    """pg_verifybackup of a directory holding its own backup_manifest: None, or its first complaints."""
-    result = subprocess.run([str(tool), str(directory)], capture_output=True, text=True, check=False)
-    if result.returncode == 0:
-        return None
-    return "; ".join([ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()][:5])
 
 
 @dataclass

@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +27,16 @@ import pytest
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.physical import snapshot as snapshot_module
-from backup_tasks.physical.chain import chain_ids, chain_problem, choose_parent, incremental_of, prepare_base
-from backup_tasks.physical.snapshot import take_snapshot
+from backup_tasks.physical.chain import (
+    ChainCache,
+    chain_ids,
+    chain_problem,
+    choose_parent,
+    incremental_of,
+    manifests_key,
+    prepare_base,
+)
+from backup_tasks.physical.snapshot import SHM, take_snapshot
 from backup_tasks.physical.verify import verify_snapshot
 from backup_tasks.postgres.cluster import SERVER_USER, ThrowawayCluster, as_server_user
 from backup_tasks.postgres.connect import connect
@@ -100,8 +109,27 @@ def chain18(pg18_bin: Path) -> Iterator[Chain18]:
             change_a_day(conninfo, 3)
             switch_and_wait(conninfo, env.archive)
             yield Chain18(env, cluster, settings, pg18_bin, full, first, second, target, at_target)  # type: ignore[arg-type]
+            forget_cache(full)
     finally:
         shutil.rmtree(env.base, ignore_errors=True)
+
+
+def caches_of(snapshot: Manifest) -> list[ChainCache]:
+    """The chain caches a snapshot of this database and system may have used (RAM, then TMPDIR)."""
+    found = [ChainCache.beside(Path(area) / "staging", database=snapshot.database,
+                               system_identifier=snapshot.system_identifier or "")
+             for area in (SHM, tempfile.gettempdir())]
+    return [cache for cache in found if cache is not None]
+
+
+def forget_cache(snapshot: Manifest) -> None:
+    for cache in caches_of(snapshot):
+        cache.keep_only(None)
+
+
+def cached_entries(snapshot: Manifest) -> list[Path]:
+    return [p for cache in caches_of(snapshot) if cache.root.is_dir() for p in cache.root.iterdir()
+            if p.name.startswith(f"{cache.owner}.")]
 
 
 def test_a_chain_is_a_full_and_incrementals_each_naming_its_parent(chain18: Chain18) -> None:
@@ -118,6 +146,16 @@ def test_a_chain_is_a_full_and_incrementals_each_naming_its_parent(chain18: Chai
         assert base < full_base / 2, (base, full_base)
     stored = catalog.load(open_storage(chain18.settings.backup_dir), second.id)
     assert chain_ids(stored) == [full.id, first.id, second.id]
+
+
+def test_each_incremental_was_checked_against_the_cached_chain_and_the_cache_holds_the_newest(
+        chain18: Chain18) -> None:
+    """The full left its checked copy in the cache; each incremental combined the cached chain with itself (not the
+    whole chain from storage) and left the combination, keyed by its chain, for the next one."""
+    assert [s.snapshot["chain_checked_from"] for s in (chain18.first, chain18.second)] == ["cache", "cache"]  # type: ignore[index]
+    [entry] = cached_entries(chain18.second)
+    cache = next(c for c in caches_of(chain18.second) if c.root == entry.parent)
+    assert cache.lookup(manifests_key([chain18.full, chain18.first, chain18.second])) == entry
 
 
 def test_verify_of_the_newest_incremental_combines_its_chain_and_recovers(chain18: Chain18) -> None:
@@ -285,3 +323,34 @@ def test_planning_falls_back_to_the_newest_intact_chain_when_an_ancestor_failed(
     skipped = {s.backup_id: s.reason for s in planned.skipped}
     assert set(skipped) == {chain18.first.id, chain18.second.id}, skipped
     assert f"ancestor {chain18.first.id} failed its latest verification" in skipped[chain18.second.id]
+
+
+def test_a_damaged_cache_is_not_trusted_the_chain_comes_from_storage(chain18: Chain18) -> None:
+    """A byte of the cached synthetic full changed on this machine: pg_verifybackup of the cache finds it before
+    use, the check combines the chain from storage instead, and the new snapshot's chain is cached in its place."""
+    settings = copy_of_catalog(chain18, "damaged-cache")
+    third = take_snapshot(settings, incremental=True)  # its chain, combined and checked, is the cache's entry now
+    [entry] = cached_entries(third)
+    assert entry.name.endswith(manifests_key([chain18.full, chain18.first, chain18.second, third])[:32])
+    data_file = max((p for p in (entry / "base").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(data))
+    fourth = take_snapshot(settings, incremental=True)
+    assert chain_ids(fourth) == [chain18.full.id, chain18.first.id, chain18.second.id, third.id, fourth.id]
+    assert fourth.snapshot["chain_checked_from"] == "storage"  # type: ignore[index]
+    assert fourth.snapshot["pg_combinebackup"] == "ok"  # type: ignore[index]
+    [replaced] = cached_entries(fourth)
+    assert replaced.name.endswith(manifests_key([chain18.full, chain18.first, chain18.second, third, fourth])[:32])
+
+
+def test_no_chain_cache_is_kept_for_encrypted_backups(tmp_path: Path) -> None:
+    """The cache is the database in plaintext between snapshots: never beside backups encrypted at rest."""
+    from backup_tasks.physical.snapshot import SourceFacts, chain_cache
+
+    facts = SourceFacts(version="18.6", major=18, system_identifier="7", segment_size=16 << 20, superuser="postgres",
+                        wal_level="replica", archive_mode="on", archive_command="x", data_directory=None,
+                        tablespaces=[], summarize_wal="on")
+    staging = tmp_path / "staging"
+    assert chain_cache(staging, facts, "aitrapp", encrypted=False) is not None
+    assert chain_cache(staging, facts, "aitrapp", encrypted=True) is None
