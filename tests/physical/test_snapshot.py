@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -20,13 +19,12 @@ from backup_tasks.physical.snapshot import take_snapshot
 from backup_tasks.physical.verify import verify_snapshot
 from backup_tasks.postgres.cluster import ThrowawayCluster, free_port
 from backup_tasks.postgres.connect import connect
-from backup_tasks.postgres.sampledata import generate
 from backup_tasks.postgres.servercmd import installed_command, runnable_by_server
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_storage
 from backup_tasks.wal.coverage import coverage
 from backup_tasks.wal.restore_points import create_restore_point, restore_point_for_day, restore_point_name
-from tests.support.pitr import PitrEnv, cli_env, reachable_dir, run_cli, switch_and_wait
+from tests.support.pitr import PitrEnv, cli_env, run_cli, switch_and_wait, trading_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -43,15 +41,8 @@ class Source:
 @pytest.fixture(scope="module")
 def source() -> Iterator[Source]:
     """A throwaway cluster archiving through wal-push, with a small trading database."""
-    env = PitrEnv(reachable_dir("bt-test-snapshot-"))
-    try:
-        with env.archiving_cluster() as cluster:
-            with connect(cluster.conninfo()) as conn:
-                conn.execute("CREATE DATABASE aitrapp")
-            generate(cluster.conninfo("aitrapp"), signals=400)
-            yield Source(env, cluster, env.for_cluster(cluster, "aitrapp"))
-    finally:
-        shutil.rmtree(env.base, ignore_errors=True)
+    with trading_cluster("bt-test-snapshot-") as (env, cluster):
+        yield Source(env, cluster, env.for_cluster(cluster, "aitrapp"))
 
 
 def sha256_of(path: Path) -> str:

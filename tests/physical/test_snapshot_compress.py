@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -23,12 +22,11 @@ from backup_tasks.physical.snapshot import take_snapshot
 from backup_tasks.physical.unpack import snapshot_identities, unpack_snapshot
 from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect
-from backup_tasks.postgres.sampledata import generate
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_storage
 from backup_tasks.streams.crypto import AGE_MAGIC
 from tests.support.crypto import write_identity_file
-from tests.support.pitr import PitrEnv, cli_env, reachable_dir, run_cli, switch_and_wait
+from tests.support.pitr import PitrEnv, cli_env, run_cli, switch_and_wait, trading_cluster
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -108,15 +106,8 @@ class Source:
 
 @pytest.fixture(scope="module")
 def source() -> Iterator[Source]:
-    env = PitrEnv(reachable_dir("bt-test-snapcompress-"))
-    try:
-        with env.archiving_cluster() as cluster:
-            with connect(cluster.conninfo()) as conn:
-                conn.execute("CREATE DATABASE aitrapp")
-            generate(cluster.conninfo("aitrapp"), signals=400)
-            yield Source(env, cluster, env.for_cluster(cluster, "aitrapp"))
-    finally:
-        shutil.rmtree(env.base, ignore_errors=True)
+    with trading_cluster("bt-test-snapcompress-") as (env, cluster):
+        yield Source(env, cluster, env.for_cluster(cluster, "aitrapp"))
 
 
 def tar_members(path: Path) -> dict[str, bytes | None]:

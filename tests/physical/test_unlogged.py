@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -30,11 +29,10 @@ from backup_tasks.physical.snapshot import take_snapshot
 from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect
 from backup_tasks.postgres.queries import count_rows, partition_leaves, unlogged_tables
-from backup_tasks.postgres.sampledata import generate
 from backup_tasks.settings import Settings
 from backup_tasks.storage.locations import open_storage
 from backup_tasks.wal.restore_points import create_restore_point, restore_point_name
-from tests.support.pitr import PitrEnv, cli_env, reachable_dir, run_cli, switch_and_wait
+from tests.support.pitr import PitrEnv, cli_env, run_cli, switch_and_wait, trading_cluster
 
 DAY = "2026-11-27"
 
@@ -67,21 +65,14 @@ class Source:
 @pytest.fixture(scope="module")
 def source() -> Iterator[Source]:
     """A cluster archiving through wal-push: the trading schema, unlogged tables, a session's temporary table."""
-    env = PitrEnv(reachable_dir("bt-test-unlogged-"))
-    try:
-        with env.archiving_cluster() as cluster:
-            with connect(cluster.conninfo()) as conn:
-                conn.execute("CREATE DATABASE aitrapp")
-            conninfo = cluster.conninfo("aitrapp")
-            generate(conninfo, signals=200)
-            with connect(conninfo) as conn:
-                conn.execute(EXTRAS)
-            # A live session's temporary table is in the catalog every snapshot copies: never counted.
-            with connect(conninfo) as session:
-                session.execute("CREATE TEMP TABLE session_scratch AS SELECT g FROM generate_series(1, 5) g")
-                yield Source(env, cluster, env.for_cluster(cluster, "aitrapp"), session)
-    finally:
-        shutil.rmtree(env.base, ignore_errors=True)
+    with trading_cluster("bt-test-unlogged-", signals=200) as (env, cluster):
+        conninfo = cluster.conninfo("aitrapp")
+        with connect(conninfo) as conn:
+            conn.execute(EXTRAS)
+        # A live session's temporary table is in the catalog every snapshot copies: never counted.
+        with connect(conninfo) as session:
+            session.execute("CREATE TEMP TABLE session_scratch AS SELECT g FROM generate_series(1, 5) g")
+            yield Source(env, cluster, env.for_cluster(cluster, "aitrapp"), session)
 
 
 def readable_counts(source: Source) -> dict[str, int]:

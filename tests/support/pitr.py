@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from backup_tasks.conninfo import ConnInfo
 from backup_tasks.physical.snapshot import take_snapshot
 from backup_tasks.postgres.cluster import SERVER_USER, ThrowawayCluster, as_server_user
 from backup_tasks.postgres.connect import connect
+from backup_tasks.postgres.sampledata import generate
 from backup_tasks.postgres.servercmd import (
     archive_command,
     installed_command,
@@ -121,6 +123,20 @@ class PitrEnv:
         command = archive_command(self.command, archive_dir or self.archive.root)
         return ThrowawayCluster(settings={"wal_level": "replica", "max_wal_senders": "4", "archive_mode": "on",
                                           "archive_command": shlex.quote(command), "archive_timeout": "0"})
+
+
+@contextmanager
+def trading_cluster(prefix: str, *, signals: int = 400) -> Iterator[tuple[PitrEnv, ThrowawayCluster]]:
+    """A throwaway cluster archiving through wal-push with a small trading database ``aitrapp``; removed after."""
+    env = PitrEnv(reachable_dir(prefix))
+    try:
+        with env.archiving_cluster() as cluster:
+            with connect(cluster.conninfo()) as conn:
+                conn.execute("CREATE DATABASE aitrapp")
+            generate(cluster.conninfo("aitrapp"), signals=signals)
+            yield env, cluster
+    finally:
+        shutil.rmtree(env.base, ignore_errors=True)
 
 
 # --- the scenario: snapshot, rows, a noted time, a restore point ---------------------------------------
