@@ -115,7 +115,7 @@ def cmd_snapshot(args: argparse.Namespace, settings: Settings) -> int:
     chain = incremental_of(manifest)
     what = (f"incremental snapshot {manifest.id} (on {chain.parent}, a chain of {len(chain.chain)})" if chain
             else f"snapshot {manifest.id}")
-    checked = "the chain combined by pg_combinebackup and checked by pg_verifybackup" if chain else \
+    checked = "checked by pg_verifybackup, its chain by pg_combinebackup --dry-run" if chain else \
         "checked by pg_verifybackup"
     human = (f"{what} complete: {human_size(manifest.size_bytes)}, WAL {manifest.start_lsn} to "
              f"{manifest.stop_lsn} on timeline {manifest.timeline}, {checked}"

@@ -6,12 +6,11 @@ its own WAL range and restorable range), taken with ``pg_basebackup --incrementa
 at its root and every incremental between. The chain is recorded in the snapshot's manifest
 (``Manifest.parent``, ``Manifest.chain``; retention, below this package, reads them too).
 
-Restoring a chain: each member is unpacked (every stored byte checked against the catalog, as for a
-full) into a scratch directory on the target's filesystem, its ``backup_manifest`` beside its files,
-and ``pg_combinebackup --link`` writes the synthetic full into the target: unchanged files are hard
-links to the unpacked full's (no second copy of the cluster), so a chain restores in about the time
-of its full plus the changed blocks. A missing or damaged member is a broken link, named
-(``BackupCorrupt``: "the chain of X is broken at Y").
+Restoring a chain: the root full is unpacked into the target as a full would be, each incremental into a
+scratch directory beside it (every stored byte checked against the catalog), all at once; ``pg_combinebackup
+--dry-run`` checks the chain links up, and ``physical.combine`` writes the changed blocks into the root's files in
+place: a chain restores in the time of its full plus its incrementals' blocks, not a second copy of the cluster. A
+missing or damaged member is a broken link, named (``BackupCorrupt``: "the chain of X is broken at Y").
 
 Choosing a parent (``choose_parent``, pure): the newest complete snapshot of the same system, timeline
 and major whose chain is whole and none of whose members failed its latest verification. No parent,
@@ -39,6 +38,7 @@ from typing import Any
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.manifest import Manifest
 from backup_tasks.errors import BackupCorrupt, BackupError, BackupNotFound, ObjectMissing, StorageError
+from backup_tasks.physical.combine import Combined, combine_in_place, dry_run, sparse_skeleton
 from backup_tasks.postgres.failures import first_line
 from backup_tasks.postgres.tools import find_tool, major_of
 from backup_tasks.settings import Settings
@@ -172,20 +172,24 @@ def parent_manifest_key(parent: Manifest) -> str | None:
 
 def unpack_members(storage: Storage, owner_id: str, members: list[Manifest], scratch: Path,
                    identities: Mapping[str, Identities | None], *, fallback: bool = True,
-                   parallel: bool = False, cancelled: threading.Event | None = None) -> list[Path]:
-    """Unpack each of ``members`` (checking every stored byte) into ``scratch/<id>``, with its backup_manifest.
+                   parallel: bool = False, cancelled: threading.Event | None = None,
+                   root_dir: Path | None = None, every_wal: bool = True) -> list[Path]:
+    """Unpack each of ``members`` (checking every stored byte) into ``scratch/<id>`` (the first into ``root_dir``
+    when given), with its backup_manifest; the directories, in chain order.
 
     A member missing or damaged in storage is a broken link of the chain of ``owner_id`` (``BackupCorrupt``
     naming the oldest such); a failure of this machine (a full disk) is raised as it is. ``fallback``: from
     BACKUP_COPY_TO when BACKUP_DIR's object is damaged (restores). ``parallel``: all at once (each incremental
     costs two tar processes and a WAL tar: measured on 1 GB, a full and six incrementals took 7.6 s one at a time,
-    3.9-5.5 s at once). ``cancelled``: checked between members (a snapshot that gave up).
+    3.9-5.5 s at once). ``cancelled``: checked between members (a snapshot that gave up). ``every_wal=False``: the WAL
+    tar of the newest member only (a combined chain has that member's WAL; pg_verifybackup of a member needs its own).
     """
     def one(member: Manifest) -> Path:
         if cancelled is not None and cancelled.is_set():
             raise ChainUnusable("cancelled")
-        directory = scratch / member.id
-        unpack_member(storage, owner_id, member, directory, identities.get(member.id), fallback=fallback)
+        directory = root_dir if root_dir is not None and member is members[0] else scratch / member.id
+        unpack_member(storage, owner_id, member, directory, identities.get(member.id), fallback=fallback,
+                      wal=every_wal or member is members[-1])
         return directory
 
     if not parallel or len(members) < 2:
@@ -201,7 +205,7 @@ PARALLEL_UNPACKS = 3
 
 
 def unpack_member(storage: Storage, owner_id: str, member: Manifest, directory: Path,
-                  identities: Identities | None, *, fallback: bool = True) -> None:
+                  identities: Identities | None, *, fallback: bool = True, wal: bool = True) -> None:
     """One member of the chain of ``owner_id`` into ``directory``, its backup_manifest beside its files."""
     from backup_tasks.physical.unpack import read_snapshot_object, unpack_snapshot, unpack_with_fallback
 
@@ -210,7 +214,7 @@ def unpack_member(storage: Storage, owner_id: str, member: Manifest, directory: 
     try:
         if key is None:
             raise BackupCorrupt("it stored no backup_manifest")
-        unpack(storage, member, directory, identities)
+        unpack(storage, member, directory, identities, wal=wal)
         (directory / "backup_manifest").write_bytes(read_snapshot_object(storage, member, key, identities))
     except (BackupCorrupt, ObjectMissing) as exc:
         if member.id == owner_id:
@@ -218,57 +222,42 @@ def unpack_member(storage: Storage, owner_id: str, member: Manifest, directory: 
         raise BackupCorrupt(broken(owner_id, member.id, first_line(str(exc)))) from None
 
 
-def combine(settings: Settings, major: int, what: str, directories: list[Path], output: Path, *,
-            manifest: bool = True) -> None:
-    """``pg_combinebackup --link`` of ``directories`` (root first) into ``output`` (absent or empty).
-
-    Hard links, not copies: a chain costs no second copy of its full. ``output`` must be on the filesystem
-    of ``directories`` (callers arrange it), and must not be written while they are read. ``manifest``: write
-    the synthetic full's backup_manifest (a CRC32C of every reconstructed block); a restore, which has no use
-    for it, saves that work.
-    """
-    tool = find_tool("pg_combinebackup", exact_major=major, bin_dir=settings.pg_bin_dir,
-                     why=f"to combine {what} (PostgreSQL {major})")
-    if output.exists() and not any(output.iterdir()):
-        output.rmdir()  # pg_combinebackup creates it (0700) itself
-    argv = [str(tool.path), "--link", "--no-sync", *([] if manifest else ["--no-manifest"]), "-o", str(output),
-            *map(str, directories)]
-    result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd="/")
-    if result.returncode == 0:
-        return
-    problems = [ln for ln in result.stderr.splitlines() if ln.strip() and "--link mode was used" not in ln]
-    text = "; ".join(problems[:5]) or f"exit status {result.returncode}"
-    shutil.rmtree(output, ignore_errors=True)
-    if any(marker in text for marker in ("No space left", "Disk quota")):
-        from backup_tasks.physical.unpack import local_error
-
-        raise local_error(text, full=True, doing=f"combining {what} into {output}",
-                          intact="the backup is not at fault")
-    if "Permission denied" in text or "Invalid cross-device link" in text:
-        raise StorageError(f"combining {what} into {output} failed on this machine ({text}); check that directory "
-                           f"and run again")
-    raise BackupCorrupt(f"pg_combinebackup could not combine {what}: {text}")
-
-
 def describe_chain(manifest: Manifest) -> str:
     return f"the chain of snapshot {manifest.id} ({' -> '.join(chain_ids(manifest))})"
 
 
-def restore_chain(settings: Settings, storage: Storage, chain: list[Manifest], data_dir: Path,
-                  identities: Mapping[str, Identities | None], *, scratch: Path) -> None:
-    """The chain (root first) combined into ``data_dir``; ``scratch`` (same filesystem) holds the unpacked members.
+def unpack_chain(storage: Storage, chain: list[Manifest], data_dir: Path, scratch: Path,
+                 identities: Mapping[str, Identities | None], *, fallback: bool = True,
+                 every_wal: bool = False) -> list[Path]:
+    """The chain (root first) unpacked, all at once: the root full into ``data_dir`` (where its files stay), each
+    incremental into ``scratch/<id>``; every member's backup_manifest beside its files (``unpack_members``). The
+    directories, root first."""
+    return unpack_members(storage, chain[-1].id, chain, scratch, identities, fallback=fallback, parallel=True,
+                          root_dir=data_dir, every_wal=every_wal)
 
-    The caller owns ``scratch`` and deletes it after (``data_dir``'s files are links: they survive it).
-    """
+
+def combine_unpacked(settings: Settings, chain: list[Manifest], directories: list[Path], scratch: Path) -> Combined:
+    """The unpacked chain (``unpack_chain``) combined into its root's directory: checked by ``pg_combinebackup
+    --dry-run`` first, then written in place (``physical.combine``). A chain the tool rejects: ``BackupCorrupt``."""
     owner = chain[-1]
-    directories = unpack_members(storage, owner.id, chain, scratch, identities, parallel=True)
-    # No synthetic manifest: a restored data directory has no use for it (every stored byte was checked above).
-    combine(settings, major_of(owner.server_version), describe_chain(owner), directories, data_dir, manifest=False)
-    (data_dir / "backup_manifest").unlink(missing_ok=True)
+    major = major_of(owner.server_version)
+    tool = find_tool("pg_combinebackup", exact_major=major, bin_dir=settings.pg_bin_dir,
+                     why=f"to check {describe_chain(owner)} (PostgreSQL {major})")
+    problem = dry_run(tool.path, directories, scratch)
+    if problem is not None:
+        raise BackupCorrupt(f"pg_combinebackup cannot combine {describe_chain(owner)}: {problem}")
+    return combine_in_place(directories[0], directories[1:])
+
+
+def restore_chain(settings: Settings, storage: Storage, chain: list[Manifest], data_dir: Path,
+                  identities: Mapping[str, Identities | None], *, scratch: Path) -> Combined:
+    """The chain (root first) restored into ``data_dir``; ``scratch`` (the caller deletes it) holds the incrementals."""
+    return combine_unpacked(settings, chain, unpack_chain(storage, chain, data_dir, scratch, identities), scratch)
 
 
 def scratch_beside(data_dir: Path) -> Path:
-    """Where a chain restored into ``data_dir`` is unpacked: beside it, so that ``--link`` can link."""
+    """Where a chain restored into ``data_dir`` is unpacked: beside it, so that its newest member's whole files
+    move into the data directory with a rename."""
     from backup_tasks.postgres.leftovers import owned_tempdir
 
     try:
@@ -350,17 +339,17 @@ def verifybackup_problem(pg_verifybackup: Path, directory: Path) -> str | None:
 
 
 class Ancestors:
-    """The parent's chain, ready to be combined with a new incremental: prepared in a thread while pg_basebackup
+    """The parent's chain, ready to be checked with a new incremental: prepared in a thread while pg_basebackup
     runs (the server does that work; this process mostly waits for it).
 
-    From the chain cache when it holds this chain (one directory, the synthetic full, checked by pg_verifybackup
-    again before use); else every member unpacked from storage, each stored byte checked against the catalog.
+    From the chain cache when it holds this chain (one directory, the combined chain's skeleton, taken out of the
+    cache: it is the next entry once the new incremental is applied to it); else every member unpacked from storage,
+    each stored byte checked against the catalog.
     """
 
-    def __init__(self, settings: Settings, storage: Storage, base: IncrementalBase, backup_id: str, scratch: Path,
-                 cache: ChainCache | None, pg_verifybackup: Path) -> None:
-        self.settings, self.storage, self.base, self.backup_id = settings, storage, base, backup_id
-        self.scratch, self.cache, self.pg_verifybackup = scratch, cache, pg_verifybackup
+    def __init__(self, storage: Storage, base: IncrementalBase, backup_id: str, scratch: Path,
+                 cache: ChainCache | None) -> None:
+        self.storage, self.base, self.backup_id, self.scratch, self.cache = storage, base, backup_id, scratch, cache
         self.key = manifests_key(base.chain)
         self.from_cache = False
         self.cancelled = threading.Event()
@@ -379,26 +368,20 @@ class Ancestors:
             self._error = exc
 
     def _prepare(self) -> list[Path]:
-        cached = self.cache.lookup(self.key) if self.cache is not None else None
-        if cached is not None:
-            os.utime(cached)  # in use (keep_only removes entries unused for a week)
-            problem = verifybackup_problem(self.pg_verifybackup, cached)
-            if problem is None:
-                self.from_cache = True
-                return [cached]
-            log.warning("the cached chain %s fails pg_verifybackup (%s): unpacking the chain from storage", cached,
-                        problem)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        taken = self.cache.take(self.key, self.scratch / "cached") if self.cache is not None else None
+        if taken is not None:
+            self.from_cache = True
+            return [taken]
         return self.unpack()
 
     def unpack(self) -> list[Path]:
-        """Every member from storage (also after the cached copy failed a check: it is dropped)."""
-        if self.cache is not None:
-            self.cache.drop(self.key)
+        """Every member from storage (also after the cached skeleton failed the check: it is gone)."""
         self.from_cache = False
-        self.scratch.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.scratch / "cached", ignore_errors=True)
         try:
             return unpack_members(self.storage, self.backup_id, self.base.chain, self.scratch, self.base.identities,
-                                  cancelled=self.cancelled)
+                                  cancelled=self.cancelled, every_wal=False)
         except BackupCorrupt as exc:
             raise ChainUnusable(first_line(str(exc))) from None
 
@@ -415,40 +398,37 @@ class Ancestors:
 
 
 def check_incremental(settings: Settings, base: IncrementalBase, backup_id: str, major: int, ancestors: Ancestors,
-                      unpacked: Path, manifest_path: Path, scratch: Path, pg_verifybackup: Path) -> Path:
-    """Combine the parent's chain (``ancestors``) and the new incremental (unpacked in ``unpacked``) into
-    ``scratch/combined`` and check it with ``pg_verifybackup``; returns that directory (the chain cache's next
-    entry). A broken ancestor: ``ChainUnusable`` (a full is taken instead); a rejected combination:
-    ``SnapshotFailed``, after a second try from storage when the first combined the cached copy."""
+                      unpacked: Path, scratch: Path) -> Path:
+    """Check that the parent's chain (``ancestors``) and the new incremental (unpacked in ``unpacked``, already
+    checked by pg_verifybackup against its own manifest) combine: ``pg_combinebackup --dry-run``, which reads every
+    incremental file's header and needs each block it names from an older member present and long enough. Then the
+    new incremental is applied to the chain's skeleton (lengths, no data), the chain cache's next entry (returned).
+
+    A broken ancestor: ``ChainUnusable`` (a full is taken instead); a rejected chain: ``SnapshotFailed``, after a
+    second try from storage when the first used the cached skeleton.
+    """
     from backup_tasks.errors import SnapshotFailed
 
-    shutil.copyfile(manifest_path, unpacked / "backup_manifest")
-    combined = scratch / "combined"
+    tool = find_tool("pg_combinebackup", exact_major=major, bin_dir=settings.pg_bin_dir,
+                     why=f"to check the chain of the new snapshot {backup_id} (PostgreSQL {major})")
     what = f"the chain of the new snapshot {backup_id} ({' -> '.join(base.chain_of(backup_id).chain)})"
-    problem = _combine_and_check(settings, major, what, [*ancestors.result(), unpacked], combined, pg_verifybackup)
+    directories = ancestors.result()
+    problem = dry_run(tool.path, [*directories, unpacked], scratch)
     if problem is not None and ancestors.from_cache:
-        log.warning("%s (with the cached chain): combining the chain from storage instead", problem)
-        problem = _combine_and_check(settings, major, what, [*ancestors.unpack(), unpacked], combined,
-                                     pg_verifybackup)
+        log.warning("pg_combinebackup rejected %s with the cached chain (%s): checking the chain from storage instead",
+                    what, problem)
+        directories = ancestors.unpack()
+        problem = dry_run(tool.path, [*directories, unpacked], scratch)
     if problem is not None:
-        raise SnapshotFailed(problem)
-    return combined
+        raise SnapshotFailed(f"pg_combinebackup rejected {what}: {problem}")
+    combine_in_place(directories[0], [*directories[1:], unpacked], data=False)
+    sparse_skeleton(directories[0])
+    return directories[0]
 
 
-def _combine_and_check(settings: Settings, major: int, what: str, directories: list[Path], combined: Path,
-                       pg_verifybackup: Path) -> str | None:
-    shutil.rmtree(combined, ignore_errors=True)
-    try:
-        combine(settings, major, what, directories, combined)
-    except BackupCorrupt as exc:
-        return str(exc)
-    problem = verifybackup_problem(pg_verifybackup, combined)
-    return None if problem is None else f"pg_verifybackup rejected {what} combined: {problem}"
+# --- the chain cache: the newest chain's skeleton, kept for the next incremental's check ---------------------
 
-
-# --- the chain cache: the newest chain combined, kept for the next incremental's check -----------------------
-
-#: ``off`` keeps no chain cache: every incremental then unpacks and combines its whole chain for its check.
+#: ``off`` keeps no chain cache: every incremental then unpacks its whole chain for its check.
 CHAIN_CACHE_ENV = "BACKUP_TASKS_CHAIN_CACHE"
 CACHE_DIR = "backup-tasks-chain-cache"
 #: An entry no snapshot used for this long is removed (weekly fulls and daily incrementals use theirs daily).
@@ -456,7 +436,7 @@ CACHE_UNUSED_SECONDS = 8 * 86400
 
 
 def chain_key(members: Iterable[tuple[str, Mapping[str, Mapping[str, Any]]]]) -> str:
-    """What a synthetic full is made of: each member's id and the size and sha256 of each of its stored objects."""
+    """What a combined chain is made of: each member's id and the size and sha256 of each of its stored objects."""
     text = json.dumps([[backup_id, sorted([key, info.get("size"), info.get("sha256")] for key, info in files.items())]
                        for backup_id, files in members])
     return hashlib.sha256(text.encode()).hexdigest()
@@ -468,14 +448,16 @@ def manifests_key(chain: Iterable[Manifest]) -> str:
 
 @dataclass(frozen=True)
 class ChainCache:
-    """The newest chain of one database and system, combined into one synthetic full (its backup_manifest inside),
-    kept on the staging area's filesystem between snapshots: the next incremental's check then combines two
-    directories (this one and the new incremental) instead of unpacking and combining the whole chain.
+    """The newest chain of one database and system as the next incremental's check needs it, kept beside the
+    staging area between snapshots: then the check reads two directories (this one and the new incremental) instead
+    of unpacking the whole chain (on 1 GB, the full alone takes 3-4 s).
 
-    An entry is named by its chain's key (``chain_key``): it serves only the chain whose stored objects it was made
-    from, and only after pg_verifybackup has checked it again (``Ancestors``). It was published with one rename
-    once it had passed the same check, so an entry that exists is whole. It holds the database in plaintext (0700,
-    like the staging area while a snapshot runs); ``BACKUP_TASKS_CHAIN_CACHE=off`` keeps none.
+    An entry is the combined chain's *skeleton* (``combine.sparse_skeleton``): its backup_label and pg_control,
+    and each relation file at its combined length with no data in it. That is all ``pg_combinebackup --dry-run``
+    reads of an older member, and it keeps neither the database's contents (encrypted backups use it too) nor its
+    size on disk. An entry is named by its chain's key (``chain_key``): it serves only the chain whose stored objects
+    it was made from; it is published with one rename, and taken out of the cache (another rename) while a snapshot
+    applies its incremental to it, so an entry that exists is whole.
     """
 
     root: Path
@@ -493,10 +475,23 @@ class ChainCache:
 
     def lookup(self, key: str) -> Path | None:
         entry = self.entry(key)
-        return entry if (entry / "backup_manifest").is_file() else None
+        return entry if (entry / "backup_label").is_file() and (entry / "global" / "pg_control").is_file() else None
+
+    def take(self, key: str, destination: Path) -> Path | None:
+        """The entry of ``key`` moved to ``destination`` (on this filesystem), out of the cache; None if none."""
+        entry = self.lookup(key)
+        if entry is None:
+            return None
+        try:
+            entry.rename(destination)
+            os.utime(destination)
+        except OSError as exc:
+            log.warning("the cached chain %s cannot be used (%s): unpacking the chain from storage", entry, exc)
+            return None
+        return destination
 
     def put(self, key: str, directory: Path) -> bool:
-        """Keep ``directory`` (checked, on this filesystem) as the entry of ``key``: one rename. False if it cannot."""
+        """Keep ``directory`` (a skeleton, on this filesystem) as the entry of ``key``: one rename. False if not."""
         try:
             self.root.mkdir(mode=0o700, exist_ok=True)
             self.drop(key)

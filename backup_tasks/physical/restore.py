@@ -1,7 +1,7 @@
 """``restore-pitr``: a snapshot restored into an empty data directory, configured to recover to a target.
 
 Refuses a non-empty directory and an uncovered target before touching anything; unpacks (an incremental
-snapshot: its whole chain, combined by ``pg_combinebackup``: ``physical.chain``), writes the
+snapshot: its whole chain, combined in place: ``physical.chain``, ``physical.combine``), writes the
 recovery settings (the target's timeline included: ``physical.plan``) and, with ``start``, runs the
 server until recovery is over and reports where it stopped. A recovery that stopped short of the target
 (``recovery.recovery_problems``) is a failure: the report says what is missing, and the server is
@@ -111,9 +111,10 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
         if len(chain) == 1:
             unpack_with_fallback(storage, plan.snapshot, data_dir, identities[plan.snapshot.id])
         else:
-            scratch = scratch_beside(data_dir)  # on the target's filesystem: pg_combinebackup links, not copies
-            restore_chain(settings, storage, chain, data_dir, identities, scratch=scratch)
-            notes.append(f"combined {describe_chain(plan.snapshot)} with pg_combinebackup")
+            scratch = scratch_beside(data_dir)  # on the target's filesystem: whole files move in with a rename
+            combined = restore_chain(settings, storage, chain, data_dir, identities, scratch=scratch)
+            notes.append(f"combined {describe_chain(plan.snapshot)} in place ({combined.blocks_written} blocks "
+                         f"written into {combined.reconstructed} files; checked by pg_combinebackup --dry-run)")
         notes += restore_config_files(storage, plan.snapshot, data_dir, identities[plan.snapshot.id])
         values = write_recovery_config(data_dir, restore_cmd=restore_cmd, plan=plan, action=action,
                                        keep_archiving=keep_archiving)

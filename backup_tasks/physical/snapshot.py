@@ -56,6 +56,7 @@ from backup_tasks.physical.chain import (
     refused_incremental,
     remove_later,
 )
+from backup_tasks.physical.combine import sparse_skeleton
 from backup_tasks.physical.compression import (
     HolePuncher,
     SnapshotCompression,
@@ -221,7 +222,7 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
     clear_interrupted(storage, conninfo.dbname, "snapshot")
     clear_stale_staging()
     staging = owned_tempdir(STAGING_PREFIX, verify_area(facts.estimated_bytes))
-    cache = chain_cache(staging, facts, conninfo.dbname, encrypted=bool(settings.encrypt_recipients))
+    cache = chain_cache(staging, facts, conninfo.dbname)
     published: list[str] = []
     base: IncrementalBase | None = None
     ancestors: Ancestors | None = None
@@ -237,20 +238,18 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
             if full_because:
                 log.warning("snapshot %s is taken full, not incremental: %s", backup_id, full_because)
             if base is not None:  # the parent's chain is made ready while pg_basebackup runs
-                ancestors = Ancestors(settings, storage, base, backup_id, staging / "chain", cache,
-                                      pg_verifybackup.path).start()
+                ancestors = Ancestors(storage, base, backup_id, staging / "chain", cache).start()
             progress("basebackup", backup_id=backup_id, bytes_written=0)
             try:
                 files, compression = _take(settings, conninfo, compression, pg_basebackup.path, staging, storage,
                                            keys, backup_id, published, progress, base)
                 progress("pg_verifybackup", backup_id=backup_id, bytes_written=sum(f["size"] for f in files.values()))
-                # An incremental alone too: its own files against its own manifest (pg_combinebackup trusts them).
+                # An incremental alone too: its own files against its own manifest (the chain check reads only headers).
                 _run_verifybackup(pg_verifybackup.path, staging)
                 if base is not None and ancestors is not None:
                     progress("pg_combinebackup", backup_id=backup_id)
                     combined = check_incremental(settings, base, backup_id, facts.major, ancestors,
-                                                 staging / "unpacked", staging / "backup" / "backup_manifest",
-                                                 staging / "chain", pg_verifybackup.path)
+                                                 staging / "unpacked", staging / "chain")
                 break
             except ChainUnusable as exc:  # refused by pg_basebackup, or an ancestor is broken: a full instead
                 if base is None or ancestors is None:
@@ -346,38 +345,38 @@ def _forget_attempt(storage: Storage, published: list[str], staging: Path) -> No
         shutil.rmtree(staging / leftover, ignore_errors=True)
 
 
-def chain_cache(staging: Path, facts: SourceFacts, database: str, *, encrypted: bool) -> ChainCache | None:
+def chain_cache(staging: Path, facts: SourceFacts, database: str) -> ChainCache | None:
     """The chain cache beside ``staging`` (``physical.chain.ChainCache``), where the server can take incrementals.
 
-    None for encrypted backups (the cache is the database in plaintext, kept between snapshots). In RAM
-    (/dev/shm) only under an eighth of the memory available. This database's entries elsewhere go.
+    Its entries are skeletons (no data, no space), so it is kept in RAM or on disk alike, encrypted backups too.
+    This database's entries in the other staging area (the cluster outgrew RAM, or shrank) go.
     """
     if not_possible(facts.major, facts.summarize_wal) is not None:
         return None
     here = ChainCache.beside(staging, database=database, system_identifier=facts.system_identifier)
-    in_ram = str(staging.parent) == SHM
-    allowed = here is not None and not encrypted and (not in_ram or facts.estimated_bytes * 8 < _mem_available())
-    for area in {Path(SHM), Path(tempfile.gettempdir())} - ({staging.parent} if allowed else set()):
+    for area in {Path(SHM), Path(tempfile.gettempdir())} - ({staging.parent} if here is not None else set()):
         elsewhere = ChainCache.beside(area / "x", database=database, system_identifier=facts.system_identifier)
         if elsewhere is not None and elsewhere.root.is_dir():
             elsewhere.keep_only(None)
-    return here if allowed else None
+    return here
 
 
 def _keep_for_next(cache: ChainCache, staging: Path, base: IncrementalBase | None, combined: Path | None,
                    result: Manifest) -> str | None:
-    """Move the checked copy of this snapshot's chain into the cache: the combined chain of an incremental, the
-    unpacked copy pg_verifybackup passed of a full (with its backup_manifest). Its key, or None if not kept."""
+    """Keep this snapshot's chain's skeleton for the next incremental's check: the one the check of an incremental
+    made, or the skeleton of the unpacked copy pg_verifybackup passed of a full. Its key, or None if not kept."""
     members = [*((m.id, m.files or {}) for m in (base.chain if base else [])), (result.id, result.files or {})]
     directory = combined if base is not None else staging / "unpacked"
+    if directory is None:
+        return None
     try:
         if base is None:
-            shutil.copyfile(staging / "backup" / "backup_manifest", staging / "unpacked" / "backup_manifest")
+            sparse_skeleton(directory)
     except OSError as exc:
         log.warning("the chain cache is not kept (%s): the next incremental unpacks its chain", exc)
         return None
     key = chain_key(members)
-    return key if directory is not None and cache.put(key, directory) else None
+    return key if cache.put(key, directory) else None
 
 
 def clear_stale_staging() -> list[Path]:

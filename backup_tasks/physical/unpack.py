@@ -116,7 +116,8 @@ def local_os_error(exc: OSError, *, doing: str) -> StorageError:
                        intact="the backup is not at fault")
 
 
-def unpack_snapshot(storage: Storage, snapshot: Manifest, data_dir: Path, identities: Identities | None = None) -> None:
+def unpack_snapshot(storage: Storage, snapshot: Manifest, data_dir: Path, identities: Identities | None = None, *,
+                    wal: bool = True) -> None:
     """Unpack base and WAL tars into ``data_dir``, checking each stored object's sha256 as it streams.
 
     A damaged or unreadable stored object is ``BackupCorrupt``; a failure of this machine (a full
@@ -124,19 +125,20 @@ def unpack_snapshot(storage: Storage, snapshot: Manifest, data_dir: Path, identi
     backup. tar's failure alone decides nothing: the whole object is read and hashed first.
     """
     try:
-        _unpack(storage, snapshot, data_dir, identities)
+        _unpack(storage, snapshot, data_dir, identities, wal=wal)
     except _LocalFailure as failure:
         raise failure.error from failure.__cause__
 
 
-def _unpack(storage: Storage, snapshot: Manifest, data_dir: Path, identities: Identities | None) -> None:
+def _unpack(storage: Storage, snapshot: Manifest, data_dir: Path, identities: Identities | None, *,
+            wal: bool = True) -> None:
     if snapshot.encryption and identities is None:
         raise IdentityUnusable(f"snapshot {snapshot.id} is encrypted; no identity was given to decrypt it")
     files = snapshot_files(snapshot)
     order = sorted(files.items(), key=lambda kv: {"base": 0, "wal": 1}.get(kv[1].get("role", ""), 2))
     for key, info in order:
         role = info.get("role")
-        if role not in ("base", "wal"):
+        if role not in ("base", "wal") or (role == "wal" and not wal):
             continue
         target = data_dir if role == "base" else data_dir / "pg_wal"
         try:
@@ -229,12 +231,15 @@ host    all   all   ::1/128       scram-sha-256
 
 
 def unpack_with_fallback(storage: Storage, snapshot: Manifest, data_dir: Path,
-                         identities: Identities | None = None) -> None:
-    """Unpack from BACKUP_DIR; when an object is missing or damaged there, start again from BACKUP_COPY_TO."""
+                         identities: Identities | None = None, *, wal: bool = True) -> None:
+    """Unpack from BACKUP_DIR; when an object is missing or damaged there, start again from BACKUP_COPY_TO.
+
+    ``wal=False``: not the WAL tar (an older member of a chain: a combined chain has its newest member's WAL).
+    """
     locations = members(storage)
     for number, location in enumerate(locations):
         try:
-            _unpack(location, snapshot, data_dir, identities)
+            _unpack(location, snapshot, data_dir, identities, wal=wal)
             return
         except _LocalFailure as failure:
             # This machine failed, not this location: the copy would fail the same way, and is not to blame.

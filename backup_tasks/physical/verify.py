@@ -49,10 +49,9 @@ from backup_tasks.errors import (
 )
 from backup_tasks.physical.chain import (
     broken,
-    combine,
-    describe_chain,
+    combine_unpacked,
     resolve_chain,
-    unpack_members,
+    unpack_chain,
     verifybackup_problem,
 )
 from backup_tasks.physical.plan import (
@@ -132,11 +131,10 @@ def _verifybackup(settings: Settings, storage: Storage, snapshot: Manifest, data
 
 def _combine_chain(settings: Settings, storage: Storage, chain: list[Manifest], staged: Path, scratch: Path,
                    identities: dict[str, Identities | None], checked: list[str]) -> None:
-    """An incremental's chain into ``staged``: each member unpacked and checked by pg_verifybackup on its own (a
-    failure names the link), combined by pg_combinebackup, and the combination checked by pg_verifybackup."""
+    """An incremental's chain into ``staged`` as a restore combines it (``chain.unpack_chain``, ``combine_unpacked``),
+    each member first checked by pg_verifybackup against its own manifest (a failure names the link)."""
     snapshot = chain[-1]
-    directories = unpack_members(storage, snapshot.id, chain, scratch / "chain", identities, fallback=False,
-                                 parallel=True)
+    directories = unpack_chain(storage, chain, staged, scratch / "chain", identities, fallback=False, every_wal=True)
     checked.append("sha256")
     tool = find_tool("pg_verifybackup", exact_major=major_of(snapshot.server_version), bin_dir=settings.pg_bin_dir,
                      why=f"to check snapshot {snapshot.id} (PostgreSQL {snapshot.server_version})")
@@ -146,13 +144,9 @@ def _combine_chain(settings: Settings, storage: Storage, chain: list[Manifest], 
             what = "pg_verifybackup rejected the unpacked snapshot"
             raise BackupCorrupt(f"{what}: {problem}" if member is snapshot else broken(snapshot.id, member.id,
                                                                                        f"{what}: {problem}"))
-    combine(settings, major_of(snapshot.server_version), describe_chain(snapshot), directories, staged)
-    checked.append("pg_combinebackup")
-    problem = verifybackup_problem(tool.path, staged)
-    if problem is not None:
-        raise BackupCorrupt(f"pg_verifybackup rejected {describe_chain(snapshot)} combined: {problem}")
-    (staged / "backup_manifest").unlink()
     checked.append("pg_verifybackup")
+    combine_unpacked(settings, chain, directories, scratch)
+    checked.append("pg_combinebackup")
 
 
 @dataclass

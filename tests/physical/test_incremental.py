@@ -148,14 +148,20 @@ def test_a_chain_is_a_full_and_incrementals_each_naming_its_parent(chain18: Chai
     assert chain_ids(stored) == [full.id, first.id, second.id]
 
 
-def test_each_incremental_was_checked_against_the_cached_chain_and_the_cache_holds_the_newest(
+def test_each_incremental_was_checked_against_the_cached_chain_and_the_cache_holds_a_skeleton(
         chain18: Chain18) -> None:
-    """The full left its checked copy in the cache; each incremental combined the cached chain with itself (not the
-    whole chain from storage) and left the combination, keyed by its chain, for the next one."""
+    """The full left its skeleton in the cache; each incremental's check read the cached skeleton with itself (not the
+    whole chain from storage) and left the next, keyed by its chain: relation files at their length with no data in
+    them, nothing of the database's contents (no pg_xact, no WAL, no configuration)."""
     assert [s.snapshot["chain_checked_from"] for s in (chain18.first, chain18.second)] == ["cache", "cache"]  # type: ignore[index]
     [entry] = cached_entries(chain18.second)
     cache = next(c for c in caches_of(chain18.second) if c.root == entry.parent)
     assert cache.lookup(manifests_key([chain18.full, chain18.first, chain18.second])) == entry
+    assert sorted(p.name for p in entry.iterdir()) == ["backup_label", "base", "global", "pg_tblspc"]
+    relation_files = [p for p in (entry / "base").rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in relation_files) > 10 << 20  # the sample data's tables, at their length
+    assert sum(p.stat().st_blocks for p in relation_files) == 0  # and nothing in them
+    assert b"INCREMENTAL FROM" not in (entry / "backup_label").read_bytes()
 
 
 def test_verify_of_the_newest_incremental_combines_its_chain_and_recovers(chain18: Chain18) -> None:
@@ -326,31 +332,29 @@ def test_planning_falls_back_to_the_newest_intact_chain_when_an_ancestor_failed(
 
 
 def test_a_damaged_cache_is_not_trusted_the_chain_comes_from_storage(chain18: Chain18) -> None:
-    """A byte of the cached synthetic full changed on this machine: pg_verifybackup of the cache finds it before
-    use, the check combines the chain from storage instead, and the new snapshot's chain is cached in its place."""
+    """A relation file the next incremental builds on is gone from the cached skeleton: pg_combinebackup's dry run
+    rejects the cached chain, the check reads the chain from storage instead, and the new skeleton takes its place."""
     settings = copy_of_catalog(chain18, "damaged-cache")
-    third = take_snapshot(settings, incremental=True)  # its chain, combined and checked, is the cache's entry now
+    third = take_snapshot(settings, incremental=True)  # its chain's skeleton is the cache's entry now
     [entry] = cached_entries(third)
     assert entry.name.endswith(manifests_key([chain18.full, chain18.first, chain18.second, third])[:32])
-    data_file = max((p for p in (entry / "base").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(data_file.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    data_file.write_bytes(bytes(data))
+    largest = max((p for p in (entry / "base").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.unlink()
     fourth = take_snapshot(settings, incremental=True)
     assert chain_ids(fourth) == [chain18.full.id, chain18.first.id, chain18.second.id, third.id, fourth.id]
     assert fourth.snapshot["chain_checked_from"] == "storage"  # type: ignore[index]
     assert fourth.snapshot["pg_combinebackup"] == "ok"  # type: ignore[index]
     [replaced] = cached_entries(fourth)
     assert replaced.name.endswith(manifests_key([chain18.full, chain18.first, chain18.second, third, fourth])[:32])
+    assert (replaced / largest.relative_to(entry)).stat().st_size > 0
 
 
-def test_no_chain_cache_is_kept_for_encrypted_backups(tmp_path: Path) -> None:
-    """The cache is the database in plaintext between snapshots: never beside backups encrypted at rest."""
+def test_the_chain_cache_serves_encrypted_backups_too(tmp_path: Path) -> None:
+    """The cache keeps no data (a skeleton), so backups encrypted at rest use it as plaintext ones do."""
     from backup_tasks.physical.snapshot import SourceFacts, chain_cache
 
     facts = SourceFacts(version="18.6", major=18, system_identifier="7", segment_size=16 << 20, superuser="postgres",
                         wal_level="replica", archive_mode="on", archive_command="x", data_directory=None,
                         tablespaces=[], summarize_wal="on")
-    staging = tmp_path / "staging"
-    assert chain_cache(staging, facts, "aitrapp", encrypted=False) is not None
-    assert chain_cache(staging, facts, "aitrapp", encrypted=True) is None
+    assert chain_cache(tmp_path / "staging", facts, "aitrapp") is not None
+    assert chain_cache(tmp_path / "staging", dataclasses.replace(facts, summarize_wal="off"), "aitrapp") is None
