@@ -401,7 +401,8 @@ def check_incremental(settings: Settings, base: IncrementalBase, backup_id: str,
                       unpacked: Path, scratch: Path) -> Path:
     """Check that the parent's chain (``ancestors``) and the new incremental (unpacked in ``unpacked``, already
     checked by pg_verifybackup against its own manifest) combine: ``pg_combinebackup --dry-run``, which reads every
-    incremental file's header and needs each block it names from an older member present and long enough. Then the
+    incremental file's header and needs each incremental file of an older member present and long enough (a whole
+    file cut short is not caught: pg_combinebackup would fill its blocks with zeros). Then the
     new incremental is applied to the chain's skeleton (lengths, no data), the chain cache's next entry (returned).
 
     A broken ancestor: ``ChainUnusable`` (a full is taken instead); a rejected chain: ``SnapshotFailed``, after a

@@ -16,9 +16,10 @@ byte for byte on chains with updates, extensions, truncations, dropped and new r
   ``INCREMENTAL FROM`` lines (the server refuses to start from a label that has them).
 
 ``pg_combinebackup --dry-run`` (``dry_run``) is run first over the same directories: the reference tool checks the
-chain's links (each member's ``INCREMENTAL FROM`` is its parent's start, one system identifier, every block it
-needs present and long enough), and only then is anything written. The formats read here are PostgreSQL's
-``INCREMENTAL.`` header (basebackup_incremental.h) and ``backup_label``.
+chain's links (each member's ``INCREMENTAL FROM`` is its parent's start, one system identifier, every incremental
+file it reads well formed and long enough for the blocks it names; a whole file shorter than the blocks needed from
+it passes, as pg_combinebackup fills those blocks with zeros), and only then is anything written. The formats read
+here are PostgreSQL's ``INCREMENTAL.`` header (basebackup_incremental.h) and ``backup_label``.
 """
 
 from __future__ import annotations
