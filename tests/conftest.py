@@ -16,3 +16,16 @@ pytest_plugins = [
     "tests.support.pg18",
     "tests.support.roles",
 ]
+
+
+def pytest_configure() -> None:
+    """Ctrl-C reaches the programs under test even when the suite itself was started in the background.
+
+    A shell starts a background job with SIGINT ignored, and an ignored signal stays ignored across exec: every
+    ``backup-tasks`` a test interrupts would then finish instead of stopping (exit 0, not 130). A handler of our
+    own is reset to the default in each child, as a foreground terminal would leave it.
+    """
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
