@@ -156,6 +156,9 @@ class Settings:
     #: summarize_wal on, a snapshot to build on), else skipped with a log line; "on" (1): as
     #: ``snapshot --incremental``, a full where the chain cannot be used; "off" (0): never.
     daily_incremental: Literal["auto", "on", "off"] = "auto"
+    #: BACKUP_TASKS_CHAIN_CACHE=0 (off): keep no chain cache (``physical.chain.ChainCache``, a skeleton of the
+    #: newest chain beside the staging area): each incremental's check then unpacks its whole chain from storage.
+    chain_cache: bool = True
     verify_database_url: str | None = field(default=None, repr=False)
     restore_database_url: str | None = field(default=None, repr=False)
     #: PG_BIN_DIR: directories (os.pathsep-separated, e.g. one per major) searched before Debian's
@@ -263,6 +266,8 @@ class Settings:
             clock_tolerance_minutes=env_int(env, "BACKUP_CLOCK_TOLERANCE_MINUTES", 60, 1),
             snapshot_compress=_snapshot_compress(env.get("BACKUP_SNAPSHOT_COMPRESS", "")),
             daily_incremental=_daily_incremental(env),
+            chain_cache=_env_bool(env, "BACKUP_TASKS_CHAIN_CACHE") if env.get("BACKUP_TASKS_CHAIN_CACHE", "").strip()
+            else True,
             wal_archive_dir=str(Path(env["WAL_ARCHIVE_DIR"].strip()).expanduser().absolute())
             if env.get("WAL_ARCHIVE_DIR", "").strip() else None,
             verify_database_url=env.get("VERIFY_DATABASE_URL", "").strip() or None,

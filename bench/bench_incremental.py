@@ -285,12 +285,10 @@ class WalRecords:
 
 
 def forget_cache(snapshot: Manifest) -> None:
-    """The bench's chain cache entries go with its cluster (a gigabyte in RAM otherwise, for a week)."""
+    """The bench's chain cache entries go with its cluster (skeletons, but a week's worth otherwise)."""
     for area in {Path(SHM), Path(tempfile.gettempdir())}:
-        cache = ChainCache.beside(area / "staging", database=snapshot.database,
-                                  system_identifier=snapshot.system_identifier or "")
-        if cache is not None:
-            cache.keep_only(None)
+        ChainCache.beside(area / "staging", database=snapshot.database,
+                          system_identifier=snapshot.system_identifier or "").keep_only(None)
 
 
 def main() -> int:

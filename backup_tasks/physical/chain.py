@@ -429,8 +429,6 @@ def check_incremental(settings: Settings, base: IncrementalBase, backup_id: str,
 
 # --- the chain cache: the newest chain's skeleton, kept for the next incremental's check ---------------------
 
-#: ``off`` keeps no chain cache: every incremental then unpacks its whole chain for its check.
-CHAIN_CACHE_ENV = "BACKUP_TASKS_CHAIN_CACHE"
 CACHE_DIR = "backup-tasks-chain-cache"
 #: An entry no snapshot used for this long is removed (weekly fulls and daily incrementals use theirs daily).
 CACHE_UNUSED_SECONDS = 8 * 86400
@@ -465,9 +463,7 @@ class ChainCache:
     owner: str  # a digest of (database, system identifier): one entry per database and system
 
     @classmethod
-    def beside(cls, staging: Path, *, database: str, system_identifier: str) -> ChainCache | None:
-        if os.environ.get(CHAIN_CACHE_ENV, "").strip().lower() in ("off", "0", "no", "false"):
-            return None
+    def beside(cls, staging: Path, *, database: str, system_identifier: str) -> ChainCache:
         owner = hashlib.sha256(f"{database}\0{system_identifier}".encode()).hexdigest()[:16]
         return cls(staging.parent / CACHE_DIR, owner)
 

@@ -222,7 +222,7 @@ def _snapshot_locked(settings: Settings, conninfo: ConnInfo, lease: Lease, *, ba
     clear_interrupted(storage, conninfo.dbname, "snapshot")
     clear_stale_staging()
     staging = owned_tempdir(STAGING_PREFIX, verify_area(facts.estimated_bytes))
-    cache = chain_cache(staging, facts, conninfo.dbname)
+    cache = chain_cache(settings, staging, facts, conninfo.dbname)
     published: list[str] = []
     base: IncrementalBase | None = None
     ancestors: Ancestors | None = None
@@ -345,8 +345,9 @@ def _forget_attempt(storage: Storage, published: list[str], staging: Path) -> No
         shutil.rmtree(staging / leftover, ignore_errors=True)
 
 
-def chain_cache(staging: Path, facts: SourceFacts, database: str) -> ChainCache | None:
-    """The chain cache beside ``staging`` (``physical.chain.ChainCache``), where the server can take incrementals.
+def chain_cache(settings: Settings, staging: Path, facts: SourceFacts, database: str) -> ChainCache | None:
+    """The chain cache beside ``staging`` (``physical.chain.ChainCache``), where the server can take incrementals
+    and ``BACKUP_TASKS_CHAIN_CACHE`` does not turn it off.
 
     Its entries are skeletons (no data, no space), so it is kept in RAM or on disk alike, encrypted backups too.
     This database's entries in the other staging area (the cluster outgrew RAM, or shrank) go.
@@ -354,11 +355,11 @@ def chain_cache(staging: Path, facts: SourceFacts, database: str) -> ChainCache 
     if not_possible(facts.major, facts.summarize_wal) is not None:
         return None
     here = ChainCache.beside(staging, database=database, system_identifier=facts.system_identifier)
-    for area in {Path(SHM), Path(tempfile.gettempdir())} - ({staging.parent} if here is not None else set()):
+    for area in {Path(SHM), Path(tempfile.gettempdir())} - ({staging.parent} if settings.chain_cache else set()):
         elsewhere = ChainCache.beside(area / "x", database=database, system_identifier=facts.system_identifier)
-        if elsewhere is not None and elsewhere.root.is_dir():
+        if elsewhere.root.is_dir():
             elsewhere.keep_only(None)
-    return here
+    return here if settings.chain_cache else None
 
 
 def _keep_for_next(cache: ChainCache, staging: Path, base: IncrementalBase | None, combined: Path | None,

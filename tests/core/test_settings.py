@@ -79,10 +79,18 @@ def test_from_env_defaults_follow_the_seed() -> None:
     ({"BACKUP_WEEKLY_AT": "someday 03:00"}, "weekday"),
     ({"DATABASE_URL": "http://x/y"}, "postgresql://"),
     ({"BACKUP_TASK_SOFT_TIME_LIMIT": "100", "BACKUP_TASK_TIME_LIMIT": "50"}, "greater than"),
+    ({"BACKUP_TASKS_CHAIN_CACHE": "sometimes"}, "BACKUP_TASKS_CHAIN_CACHE"),
+    ({"BACKUP_DAILY_INCREMENTAL": "weekly"}, "BACKUP_DAILY_INCREMENTAL"),
 ])
 def test_from_env_rejects_bad_values_clearly(env: dict[str, str], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize(("raw", "kept"), [(None, True), ("", True), ("1", True), ("on", True), ("0", False),
+                                           ("off", False), ("no", False)])
+def test_the_chain_cache_is_on_unless_turned_off(raw: str | None, kept: bool) -> None:
+    assert Settings.from_env({} if raw is None else {"BACKUP_TASKS_CHAIN_CACHE": raw}).chain_cache is kept
 
 
 def test_app_timezone_is_honoured() -> None:

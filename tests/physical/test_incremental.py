@@ -116,10 +116,9 @@ def chain18(pg18_bin: Path) -> Iterator[Chain18]:
 
 def caches_of(snapshot: Manifest) -> list[ChainCache]:
     """The chain caches a snapshot of this database and system may have used (RAM, then TMPDIR)."""
-    found = [ChainCache.beside(Path(area) / "staging", database=snapshot.database,
-                               system_identifier=snapshot.system_identifier or "")
-             for area in (SHM, tempfile.gettempdir())]
-    return [cache for cache in found if cache is not None]
+    return [ChainCache.beside(Path(area) / "staging", database=snapshot.database,
+                              system_identifier=snapshot.system_identifier or "")
+            for area in (SHM, tempfile.gettempdir())]
 
 
 def forget_cache(snapshot: Manifest) -> None:
@@ -356,5 +355,10 @@ def test_the_chain_cache_serves_encrypted_backups_too(tmp_path: Path) -> None:
     facts = SourceFacts(version="18.6", major=18, system_identifier="7", segment_size=16 << 20, superuser="postgres",
                         wal_level="replica", archive_mode="on", archive_command="x", data_directory=None,
                         tablespaces=[], summarize_wal="on")
-    assert chain_cache(tmp_path / "staging", facts, "aitrapp") is not None
-    assert chain_cache(tmp_path / "staging", dataclasses.replace(facts, summarize_wal="off"), "aitrapp") is None
+    settings = Settings(database_url="postgresql://u@h/aitrapp", backup_dir=str(tmp_path / "backups"),
+                        encrypt_recipients=("age1example",))
+    assert chain_cache(settings, tmp_path / "staging", facts, "aitrapp") is not None
+    assert chain_cache(settings, tmp_path / "staging", dataclasses.replace(facts, summarize_wal="off"),
+                       "aitrapp") is None
+    assert chain_cache(dataclasses.replace(settings, chain_cache=False), tmp_path / "staging", facts,
+                       "aitrapp") is None
