@@ -193,6 +193,7 @@ def test_restore_pitr_from_the_chain_reaches_exactly_a_commit_inside_the_newest_
     assert "recovery stopping before commit" in report["outcome"]["stop_reason"]
     assert not (data_dir / "backup_manifest").exists()
     assert not [p.name for p in data_dir.parent.iterdir() if "backup-tasks-chain" in p.name], "scratch left behind"
+    assert "blocks written into" in " ".join(report["notes"]), "combined in place, not by a second copy"
     with psycopg.connect(host="127.0.0.1", port=report["port"], user=SERVER_USER, dbname="aitrapp") as conn:
         assert [r[0] for r in conn.execute("SELECT id FROM marks ORDER BY id")] == list(range(1, 51))
         assert fingerprint(conn) == chain18.signals_at_target, "both days' changes, not the third's"
