@@ -226,8 +226,20 @@ def timed_snapshot(settings: Settings, phases: Phases, *,
     return manifest, time.monotonic() - began, phases.take()
 
 
+def settle() -> None:
+    """Write back what earlier steps left dirty and, as root, drop the page cache: each restore starts as after a
+    disaster (its backups read from disk), and none pays for the writeback of the gigabyte the previous one wrote
+    (measured: unpack times of the same restore then vary 2.3-2.6 s instead of 3.5-5.6 s)."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass  # not root: written back, still cached
+
+
 def timed_restore(settings: Settings, phases: Phases, snapshot_id: str,
                   data_dir: Path) -> tuple[float, RestoreReport, dict[str, float]]:
+    settle()
     phases.take()
     began = time.monotonic()
     report = restore_pitr(settings, latest_target(), data_dir, start=True, snapshot_id=snapshot_id, action="promote")
