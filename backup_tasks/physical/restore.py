@@ -114,7 +114,8 @@ def restore_pitr(settings: Settings, target: RecoveryTarget, data_dir: Path, *, 
             scratch = scratch_beside(data_dir)  # on the target's filesystem: whole files move in with a rename
             combined = restore_chain(settings, storage, chain, data_dir, identities, scratch=scratch)
             notes.append(f"combined {describe_chain(plan.snapshot)} in place ({combined.blocks_written} blocks "
-                         f"written into {combined.reconstructed} files; checked by pg_combinebackup --dry-run)")
+                         f"written, {combined.reconstructed} relation files reconstructed; checked by "
+                         f"pg_combinebackup --dry-run)")
         notes += restore_config_files(storage, plan.snapshot, data_dir, identities[plan.snapshot.id])
         values = write_recovery_config(data_dir, restore_cmd=restore_cmd, plan=plan, action=action,
                                        keep_archiving=keep_archiving)
