@@ -9,6 +9,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from backup_tasks.catalog import manifest as catalog
 from backup_tasks.catalog.prune import prune
 from backup_tasks.clock import isoformat, parse_time
@@ -60,6 +62,7 @@ def test_prune_deletes_old_dumps_with_their_manifests_and_nothing_foreign(
     assert prune(settings).deleted == []
 
 
+@pytest.mark.slow
 def test_prune_cli_json_lists_each_decision(trading_db: ConnInfo, tmp_path: Path) -> None:
     env = worker_env(DATABASE_URL=url_of(trading_db), BACKUP_DIR=str(tmp_path), BACKUP_LOCK_URL="",
                      BACKUP_KEEP_DAILY_DAYS="2")

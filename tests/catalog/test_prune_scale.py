@@ -244,6 +244,7 @@ def test_wal_locked_in_the_copy_is_reported_and_kept_here_until_its_lock_ends(
     assert archived(settings.wal_archive) >= set(keys) and {o.key for o in copy.list("")} == set(keys)
 
 
+@pytest.mark.slow
 def test_catalog_reads_never_list_the_wal_archive(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     from backup_tasks.cli import daily
     from backup_tasks.storage import locations
@@ -296,6 +297,7 @@ def test_catalog_reads_of_an_s3_copy_are_one_request_whatever_its_wal(
     assert pages == ["list"]
 
 
+@pytest.mark.slow
 def test_the_dry_run_reports_the_archive_as_it_is_not_as_it_was_indexed(settings: Settings) -> None:
     """The index caches each directory's names and size; a change since (a file added, one gone) is reported."""
     storage = MemoryStorage("catalog")

@@ -38,6 +38,7 @@ def recorded(directory: Path) -> str:
     return str(json.loads((directory / IDENTITY_KEY).read_text())["system_identifier"])
 
 
+@pytest.mark.slow
 def test_a_catalog_of_one_system_refuses_a_dump_of_another_and_so_does_a_shared_copy(
         trading_db: ConnInfo, other_cluster: ThrowawayCluster, tmp_path: Path) -> None:
     ours, shared, fresh = tmp_path / "ours", tmp_path / "shared-copy", tmp_path / "theirs"

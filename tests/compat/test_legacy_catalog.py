@@ -185,6 +185,7 @@ def stable(backup: dict[str, Any]) -> dict[str, Any]:
 
 # --- read, verify, restore, prune: quick -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_list_shows_the_old_backups_as_the_old_version_did(legacy: Legacy) -> None:
     listed = legacy.ok("list")
     old = legacy.expected["old_outputs"]["list"]
@@ -222,6 +223,7 @@ def test_restore_gives_exactly_the_recorded_rows(legacy: Legacy, make_database: 
         assert rows(target) == content, backup_id
 
 
+@pytest.mark.slow
 def test_prune_dry_run_says_what_retention_says(legacy: Legacy) -> None:
     report = legacy.ok("prune", "--dry-run")
     old = legacy.expected["old_outputs"]["prune_dry_run"]

@@ -89,6 +89,7 @@ def test_a_lease_taken_over_by_another_run_is_lost_and_the_fence_says_so(lock_se
             lease.confirm()
 
 
+@pytest.mark.slow
 def test_the_heartbeat_notices_a_lost_lock_without_being_asked(lock_settings: Settings, redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     with hold(lock_settings, "dump:test/heartbeat", what="a dump", ttl=3) as lease:

@@ -147,6 +147,7 @@ def test_trading_day_is_recorded_and_a_second_run_for_it_skips(
     assert len(catalog.catalog(open_storage(settings.backup_dir))) == 1
 
 
+@pytest.mark.slow
 def test_two_days_wanting_one_id_get_two_backups(trading_db: ConnInfo,
                                                 settings_for: Callable[..., Settings]) -> None:
     """Two trading days signalled in the same second want the same id (ids have one-second resolution)."""

@@ -87,6 +87,7 @@ def big_db(make_database: Any) -> ConnInfo:
     return db
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["at_open", "mid_stream"])
 def test_a_failing_location_leaves_no_pg_dump_and_no_open_snapshot(big_db: ConnInfo, pg_admin: ConnInfo,
                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -220,6 +220,7 @@ def _memberships_on(conn: psycopg.Connection, names: set[str]) -> set[tuple[str,
     return {(str(a), str(b), bool(c)) for a, b, c in rows}
 
 
+@pytest.mark.slow
 def test_missing_roles_are_created_with_memberships_and_existing_ones_never_altered(
         scene: Scene, target: ConnInfo) -> None:
     objects = read(scene.db)

@@ -41,6 +41,7 @@ def fingerprint(conninfo: ConnInfo) -> dict[str, object]:
         return dict(json.loads(conn.execute(FINGERPRINT_SQL).fetchone()[0]))
 
 
+@pytest.mark.slow
 def test_restore_reproduces_every_object_exactly(
         tricky_db: ConnInfo, settings_for: Callable[..., Settings], make_database: Callable[..., ConnInfo]) -> None:
     settings = settings_for(tricky_db)
@@ -52,6 +53,7 @@ def test_restore_reproduces_every_object_exactly(
     assert fingerprint(target)["sequence"] == 4242 and fingerprint(target)["unlogged"] == "u"
 
 
+@pytest.mark.slow
 def test_restore_creates_a_missing_database_and_refuses_a_non_empty_one(
         trading_db: ConnInfo, settings_for: Callable[..., Settings], make_database: Callable[..., ConnInfo]) -> None:
     settings = settings_for(trading_db)
@@ -104,6 +106,7 @@ def test_cli_restore_takes_the_target_from_the_environment(
     assert again.returncode == 1 and "not empty" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.slow
 def test_a_failed_replace_leaves_the_target_as_it_was(
         trading_db: ConnInfo, settings_for: Callable[..., Settings], make_database: Callable[..., ConnInfo],
         pg_admin: ConnInfo) -> None:

@@ -77,6 +77,7 @@ def role_facts(admin: ConnInfo, names: list[str]) -> dict[str, object]:
     return {"attributes": attributes, "members": members, "settings": settings}
 
 
+@pytest.mark.slow
 def test_the_trading_schema_with_a_role_named_policy_restores_with_its_database_properties(
         roles_db: ConnInfo, roles: Roles, settings_for: Callable[..., Settings],
         make_database: Callable[..., ConnInfo]) -> None:

@@ -284,6 +284,7 @@ def backup_and_target(trading_db: ConnInfo, make_database: Callable[..., ConnInf
     drop_all_like(pg_admin, target)  # whatever a failing test left beside it
 
 
+@pytest.mark.slow
 def test_refused_because_clients_are_connected_leaves_no_staging_database(
         backup_and_target: tuple[Settings, str, ConnInfo], pg_admin: ConnInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, backup_id, target = backup_and_target
@@ -318,6 +319,7 @@ def test_a_client_connecting_during_the_restore_refuses_the_swap_and_leaves_no_s
     assert databases_like(pg_admin, target) == [target.dbname] and fingerprint(target) == before
 
 
+@pytest.mark.slow
 def test_a_row_count_mismatch_keeps_the_old_database(
         backup_and_target: tuple[Settings, str, ConnInfo], pg_admin: ConnInfo) -> None:
     settings, backup_id, target = backup_and_target
@@ -345,6 +347,7 @@ def interrupt_rename(monkeypatch: pytest.MonkeyPatch, *, calls: set[int], error:
     monkeypatch.setattr(swap, "rename_database", rename)
 
 
+@pytest.mark.slow
 def test_interrupted_while_swapping_in_the_target_keeps_its_old_data(
         backup_and_target: tuple[Settings, str, ConnInfo], pg_admin: ConnInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, backup_id, target = backup_and_target
@@ -355,6 +358,7 @@ def test_interrupted_while_swapping_in_the_target_keeps_its_old_data(
     assert databases_like(pg_admin, target) == [target.dbname]  # no staging, no aside copy left
 
 
+@pytest.mark.slow
 def test_when_even_the_way_back_fails_the_message_names_the_old_copy(
         backup_and_target: tuple[Settings, str, ConnInfo], pg_admin: ConnInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, backup_id, target = backup_and_target
@@ -370,6 +374,7 @@ def test_when_even_the_way_back_fails_the_message_names_the_old_copy(
     assert databases_like(pg_admin, target) == [target.dbname] and holds_old_data(target)
 
 
+@pytest.mark.slow
 def test_interrupted_while_dropping_the_old_copy_the_target_has_the_new_data_and_the_message_says_where(
         backup_and_target: tuple[Settings, str, ConnInfo], pg_admin: ConnInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     settings, backup_id, target = backup_and_target
@@ -392,6 +397,7 @@ def test_interrupted_while_dropping_the_old_copy_the_target_has_the_new_data_and
     assert holds_old_data(target.with_dbname(kept[0]))
 
 
+@pytest.mark.slow
 def test_a_replace_without_faults_leaves_only_the_restored_target(
         backup_and_target: tuple[Settings, str, ConnInfo], pg_admin: ConnInfo) -> None:
     settings, backup_id, target = backup_and_target
@@ -405,11 +411,13 @@ def test_a_replace_without_faults_leaves_only_the_restored_target(
 
 # --- real signals at chosen moments (a real process) ------------------------------------------------
 
+@pytest.mark.slow
 def test_sigint_while_the_old_target_is_being_renamed_aside(small_scenario: Scenario) -> None:
     hit, outcome, detail = run_moment(small_scenario, in_first_rename(), signal.SIGINT)
     assert hit and outcome == "new" and "exit 130" in detail, detail  # the swap was finished first
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_name_is_empty_between_the_renames(small_scenario: Scenario) -> None:
     hit, outcome, detail = run_moment(small_scenario, in_second_rename(), signal.SIGTERM, json_output=True)
     assert hit and outcome == "new" and "exit 143" in detail, detail
@@ -418,11 +426,13 @@ def test_sigterm_while_the_name_is_empty_between_the_renames(small_scenario: Sce
     assert "holds the restored data" in document["detail"]
 
 
+@pytest.mark.slow
 def test_sigint_as_the_staging_database_appears(small_scenario: Scenario) -> None:
     hit, outcome, detail = run_moment(small_scenario, when(staging_created), signal.SIGINT)
     assert hit and outcome in ("old", "new") and "exit 130" in detail, detail
 
 
+@pytest.mark.slow
 def test_the_server_ending_the_session_between_the_renames_gives_the_old_data_back(small_scenario: Scenario) -> None:
     hit, outcome, detail = run_moment(small_scenario, in_second_rename(terminate=True), signal.SIGINT)
     assert hit and outcome == "old" and "exit 1" in detail and "left as it was" in detail, detail

@@ -47,6 +47,7 @@ def rewrite_cluster_objects(settings: Settings, manifest: Manifest, mutate: Call
     save_manifest(settings, manifest)
 
 
+@pytest.mark.slow
 def test_the_trading_schema_with_a_role_named_policy_verifies_with_owners_grants_and_policies(
         roles_db: ConnInfo, roles: Roles, settings_for: Callable[..., Settings]) -> None:
     """Issue 19's first bullet (and its quick-suite case): before, this failed with role "..." does not exist."""

@@ -9,6 +9,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
+
 from backup_tasks.observe.facts import CATALOG, SERVER, WAL_ARCHIVE, WAL_STATE, collect
 from backup_tasks.postgres.archiver import SERVER_TIMEOUT
 from backup_tasks.postgres.connect import connect
@@ -78,6 +80,7 @@ def test_a_damaged_state_file_fails_its_source_only(scene: Scene) -> None:
     assert facts.windows, "the coverage comes from the archive itself"
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_costs_seconds_and_keeps_up(scene: Scene) -> None:
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never says a word
         silent.bind(("127.0.0.1", 0))

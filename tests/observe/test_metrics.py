@@ -72,6 +72,7 @@ def test_values_come_from_the_catalog_the_archive_and_its_state(scene: Scene) ->
         {frozenset({("location", "archive")})}, "no copy configured: no copy series"
 
 
+@pytest.mark.slow
 def test_the_command_prints_the_exposition_with_up_0_when_backup_dir_is_gone(
         disk_scene: Callable[..., Scene], tmp_path: Path) -> None:
     scene = disk_scene()
@@ -88,6 +89,7 @@ def test_the_command_prints_the_exposition_with_up_0_when_backup_dir_is_gone(
     assert "backup_tasks_backups" not in names(parsed), "no value from a source that was not read"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to run the exporter as another user")
 def test_an_unreadable_backup_dir_is_up_0(disk_scene: Callable[..., Scene], server_user_cli: list[str]) -> None:
     base = reachable_dir("bt-test-observe-")
@@ -110,6 +112,7 @@ def test_an_unreadable_backup_dir_is_up_0(disk_scene: Callable[..., Scene], serv
     assert any(p.startswith("catalog: ") and "permission denied" in p.lower() for p in problems), problems
 
 
+@pytest.mark.slow
 def test_metrics_json_and_a_bad_listen_address(disk_scene: Callable[..., Scene]) -> None:
     scene = disk_scene()
     result = run_cli("metrics", "--json", env=cli_env(scene.settings))
@@ -127,6 +130,7 @@ def scrape(port: int) -> str:
         return response.read().decode()
 
 
+@pytest.mark.slow
 def test_the_server_reads_the_sources_on_every_scrape(disk_scene: Callable[..., Scene], tmp_path: Path) -> None:
     scene = disk_scene()
     port = free_port()

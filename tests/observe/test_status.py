@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from backup_tasks.observe.facts import collect
 from backup_tasks.observe.schedule import next_runs
 from backup_tasks.observe.status import ago, document, render_text
@@ -68,6 +70,7 @@ def test_a_wal_gap_is_named(scene: Scene) -> None:
     assert doc["wal"]["gaps"][0]["segment"] == scene.segment(0x14)
 
 
+@pytest.mark.slow
 def test_the_command_shows_what_the_copy_lacks(disk_scene: Callable[..., Scene], tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     scene = disk_scene(copy_to=str(copy))

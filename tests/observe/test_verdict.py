@@ -13,6 +13,7 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backup_tasks.catalog.manifest import Manifest, Verification, record_verification, save_new
@@ -99,6 +100,7 @@ def status(settings: Settings) -> tuple[dict[str, object], str, list[str]]:
     return doc, text, lines
 
 
+@pytest.mark.slow
 def test_metrics_health_and_status_follow_the_newest_dump_until_a_newer_one_passes(tmp_path: Path) -> None:
     settings = Settings(backup_dir=str(tmp_path / "backups"), broker_url="memory://")
     storage = LocalStorage(Path(settings.backup_dir))

@@ -112,6 +112,7 @@ def test_the_bucket_is_read_as_an_archive(bucket_archive: tuple[str, list[str], 
     assert local.root == Path("/x/wal") and not local.features.read_only
 
 
+@pytest.mark.slow
 def test_wal_fetch_reads_ahead_into_a_verified_spool(
         bucket_archive: tuple[str, list[str], dict[str, bytes]], tmp_path: Path, s3_env: S3Server) -> None:
     url, names, contents = bucket_archive
@@ -177,6 +178,7 @@ def test_history_files_gaps_and_unreadable_buckets(
     assert not any(p.name.startswith(SPOOL_PREFIX) for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_encrypted_wal_is_read_ahead_and_decrypted_on_hand_over(tmp_path: Path, s3_env: S3Server) -> None:
     key_file = tmp_path / "wal.key"
     public = write_identity_file(key_file)
@@ -211,6 +213,7 @@ def test_encrypted_wal_is_read_ahead_and_decrypted_on_hand_over(tmp_path: Path, 
     wait_for(lambda: not spool.dir.exists())
 
 
+@pytest.mark.slow
 def test_the_full_cli_reads_the_bucket_alone_too(tmp_path: Path, s3_env: S3Server) -> None:
     """``wal-fetch --json --archive-url`` (not the form PostgreSQL runs) takes the argparse path: same answer."""
     copy_to = f"s3://{s3_env.new_bucket()}/prod"

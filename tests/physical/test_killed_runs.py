@@ -250,6 +250,7 @@ def test_what_an_interrupted_dump_stored_goes_but_not_a_shared_copys_a_live_writ
     assert backup_id_of(alike, "dump", database="db") is None and backup_id_of(snapshot, "dump") is None
 
 
+@pytest.mark.slow
 def test_the_next_dump_removes_a_dump_stored_without_its_manifest(
         trading_db: ConnInfo, settings_for: Callable[..., Settings]) -> None:
     settings = settings_for(trading_db)

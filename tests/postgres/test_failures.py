@@ -247,6 +247,7 @@ def test_run_dump_with_an_unknown_host_is_a_config_error(pg_admin: ConnInfo, tmp
     assert raised.value.exit_code == 2 and SECRET not in str(raised.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_pg_dump_meeting_a_fault_fails_like_connect(
         fault: str, pg_admin: ConnInfo, make_database: Callable[..., ConnInfo], request: pytest.FixtureRequest,

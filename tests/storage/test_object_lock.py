@@ -216,6 +216,7 @@ def test_every_locked_write_carries_its_retention_and_a_content_md5(locked_bucke
         assert_locked_for_a_day(head(s3_env, storage, key), written)
 
 
+@pytest.mark.slow
 def test_a_locked_multipart_upload_sends_content_md5_with_every_part_and_ends_locked(
         locked_bucket_url: str, s3_env: S3Server) -> None:
     # As open_storage opens it (the lock from the environment), with S3's smallest parts.
@@ -306,6 +307,7 @@ def segment_file(directory: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_wal_push_locks_the_copy_only_with_the_lock_in_its_command_and_refuses_without(
         tmp_path: Path, s3_env: S3Server) -> None:
     bucket = s3_env.new_bucket(object_lock=True)
@@ -375,6 +377,7 @@ def test_as_of_reads_what_was_there_before_delete_markers_and_overwrites(
         assert raised.value.exit_code == 2
 
 
+@pytest.mark.slow
 def test_features_are_asked_of_the_bucket_once_at_first_use_never_when_it_is_opened(
         locked_bucket_url: str, s3_env: S3Server) -> None:
     requests: list[str] = []
@@ -398,6 +401,7 @@ def test_features_are_asked_of_the_bucket_once_at_first_use_never_when_it_is_ope
     assert then.features == Features(read_only=True, object_lock=True, versioned=True)
 
 
+@pytest.mark.slow
 def test_as_of_on_a_bucket_that_never_kept_versions_is_a_config_error(bucket_url: str) -> None:
     open_storage(bucket_url).put_bytes("a.dump.zst", b"a")
     with pytest.raises(ConfigError, match="never had versioning enabled"):
@@ -436,6 +440,7 @@ def abandoned_upload(storage: S3Storage, key: str, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(s3_uploads, "LIVE_UPLOAD_SECONDS", -1)
 
 
+@pytest.mark.slow
 def test_append_only_credentials_take_a_backup_and_their_refused_cleanup_is_only_a_warning(
         locked_bucket_url: str, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -460,6 +465,7 @@ def test_append_only_credentials_take_a_backup_and_their_refused_cleanup_is_only
     assert (status.versioning, status.object_lock, status.lock) == ("Enabled", True, "GOVERNANCE, 1 day")
 
 
+@pytest.mark.slow
 def test_prune_deletes_with_its_own_credentials_where_the_workers_may_only_write(
         s3_env: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     bucket = s3_env.new_bucket()

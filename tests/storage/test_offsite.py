@@ -207,6 +207,7 @@ def test_copy_to_a_bucket_falls_back_and_verify_names_the_good_location(
     assert (local / newest["path"]).exists() and bucket.exists(newest["path"])
 
 
+@pytest.mark.slow
 def test_check_reports_each_location_and_the_keys(tmp_path: Path, s3_env: S3Server) -> None:
     from backup_tasks.cli.pitr import storage_and_keys
 

@@ -125,6 +125,7 @@ def test_small_object_is_one_put_and_invisible_until_commit(bucket_url: str) -> 
     assert storage.unfinished_uploads() == []
 
 
+@pytest.mark.slow
 def test_multipart_upload_streams_parts_and_publishes_on_commit(bucket_url: str) -> None:
     storage = S3Storage.from_url(bucket_url, SMALL_PARTS)
     total = 12 * MIB + 12345  # three parts: 5 MiB, 5 MiB, the rest
@@ -145,6 +146,7 @@ def test_multipart_upload_streams_parts_and_publishes_on_commit(bucket_url: str)
     assert storage.unfinished_uploads() == []
 
 
+@pytest.mark.slow
 def test_parts_grow_so_long_uploads_never_run_out_of_part_numbers(bucket_url: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from backup_tasks.storage.s3 import writer as s3_writer
@@ -160,6 +162,7 @@ def test_parts_grow_so_long_uploads_never_run_out_of_part_numbers(bucket_url: st
     assert storage.read_bytes("growing.bin") == data
 
 
+@pytest.mark.slow
 def test_abort_and_exceptions_leave_no_object_and_no_upload(bucket_url: str) -> None:
     storage = S3Storage.from_url(bucket_url, SMALL_PARTS)
     writer = storage.writer("aborted.dump.zst")
@@ -190,6 +193,7 @@ def test_reading_resumes_when_the_connection_breaks_midway(bucket_url: str) -> N
     assert first + rest == data
 
 
+@pytest.mark.slow
 def test_killed_upload_leaves_nothing_and_the_next_run_aborts_it(bucket_url: str, s3_env: S3Server,
                                                                   tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:

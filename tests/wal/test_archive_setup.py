@@ -117,6 +117,7 @@ def test_wal_push_still_refuses_where_it_cannot_create_the_archive(base: Path, c
     assert CANNOT_CREATE in env_form.stderr
 
 
+@pytest.mark.slow
 def test_check_accepts_a_working_archive_command_in_another_form(base: Path, command: list[str]) -> None:
     """``BACKUP_DIR=... backup-tasks wal-push %p`` archives fine: a warning naming the canonical line, not a failure."""
     backups = base / "backups"  # not there yet: check creates it and its archive

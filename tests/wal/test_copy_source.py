@@ -48,6 +48,7 @@ def count_listings(storage: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+@pytest.mark.slow
 def test_readers_see_the_archive_and_its_copy_as_one(tmp_path: Path, s3_env: S3Server,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     copy_to = f"s3://{s3_env.new_bucket()}/prod"

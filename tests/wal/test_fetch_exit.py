@@ -102,6 +102,7 @@ def test_the_absence_rule(name: str, known: Known, outcome: str) -> None:
 
 # --- the incidents ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_gap_before_a_timeline_switch_stops_recovery(tmp_path: Path) -> None:
     """Timeline 1 lost segments 4 and 5 (the old primary died before archiving them); timeline 2 branched from
     it in segment 5 and is archived. Recovery along 1 -> 2 asks for 1/4: exiting 1 would end it at 1/3 and

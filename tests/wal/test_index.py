@@ -198,6 +198,7 @@ def _as_other_user_code(lib: Path, root: Path, starts: list[tuple[str, int]]) ->
             f"print(json.dumps([a.segment_names(), [c.to_dict() for c in coverages(a, {starts!r})]]))\n")
 
 
+@pytest.mark.slow
 def test_a_reader_who_cannot_write_the_archive_root_still_answers_correctly(tmp_path: Path) -> None:
     """The archive belongs to one user (here root, or this user with the root read-only); another only reads it."""
     base = reachable_dir("bt-test-index-")

@@ -149,6 +149,7 @@ def test_push_ahead_stores_the_ready_files_and_their_calls_never_touch_s3(
     assert copy.read_bytes(object_key(SEGMENTS[4])) == archive.path_for(SEGMENTS[4]).read_bytes()
 
 
+@pytest.mark.slow
 def test_copy_down_is_queued_and_leaves_no_marker(tmp_path: Path, bucket_url: str, s3_env: S3Server) -> None:
     pg_wal = fake_pg_wal(tmp_path, SEGMENTS[:3])
     archive = WalArchive.in_directory(tmp_path / "archive", bucket_url)
@@ -286,6 +287,7 @@ def test_an_encrypted_archive_is_pushed_ahead_the_same_way(tmp_path: Path) -> No
     assert watched.puts == []
 
 
+@pytest.mark.slow
 def test_overlapping_pushers_corrupt_nothing(tmp_path: Path) -> None:
     """A manual wal-push beside the server's: both push ahead the same files at once."""
     pg_wal = fake_pg_wal(tmp_path, SEGMENTS)
@@ -307,6 +309,7 @@ def test_overlapping_pushers_corrupt_nothing(tmp_path: Path) -> None:
                 or PARTIAL_MARK in p.name]
 
 
+@pytest.mark.slow
 def test_a_pusher_killed_mid_way_leaves_no_false_marker(tmp_path: Path) -> None:
     names = [f"0000000100000000000000{n:02X}" for n in range(0x20, 0x38)]
     pg_wal = fake_pg_wal(tmp_path, names)

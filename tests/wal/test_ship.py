@@ -76,6 +76,7 @@ def in_copy(copy: Copy, archive: WalArchive, name: str) -> bool:
     return copy.inner.exists(key) and copy.inner.read_bytes(key) == archive.path_for(name).read_bytes()
 
 
+@pytest.mark.slow
 def test_a_hung_copy_costs_one_bound_then_nothing_and_the_shipper_catches_up_in_order(
         setup: tuple[WalArchive, Copy, Path]) -> None:
     archive, copy, pg_wal = setup

@@ -148,6 +148,7 @@ def held_lock(archive: WalArchive) -> Iterator[None]:
         os.close(fd)
 
 
+@pytest.mark.slow
 def test_a_busy_state_skips_the_update_within_a_second(archive: WalArchive, held_lock: None) -> None:
     started = time.monotonic()
     state.record(archive.root, SEGMENTS[0], time.time(), copy_where=None, copy_stored=False)

@@ -58,6 +58,7 @@ def pitr_env() -> Iterator[PitrEnv]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="reads the servers' pg_wal and acts as the postgres user")
 def test_a_segment_of_another_system_is_refused_with_exit_2_naming_both(
         pg_admin: ConnInfo, other_cluster: ThrowawayCluster, pitr_env: PitrEnv) -> None:

@@ -213,6 +213,7 @@ def test_retry_policy_settings() -> None:
     assert retry_policy({"BACKUP_MAX_RETRIES": "many"}) == retry_policy({})  # logged; the worker still starts
 
 
+@pytest.mark.slow
 def test_sentry_init_options(tmp_path: Path) -> None:
     """Initialised in a child process (never in the test process), reading the settings from the environment."""
     script = """
