@@ -31,7 +31,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -272,11 +273,21 @@ class ThrowawayCluster:
 
     def restart(self) -> None:
         """Stop (fast shutdown) and start again on the same port: picks up edited configuration files."""
+        with self.stopped():
+            pass
+
+    @contextmanager
+    def stopped(self) -> Iterator[Path]:
+        """The server shut down cleanly while the block runs (its data directory at rest, e.g. to be copied), then
+        started again on the same port, whatever the block raised."""
         self._run([str(self.pg_ctl), "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "120", "stop"],
                   "stopping the throwaway PostgreSQL")
         self.started = False
-        self._run(self._start_argv(), "restarting the throwaway PostgreSQL")
-        self.started = True
+        try:
+            yield self.data_dir
+        finally:
+            self._run(self._start_argv(), "restarting the throwaway PostgreSQL")
+            self.started = True
 
     def server_log(self) -> str:
         try:

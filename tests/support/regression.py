@@ -25,12 +25,14 @@ import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from backup_tasks.conninfo import ConnInfo
+from backup_tasks.errors import ClusterError
 from backup_tasks.postgres.cluster import ThrowawayCluster
 from backup_tasks.postgres.connect import connect
 from backup_tasks.settings import Settings
@@ -85,15 +87,15 @@ def make_regression_database(cluster: ThrowawayCluster) -> int:
 
 @pytest.fixture(scope="session")
 def regression_source() -> Iterator[RegressionSource]:
-    """A throwaway cluster with the regression database, archiving its WAL: built once per session."""
-    build_tools()
+    """A throwaway cluster with the regression database, archiving its WAL: built once per session, from a copy of
+    the cluster the schedule left when one is cached (``cached_cluster``)."""
+    cache = cached_cluster(build_tools())
     env = PitrEnv(reachable_dir("bt-test-regress-"))
     try:
         # Built with wal_level minimal (the schedule writes a lot of WAL no snapshot will need), then
         # restarted as an archiving server: every backup the tests take starts after that.
         archiving = env.archiving_cluster().settings
-        with ThrowawayCluster(settings=BUILD_SETTINGS) as cluster:
-            failed = make_regression_database(cluster)
+        with regression_cluster(cache) as (cluster, failed):
             cluster.settings.update({k: archiving[k] for k in
                                      ("wal_level", "max_wal_senders", "archive_mode", "archive_command",
                                       "archive_timeout")})
@@ -102,6 +104,57 @@ def regression_source() -> Iterator[RegressionSource]:
             yield RegressionSource(env, cluster, settings, cluster.conninfo("regression"), failed)
     finally:
         shutil.rmtree(env.base, ignore_errors=True)
+
+
+def cached_cluster(tools: Path) -> Path:
+    """Where the cluster the schedule left is kept, stopped, beside the cached build: the schedule takes a minute,
+    a copy of its data directory a second. Named by what made it: the server's version, the script, the build
+    settings and the throwaway cluster's code (its initdb options)."""
+    version = subprocess.run([str(BIN_DIR / "postgres"), "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    made_of = [version, SCRIPT.read_text(), repr(sorted(BUILD_SETTINGS.items())),
+               (ROOT / "backup_tasks" / "postgres" / "cluster.py").read_text()]
+    return tools.parent / f"regression-cluster-{hashlib.sha256(repr(made_of).encode()).hexdigest()[:16]}"
+
+
+@contextmanager
+def regression_cluster(cache: Path) -> Iterator[tuple[ThrowawayCluster, int]]:
+    """The cluster with the regression database and the schedule's failed count: a copy of the cached one, or built
+    by the schedule and kept (a cached copy that will not start is dropped and built again)."""
+    if (cache / "data" / "PG_VERSION").is_file() and (cache / "failed").is_file():
+        try:
+            cluster = ThrowawayCluster(settings=BUILD_SETTINGS,
+                                       prepare=lambda data_dir: shutil.copytree(cache / "data", data_dir,
+                                                                                symlinks=True)).start()
+        except ClusterError:
+            shutil.rmtree(cache, ignore_errors=True)
+        else:
+            try:
+                yield cluster, int((cache / "failed").read_text())
+            finally:
+                cluster.cleanup()
+            return
+    with ThrowawayCluster(settings=BUILD_SETTINGS) as cluster:
+        failed = make_regression_database(cluster)
+        with cluster.stopped() as data_dir:
+            keep_cluster(data_dir, cache, failed)
+        yield cluster, failed
+
+
+def keep_cluster(data_dir: Path, cache: Path, failed: int) -> None:
+    """A stopped cluster's data directory into ``cache`` (published with one rename); older entries go."""
+    staging = cache.with_name(f"{cache.name}.tmp.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(data_dir, staging / "data", symlinks=True)
+        (staging / "failed").write_text(f"{failed}\n")
+        staging.rename(cache)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another session kept one first, or no room: built next time
+        return
+    for old in cache.parent.glob("regression-cluster-*"):
+        if old != cache and ".tmp." not in old.name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # --- reading a database for comparison -----------------------------------------------------------------
