@@ -24,6 +24,7 @@ here are PostgreSQL's ``INCREMENTAL.`` header (basebackup_incremental.h) and ``b
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -256,7 +257,7 @@ def _move(source: Path, output: Path) -> None:
     try:
         os.replace(source, output)
     except OSError as exc:
-        if exc.errno != 18:  # EXDEV: another filesystem, copied instead
+        if exc.errno != errno.EXDEV:  # another filesystem: copied instead
             raise
         output.unlink(missing_ok=True)
         _copy_private(source, output)
